@@ -1,0 +1,5 @@
+import sys
+
+from batchroute.cli import main
+
+sys.exit(main())

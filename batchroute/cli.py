@@ -1,0 +1,127 @@
+"""Command line: ``batchroute COMMAND ...``; ``batchroute COMMAND --help`` explains each.
+
+Exit codes: 0 success; 1 the run finished but some rows failed; 2 bad job file, input, router
+or arguments (nothing was written); 3 any other error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from batchroute.errors import BatchrouteError
+
+EPILOG = """\
+typical use:
+  batchroute plan jobs/demo.toml            forecast rows, tokens, cost and time; no model calls
+  batchroute run jobs/demo.toml             route, dispatch, write results and rollups
+  batchroute train --labels L.parquet --out router.onnx
+  batchroute mock-provider --port 8765      a local OpenAI/Anthropic-compatible test server
+
+exit codes: 0 ok, 1 some rows failed, 2 bad job/input/router/arguments, 3 other error
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from batchroute import mock_provider, sample
+
+    parser = argparse.ArgumentParser(
+        prog="batchroute", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Route queued Parquet prompts to the cheapest model likely to answer them "
+                    "well, call the models within their rate limits, and write every answer "
+                    "and per-model cost rollups back to Parquet.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    for name, dry in (("run", False), ("plan", True)):
+        p = sub.add_parser(
+            name, formatter_class=argparse.RawDescriptionHelpFormatter,
+            help=("route and dispatch a job, write results and rollups" if not dry else
+                  "dry run: route and forecast rows, tokens, cost and time per model"),
+            description=(
+                "Read the job's input, route every prompt, call the models and write results, "
+                "rollups and a manifest under OUTPUT/RUN_ID/." if not dry else
+                "Read the job's input and route every prompt, then write the plan (routed rows "
+                "partitioned by model) and print the forecast: rows, estimated tokens, cost "
+                "and wall time at each model's limits. No model is called."))
+        p.add_argument("job", metavar="JOB.toml", help="job file (see jobs/demo.toml)")
+        p.add_argument("--input", metavar="URI", help="override [job].input: a Parquet file, "
+                       "folder, glob or Hive-partitioned tree")
+        p.add_argument("--output", metavar="URI", help="override [job].output: the folder "
+                       "that receives the run folder")
+        p.add_argument("--run-id", metavar="ID", help="name of the run folder (default: "
+                       "JOB-<UTC time>-<random>)")
+        p.add_argument("--ray-address", metavar="ADDR", help="existing Ray cluster to use "
+                       "(default: $RAY_ADDRESS, else a local Ray started for this run)")
+        p.set_defaults(func=_run, dry_run=dry)
+
+    t = sub.add_parser("train", help="train a router from labelled outcomes and export ONNX",
+                       description="Learn, for every model in the labels, the probability "
+                       "that its answer scores at least --cut, and export one ONNX file that "
+                       "takes raw prompt strings. About 20%% of questions (chosen by a hash of "
+                       "request_id) are held out; their metrics go into the file's metadata.")
+    t.add_argument("--labels", required=True, metavar="URI",
+                   help="Parquet with request_id, prompt, model, score in [0, 1]")
+    t.add_argument("--out", required=True, metavar="ROUTER.onnx", help="where to write")
+    t.add_argument("--models", metavar="M1,M2", help="models to learn (default: all)")
+    t.add_argument("--cut", type=float, default=0.5,
+                   help="score at or above which an answer counts as a success (0.5)")
+    t.set_defaults(func=_train)
+
+    mock_provider.register_cli(sub)
+    sample.register_cli(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.func(args)
+    except BatchrouteError as exc:
+        print(f"batchroute: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("batchroute: interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    from batchroute import config, pipeline, plan, rollup
+
+    job = config.load(args.job, input_override=args.input, output_override=args.output)
+    out = pipeline.run(job, run_id=args.run_id, ray_address=args.ray_address,
+                       dry_run=args.dry_run)
+    print(f"\nforecast (run {out.folder.run_id}):")
+    print(plan.format_forecast(out.forecast))
+    if out.rollups is not None:
+        print(f"\nresults by model (reference: {job.reference_model}):")
+        print(rollup.format_table(out.rollups))
+    paths = out.manifest["paths"]
+    print(f"\nrun folder: {out.folder.uri}")
+    for key in ("routed", "forecast") + (() if args.dry_run else ("results", "rollups")):
+        print(f"  {key:<9}{paths[key]}")
+    print(f"  manifest {out.folder.sub('manifest.json')}")
+    return out.exit_code
+
+
+def _train(args: argparse.Namespace) -> int:
+    from batchroute import train
+
+    models = [m.strip() for m in args.models.split(",")] if args.models else None
+    report = train.train(args.labels, args.out, models=models, cut=args.cut)
+    print(f"wrote {args.out} (version {report.version}; {report.train_rows} training and "
+          f"{report.holdout_rows} held-out questions)")
+    for name, m in report.metrics.items():
+        print(f"  {name:<28} held-out AUC {m['holdout_auc']:.3f}   "
+              f"default threshold {report.thresholds[name]:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""The job file: one TOML document parsed once into frozen, validated objects.
+
+Every problem is a :class:`~batchroute.errors.ConfigError` raised at load time whose message
+names the offending key (``models.gpt-4o.rpm``), so nothing is spent before a typo is caught.
+Secrets are never in the file: a model names the environment variable that holds its key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batchroute.errors import ConfigError
+
+PROVIDERS = ("openai", "anthropic")
+BUNDLED_ROUTER = str(Path(__file__).resolve().parent / "assets" / "router.onnx")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One catalog entry: where a model lives, what it costs and how fast it may be called."""
+
+    name: str
+    provider: str
+    base_url: str
+    api_key_env: str
+    input_usd_per_mtok: float
+    output_usd_per_mtok: float
+    rpm: int
+    tpm: int
+    # Concurrency bounds open connections; too low and latency caps throughput below RPM
+    # (throughput <= concurrency / latency), too high and a provider hiccup strands many calls.
+    concurrency: int = 64
+    context_window: int = 128_000
+    timeout_s: float = 60.0
+    remote_name: str = ""
+
+    @property
+    def wire_name(self) -> str:
+        """The model id sent to the provider (defaults to the catalog name)."""
+        return self.remote_name or self.name
+
+    def cost_usd(self, input_tokens: float, output_tokens: float) -> float:
+        return (input_tokens * self.input_usd_per_mtok
+                + output_tokens * self.output_usd_per_mtok) / 1e6
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A routing rule: rows matching every given condition go to ``model``."""
+
+    name: str
+    model: str
+    contains_code: bool | None = None
+    min_chars: int | None = None
+    max_chars: int | None = None
+    regex: str | None = None
+    tag: str | None = None
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    path: str = BUNDLED_ROUTER
+    # Per-model thresholds on predicted success; unset ones come from the router file.
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+    rules: tuple[Rule, ...] = ()
+    # Rows per onnxruntime call: larger batches amortise call overhead, but the text graph pads
+    # every row to the batch's longest prompt, so very large batches waste work on padding.
+    batch_size: int = 1024
+    # Routing actors. Each holds one single-threaded onnxruntime session; keep at most
+    # cores - 1 so Ray's read tasks still get a CPU (otherwise the pipeline stalls).
+    actors: int = 1
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+    max_attempts: int = 5
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    default_max_tokens: int = 512
+    # Rows per call into a model's dispatch actor. Each call's results are committed as one
+    # shard, so this also bounds what a crash can lose.
+    batch_rows: int = 256
+    # Calls kept in flight per model; with batch_rows this must cover the model's concurrency,
+    # or the limiter idles between batches.
+    batches_in_flight: int = 4
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str
+    input: str
+    output: str
+    models: Mapping[str, ModelConfig]
+    reference_model: str
+    router: RouterConfig
+    dispatch: DispatchConfig
+    source: str = ""
+
+    @property
+    def config_hash(self) -> str:
+        """Hash of everything that changes answers or costs (not input/output locations)."""
+        doc = {
+            "models": {k: asdict(v) for k, v in sorted(self.models.items())},
+            "reference_model": self.reference_model,
+            "router": asdict(self.router),
+            "dispatch": asdict(self.dispatch),
+        }
+        blob = json.dumps(doc, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load(path: str | Path, *, input_override: str | None = None,
+         output_override: str | None = None) -> JobConfig:
+    """Parse and validate a job file. Raises ConfigError naming the key at fault."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"job file not found: {p}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    try:
+        return parse(raw, source=str(p), input_override=input_override,
+                     output_override=output_override)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+
+
+def parse(raw: Mapping[str, Any], *, source: str = "<memory>", input_override: str | None = None,
+          output_override: str | None = None) -> JobConfig:
+    """Validate an already-parsed TOML document. Raises ConfigError naming the key at fault."""
+    _known(raw, "", {"job", "router", "dispatch", "models"})
+    job = _table(raw, "job")
+    _known(job, "job", {"name", "input", "output", "reference_model"})
+    models_raw = _table(raw, "models")
+    if not models_raw:
+        raise ConfigError("models: the catalog is empty; define at least one [models.NAME]")
+    models = {name: _model(name, _table(models_raw, name, "models."))
+              for name in models_raw}
+    dispatch = _dispatch(_table(raw, "dispatch", required=False))
+    router = _router(_table(raw, "router", required=False), models)
+
+    for m in models.values():
+        if m.tpm < dispatch.default_max_tokens:
+            raise ConfigError(
+                f"models.{m.name}.tpm: {m.tpm} tokens per minute is below one request's output "
+                f"budget (dispatch.default_max_tokens = {dispatch.default_max_tokens})")
+
+    reference = job.get("reference_model")
+    if reference is None:
+        reference = max(models.values(),
+                        key=lambda m: (m.input_usd_per_mtok + m.output_usd_per_mtok)).name
+    elif reference not in models:
+        raise ConfigError(f"job.reference_model: {reference!r} is not in the models catalog")
+
+    input_uri = input_override or _str(job, "input", "job.")
+    output_uri = output_override or job.get("output", "runs")
+    return JobConfig(
+        name=_str(job, "name", "job.") if "name" in job else Path(source).stem,
+        input=_resolve(input_uri), output=_resolve(str(output_uri)),
+        models=models, reference_model=str(reference),
+        router=router, dispatch=dispatch, source=source,
+    )
+
+
+def _resolve(uri: str) -> str:
+    # Local relative paths are taken from the working directory; URIs pass through untouched.
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", uri):
+        return uri
+    return str(Path(uri).expanduser().resolve()) if "*" not in uri else uri
+
+
+def _model(name: str, t: Mapping[str, Any]) -> ModelConfig:
+    where = f"models.{name}."
+    _known(t, f"models.{name}", {f.name for f in ModelConfig.__dataclass_fields__.values()}
+           - {"name"})
+    provider = _str(t, "provider", where)
+    if provider not in PROVIDERS:
+        raise ConfigError(f"{where}provider: {provider!r} is not one of {', '.join(PROVIDERS)}")
+    base_url = _str(t, "base_url", where)
+    if not re.match(r"^https?://", base_url):
+        raise ConfigError(f"{where}base_url: {base_url!r} must start with http:// or https://")
+    env = _str(t, "api_key_env", where)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env):
+        raise ConfigError(f"{where}api_key_env: must name an environment variable, e.g. "
+                          "OPENAI_API_KEY (the key itself never goes in the job file)")
+    for price in ("input_usd_per_mtok", "output_usd_per_mtok"):
+        if price not in t:
+            raise ConfigError(f"{where}{price}: missing; a model without a price would be "
+                              "counted as free")
+    return ModelConfig(
+        name=name, provider=provider, base_url=base_url.rstrip("/"), api_key_env=env,
+        input_usd_per_mtok=_num(t, "input_usd_per_mtok", where, minimum=0.0),
+        output_usd_per_mtok=_num(t, "output_usd_per_mtok", where, minimum=0.0),
+        rpm=_int(t, "rpm", where, minimum=1), tpm=_int(t, "tpm", where, minimum=1),
+        concurrency=_int(t, "concurrency", where, minimum=1, default=64),
+        context_window=_int(t, "context_window", where, minimum=16, default=128_000),
+        timeout_s=_num(t, "timeout_s", where, minimum=0.001, default=60.0),
+        remote_name=str(t.get("remote_name", "")),
+    )
+
+
+def _router(t: Mapping[str, Any], models: Mapping[str, ModelConfig]) -> RouterConfig:
+    _known(t, "router", {"path", "thresholds", "rules", "batch_size", "actors"})
+    thresholds = dict(t.get("thresholds", {}))
+    for k, v in thresholds.items():
+        if not isinstance(v, int | float) or not 0.0 <= v <= 1.0:
+            raise ConfigError(f"router.thresholds.{k}: must be a number in [0, 1]")
+        if k not in models:
+            raise ConfigError(f"router.thresholds.{k}: not a model in the catalog")
+    rules = []
+    for i, r in enumerate(t.get("rules", [])):
+        where = f"router.rules[{i}]"
+        _known(r, where, {f.name for f in Rule.__dataclass_fields__.values()})
+        model = _str(r, "model", where + ".")
+        if model not in models:
+            raise ConfigError(f"{where}.model: {model!r} is not in the models catalog")
+        if not set(r) - {"name", "model"}:
+            raise ConfigError(f"{where}: a rule needs at least one condition "
+                              "(contains_code, min_chars, max_chars, regex, tag)")
+        if "regex" in r:
+            try:
+                re.compile(r["regex"])
+            except re.error as exc:
+                raise ConfigError(f"{where}.regex: invalid regular expression: {exc}") from None
+        rules.append(Rule(name=str(r.get("name", f"rule{i}")), model=model,
+                          contains_code=r.get("contains_code"), min_chars=r.get("min_chars"),
+                          max_chars=r.get("max_chars"), regex=r.get("regex"),
+                          tag=r.get("tag")))
+    path = str(t.get("path", BUNDLED_ROUTER))
+    return RouterConfig(
+        path=_resolve(path), thresholds=thresholds, rules=tuple(rules),
+        batch_size=_int(t, "batch_size", "router.", minimum=1, default=1024),
+        actors=_int(t, "actors", "router.", minimum=1, default=1),
+    )
+
+
+def _dispatch(t: Mapping[str, Any]) -> DispatchConfig:
+    _known(t, "dispatch", {f.name for f in DispatchConfig.__dataclass_fields__.values()})
+    d = DispatchConfig()
+    return DispatchConfig(
+        max_attempts=_int(t, "max_attempts", "dispatch.", minimum=1, default=d.max_attempts),
+        backoff_base_s=_num(t, "backoff_base_s", "dispatch.", minimum=0.0,
+                            default=d.backoff_base_s),
+        backoff_max_s=_num(t, "backoff_max_s", "dispatch.", minimum=0.0,
+                           default=d.backoff_max_s),
+        default_max_tokens=_int(t, "default_max_tokens", "dispatch.", minimum=1,
+                                default=d.default_max_tokens),
+        batch_rows=_int(t, "batch_rows", "dispatch.", minimum=1, default=d.batch_rows),
+        batches_in_flight=_int(t, "batches_in_flight", "dispatch.", minimum=1,
+                               default=d.batches_in_flight),
+    )
+
+
+def _known(t: Mapping[str, Any], where: str, allowed: set[str]) -> None:
+    unknown = sorted(set(t) - allowed)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (allowed: "
+                          f"{', '.join(sorted(allowed))})")
+
+
+def _table(t: Mapping[str, Any], key: str, where: str = "",
+           required: bool = True) -> Mapping[str, Any]:
+    if key not in t:
+        if required:
+            raise ConfigError(f"{where}{key}: missing table [{where}{key}]")
+        return {}
+    v = t[key]
+    if not isinstance(v, Mapping):
+        raise ConfigError(f"{where}{key}: must be a table")
+    return v
+
+
+def _str(t: Mapping[str, Any], key: str, where: str) -> str:
+    if key not in t:
+        raise ConfigError(f"{where}{key}: missing")
+    v = t[key]
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{where}{key}: must be a non-empty string")
+    return v
+
+
+def _num(t: Mapping[str, Any], key: str, where: str, *, minimum: float,
+         default: float | None = None) -> float:
+    v = t.get(key, default)
+    if v is None:
+        raise ConfigError(f"{where}{key}: missing")
+    if isinstance(v, bool) or not isinstance(v, int | float) or v < minimum:
+        raise ConfigError(f"{where}{key}: must be a number >= {minimum}, got {v!r}")
+    return float(v)
+
+
+def _int(t: Mapping[str, Any], key: str, where: str, *, minimum: int,
+         default: int | None = None) -> int:
+    v = t.get(key, default)
+    if v is None:
+        raise ConfigError(f"{where}{key}: missing")
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ConfigError(f"{where}{key}: must be an integer >= {minimum}, got {v!r}")
+    return v

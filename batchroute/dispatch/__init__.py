@@ -1,0 +1,1 @@
+"""Dispatch stage: call each model within its limits and turn every outcome into a row."""

@@ -1,0 +1,233 @@
+"""One model's dispatcher: routed rows in, result rows out, within that model's limits.
+
+Every request ends as exactly one result row, ``ok`` or ``failed`` with its error; nothing a
+provider does raises out of :meth:`ModelDispatcher.dispatch`. Retries use exponential backoff
+with full jitter, and a 429's ``Retry-After`` pauses new calls to this model only.
+
+Seams for tests: the httpx transport, the sleep function, the clock and the random source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pyarrow as pa
+
+from batchroute import schemas
+from batchroute.config import DispatchConfig, ModelConfig
+from batchroute.dispatch.limits import ModelLimits
+from batchroute.dispatch.providers import (
+    PROVIDERS,
+    Answer,
+    Request,
+    dumps,
+    raise_for_response,
+)
+from batchroute.errors import (
+    AuthError,
+    DispatchError,
+    RateLimited,
+    TerminalDispatchError,
+    TransientDispatchError,
+)
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass
+class Stats:
+    """Running counters for progress display and the run summary."""
+
+    done: int = 0
+    ok: int = 0
+    failed: int = 0
+    attempts: int = 0
+    rate_limited: int = 0  # 429 responses received
+    retries: int = 0
+    cost_usd: float = 0.0
+    paused_s: float = 0.0  # time spent honouring Retry-After
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    status: str
+    answer: Answer | None
+    attempts: int
+    latency_ms: float | None
+    error: DispatchError | None
+    started_at: datetime
+    finished_at: datetime
+
+
+class ModelDispatcher:
+    """Owns one model's limits, HTTP client and retry policy. Create it inside the event loop
+    that will use it (limiters and clients belong to one loop)."""
+
+    def __init__(self, model: ModelConfig, policy: DispatchConfig, *, run_id: str,
+                 api_key: str | None, transport: httpx.AsyncBaseTransport | None = None,
+                 sleep: Sleep = asyncio.sleep, clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        self.model = model
+        self.policy = policy
+        self.run_id = run_id
+        self.stats = Stats()
+        self._api_key = api_key or ""
+        self._provider = PROVIDERS[model.provider](model.base_url, self._api_key,
+                                                   model.wire_name)
+        self._client = httpx.AsyncClient(
+            transport=transport,
+            timeout=httpx.Timeout(model.timeout_s),
+            limits=httpx.Limits(max_connections=model.concurrency,
+                                max_keepalive_connections=model.concurrency),
+        )
+        self._limits = ModelLimits(model.rpm, model.tpm, model.concurrency,
+                                   min(model.context_window, model.tpm))
+        self._sleep = sleep
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._resume_at = 0.0
+        # Once the provider rejects the key, calling again only burns quota and log lines.
+        self._auth_failure: AuthError | None = None if api_key else AuthError(
+            f"environment variable {model.api_key_env} is not set")
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def dispatch(self, routed: pa.Table) -> pa.Table:
+        """Call the model for every row of a ``routed`` table; return its ``results`` rows."""
+        cols = {name: routed.column(name).to_pylist() for name in (
+            "prompt", "messages", "max_tokens", "temperature", "est_input_tokens",
+            "est_output_tokens")}
+        outcomes = await asyncio.gather(*(
+            self._one(Request(messages=_messages(cols["prompt"][i], cols["messages"][i]),
+                              max_tokens=int(cols["est_output_tokens"][i]),
+                              temperature=cols["temperature"][i]),
+                      int(cols["est_input_tokens"][i]) + int(cols["est_output_tokens"][i]))
+            for i in range(routed.num_rows)))
+        return self._results(routed, outcomes)
+
+    async def _one(self, req: Request, tokens: int) -> _Outcome:
+        started = datetime.now(UTC)
+        attempt = 0
+        body = dumps(self._provider.body(req))
+        while True:
+            if self._auth_failure is not None:
+                return self._finish("failed", None, attempt, None, self._auth_failure, started)
+            await self._wait_for_pause()
+            attempt += 1
+            self.stats.attempts += 1
+            await self._limits.acquire(tokens)
+            t0 = self._clock()
+            try:
+                resp = await self._client.post(
+                    self._provider.url, content=body,
+                    headers={**self._provider.headers(), "content-type": "application/json"})
+                answer = raise_for_response(resp, self._provider)
+                latency = (self._clock() - t0) * 1000.0
+                return self._finish("ok", answer, attempt, latency, None, started)
+            except AuthError as exc:
+                self._auth_failure = exc
+                return self._finish("failed", None, attempt, None, exc, started)
+            except TerminalDispatchError as exc:
+                return self._finish("failed", None, attempt, None, exc, started)
+            except (TransientDispatchError, httpx.HTTPError) as exc:
+                err = _transient(exc)
+            finally:
+                self._limits.release()  # never hold a connection slot through a backoff
+            if isinstance(err, RateLimited):
+                self.stats.rate_limited += 1
+                if err.retry_after_s is not None:
+                    self._resume_at = max(self._resume_at, self._clock() + err.retry_after_s)
+            if attempt >= self.policy.max_attempts:
+                return self._finish("failed", None, attempt, None, err, started)
+            self.stats.retries += 1
+            await self._sleep(self._backoff(attempt, err))
+
+    def _backoff(self, attempt: int, err: DispatchError) -> float:
+        if err.retry_after_s is not None:
+            return err.retry_after_s
+        cap = min(self.policy.backoff_max_s, self.policy.backoff_base_s * 2 ** (attempt - 1))
+        return self._rng.uniform(0.0, cap)  # full jitter: spreads a retry storm out
+
+    async def _wait_for_pause(self) -> None:
+        while (delay := self._resume_at - self._clock()) > 0:
+            self.stats.paused_s += delay
+            await self._sleep(delay)
+
+    def _finish(self, status: str, answer: Answer | None, attempts: int,
+                latency_ms: float | None, error: DispatchError | None,
+                started: datetime) -> _Outcome:
+        s = self.stats
+        s.done += 1
+        if status == "ok" and answer is not None:
+            s.ok += 1
+            s.cost_usd += self.model.cost_usd(answer.input_tokens, answer.output_tokens)
+        else:
+            s.failed += 1
+            kind = error.error_type if error else "unknown"
+            s.errors[kind] = s.errors.get(kind, 0) + 1
+        return _Outcome(status, answer, attempts, latency_ms, error, started,
+                        datetime.now(UTC))
+
+    def _results(self, routed: pa.Table, outcomes: list[_Outcome]) -> pa.Table:
+        n = routed.num_rows
+        ok = [o.answer for o in outcomes]
+        in_tok = [a.input_tokens if a else 0 for a in ok]
+        out_tok = [a.output_tokens if a else 0 for a in ok]
+        return pa.table({
+            "request_id": routed.column("request_id"),
+            "run_id": pa.array([self.run_id] * n, pa.string()),
+            "model": pa.array([self.model.name] * n, pa.string()),
+            "status": pa.array([o.status for o in outcomes], pa.string()),
+            "response": pa.array([a.text if a else None for a in ok], pa.string()),
+            "finish_reason": pa.array([a.finish_reason if a else None for a in ok], pa.string()),
+            "input_tokens": pa.array(in_tok, pa.int64()),
+            "output_tokens": pa.array(out_tok, pa.int64()),
+            "cost_usd": pa.array([self.model.cost_usd(i, o) for i, o in
+                                  zip(in_tok, out_tok, strict=True)], pa.float64()),
+            "latency_ms": pa.array([o.latency_ms for o in outcomes], pa.float64()),
+            "attempts": pa.array([o.attempts for o in outcomes], pa.int32()),
+            "error_type": pa.array([o.error.error_type if o.error else None
+                                    for o in outcomes], pa.string()),
+            "error_message": pa.array([self._scrub(str(o.error)) if o.error else None
+                                       for o in outcomes], pa.string()),
+            "reject_reason": pa.nulls(n, pa.string()),
+            "route_reason": routed.column("route_reason"),
+            "router_scores": routed.column("router_scores"),
+            "threshold": routed.column("threshold"),
+            "router_version": routed.column("router_version"),
+            "tags": routed.column("tags"),
+            "started_at": pa.array([o.started_at for o in outcomes], schemas.TIMESTAMP),
+            "finished_at": pa.array([o.finished_at for o in outcomes], schemas.TIMESTAMP),
+        }, schema=schemas.RESULTS)
+
+    def _scrub(self, text: str) -> str:
+        # Some providers echo part or all of a rejected key; never let it reach a result row.
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+
+def _transient(exc: Exception) -> DispatchError:
+    """Translate httpx's exceptions, most specific first; pass ours through."""
+    if isinstance(exc, DispatchError):
+        return exc
+    if isinstance(exc, httpx.TimeoutException):
+        return TransientDispatchError(f"timeout: {type(exc).__name__}")
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return TransientDispatchError("connection dropped mid-response")
+    if isinstance(exc, httpx.TransportError):
+        return TransientDispatchError(f"connection error: {type(exc).__name__}")
+    return TransientDispatchError(f"http error: {type(exc).__name__}")
+
+
+def _messages(prompt: str | None, messages: list[dict[str, Any]] | None) -> list[dict[str, str]]:
+    if prompt is not None:
+        return [{"role": "user", "content": prompt}]
+    return [{"role": str(m["role"]), "content": str(m["content"] or "")} for m in messages or []]

@@ -1,0 +1,171 @@
+"""Provider adapters: build a request for one row, read a response, translate failures.
+
+Two wire formats cover the field: OpenAI chat completions (also vLLM, llama.cpp, LiteLLM proxy,
+Ollama and other OpenAI-compatible servers) and Anthropic messages. Base URLs follow each SDK's
+convention: OpenAI's includes ``/v1``, Anthropic's does not.
+
+HTTP outcomes become exceptions in exactly one place, :func:`raise_for_response`, most specific
+first; the dispatcher turns them into retries or result rows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from batchroute.errors import (
+    AuthError,
+    RateLimited,
+    TerminalDispatchError,
+    TransientDispatchError,
+)
+
+ANTHROPIC_VERSION = "2023-06-01"
+MAX_ERROR_CHARS = 500
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    finish_reason: str
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class Request:
+    """One row's call, independent of the wire format."""
+
+    messages: list[dict[str, str]]
+    max_tokens: int
+    temperature: float | None
+
+
+class Provider:
+    """A wire format. Subclasses know their path, auth headers and body shapes."""
+
+    path = ""
+
+    def __init__(self, base_url: str, api_key: str, model: str) -> None:
+        self.url = base_url.rstrip("/") + self.path
+        self._api_key = api_key
+        self.model = model
+
+    def headers(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def body(self, req: Request) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def parse(self, payload: Any) -> Answer:
+        raise NotImplementedError
+
+
+class OpenAIChat(Provider):
+    path = "/chat/completions"
+
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self._api_key}"}
+
+    def body(self, req: Request) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "messages": req.messages,
+                                "max_tokens": req.max_tokens}
+        if req.temperature is not None:
+            body["temperature"] = req.temperature
+        return body
+
+    def parse(self, payload: Any) -> Answer:
+        choice = payload["choices"][0]
+        usage = payload["usage"]
+        return Answer(text=choice["message"].get("content") or "",
+                      finish_reason=str(choice.get("finish_reason") or "stop"),
+                      input_tokens=int(usage["prompt_tokens"]),
+                      output_tokens=int(usage["completion_tokens"]))
+
+
+class AnthropicMessages(Provider):
+    path = "/v1/messages"
+    _STOP = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+             "tool_use": "tool_calls", "refusal": "refusal"}
+
+    def headers(self) -> dict[str, str]:
+        return {"x-api-key": self._api_key, "anthropic-version": ANTHROPIC_VERSION}
+
+    def body(self, req: Request) -> dict[str, Any]:
+        system = "\n".join(m["content"] for m in req.messages if m["role"] == "system")
+        body: dict[str, Any] = {
+            "model": self.model, "max_tokens": req.max_tokens,
+            "messages": [m for m in req.messages if m["role"] != "system"]}
+        if system:
+            body["system"] = system
+        if req.temperature is not None:
+            body["temperature"] = req.temperature
+        return body
+
+    def parse(self, payload: Any) -> Answer:
+        text = "".join(part.get("text", "") for part in payload["content"]
+                       if part.get("type") == "text")
+        usage = payload["usage"]
+        stop = str(payload.get("stop_reason") or "end_turn")
+        return Answer(text=text, finish_reason=self._STOP.get(stop, stop),
+                      input_tokens=int(usage["input_tokens"]),
+                      output_tokens=int(usage["output_tokens"]))
+
+
+PROVIDERS: dict[str, type[Provider]] = {"openai": OpenAIChat, "anthropic": AnthropicMessages}
+
+
+def retry_after_s(headers: httpx.Headers) -> float | None:
+    """Seconds the provider asked us to wait, from retry-after-ms or retry-after (seconds)."""
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            return max(0.0, float(value) * scale)
+        except ValueError:
+            continue  # an HTTP date: rare from LLM providers; fall back to backoff
+    return None
+
+
+def raise_for_response(resp: httpx.Response, provider: Provider) -> Answer:
+    """The answer in a 2xx response, or the exception that classifies the failure.
+
+    Raises AuthError (401/403), RateLimited (429), TransientDispatchError (408, 409, 5xx,
+    malformed bodies) and TerminalDispatchError (any other status).
+    """
+    status = resp.status_code
+    if 200 <= status < 300:
+        try:
+            return provider.parse(resp.json())
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise TransientDispatchError(
+                f"malformed response body from provider ({type(exc).__name__})",
+                status=status) from None
+    message = f"HTTP {status}: {_error_message(resp)}"
+    if status in (401, 403):
+        raise AuthError(message, status=status)
+    if status == 429:
+        raise RateLimited(message, status=status, retry_after_s=retry_after_s(resp.headers))
+    if status in RETRYABLE_STATUS or status >= 500:
+        raise TransientDispatchError(message, status=status,
+                                     retry_after_s=retry_after_s(resp.headers))
+    raise TerminalDispatchError(message, status=status)
+
+
+def _error_message(resp: httpx.Response) -> str:
+    try:
+        payload = resp.json()
+        err = payload.get("error", payload)
+        text = err.get("message") if isinstance(err, dict) else str(err)
+    except (ValueError, AttributeError):
+        text = resp.text
+    return (text or resp.reason_phrase or "no message")[:MAX_ERROR_CHARS]
+
+
+def dumps(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()

@@ -1,0 +1,89 @@
+"""The exception tree. Every class pickles, because errors cross Ray process boundaries.
+
+    BatchrouteError              base of everything the job raises on purpose
+    ├── ConfigError              the job file is wrong; raised before any work starts
+    ├── SchemaError              input or labels do not match schemas/
+    ├── RouterError              router file missing, corrupt, or incompatible with the job
+    ├── DispatchError            a model call went wrong
+    │   ├── TransientDispatchError   worth retrying: timeouts, 5xx, 429, dropped connections
+    │   └── TerminalDispatchError    not worth retrying: other 4xx, bad payloads, bad keys
+    └── SinkError                results could not be committed
+
+A request's outcome is data (a result row with status, error type and message); dispatch
+errors only travel inside the dispatcher and end as such rows, never as a crash of the job.
+"""
+
+from __future__ import annotations
+
+
+class BatchrouteError(Exception):
+    """Base class. Carries one human message; subclasses add no state, so pickling is plain."""
+
+    exit_code = 3
+
+
+class ConfigError(BatchrouteError):
+    """The job configuration is invalid. The message names the offending key."""
+
+    exit_code = 2
+
+
+class SchemaError(BatchrouteError):
+    """A table does not match its declared schema. The message names the file and column."""
+
+    exit_code = 2
+
+
+class RouterError(BatchrouteError):
+    """The router file is missing, corrupt, or names models the job does not know."""
+
+    exit_code = 2
+
+
+class SinkError(BatchrouteError):
+    """Results or the manifest could not be written."""
+
+
+class DispatchError(BatchrouteError):
+    """A model call failed. ``error_type`` is the short name written to the result row."""
+
+    error_type = "dispatch_error"
+
+    def __init__(self, message: str, *, status: int | None = None,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_dispatch_error,
+                (type(self), str(self), self.status, self.retry_after_s))
+
+
+def _rebuild_dispatch_error(cls: type[DispatchError], message: str, status: int | None,
+                            retry_after_s: float | None) -> DispatchError:
+    return cls(message, status=status, retry_after_s=retry_after_s)
+
+
+class TransientDispatchError(DispatchError):
+    """Retried with backoff: timeouts, connection drops, malformed bodies, 408/409/429/5xx."""
+
+    error_type = "transient"
+
+
+class RateLimited(TransientDispatchError):
+    """HTTP 429. ``retry_after_s`` holds what the provider asked for, when it said."""
+
+    error_type = "rate_limited"
+
+
+class TerminalDispatchError(DispatchError):
+    """Not retried: a 4xx other than 408/409/429, or a response that cannot be a success."""
+
+    error_type = "terminal"
+
+
+class AuthError(TerminalDispatchError):
+    """HTTP 401/403, or the key's environment variable is unset. Stops calls to that model."""
+
+    error_type = "auth"

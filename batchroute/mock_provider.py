@@ -1,0 +1,1145 @@
+"""A local fake LLM provider: a real HTTP server on loopback for the demo and the tests.
+
+It speaks just enough of two public wire formats that the dispatcher's real adapters cannot tell
+it from the real thing, and it is deterministic so tests can assert exact answers and usage.
+
+Endpoints
+---------
+``POST /v1/chat/completions`` (OpenAI chat completions)
+    Auth ``Authorization: Bearer KEY``. Body ``{model, messages: [{role, content}],
+    max_tokens? | max_completion_tokens?, temperature?}``. Reply::
+
+        {"id", "object": "chat.completion", "created", "model",
+         "choices": [{"index": 0, "message": {"role": "assistant", "content"},
+                      "finish_reason": "stop" | "length"}],
+         "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}
+
+    Errors: ``{"error": {"message", "type", "code"}}``.
+``POST /v1/messages`` (Anthropic messages)
+    Auth ``x-api-key: KEY`` and a required ``anthropic-version`` header. Body ``{model,
+    max_tokens, messages, system?}``. Reply::
+
+        {"id", "type": "message", "role": "assistant", "model",
+         "content": [{"type": "text", "text"}], "stop_reason": "end_turn" | "max_tokens",
+         "stop_sequence": null, "usage": {"input_tokens", "output_tokens"}}
+
+    Errors: ``{"type": "error", "error": {"type", "message"}}``.
+``GET /health`` → ``{"ok": true}``; ``GET /stats`` → the counters of :meth:`MockProvider.stats`.
+
+Message ``content`` may be a string or a list of ``{"type": "text", "text"}`` parts (both APIs
+accept either); non-text parts count as empty. ``temperature`` is accepted and ignored, and
+``stream: true`` is refused with a 400 because the mock only answers in one piece.
+
+Answers and token counts
+------------------------
+Tokens are counted as ``count_tokens(text) = 0 if text == "" else max(1, ceil(len(text) / 4))``
+(characters, not bytes). ``prompt_tokens`` is the sum of that over every message's text plus the
+system prompt, counted per message, so ``["ab", "cd"]`` is 2 tokens, not 1.
+
+The answer depends only on (model, system, messages) through a BLAKE2 digest; ``max_tokens``
+only truncates it, so a shorter cap always yields a prefix of the longer answer:
+
+* if the last user message ends with ``Answer:`` (MMLU style), the answer is one letter A-D
+  picked by the digest, followed by a short sentence;
+* otherwise it is pseudo-text cut from a fixed corpus, 20-400 tokens long (4 characters per
+  token, so the length in tokens is exact).
+
+When the natural answer is longer than ``max_tokens`` it is cut to exactly ``max_tokens`` tokens
+and the finish reason is ``length`` (OpenAI) / ``max_tokens`` (Anthropic). Without
+``max_tokens`` (OpenAI only) nothing is cut.
+
+Latency
+-------
+Each answer waits ``latency_ms`` scaled by a log-normal factor (sigma 0.4, capped at 4x) drawn
+from the request digest: the median is ``latency_ms``, the same request always waits the same
+time, different requests spread out as real ones do. ``latency_ms=0`` never sleeps. 429s and
+401s are answered at once, as gateways do.
+
+Rate limits
+-----------
+Per (model, API key), two continuously refilling token buckets whose capacity is one minute's
+quota: requests (``rpm``) and tokens (``tpm``). A request costs 1 request and ``prompt_tokens +
+max_tokens`` tokens (``MAX_ANSWER_TOKENS`` when OpenAI's ``max_tokens`` is absent), which is how
+providers estimate before generating. If either bucket lacks room the reply is 429 with
+``retry-after`` (whole seconds, rounded up), ``retry-after-ms`` and nothing is consumed. A
+request bigger than the whole token bucket can never pass: it gets a 429 whose message says
+so, without ``retry-after``, as OpenAI does. ``rpm``/``tpm`` of 0 or None mean unlimited, and
+the headers for an unlimited dimension are omitted.
+
+Every reply that passed authentication carries ``x-ratelimit-{limit,remaining,reset}-{requests,
+tokens}`` (reset as a Go-style duration such as ``"12s"``, ``"1.2s"`` or ``"250ms"``: the time
+until that bucket is full again); Anthropic replies also carry
+``anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}`` with reset as an RFC 3339
+UTC timestamp.
+
+Authentication
+--------------
+With ``api_key`` set, a missing or different key gets 401. A key in ``expired_keys`` always
+gets 401 with a message saying it expired. Keys never appear in replies, headers, stats or logs.
+
+Fault injection
+---------------
+Each request that passes auth and the limiter draws one number from ``random.Random(seed)``
+and falls into at most one band, in this order (the rates must sum to at most 1):
+
+==================  ================================================================
+``fail_rate``       HTTP 500 (``server_error`` / ``api_error``)
+``rate_503``        HTTP 503 (overloaded)
+``timeout_rate``    sleeps ``hang_s`` seconds, then answers normally
+``drop_rate``       sends headers and half the body, then closes the connection
+``malformed_rate``  HTTP 200 whose body is cut-off JSON
+``burst_429_rate``  a spurious 429 with ``retry-after: 1`` although the buckets have room
+==================  ================================================================
+
+The draws follow arrival order, so a run with the same seed and the same request order sees
+the same faults. A retried request draws again, so a fault is never sticky.
+
+The header ``x-mock-fault: 500|503|timeout|drop|malformed|429|401`` forces that fault on one
+request, bypassing the limiter and the draw (for deterministic tests); any other value is a 400.
+
+Performance
+-----------
+Handlers do one JSON parse, one BLAKE2 digest and a slice of a precomputed corpus; nothing is
+logged per request (aiohttp's access log is off). That sustains well over 1,000 requests/s on
+one core. aiohttp is imported lazily so that ``batchroute --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import hashlib
+import hmac
+import ipaddress
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from statistics import NormalDist
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypedDict
+
+from batchroute.errors import ConfigError
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+__all__ = [
+    "FAULTS",
+    "MAX_ANSWER_TOKENS",
+    "MIN_ANSWER_TOKENS",
+    "MockProvider",
+    "MockProviderConfig",
+    "ProviderStats",
+    "count_tokens",
+    "register_cli",
+    "serve_forever",
+]
+
+MIN_ANSWER_TOKENS: Final = 20
+MAX_ANSWER_TOKENS: Final = 400
+FAULTS: Final = ("500", "503", "timeout", "drop", "malformed", "429", "401")
+"""Values accepted by the ``x-mock-fault`` header; also the keys of ``stats()["faults"]``."""
+
+DEFAULT_CLI_PORT: Final = 8765
+_WAIT_READY_S: Final = 30.0
+_LATENCY_SIGMA: Final = 0.4
+_LATENCY_CAP: Final = 4.0
+# A stop() must not wait for hung requests (timeout faults sleep hang_s): give in-flight
+# handlers this long, then cancel them.
+_SHUTDOWN_GRACE_S: Final = 0.5
+_CHARS_PER_TOKEN: Final = 4
+
+Wire = Literal["openai", "anthropic"]
+
+
+def count_tokens(text: str) -> int:
+    """The mock's token count: 0 for ``""``, else ``max(1, ceil(len(text) / 4))``."""
+    if not text:
+        return 0
+    return max(1, -(-len(text) // _CHARS_PER_TOKEN))
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class MockProviderConfig:
+    """Everything the mock provider does differently from run to run.
+
+    ``host`` must be a loopback IP literal: the mock accepts any key unless told otherwise and
+    must never be reachable from another machine. ``port=0`` lets the OS pick a free port.
+    ``rpm``/``tpm`` of None or 0 mean unlimited. The six fault rates are probabilities that
+    together must not exceed 1 (one draw decides at most one fault). ``seed`` fixes the fault
+    draws. Raises :class:`ConfigError` naming the offending field.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    rpm: int | None = None
+    tpm: int | None = None
+    latency_ms: float = 0.0
+    fail_rate: float = 0.0
+    rate_503: float = 0.0
+    timeout_rate: float = 0.0
+    drop_rate: float = 0.0
+    malformed_rate: float = 0.0
+    burst_429_rate: float = 0.0
+    hang_s: float = 30.0
+    api_key: str | None = field(default=None, repr=False)
+    expired_keys: frozenset[str] = field(default=frozenset(), repr=False)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not _is_loopback(self.host):
+            raise ConfigError(
+                f"mock provider host must be a loopback address such as 127.0.0.1, "
+                f"got {self.host!r}"
+            )
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"mock provider port must be in 0..65535, got {self.port}")
+        for name in ("rpm", "tpm"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or value < 0):
+                raise ConfigError(f"mock provider {name} must be >= 0 or None, got {value!r}")
+        for name in ("latency_ms", "hang_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"mock provider {name} must be a finite number >= 0")
+        for name, rate in self._fault_rates():
+            if not (isinstance(rate, int | float) and 0.0 <= rate <= 1.0):
+                raise ConfigError(f"mock provider {name} must be in [0, 1], got {rate!r}")
+        total = sum(rate for _, rate in self._fault_rates())
+        if total > 1.0 + 1e-9:
+            raise ConfigError(f"mock provider fault rates sum to {total:g}; they must be <= 1")
+        if not isinstance(self.expired_keys, frozenset):
+            # A list would make the frozen config unhashable and allow later mutation.
+            object.__setattr__(self, "expired_keys", frozenset(self.expired_keys))
+
+    def _fault_rates(self) -> tuple[tuple[str, float], ...]:
+        # Order matters: it is the order of the bands on [0, 1) used by the fault draw.
+        return (
+            ("fail_rate", self.fail_rate),
+            ("rate_503", self.rate_503),
+            ("timeout_rate", self.timeout_rate),
+            ("drop_rate", self.drop_rate),
+            ("malformed_rate", self.malformed_rate),
+            ("burst_429_rate", self.burst_429_rate),
+        )
+
+
+_RATE_FAULTS: Final = ("500", "503", "timeout", "drop", "malformed", "429")
+
+
+# --------------------------------------------------------------------------------------------
+# Rate limiting
+
+
+class _TokenBucket:
+    """A bucket of ``capacity`` units refilling continuously at ``capacity / 60`` per second.
+
+    Invariant: ``0 <= level <= capacity``, and ``level`` is exact as of ``updated`` (a reading
+    of the injected monotonic clock). Only the server's event loop touches a bucket.
+    """
+
+    __slots__ = ("capacity", "level", "rate", "updated")
+
+    def __init__(self, capacity: int, now: float) -> None:
+        self.capacity = float(capacity)
+        self.rate = capacity / 60.0
+        self.level = float(capacity)
+        self.updated = now
+
+    def refill(self, now: float) -> None:
+        if now > self.updated:
+            self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+            self.updated = now
+
+    def wait_s(self, amount: float) -> float:
+        """Seconds until ``amount`` fits (0 if it fits now, inf if it never can)."""
+        if amount > self.capacity:
+            return math.inf
+        return max(0.0, (amount - self.level) / self.rate)
+
+    def reset_s(self) -> float:
+        return (self.capacity - self.level) / self.rate
+
+
+@dataclass(slots=True)
+class _Limits:
+    requests: _TokenBucket | None
+    tokens: _TokenBucket | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Admission:
+    """The limiter's verdict: ``wait_s`` is 0 when admitted, inf when the request can never fit."""
+
+    wait_s: float
+    limited_by: Literal["requests", "tokens"] | None
+    headers: dict[str, str]
+
+
+def _go_duration(seconds: float) -> str:
+    """Format like OpenAI's reset headers: ``"250ms"``, ``"1.2s"``, ``"1m0s"``."""
+    seconds = round(seconds, 3)
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    minutes, secs = divmod(seconds, 60.0)
+    text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
+    return f"{int(minutes)}m{text}" if minutes else text
+
+
+def _rfc3339(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, tz=UTC).isoformat(timespec="seconds").replace(
+        "+00:00", "Z"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Answers
+
+
+_VOCABULARY: Final = (
+    "the", "model", "reads", "each", "prompt", "and", "writes", "a", "plain", "answer", "that",
+    "stays", "close", "to", "the", "question", "batch", "router", "cost", "quality", "token",
+    "budget", "latency", "provider", "request", "response", "summary", "data", "table", "column",
+    "parquet", "arrow", "schema", "value", "result", "report", "metric", "threshold", "policy",
+    "cheap", "strong", "small", "large", "fast", "careful", "because", "therefore", "however",
+    "while", "after", "before", "during", "under", "over", "between", "within", "every", "some",
+    "many", "few", "most", "often", "rarely", "clearly", "simply", "first", "second", "third",
+    "finally", "also", "then", "next", "again", "example", "case", "reason", "evidence", "claim",
+    "source", "answer", "option", "choice", "question", "context", "detail", "point", "step",
+    "method", "process", "system", "user", "input", "output", "record", "field", "error", "retry",
+    "limit", "minute", "second", "hour", "day", "week", "night", "job", "run",
+)
+
+
+@functools.cache
+def _corpus() -> tuple[str, tuple[int, ...]]:
+    """A fixed pseudo-text and the offsets where its words start (built once, on first use).
+
+    Answers are slices of this string, so generating one costs a slice, not a loop.
+    """
+    rng = random.Random(20240601)  # fixed: answers must not change between releases
+    words: list[str] = []
+    length = 0
+    need = 16_384 + MAX_ANSWER_TOKENS * _CHARS_PER_TOKEN
+    while length < need:
+        sentence = rng.choices(_VOCABULARY, k=rng.randint(6, 16))
+        sentence[0] = sentence[0].capitalize()
+        sentence[-1] += "."
+        words.extend(sentence)
+        length += sum(len(w) + 1 for w in sentence)
+    text = " ".join(words)
+    limit = len(text) - MAX_ANSWER_TOKENS * _CHARS_PER_TOKEN
+    starts = tuple(i for i in range(limit) if i == 0 or text[i - 1] == " ")
+    return text, starts
+
+
+def _text_of(content: object) -> str:
+    """The text of a message ``content``: a string, or a list of ``{"type": "text"}`` parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One parsed, validated request."""
+
+    wire: Wire
+    model: str
+    prompt_tokens: int
+    max_tokens: int | None
+    digest: bytes
+    mmlu: bool
+
+    @property
+    def token_cost(self) -> int:
+        """Tokens the limiter charges, estimated before generation as providers do."""
+        cap = MAX_ANSWER_TOKENS if self.max_tokens is None else self.max_tokens
+        return self.prompt_tokens + cap
+
+
+def _answer(call: _Call) -> tuple[str, bool]:
+    """The answer text for ``call`` and whether it was cut at ``max_tokens``."""
+    if call.mmlu:
+        letter = "ABCD"[call.digest[0] % 4]
+        full = f"{letter}. Option {letter} is the choice best supported by the question."
+    else:
+        corpus, starts = _corpus()
+        n_tokens = MIN_ANSWER_TOKENS + int.from_bytes(call.digest[1:5], "big") % (
+            MAX_ANSWER_TOKENS - MIN_ANSWER_TOKENS + 1
+        )
+        start = starts[int.from_bytes(call.digest[5:9], "big") % len(starts)]
+        full = corpus[start : start + n_tokens * _CHARS_PER_TOKEN]
+        if full.endswith(" "):
+            full = full[:-1] + "."  # same length, so the token count stays exact
+    if call.max_tokens is not None and count_tokens(full) > call.max_tokens:
+        return full[: call.max_tokens * _CHARS_PER_TOKEN], True
+    return full, False
+
+
+def _latency_s(call: _Call, median_ms: float) -> float:
+    if median_ms <= 0:
+        return 0.0
+    u = (int.from_bytes(call.digest[9:13], "big") + 0.5) / 2**32
+    factor = min(_LATENCY_CAP, math.exp(_LATENCY_SIGMA * NormalDist().inv_cdf(u)))
+    return median_ms * factor / 1000.0
+
+
+class _BadRequest(Exception):
+    """The request body is not a valid call; the message is safe to return to the client."""
+
+
+def _parse_call(wire: Wire, body: object) -> _Call:
+    """Validate a decoded JSON body. Raises :class:`_BadRequest` naming the bad field."""
+    if not isinstance(body, dict):
+        raise _BadRequest("request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _BadRequest("'model' must be a non-empty string")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _BadRequest("'messages' must be a non-empty list")
+    if body.get("stream"):
+        raise _BadRequest("'stream' is not supported by the mock provider")
+    texts: list[str] = []
+    last_user = ""
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise _BadRequest(f"messages[{i}] must be an object with a string 'role'")
+        text = _text_of(message.get("content"))
+        texts.append(text)
+        if message["role"] == "user":
+            last_user = text
+    system = ""
+    if wire == "openai":
+        raw_max = body.get("max_completion_tokens", body.get("max_tokens"))
+        max_tokens = None if raw_max is None else _positive_int(raw_max, "max_tokens")
+    else:
+        if "max_tokens" not in body:
+            raise _BadRequest("'max_tokens' is required")
+        max_tokens = _positive_int(body["max_tokens"], "max_tokens")
+        system = _text_of(body.get("system"))
+    prompt_tokens = count_tokens(system) + sum(count_tokens(t) for t in texts)
+    # Hash what defines the answer. max_tokens is left out on purpose: it only truncates,
+    # so a smaller cap yields a prefix of the same answer.
+    key = json.dumps([model, system, messages], sort_keys=True, separators=(",", ":"))
+    digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
+    return _Call(
+        wire=wire,
+        model=model,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        digest=digest,
+        mmlu=last_user.rstrip().endswith("Answer:"),
+    )
+
+
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _BadRequest(f"'{name}' must be an integer >= 1")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Counters
+
+
+class ProviderStats(TypedDict):
+    """What :meth:`MockProvider.stats` and ``GET /stats`` report.
+
+    ``requests`` counts calls to the two API endpoints (not /health or /stats); ``by_status``
+    is keyed by the status code as a string and counts replies actually sent (a dropped or
+    hung request that never completes has none); ``rate_limited`` counts 429s from the real
+    limiter only; ``faults`` counts injected faults by ``x-mock-fault`` name; the token totals
+    add up the ``usage`` of every well-formed successful reply.
+    """
+
+    requests: int
+    by_model: dict[str, int]
+    by_status: dict[str, int]
+    rate_limited: int
+    faults: dict[str, int]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _empty_stats() -> ProviderStats:
+    return ProviderStats(
+        requests=0,
+        by_model={},
+        by_status={},
+        rate_limited=0,
+        faults=dict.fromkeys(FAULTS, 0),
+        prompt_tokens=0,
+        completion_tokens=0,
+    )
+
+
+def _copy_stats(stats: ProviderStats) -> ProviderStats:
+    return ProviderStats(
+        requests=stats["requests"],
+        by_model=dict(stats["by_model"]),
+        by_status=dict(stats["by_status"]),
+        rate_limited=stats["rate_limited"],
+        faults=dict(stats["faults"]),
+        prompt_tokens=stats["prompt_tokens"],
+        completion_tokens=stats["completion_tokens"],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The server
+
+
+_ERROR_TYPES: Final[Mapping[Wire, Mapping[int, tuple[str, str | None]]]] = {
+    # status -> (error type, OpenAI error code)
+    "openai": {
+        400: ("invalid_request_error", None),
+        401: ("invalid_request_error", "invalid_api_key"),
+        429: ("requests", "rate_limit_exceeded"),
+        500: ("server_error", None),
+        503: ("server_error", "service_unavailable"),
+    },
+    "anthropic": {
+        400: ("invalid_request_error", None),
+        401: ("authentication_error", None),
+        429: ("rate_limit_error", None),
+        500: ("api_error", None),
+        503: ("overloaded_error", None),
+    },
+}
+
+
+class _MockServer:
+    """The request handlers and all mutable state.
+
+    Invariant: the limiter buckets, the fault RNG and the counters are touched only by the
+    event loop that runs the app, so they need no lock; other threads read a snapshot taken
+    on that loop (see :meth:`MockProvider.stats`).
+    """
+
+    def __init__(self, config: MockProviderConfig, clock: Callable[[], float]) -> None:
+        self.config = config
+        self._clock = clock
+        self._rng = random.Random(config.seed)
+        self._limits: dict[tuple[str, str], _Limits] = {}
+        self.counters = _empty_stats()
+        self._seq = 0
+        self._bands: list[tuple[float, str]] = []
+        edge = 0.0
+        for (_, rate), fault in zip(config._fault_rates(), _RATE_FAULTS, strict=True):
+            if rate > 0:
+                edge += rate
+                self._bands.append((edge, fault))
+
+    def build_app(self) -> web.Application:
+        from aiohttp import web
+
+        # Large enough for long prompts; the default 1 MiB would 413 a big context window.
+        app = web.Application(client_max_size=32 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self._openai)
+        app.router.add_post("/v1/messages", self._anthropic)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/stats", self._stats)
+        return app
+
+    # -- small endpoints ------------------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.StreamResponse:
+        return _json_response(200, {"ok": True})
+
+    async def _stats(self, request: web.Request) -> web.StreamResponse:
+        return _json_response(200, self.counters)
+
+    async def _openai(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "openai")
+
+    async def _anthropic(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "anthropic")
+
+    # -- the API endpoints -----------------------------------------------------------------
+
+    async def _handle(self, request: web.Request, wire: Wire) -> web.StreamResponse:
+        counters = self.counters
+        counters["requests"] += 1
+        response = await self._respond(request, wire)
+        # Only the drop fault prepares (sends) its response itself; the client never got a
+        # complete reply, so there is no status to count.
+        if not response.prepared:
+            key = str(response.status)
+            counters["by_status"][key] = counters["by_status"].get(key, 0) + 1
+        return response
+
+    async def _respond(self, request: web.Request, wire: Wire) -> web.StreamResponse:
+        """Answer one API call (validation, auth, limits, faults, latency, reply)."""
+        counters = self.counters
+        try:
+            body = json.loads(await request.read())
+            call = _parse_call(wire, body)
+        except (ValueError, _BadRequest) as exc:
+            message = str(exc) if isinstance(exc, _BadRequest) else "request body is not JSON"
+            return _error(wire, 400, message)
+        counters["by_model"][call.model] = counters["by_model"].get(call.model, 0) + 1
+
+        headers = request.headers
+        forced = headers.get("x-mock-fault")
+        if forced is not None and forced not in FAULTS:
+            return _error(wire, 400, f"x-mock-fault must be one of {', '.join(FAULTS)}")
+        if wire == "anthropic" and "anthropic-version" not in headers:
+            return _error(wire, 400, "anthropic-version: header is required")
+
+        if forced == "401":
+            counters["faults"]["401"] += 1
+            return _error(wire, 401, "Invalid API key (forced by x-mock-fault).")
+        key = _presented_key(wire, headers)
+        denial = self._authenticate(key)
+        if denial is not None:
+            return _error(wire, 401, denial, code="expired_api_key" if "expired" in denial else None)
+
+        if forced is not None:
+            fault: str | None = forced
+            admission = self._admit(call, key or "", consume=False)
+        else:
+            admission = self._admit(call, key or "", consume=True)
+            if admission.wait_s > 0:
+                counters["rate_limited"] += 1
+                return self._rate_limited(call, admission)
+            fault = self._draw_fault()
+        rl_headers = admission.headers
+        if fault is not None:
+            counters["faults"][fault] += 1
+            if fault == "429":
+                rl_headers = {**rl_headers, "retry-after": "1", "retry-after-ms": "1000"}
+                return _error(wire, 429, "Rate limit exceeded, please retry shortly.",
+                              headers=rl_headers, code="rate_limit_exceeded")
+
+        delay = self.config.hang_s if fault == "timeout" else _latency_s(
+            call, self.config.latency_ms
+        )
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+        if fault == "500":
+            return _error(wire, 500, "The server had an error while processing your request.",
+                          headers=rl_headers)
+        if fault == "503":
+            return _error(wire, 503, "The server is overloaded, please retry.",
+                          headers=rl_headers)
+        payload, completion_tokens = self._reply(call)
+        if fault == "malformed":
+            return _raw_response(200, payload[: len(payload) // 2], rl_headers)
+        if fault == "drop":
+            return await _drop(request, payload, rl_headers)
+        counters["prompt_tokens"] += call.prompt_tokens
+        counters["completion_tokens"] += completion_tokens
+        return _raw_response(200, payload, rl_headers)
+
+    def _authenticate(self, key: str | None) -> str | None:
+        """None if the key is accepted, else a message that does not contain the key."""
+        config = self.config
+        if key is not None and key in config.expired_keys:
+            return "The API key has expired."
+        if config.api_key is None:
+            return None
+        if key is None:
+            return "No API key provided."
+        # Constant-time: the mock should not teach clients to leak keys through timing either.
+        if not hmac.compare_digest(key.encode(), config.api_key.encode()):
+            return "Incorrect API key provided."
+        return None
+
+    def _admit(self, call: _Call, key: str, *, consume: bool) -> _Admission:
+        """Refill, check and (if ``consume`` and there is room) charge both buckets."""
+        config = self.config
+        now = self._clock()
+        limits = self._limits.get((call.model, key))
+        if limits is None:
+            limits = _Limits(
+                requests=_TokenBucket(config.rpm, now) if config.rpm else None,
+                tokens=_TokenBucket(config.tpm, now) if config.tpm else None,
+            )
+            self._limits[(call.model, key)] = limits
+        wait_s = 0.0
+        limited_by: Literal["requests", "tokens"] | None = None
+        for name, bucket, amount in (
+            ("requests", limits.requests, 1),
+            ("tokens", limits.tokens, call.token_cost),
+        ):
+            if bucket is None:
+                continue
+            bucket.refill(now)
+            wait = bucket.wait_s(amount)
+            if wait > wait_s:
+                wait_s = wait
+                limited_by = "requests" if name == "requests" else "tokens"
+        if consume and wait_s == 0:
+            if limits.requests is not None:
+                limits.requests.level -= 1
+            if limits.tokens is not None:
+                limits.tokens.level -= call.token_cost
+        return _Admission(wait_s, limited_by, _limit_headers(call.wire, limits))
+
+    def _rate_limited(self, call: _Call, admission: _Admission) -> web.StreamResponse:
+        dimension = admission.limited_by or "requests"
+        unit = "requests" if dimension == "requests" else "tokens"
+        limit = self.config.rpm if dimension == "requests" else self.config.tpm
+        headers = dict(admission.headers)
+        if math.isinf(admission.wait_s):
+            message = (
+                f"Request too large for {call.model} on tokens per min (TPM): Limit {limit}, "
+                f"Requested {call.token_cost}. Reduce the prompt or max_tokens."
+            )
+        else:
+            headers["retry-after"] = str(max(1, math.ceil(admission.wait_s)))
+            headers["retry-after-ms"] = str(max(1, math.ceil(admission.wait_s * 1000)))
+            message = (
+                f"Rate limit reached for {call.model} on {unit} per min: Limit {limit}. "
+                f"Please try again in {_go_duration(admission.wait_s)}."
+            )
+        return _error(call.wire, 429, message, headers=headers, code="rate_limit_exceeded",
+                      openai_type=unit)
+
+    def _draw_fault(self) -> str | None:
+        # Always draw, even with no faults configured, so the sequence depends only on the
+        # order of admitted requests.
+        u = self._rng.random()
+        for edge, fault in self._bands:
+            if u < edge:
+                return fault
+        return None
+
+    def _reply(self, call: _Call) -> tuple[bytes, int]:
+        """The JSON body of a successful reply, and its completion tokens."""
+        text, truncated = _answer(call)
+        completion_tokens = count_tokens(text)
+        self._seq += 1
+        suffix = f"{self._seq:08x}{call.digest.hex()[:16]}"
+        body: dict[str, Any]
+        if call.wire == "openai":
+            body = {
+                "id": f"chatcmpl-mock{suffix}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": call.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": "length" if truncated else "stop",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": call.prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": call.prompt_tokens + completion_tokens,
+                },
+            }
+        else:
+            body = {
+                "id": f"msg_mock{suffix}",
+                "type": "message",
+                "role": "assistant",
+                "model": call.model,
+                "content": [{"type": "text", "text": text}],
+                "stop_reason": "max_tokens" if truncated else "end_turn",
+                "stop_sequence": None,
+                "usage": {"input_tokens": call.prompt_tokens, "output_tokens": completion_tokens},
+            }
+        return json.dumps(body, separators=(",", ":")).encode(), completion_tokens
+
+
+def _presented_key(wire: Wire, headers: Mapping[str, str]) -> str | None:
+    if wire == "anthropic":
+        return headers.get("x-api-key") or None
+    auth = headers.get("Authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def _limit_headers(wire: Wire, limits: _Limits) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for name, bucket in (("requests", limits.requests), ("tokens", limits.tokens)):
+        if bucket is None:
+            continue
+        limit = str(int(bucket.capacity))
+        remaining = str(max(0, math.floor(bucket.level)))
+        reset_s = bucket.reset_s()
+        headers[f"x-ratelimit-limit-{name}"] = limit
+        headers[f"x-ratelimit-remaining-{name}"] = remaining
+        headers[f"x-ratelimit-reset-{name}"] = _go_duration(reset_s)
+        if wire == "anthropic":
+            headers[f"anthropic-ratelimit-{name}-limit"] = limit
+            headers[f"anthropic-ratelimit-{name}-remaining"] = remaining
+            headers[f"anthropic-ratelimit-{name}-reset"] = _rfc3339(time.time() + reset_s)
+    return headers
+
+
+def _json_response(status: int, body: object,
+                   headers: Mapping[str, str] | None = None) -> web.StreamResponse:
+    return _raw_response(status, json.dumps(body, separators=(",", ":")).encode(), headers)
+
+
+def _raw_response(status: int, body: bytes,
+                  headers: Mapping[str, str] | None = None) -> web.StreamResponse:
+    from aiohttp import web
+
+    return web.Response(status=status, body=body, content_type="application/json",
+                        headers=headers)
+
+
+def _error(wire: Wire, status: int, message: str, *, headers: Mapping[str, str] | None = None,
+           code: str | None = None, openai_type: str | None = None) -> web.StreamResponse:
+    error_type, default_code = _ERROR_TYPES[wire][status]
+    if wire == "openai":
+        body: dict[str, Any] = {"error": {"message": message, "type": openai_type or error_type,
+                                          "code": code or default_code}}
+    else:
+        body = {"type": "error", "error": {"type": error_type, "message": message}}
+    return _json_response(status, body, headers)
+
+
+async def _drop(request: web.Request, payload: bytes,
+                headers: Mapping[str, str]) -> web.StreamResponse:
+    """Send a 200's headers and half its body, then close the socket: no valid HTTP reply.
+
+    The returned response is already prepared; aiohttp's final ``write_eof`` then meets the
+    closed transport and quietly treats it as a client disconnect.
+    """
+    from aiohttp import web
+
+    response = web.StreamResponse(status=200, headers=headers)
+    response.content_type = "application/json"
+    response.content_length = len(payload)
+    await response.prepare(request)
+    await response.write(payload[: len(payload) // 2])
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+    return response
+
+
+async def _serve(server: _MockServer, config: MockProviderConfig,
+                 on_ready: Callable[[int, asyncio.Event], None]) -> None:
+    """Run the app on the current loop until the event handed to ``on_ready`` is set."""
+    from aiohttp import web
+
+    runner = web.AppRunner(
+        server.build_app(),
+        access_log=None,  # no per-request logging: it costs more than the handler itself
+        # A client that gives up on a hung request should free the handler, not leave it
+        # sleeping for hang_s.
+        handler_cancellation=True,
+        shutdown_timeout=_SHUTDOWN_GRACE_S,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+        port = int(runner.addresses[0][1])
+        stop = asyncio.Event()
+        on_ready(port, stop)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class MockProvider:
+    """The mock server on a background thread with its own event loop, for tests and demos.
+
+    ``start()`` returns once the socket is bound; ``stop()`` (or leaving the ``with`` block)
+    closes it, cancelling requests still in flight after a short grace period. An instance
+    runs once. ``clock`` is the monotonic clock the rate limiter reads; tests pass a fake one
+    to move time without sleeping.
+    """
+
+    def __init__(self, config: MockProviderConfig | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config if config is not None else MockProviderConfig()
+        self._server = _MockServer(self.config, clock)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._port: int | None = None
+
+    def start(self) -> int:
+        """Bind and serve in the background; return the port. Raises OSError if binding fails,
+        RuntimeError if this instance was already started."""
+        if self._thread is not None:
+            raise RuntimeError("MockProvider.start() called twice")
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def on_ready(port: int, stop: asyncio.Event) -> None:
+            self._port, self._stop = port, stop
+            ready.set()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(_serve(self._server, self.config, on_ready))
+            except BaseException as exc:  # handed to start() below, not lost in the thread
+                failure.append(exc)
+            finally:
+                loop.close()
+                ready.set()
+
+        self._thread = threading.Thread(target=run, name="batchroute-mock-provider", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            self._thread.join()
+            raise failure[0]
+        assert self._port is not None
+        return self._port
+
+    def stop(self) -> None:
+        """Close the server and wait for its thread. Safe to call twice or before start()."""
+        thread, loop, stop = self._thread, self._loop, self._stop
+        if thread is None or loop is None or stop is None or not thread.is_alive():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop already closed on its own
+            loop.call_soon_threadsafe(stop.set)
+        thread.join()
+
+    @property
+    def port(self) -> int:
+        """The bound port. Raises RuntimeError before start()."""
+        if self._port is None:
+            raise RuntimeError("MockProvider is not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """Base URL such as ``http://127.0.0.1:PORT`` (no trailing slash)."""
+        return _url(self.config.host, self.port)
+
+    def stats(self) -> ProviderStats:
+        """A consistent snapshot of the counters (see :class:`ProviderStats`)."""
+        loop, thread = self._loop, self._thread
+        if loop is not None and thread is not None and thread.is_alive():
+            # Counters belong to the server loop; copy them there rather than lock every
+            # request.
+            future = asyncio.run_coroutine_threadsafe(self._snapshot(), loop)
+            with contextlib.suppress(RuntimeError, asyncio.CancelledError):
+                return future.result(timeout=10)
+        return _copy_stats(self._server.counters)
+
+    async def _snapshot(self) -> ProviderStats:
+        return _copy_stats(self._server.counters)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _describe(config: MockProviderConfig, port: int) -> str:
+    rpm = config.rpm or "unlimited"
+    tpm = config.tpm or "unlimited"
+    return (f"mock provider listening on {_url(config.host, port)} "
+            f"(rpm={rpm}, tpm={tpm}, latency={config.latency_ms:g}ms)")
+
+
+def serve_forever(config: MockProviderConfig) -> None:
+    """Serve on the calling thread until SIGINT or SIGTERM, then shut down cleanly.
+
+    Prints one ``mock provider listening on ...`` line to stdout once bound. Raises OSError
+    if the port cannot be bound.
+    """
+    server = _MockServer(config, time.monotonic)
+
+    def on_ready(port: int, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C still raises
+                loop.add_signal_handler(signum, stop.set)
+        print(_describe(config, port), flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(server, config, on_ready))
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``mock-provider`` subcommand; its ``func`` default returns the exit code."""
+    parser = subparsers.add_parser(
+        "mock-provider",
+        help="run a local fake OpenAI/Anthropic server for demos and tests",
+        description=(
+            "Serve fake OpenAI chat-completions (/v1/chat/completions) and Anthropic messages "
+            "(/v1/messages) endpoints on 127.0.0.1. Answers are deterministic, usage is "
+            "counted at 4 characters per token, and the server can enforce rate limits and "
+            "inject faults so a job's retry handling can be watched without spending money. "
+            "Any header 'x-mock-fault: 500|503|timeout|drop|malformed|429|401' forces one "
+            "fault on that request. GET /stats shows the counters."
+        ),
+    )
+    add = parser.add_argument
+    add("--port", type=int, default=DEFAULT_CLI_PORT, metavar="N",
+        help=f"TCP port on 127.0.0.1 to listen on (default {DEFAULT_CLI_PORT}; "
+             "0 lets the system pick a free one)")
+    add("--rpm", type=_non_negative_int, default=None, metavar="N",
+        help="requests per minute allowed for each model and API key; more get HTTP 429 "
+             "with Retry-After (default: unlimited)")
+    add("--tpm", type=_non_negative_int, default=None, metavar="N",
+        help="tokens per minute allowed for each model and API key, counting prompt tokens "
+             "plus max_tokens of each request (default: unlimited)")
+    add("--latency-ms", type=_non_negative_float, default=0.0, metavar="MS",
+        help="typical (median) time to answer, in milliseconds; each request varies around "
+             "it (default 0: answer immediately)")
+    add("--fail-rate", type=_probability, default=0.0, metavar="P",
+        help="share of requests, from 0 to 1, that get HTTP 500 (default 0)")
+    add("--rate-503", type=_probability, default=0.0, metavar="P",
+        help="share of requests that get HTTP 503 'overloaded' (default 0)")
+    add("--timeout-rate", type=_probability, default=0.0, metavar="P",
+        help="share of requests that hang for --hang-s seconds before answering, to test "
+             "client timeouts (default 0)")
+    add("--drop-rate", type=_probability, default=0.0, metavar="P",
+        help="share of requests whose connection is cut halfway through the reply "
+             "(default 0)")
+    add("--malformed-rate", type=_probability, default=0.0, metavar="P",
+        help="share of requests answered 200 with broken JSON (default 0)")
+    add("--burst-429-rate", type=_probability, default=0.0, metavar="P",
+        help="share of requests that get a surprise 429 with Retry-After: 1 even under the "
+             "limits (default 0)")
+    add("--hang-s", type=_non_negative_float, default=30.0, metavar="S",
+        help="seconds a --timeout-rate request hangs (default 30)")
+    add("--api-key-env", default=None, metavar="NAME",
+        help="name of an environment variable holding the one API key to accept; other keys "
+             "get HTTP 401. The key itself is never passed on the command line "
+             "(default: accept any key)")
+    add("--seed", type=int, default=0, metavar="N",
+        help="seed for the random fault choices, so a run can be replayed exactly (default 0)")
+    add("--wait-ready", action="store_true",
+        help=f"do not serve: wait up to {_WAIT_READY_S:g} s for a mock provider already "
+             "starting on --port to answer /health, then exit 0 (or 1 if it never does); "
+             "for scripts that start the server in the background")
+    parser.set_defaults(func=_run_cli)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    if args.wait_ready:
+        if args.port == 0:
+            print("--wait-ready needs the --port the server was started with", file=sys.stderr)
+            return 1
+        if _wait_ready(_url("127.0.0.1", args.port), _WAIT_READY_S):
+            return 0
+        print(f"mock provider on port {args.port} did not answer /health within "
+              f"{_WAIT_READY_S:g} s", file=sys.stderr)
+        return 1
+    api_key: str | None = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env) or None
+        if api_key is None:
+            # Naming the variable is safe; its value is what must never be printed.
+            print(f"warning: {args.api_key_env} is not set; accepting any API key",
+                  file=sys.stderr)
+    try:
+        config = MockProviderConfig(
+            port=args.port, rpm=args.rpm, tpm=args.tpm, latency_ms=args.latency_ms,
+            fail_rate=args.fail_rate, rate_503=args.rate_503, timeout_rate=args.timeout_rate,
+            drop_rate=args.drop_rate, malformed_rate=args.malformed_rate,
+            burst_429_rate=args.burst_429_rate, hang_s=args.hang_s, api_key=api_key,
+            seed=args.seed,
+        )
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    try:
+        serve_forever(config)
+    except OSError as exc:
+        print(f"error: cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _wait_ready(base_url: str, timeout_s: float,
+                sleep: Callable[[float], None] = time.sleep) -> bool:
+    """Poll ``GET /health`` until it answers 200 or ``timeout_s`` passes."""
+    # No proxies: an HTTP_PROXY in the environment must not swallow a loopback request.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with (
+            contextlib.suppress(OSError, ValueError),  # URLError is an OSError
+            opener.open(f"{base_url}/health", timeout=1.0) as response,
+        ):
+            if response.status == 200:
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        sleep(0.1)

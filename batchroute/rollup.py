@@ -1,0 +1,88 @@
+"""Rollup stage: per-model totals over a run's results, and the counterfactual baseline.
+
+The counterfactual prices every ok row's actual tokens at the reference model's prices (by
+default the most expensive model in the catalog): what the run would have cost without
+routing. Totals are sums over the result rows, so they reconcile with them exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from batchroute import schemas
+from batchroute.config import ModelConfig
+from batchroute.sink import RunFolder
+
+
+def read_results(folder: RunFolder) -> pl.DataFrame:
+    table = ds.dataset(folder.sub("results"), filesystem=folder.fs, format="parquet",
+                       schema=schemas.RESULTS).to_table(
+        columns=["request_id", "model", "status", "input_tokens", "output_tokens",
+                 "cost_usd", "latency_ms", "attempts"])
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+def rollup(results: pl.DataFrame, *, run_id: str, models: Mapping[str, ModelConfig],
+           reference_model: str) -> pa.Table:
+    """One ``rollups`` row per model (model null: rows rejected before routing)."""
+    ref = models[reference_model]
+    total = max(len(results), 1)
+    ok = pl.col("status") == "ok"
+    frame = (
+        results.with_columns(
+            reference_cost=pl.when(ok).then(
+                (pl.col("input_tokens") * ref.input_usd_per_mtok
+                 + pl.col("output_tokens") * ref.output_usd_per_mtok) / 1e6).otherwise(0.0))
+        .group_by("model")
+        .agg(
+            rows=pl.len().cast(pl.Int64),
+            ok=ok.sum().cast(pl.Int64),
+            failed=(pl.col("status") == "failed").sum().cast(pl.Int64),
+            rejected=(pl.col("status") == "rejected").sum().cast(pl.Int64),
+            input_tokens=pl.col("input_tokens").sum().cast(pl.Int64),
+            output_tokens=pl.col("output_tokens").sum().cast(pl.Int64),
+            cost_usd=pl.col("cost_usd").sum().cast(pl.Float64),
+            reference_cost_usd=pl.col("reference_cost").sum().cast(pl.Float64),
+            latency_p50_ms=pl.col("latency_ms").filter(ok).quantile(0.5, "linear"),
+            latency_p95_ms=pl.col("latency_ms").filter(ok).quantile(0.95, "linear"),
+            attempts=pl.col("attempts").sum().cast(pl.Int64),
+        )
+        .with_columns(
+            run_id=pl.lit(run_id),
+            reference_model=pl.lit(reference_model),
+            savings_usd=pl.col("reference_cost_usd") - pl.col("cost_usd"),
+            share_of_requests=pl.col("rows") / total,
+        )
+        .sort("model", nulls_last=True)
+    )
+    return frame.select(schemas.ROLLUPS.names).to_arrow().cast(schemas.ROLLUPS)
+
+
+def format_table(rollups: pa.Table) -> str:
+    """The per-model table the CLI prints, with a total line."""
+    rows = rollups.to_pylist()
+    head = (f"{'model':<24}{'rows':>7}{'ok':>7}{'failed':>7}{'rejected':>9}{'in tok':>11}"
+            f"{'out tok':>10}{'cost $':>10}{'vs ref $':>11}{'saved':>7}")
+    lines = [head, "-" * len(head)]
+    tot = {k: 0.0 for k in ("rows", "ok", "failed", "rejected", "input_tokens",
+                            "output_tokens", "cost_usd", "reference_cost_usd")}
+    for r in rows:
+        for k in tot:
+            tot[k] += r[k]
+        lines.append(_line(r["model"] or "(not routed)", r))
+    lines.append("-" * len(head))
+    lines.append(_line("TOTAL", tot))
+    return "\n".join(lines)
+
+
+def _line(name: str, r: Mapping[str, float]) -> str:
+    saved = (1 - r["cost_usd"] / r["reference_cost_usd"]) if r["reference_cost_usd"] else 0.0
+    return (f"{name:<24}{int(r['rows']):>7}{int(r['ok']):>7}{int(r['failed']):>7}"
+            f"{int(r['rejected']):>9}{int(r['input_tokens']):>11}{int(r['output_tokens']):>10}"
+            f"{r['cost_usd']:>10.4f}{r['reference_cost_usd']:>11.4f}{saved:>7.0%}")

@@ -1,0 +1,197 @@
+"""The router file: an ONNX graph from raw prompt strings to one success probability per model.
+
+The text featurisation lives inside the graph, so serving needs only onnxruntime:
+
+    prompt ─► lowercase ─► tokens [a-z0-9]+ ─► vocabulary ids ─► Σ weights / √n + a·log1p(n) + b ─► σ
+                                                  (unknown words share one learned weight)
+
+Everything the job needs to trust the file travels in its metadata: the model names in output
+order, default thresholds, version, a hash of the training data, featurisation settings and the
+training metrics. :func:`build_graph` is the single place the graph is written, and training
+computes its features with the same tokenizer subgraph, so serving equals training exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from batchroute.errors import RouterError
+
+TOKEN_PATTERN = "[a-z0-9]+"
+OPSETS = {"": 18, "ai.onnx.ml": 3, "com.microsoft": 1}
+# onnxruntime's StringNormalizer defaults to en_US.UTF-8, which minimal images lack.
+LOCALE = "C.UTF-8"
+PAD = ""
+# The graph pads every row to the batch's longest token list, so one 150,000-character
+# document would make a whole batch cost as much as thousands of prompts. Routing looks at the
+# first MAX_CHARS characters only, in training and in serving alike.
+MAX_CHARS = 2048
+
+
+def clip(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """What the graph sees: the first MAX_CHARS characters, null as empty, as an object array."""
+    import pyarrow.compute as pc
+
+    clipped = pc.utf8_slice_codeunits(pc.fill_null(texts, ""), 0, MAX_CHARS)
+    return np.asarray(clipped.to_numpy(zero_copy_only=False), dtype=object)
+
+
+def _tokenizer_nodes(input_name: str, output_name: str) -> list[Any]:
+    from onnx import helper as h
+
+    return [
+        h.make_node("StringNormalizer", [input_name], ["_lower"], case_change_action="LOWER",
+                    is_case_sensitive=1, locale=LOCALE),
+        h.make_node("Tokenizer", ["_lower"], [output_name], domain="com.microsoft", mark=0,
+                    mincharnum=1, pad_value=PAD, tokenexp=TOKEN_PATTERN),
+    ]
+
+
+def tokenizer_model() -> bytes:
+    """An ONNX model from prompt strings to padded token strings [N, K] (the router's own)."""
+    import onnx
+    from onnx import TensorProto
+    from onnx import helper as h
+
+    graph = h.make_graph(
+        _tokenizer_nodes("prompt", "tokens"), "batchroute-tokenizer",
+        [h.make_tensor_value_info("prompt", TensorProto.STRING, [None])],
+        [h.make_tensor_value_info("tokens", TensorProto.STRING, [None, None])])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid(d, v) for d, v in OPSETS.items()])
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString())
+
+
+def build_graph(vocab: Sequence[str], token_weights: np.ndarray, length_weights: np.ndarray,
+                bias: np.ndarray, models: Sequence[str], metadata: Mapping[str, str]) -> bytes:
+    """Serialise a router. ``token_weights`` is [len(vocab) + 1, M]: one row per word, then
+    one for unknown words. Outputs ``probs`` [N, M] in the order of ``models``."""
+    import onnx
+    from onnx import TensorProto
+    from onnx import helper as h
+
+    m = len(models)
+    v = len(vocab)
+    if token_weights.shape != (v + 1, m) or length_weights.shape != (m,) or bias.shape != (m,):
+        raise RouterError("router weights do not match the vocabulary and model count")
+    # Row 0 is the padding id and must contribute nothing.
+    table = np.vstack([np.zeros((1, m), np.float32), token_weights.astype(np.float32)])
+    ones = np.ones(v + 2, np.float32)
+    ones[0] = 0.0
+    init = [
+        h.make_tensor("W", TensorProto.FLOAT, table.shape, table.ravel()),
+        h.make_tensor("is_token", TensorProto.FLOAT, ones.shape, ones),
+        h.make_tensor("a", TensorProto.FLOAT, [m], length_weights.astype(np.float32)),
+        h.make_tensor("b", TensorProto.FLOAT, [m], bias.astype(np.float32)),
+        h.make_tensor("axis1", TensorProto.INT64, [1], [1]),
+        h.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
+    ]
+    nodes = [
+        *_tokenizer_nodes("prompt", "tokens"),
+        h.make_node("LabelEncoder", ["tokens"], ["ids"], domain="ai.onnx.ml",
+                    keys_strings=[PAD, *vocab], values_int64s=list(range(v + 1)),
+                    default_int64=v + 1),
+        h.make_node("Gather", ["W", "ids"], ["w_tok"], axis=0),
+        h.make_node("ReduceSum", ["w_tok", "axis1"], ["w_sum"], keepdims=0),
+        h.make_node("Gather", ["is_token", "ids"], ["tok"], axis=0),
+        h.make_node("ReduceSum", ["tok", "axis1"], ["n"], keepdims=1),
+        h.make_node("Max", ["n", "one"], ["n1"]),
+        h.make_node("Sqrt", ["n1"], ["sqrt_n"]),
+        h.make_node("Div", ["w_sum", "sqrt_n"], ["w_norm"]),
+        h.make_node("Add", ["n", "one"], ["n_plus1"]),
+        h.make_node("Log", ["n_plus1"], ["log_n"]),
+        h.make_node("Mul", ["log_n", "a"], ["w_len"]),
+        h.make_node("Add", ["w_norm", "w_len"], ["z0"]),
+        h.make_node("Add", ["z0", "b"], ["z"]),
+        h.make_node("Sigmoid", ["z"], ["probs"]),
+    ]
+    graph = h.make_graph(
+        nodes, "batchroute-router",
+        [h.make_tensor_value_info("prompt", TensorProto.STRING, [None])],
+        [h.make_tensor_value_info("probs", TensorProto.FLOAT, [None, m])], initializer=init)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid(d, x) for d, x in OPSETS.items()],
+                         producer_name="batchroute")
+    meta = {**metadata, "models": json.dumps(list(models))}
+    for k, val in meta.items():
+        model.metadata_props.add(key=k, value=val)
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString())
+
+
+def session(model_bytes: bytes) -> Any:
+    """A single-threaded onnxruntime session: one per actor scales better than intra-op threads
+    on small machines."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+@dataclass(frozen=True)
+class RouterInfo:
+    models: tuple[str, ...]
+    thresholds: Mapping[str, float]
+    version: str
+    metadata: Mapping[str, str]
+
+
+def read_bytes(path: str) -> bytes:
+    """The router file's bytes. Raises RouterError when it is missing."""
+    try:
+        import pyarrow.fs as pafs
+
+        fs, p = pafs.FileSystem.from_uri(path) if "://" in path else (
+            pafs.LocalFileSystem(), str(Path(path).resolve()))
+        with fs.open_input_stream(p) as f:
+            return bytes(f.read())
+    except (FileNotFoundError, OSError) as exc:
+        raise RouterError(f"router file {path}: cannot be read ({exc}); build the bundled one "
+                          "with `make router` or train one with `batchroute train`") from None
+
+
+def inspect(model_bytes: bytes, *, path: str = "<router>") -> RouterInfo:
+    """Parse the router's metadata. Raises RouterError for a corrupt or foreign file."""
+    import onnx
+
+    try:
+        model = onnx.load_from_string(model_bytes)
+    except Exception as exc:
+        raise RouterError(f"router file {path}: not a valid ONNX model ({exc})") from None
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        models = tuple(json.loads(meta["models"]))
+        thresholds = {str(k): float(v) for k, v in json.loads(meta["thresholds"]).items()}
+        version = meta["version"]
+    except (KeyError, ValueError, TypeError) as exc:
+        raise RouterError(f"router file {path}: missing or bad batchroute metadata ({exc}); "
+                          "was it made by `batchroute train`?") from None
+    return RouterInfo(models, thresholds, version, meta)
+
+
+class Router:
+    """Loads a router once; :meth:`score` runs one onnxruntime call per batch."""
+
+    def __init__(self, model_bytes: bytes, *, path: str = "<router>") -> None:
+        self.info = inspect(model_bytes, path=path)
+        try:
+            self._session = session(model_bytes)
+        except Exception as exc:
+            raise RouterError(f"router file {path}: onnxruntime cannot load it ({exc})") from None
+
+    def score(self, texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Probabilities [len(texts), M] in the order of ``info.models``; null texts score as
+        empty ones, and only the first MAX_CHARS characters count."""
+        if len(texts) == 0:
+            return np.zeros((0, len(self.info.models)), np.float32)
+        out: np.ndarray = self._session.run(None, {"prompt": clip(texts)})[0]
+        return out

@@ -1,0 +1,150 @@
+"""Arrow schemas of every table the job reads or writes.
+
+The JSON files in the repository's ``schemas/`` folder describe the same tables for people and
+other tools; ``python -m batchroute.schemas`` rewrites them from this module and a unit test
+fails when the two drift apart.
+
+Input (``prompts``) is checked by name and kind rather than by exact Arrow type, because pandas,
+polars, DuckDB and Spark each write strings differently (string, large_string, string_view,
+dictionary-encoded); :mod:`batchroute.source` casts them to the canonical ``requests`` table.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+
+MESSAGE = pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())])
+ROUTER_SCORE = pa.struct([pa.field("model", pa.string()), pa.field("score", pa.float32())])
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+
+def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = True) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable, metadata={"description": doc})
+
+
+# What a user's input may hold. Exactly one of prompt/messages must be present per row.
+PROMPTS = pa.schema([
+    _f("request_id", pa.string(), "Caller's unique id of the request; results are keyed by it.",
+       nullable=False),
+    _f("prompt", pa.string(), "The user prompt as plain text (either this or messages)."),
+    _f("messages", pa.list_(MESSAGE), "Chat messages [{role, content}] (either this or prompt)."),
+    _f("max_tokens", pa.int32(), "Per-row cap on output tokens; null means the job default."),
+    _f("temperature", pa.float32(), "Per-row sampling temperature; null means provider default."),
+    _f("force_model", pa.string(), "Send this row to the named catalog model, bypassing routing."),
+    _f("tags", pa.list_(pa.string()), "Free-form labels (team, tenant) carried into results."),
+])
+PROMPTS_REQUIRED = ("request_id",)
+PROMPTS_TEXT = ("prompt", "messages")
+
+# The canonical table the source stage emits: one row per input row, in input order.
+REQUESTS = pa.schema([
+    _f("request_id", pa.string(), "As in the input."),
+    _f("row", pa.int64(), "Position of the row in the input (0-based, in file order).",
+       nullable=False),
+    _f("prompt", pa.string(), "As in the input, or null when messages were given."),
+    _f("messages", pa.list_(MESSAGE), "As in the input, or null when prompt was given."),
+    _f("max_tokens", pa.int32(), "As in the input."),
+    _f("temperature", pa.float32(), "As in the input."),
+    _f("force_model", pa.string(), "As in the input."),
+    _f("tags", pa.list_(pa.string()), "As in the input."),
+    _f("reject_reason", pa.string(), "Why the row will not be sent; null for a good row."),
+])
+
+# The route stage's output: requests plus the routing decision and its evidence.
+ROUTED = pa.schema([
+    *REQUESTS,
+    _f("model", pa.string(), "Target catalog model; null when rejected before routing."),
+    _f("route_reason", pa.string(),
+       "What decided: forced, rule:<name>, classifier, fallback (no model cleared its threshold)."),
+    _f("router_scores", pa.list_(ROUTER_SCORE),
+       "The classifier's predicted probability of success per router model."),
+    _f("threshold", pa.float32(), "Threshold the chosen model's score had to clear, if any."),
+    _f("router_version", pa.string(), "Version string of the router file that scored the row."),
+    _f("est_input_tokens", pa.int64(), "Estimated prompt tokens (4 characters per token)."),
+    _f("est_output_tokens", pa.int64(), "Output tokens budgeted: max_tokens or the job default."),
+])
+
+STATUSES = ("ok", "failed", "rejected")
+
+RESULTS = pa.schema([
+    _f("request_id", pa.string(), "As in the input.", nullable=False),
+    _f("run_id", pa.string(), "Run that produced the row.", nullable=False),
+    _f("model", pa.string(), "Catalog model that served (or would have served) the row."),
+    _f("status", pa.string(), "ok | failed | rejected.", nullable=False),
+    _f("response", pa.string(), "The model's answer text (ok rows)."),
+    _f("finish_reason", pa.string(), "Provider finish reason: stop, length, ..."),
+    _f("input_tokens", pa.int64(), "Prompt tokens as reported by the provider.", nullable=False),
+    _f("output_tokens", pa.int64(), "Output tokens as reported by the provider.", nullable=False),
+    _f("cost_usd", pa.float64(),
+       "input_tokens x input price + output_tokens x output price (per million).", nullable=False),
+    _f("latency_ms", pa.float64(), "Wall time of the successful attempt, in milliseconds."),
+    _f("attempts", pa.int32(), "HTTP attempts made (0 for rejected rows).", nullable=False),
+    _f("error_type", pa.string(), "Short error class: rate_limited, transient, terminal, auth, ..."),
+    _f("error_message", pa.string(), "Provider's or the job's error message; never a secret."),
+    _f("reject_reason", pa.string(), "Why a rejected row was not sent."),
+    _f("route_reason", pa.string(), "As in routed."),
+    _f("router_scores", pa.list_(ROUTER_SCORE), "As in routed."),
+    _f("threshold", pa.float32(), "As in routed."),
+    _f("router_version", pa.string(), "As in routed."),
+    _f("tags", pa.list_(pa.string()), "As in the input."),
+    _f("started_at", TIMESTAMP, "When the first attempt started (null for rejected rows)."),
+    _f("finished_at", TIMESTAMP, "When the row reached its final status.", nullable=False),
+])
+
+ROLLUPS = pa.schema([
+    _f("run_id", pa.string(), "Run the rollup covers.", nullable=False),
+    _f("model", pa.string(), "Catalog model; null collects rows rejected before routing."),
+    _f("rows", pa.int64(), "Result rows for this model.", nullable=False),
+    _f("ok", pa.int64(), "Rows with status ok.", nullable=False),
+    _f("failed", pa.int64(), "Rows with status failed.", nullable=False),
+    _f("rejected", pa.int64(), "Rows with status rejected.", nullable=False),
+    _f("input_tokens", pa.int64(), "Sum of input_tokens.", nullable=False),
+    _f("output_tokens", pa.int64(), "Sum of output_tokens.", nullable=False),
+    _f("cost_usd", pa.float64(), "Sum of cost_usd.", nullable=False),
+    _f("reference_model", pa.string(), "Model the counterfactual prices every request at.",
+       nullable=False),
+    _f("reference_cost_usd", pa.float64(),
+       "What this model's ok rows would have cost on the reference model (same tokens).",
+       nullable=False),
+    _f("savings_usd", pa.float64(), "reference_cost_usd - cost_usd.", nullable=False),
+    _f("share_of_requests", pa.float64(), "rows / all result rows of the run.", nullable=False),
+    _f("latency_p50_ms", pa.float64(), "Median latency of ok rows."),
+    _f("latency_p95_ms", pa.float64(), "95th percentile latency of ok rows."),
+    _f("attempts", pa.int64(), "Sum of HTTP attempts.", nullable=False),
+])
+
+ALL = {"prompts": PROMPTS, "requests": REQUESTS, "routed": ROUTED, "results": RESULTS,
+       "rollups": ROLLUPS}
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+
+
+def describe(name: str, schema: pa.Schema) -> dict[str, object]:
+    """The JSON description of ``schema`` as stored in ``schemas/<name>.schema.json``."""
+    return {
+        "name": name,
+        "columns": [
+            {
+                "name": f.name,
+                "type": str(f.type),
+                "nullable": f.nullable,
+                "description": (f.metadata or {}).get(b"description", b"").decode(),
+            }
+            for f in schema
+        ],
+    }
+
+
+def write_json(directory: Path = SCHEMA_DIR) -> None:
+    """Rewrite every ``schemas/*.schema.json`` from the Arrow schemas above."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, schema in ALL.items():
+        text = json.dumps(describe(name, schema), indent=2) + "\n"
+        (directory / f"{name}.schema.json").write_text(text)
+
+
+if __name__ == "__main__":
+    write_json(Path(sys.argv[1]) if len(sys.argv) > 1 else SCHEMA_DIR)

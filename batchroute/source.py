@@ -1,0 +1,255 @@
+"""Source stage: open the input dataset, check it against ``schemas/``, emit canonical requests.
+
+The input may be a file, a folder, a glob or a Hive-partitioned tree on any pyarrow filesystem.
+Files are checked one by one, because writers disagree on string types (pandas, polars, DuckDB
+and Spark write string, large_string, string_view or dictionary columns) and a dataset-wide
+schema would only describe the first file. A column that is missing or of the wrong kind stops
+the job with a :class:`SchemaError` naming the file and the column, before anything is written.
+
+Bad rows are never dropped: a null request_id, a null or empty prompt, or a repeated request_id
+(the first occurrence wins) becomes a row with ``reject_reason`` set, and later a result row with
+``status = "rejected"``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from batchroute import schemas
+from batchroute.errors import SchemaError
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    columns: tuple[str, ...]  # the schema columns this file has
+
+
+@dataclass(frozen=True)
+class InputDataset:
+    uri: str
+    filesystem: pafs.FileSystem
+    files: tuple[InputFile, ...]
+    fingerprint: str
+
+    def read_column(self, name: str) -> pa.ChunkedArray:
+        """One column over every file, in file order, cast to its canonical type."""
+        chunks = []
+        for f in self.files:
+            table = ds.dataset(f.path, filesystem=self.filesystem, format="parquet").to_table(
+                columns=[name])
+            chunks.extend(table.column(0).cast(schemas.REQUESTS.field(name).type).chunks)
+        return pa.chunked_array(chunks, type=schemas.REQUESTS.field(name).type)
+
+
+def open_input(uri: str) -> InputDataset:
+    """Resolve ``uri`` to its Parquet files and check each one's columns.
+
+    Raises SchemaError naming the file and column for a missing or mistyped column, and
+    SchemaError when the URI matches no Parquet file.
+    """
+    filesystem, paths = _resolve(uri)
+    if not paths:
+        raise SchemaError(f"input {uri}: no Parquet files found")
+    files = []
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            schema = pq.read_schema(path, filesystem=filesystem)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise SchemaError(f"input file {path}: not a readable Parquet file ({exc})") from None
+        files.append(InputFile(path, _check_schema(path, schema)))
+        info = filesystem.get_file_info(path)
+        digest.update(f"{path}\0{info.size}\0{info.mtime_ns}\n".encode())
+    return InputDataset(uri, filesystem, tuple(files), digest.hexdigest()[:16])
+
+
+def _resolve(uri: str) -> tuple[pafs.FileSystem, list[str]]:
+    globbing = any(ch in uri for ch in "*?[")
+    base = uri
+    if globbing:
+        cut = min(uri.find(ch) for ch in "*?[" if ch in uri)
+        base = uri[:cut].rsplit("/", 1)[0] or "/"
+    try:
+        filesystem, base_path = pafs.FileSystem.from_uri(base)
+    except (pa.ArrowInvalid, ValueError):
+        filesystem, base_path = pafs.LocalFileSystem(), base
+    info = filesystem.get_file_info(base_path)
+    if info.type == pafs.FileType.NotFound:
+        raise SchemaError(f"input {uri}: no such file or directory")
+    if info.type == pafs.FileType.File:
+        return filesystem, [base_path]
+    selector = pafs.FileSelector(base_path, recursive=True)
+    found = sorted(
+        i.path for i in filesystem.get_file_info(selector)
+        if i.type == pafs.FileType.File and not _hidden(i.path[len(base_path):])
+    )
+    if globbing:
+        pattern = base_path + uri[len(base):]
+        return filesystem, [p for p in found if fnmatch.fnmatch(p, pattern)]
+    return filesystem, [p for p in found if p.endswith((".parquet", ".parq", ".pq"))
+                        or "." not in p.rsplit("/", 1)[-1]]
+
+
+def _hidden(relative: str) -> bool:
+    # Same convention as pyarrow and Spark: _SUCCESS, .crc and temp files are not data.
+    return any(part.startswith(("_", ".")) for part in relative.split("/") if part)
+
+
+def _is_string(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        return _is_string(t.value_type)
+    return bool(pa.types.is_string(t) or pa.types.is_large_string(t)
+                or pa.types.is_string_view(t))
+
+
+def _is_list_of(t: pa.DataType, item: object) -> bool:
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t)):
+        return False
+    return bool(item(t.value_type))  # type: ignore[operator]
+
+
+def _is_message(t: pa.DataType) -> bool:
+    if not pa.types.is_struct(t):
+        return False
+    names = {t.field(i).name: t.field(i).type for i in range(t.num_fields)}
+    return {"role", "content"} <= set(names) and all(
+        _is_string(names[k]) for k in ("role", "content"))
+
+
+_KINDS = {
+    "request_id": ("a string", _is_string),
+    "prompt": ("a string", _is_string),
+    "messages": ("a list of {role, content} structs", lambda t: _is_list_of(t, _is_message)),
+    "max_tokens": ("an integer", pa.types.is_integer),
+    "temperature": ("a number", lambda t: pa.types.is_floating(t) or pa.types.is_integer(t)),
+    "force_model": ("a string", _is_string),
+    "tags": ("a list of strings (or one string)",
+             lambda t: _is_string(t) or _is_list_of(t, _is_string)),
+}
+
+
+def _check_schema(path: str, schema: pa.Schema) -> tuple[str, ...]:
+    names = set(schema.names)
+    for required in schemas.PROMPTS_REQUIRED:
+        if required not in names:
+            raise SchemaError(f"input file {path}: missing required column '{required}'")
+    if not names & set(schemas.PROMPTS_TEXT):
+        raise SchemaError(f"input file {path}: missing column 'prompt' (or 'messages'); "
+                          "one of them must hold the text to send")
+    present = []
+    for name, (kind, check) in _KINDS.items():
+        if name not in names:
+            continue
+        t = schema.field(name).type
+        if not check(t):
+            raise SchemaError(f"input file {path}: column '{name}' has type {t}, "
+                              f"expected {kind}")
+        present.append(name)
+    return tuple(present)
+
+
+def read_requests(data: InputDataset, batch_rows: int = 65_536) -> Iterator[pa.Table]:
+    """Yield the canonical ``requests`` table in input order, in batches of up to batch_rows.
+
+    Holds in memory only the request_id column (to find repeats) and one batch.
+    """
+    duplicates = _duplicates(data.read_column("request_id"))
+    row = 0
+    for f in data.files:
+        dataset = ds.dataset(f.path, filesystem=data.filesystem, format="parquet")
+        for batch in dataset.to_batches(columns=list(f.columns), batch_size=batch_rows):
+            if batch.num_rows:
+                yield _canonical(pa.Table.from_batches([batch]), row, duplicates)
+                row += batch.num_rows
+
+
+def _duplicates(ids: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows that repeat an earlier request_id, the row of that first occurrence), sorted."""
+    frame = pl.DataFrame({"id": pl.from_arrow(ids)}).with_row_index("row")
+    repeats = (frame.filter(pl.col("id").is_not_null())
+               .with_columns(first=pl.col("row").min().over("id"))
+               .filter(pl.col("row") != pl.col("first")))
+    return (repeats["row"].to_numpy().astype(np.int64),
+            repeats["first"].to_numpy().astype(np.int64))
+
+
+def _canonical(t: pa.Table, start: int, duplicates: tuple[np.ndarray, np.ndarray]) -> pa.Table:
+    n = t.num_rows
+    out: dict[str, pa.Array | pa.ChunkedArray] = {}
+    for field in schemas.REQUESTS:
+        if field.name == "row":
+            out["row"] = pa.array(np.arange(start, start + n, dtype=np.int64))
+        elif field.name == "reject_reason":
+            continue
+        elif field.name in t.column_names:
+            out[field.name] = _cast(t.column(field.name), field.type)
+        else:
+            out[field.name] = pa.nulls(n, field.type)
+    out["reject_reason"] = _reject_reasons(out, start, duplicates)
+    return pa.table(out, schema=schemas.REQUESTS)
+
+
+def _cast(col: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:
+    if pa.types.is_list(target) and _is_string(col.type):  # tags given as one string
+        col = col.cast(pa.string())
+        return pa.chunked_array(
+            [pa.ListArray.from_arrays(
+                pa.array(np.arange(len(c) + 1, dtype=np.int32)), c,
+                mask=c.is_null()) for c in col.chunks], type=target)
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    return col.cast(target)
+
+
+def _reject_reasons(cols: dict[str, pa.Array | pa.ChunkedArray], start: int,
+                    duplicates: tuple[np.ndarray, np.ndarray]) -> pa.Array:
+    n = len(cols["row"])
+    reason = np.full(n, None, dtype=object)
+    prompt, messages = cols["prompt"], cols["messages"]
+    text_len = pc.utf8_length(pc.utf8_trim_whitespace(pc.fill_null(prompt, "")))
+    # Messages count as empty when every content is blank.
+    contents = _message_text(messages)
+    msg_len = pc.utf8_length(pc.utf8_trim_whitespace(pc.fill_null(contents, "")))
+    has_prompt = pc.is_valid(prompt).to_numpy(zero_copy_only=False)
+    has_messages = pc.is_valid(messages).to_numpy(zero_copy_only=False)
+    empty = np.where(has_prompt, text_len.to_numpy(zero_copy_only=False) == 0,
+                     msg_len.to_numpy(zero_copy_only=False) == 0)
+    rows, firsts = duplicates
+    lo, hi = np.searchsorted(rows, [start, start + n])
+    if hi > lo:
+        offsets = rows[lo:hi] - start
+        reason[offsets] = [f"duplicate request_id (first at input row {f})"
+                           for f in firsts[lo:hi]]
+    reason[empty & (has_prompt | has_messages)] = "empty prompt"
+    reason[~has_prompt & ~has_messages] = "null prompt"
+    reason[~pc.is_valid(cols["request_id"]).to_numpy(zero_copy_only=False)] = "null request_id"
+    return pa.array(reason, type=pa.string())
+
+
+def _message_text(messages: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Per row, the message contents joined by newlines (null when messages is null)."""
+    if isinstance(messages, pa.ChunkedArray):
+        messages = messages.combine_chunks()
+    contents = pc.struct_field(messages.flatten(), "content")
+    joined = pa.ListArray.from_arrays(messages.offsets, pc.fill_null(contents, ""),
+                                      mask=messages.is_null())
+    return pc.binary_join(joined, "\n")
+
+
+def request_text(requests: pa.Table) -> pa.Array:
+    """The text a router and token estimate look at: the prompt, or the joined messages."""
+    prompt = requests.column("prompt").combine_chunks()
+    return pc.if_else(pc.is_valid(prompt), prompt,
+                      _message_text(requests.column("messages")))

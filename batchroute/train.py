@@ -1,0 +1,233 @@
+"""``batchroute train``: learn, per model, P(that model's answer scores >= cut) from labels.
+
+Labels are long-form Parquet (``request_id, prompt, model, score``, see
+``schemas/labels.schema.json``). The model is a bag-of-words logistic regression per target
+model over the router graph's own tokens (see :mod:`batchroute.router`), so the exported ONNX
+file reproduces training-time probabilities exactly.
+
+Held-out split: a question is held out when ``int(sha256(request_id)[:8], 16) % 5 == 0``
+(about 20%). Training never sees those rows; the metrics written into the file are measured on
+them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from batchroute import router as rt
+from batchroute.errors import RouterError, SchemaError
+
+LABEL_COLUMNS = {"request_id": pl.String, "prompt": pl.String, "model": pl.String,
+                 "score": pl.Float64}
+HOLDOUT_MOD = 5
+MIN_DF = 2
+MAX_VOCAB = 30_000
+C_GRID = (0.1, 0.3, 1.0, 3.0)
+ROUTER_KIND = "bow-lr-1"
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    models: tuple[str, ...]
+    thresholds: dict[str, float]
+    metrics: dict[str, dict[str, float]]
+    version: str
+    train_rows: int
+    holdout_rows: int
+
+
+def read_labels(uri: str) -> pl.DataFrame:
+    """Load and check a labels dataset. Raises SchemaError naming the problem."""
+    try:
+        table = ds.dataset(uri, format="parquet").to_table()
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise SchemaError(f"labels {uri}: cannot be read as Parquet ({exc})") from None
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    for col, dtype in LABEL_COLUMNS.items():
+        if col not in frame.columns:
+            raise SchemaError(f"labels {uri}: missing column '{col}'")
+        try:
+            frame = frame.with_columns(pl.col(col).cast(dtype, strict=True))
+        except pl.exceptions.PolarsError:
+            raise SchemaError(f"labels {uri}: column '{col}' has type {frame[col].dtype}, "
+                              f"expected {dtype}") from None
+        nulls = frame[col].null_count()
+        if nulls:
+            raise SchemaError(f"labels {uri}: column '{col}' has {nulls} null values")
+    bad = frame.filter((pl.col("score") < 0) | (pl.col("score") > 1) | pl.col("score").is_nan())
+    if len(bad):
+        raise SchemaError(f"labels {uri}: column 'score' must lie in [0, 1]; request_id "
+                          f"{bad['request_id'][0]!r} has {bad['score'][0]}")
+    dup = frame.filter(pl.struct("request_id", "model").is_duplicated())
+    if len(dup):
+        raise SchemaError(f"labels {uri}: request_id {dup['request_id'][0]!r} has more than "
+                          f"one score for model {dup['model'][0]!r}")
+    return frame.select(list(LABEL_COLUMNS))
+
+
+def is_holdout(request_ids: Sequence[str]) -> np.ndarray:
+    """The documented held-out rule, so eval and train agree on the split."""
+    return np.array([int(hashlib.sha256(r.encode()).hexdigest()[:8], 16) % HOLDOUT_MOD == 0
+                     for r in request_ids], dtype=bool)
+
+
+def wide(labels: pl.DataFrame, models: Sequence[str] | None = None) -> tuple[pl.DataFrame,
+                                                                               tuple[str, ...]]:
+    """One row per request with one score column per model; requests missing a model's label
+    are dropped (they cannot train or evaluate that pairing)."""
+    present = sorted(labels["model"].unique().to_list())
+    chosen = tuple(models) if models else tuple(present)
+    missing = [m for m in chosen if m not in present]
+    if missing:
+        raise SchemaError(f"labels: no rows for model {missing[0]!r} (have: {', '.join(present)})")
+    if len(chosen) < 2:
+        raise SchemaError("labels: need outcomes for at least two models to route between them")
+    prompts = labels.group_by("request_id").agg(pl.col("prompt").first())
+    w = labels.filter(pl.col("model").is_in(chosen)).pivot(
+        on="model", index="request_id", values="score")
+    w = w.join(prompts, on="request_id").drop_nulls(list(chosen)).sort("request_id")
+    return w, chosen
+
+
+def tokens(prompts: Sequence[str] | np.ndarray, batch: int = 2048) -> list[np.ndarray]:
+    """The router graph's own tokens for each prompt (padding removed)."""
+    sess = rt.session(rt.tokenizer_model())
+    arr = rt.clip(pa.array(list(prompts), pa.string()))
+    out: list[np.ndarray] = []
+    for i in range(0, len(arr), batch):
+        toks = sess.run(None, {"prompt": arr[i:i + batch]})[0]
+        out.extend(row[row != rt.PAD] for row in toks)
+    return out
+
+
+def featurise(toks: list[np.ndarray], vocab: dict[str, int]) -> tuple[object, np.ndarray]:
+    """Sparse [N, V+1] scaled counts (last column: unknown words) and the length feature,
+    matching the graph: counts / sqrt(max(n, 1)) and log1p(n)."""
+    from scipy import sparse
+
+    unk = len(vocab)
+    lengths = np.array([len(t) for t in toks], dtype=np.int64)
+    flat = np.concatenate(toks) if toks else np.array([], dtype=object)
+    ids = (pl.Series(flat.astype(str), dtype=pl.String)
+           .replace_strict(vocab, default=unk, return_dtype=pl.Int64).to_numpy())
+    rows = np.repeat(np.arange(len(toks)), lengths)
+    counts = sparse.csr_matrix((np.ones(len(ids), np.float64), (rows, ids)),
+                               shape=(len(toks), unk + 1))
+    scale = 1.0 / np.sqrt(np.maximum(lengths, 1))
+    return sparse.diags(scale) @ counts, np.log1p(lengths.astype(np.float64))
+
+
+def train(labels_uri: str, out: str, *, models: Sequence[str] | None = None,
+          cut: float = 0.5, seed: int = 0) -> TrainReport:
+    """Train, export and verify a router; writes ``out`` atomically. Raises SchemaError for bad
+    labels and RouterError if the exported graph disagrees with the trained model."""
+    from scipy import sparse
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    if not 0.0 < cut <= 1.0:
+        raise SchemaError(f"--cut must lie in (0, 1], got {cut}")
+    labels = read_labels(labels_uri)
+    table, names = wide(labels, models)
+    ids = table["request_id"].to_list()
+    hold = is_holdout(ids)
+    prompts = table["prompt"].to_numpy().astype(object)
+    toks = tokens(prompts)
+    train_toks = [t for t, h in zip(toks, hold, strict=True) if not h]
+    # Document frequency on the training split only; ties broken alphabetically so the
+    # vocabulary (and hence the file) is deterministic.
+    df = (pl.Series("token", np.concatenate([np.unique(t) for t in train_toks]).astype(str))
+          .value_counts().filter(pl.col("count") >= MIN_DF)
+          .sort(["count", "token"], descending=[True, False]))
+    vocab_list = df["token"].head(MAX_VOCAB).to_list()
+    vocab = {w: i for i, w in enumerate(vocab_list)}
+    x_tok, x_len = featurise(toks, vocab)
+    x = sparse.hstack([x_tok, x_len[:, None]]).tocsr()
+    x_train, x_hold = x[~hold], x[hold]
+
+    rng = np.random.default_rng(seed)
+    inner = rng.random(int((~hold).sum())) < 0.2
+    v = len(vocab)
+    weights = np.zeros((v + 1, len(names)))
+    length_w = np.zeros(len(names))
+    bias = np.zeros(len(names))
+    metrics: dict[str, dict[str, float]] = {}
+    train_probs = np.zeros((int((~hold).sum()), len(names)))
+    hold_probs = np.zeros((int(hold.sum()), len(names)))
+    for j, name in enumerate(names):
+        y = (table[name].to_numpy() >= cut).astype(int)
+        y_train, y_hold = y[~hold], y[hold]
+        if len(np.unique(y_train)) < 2:
+            raise SchemaError(f"labels: model {name!r} has only one outcome at cut {cut}; "
+                              "nothing to learn")
+        best_c, best_auc = C_GRID[0], -1.0
+        for c in C_GRID:
+            clf = LogisticRegression(C=c, max_iter=2000)
+            clf.fit(x_train[~inner], y_train[~inner])
+            auc = roc_auc_score(y_train[inner], clf.predict_proba(x_train[inner])[:, 1])
+            if auc > best_auc:
+                best_c, best_auc = c, auc
+        clf = LogisticRegression(C=best_c, max_iter=2000).fit(x_train, y_train)
+        coef = clf.coef_[0]
+        weights[:, j], length_w[j], bias[j] = coef[:-1], coef[-1], clf.intercept_[0]
+        train_probs[:, j] = clf.predict_proba(x_train)[:, 1]
+        hold_probs[:, j] = clf.predict_proba(x_hold)[:, 1]
+        metrics[name] = {
+            "C": best_c,
+            "holdout_auc": float(roc_auc_score(y_hold, hold_probs[:, j]))
+            if len(np.unique(y_hold)) > 1 else float("nan"),
+            "train_positive_rate": float(y_train.mean()),
+            "holdout_positive_rate": float(y_hold.mean()),
+        }
+
+    # Default thresholds: the strongest model (highest success rate) is the fallback and needs
+    # none; every other model takes the rows where its predicted success is above its median,
+    # i.e. about half of the traffic it is eligible for. `batchroute calibrate` refines this.
+    strongest = max(names, key=lambda n: metrics[n]["train_positive_rate"])
+    thresholds = {n: (0.0 if n == strongest else float(np.median(train_probs[:, j])))
+                  for j, n in enumerate(names)}
+    data_hash = hashlib.sha256(
+        "\n".join(f"{r}\t{m}\t{s}" for r, m, s in labels.sort(["request_id", "model"])
+                  .select("request_id", "model", "score").iter_rows()).encode()).hexdigest()
+    version = f"{ROUTER_KIND}-{data_hash[:8]}"
+    meta = {
+        "version": version,
+        "thresholds": json.dumps(thresholds),
+        "cut": str(cut),
+        "training_data_sha256": data_hash,
+        "featurisation": json.dumps({"kind": ROUTER_KIND, "lowercase": True,
+                                     "token_pattern": rt.TOKEN_PATTERN, "max_chars": rt.MAX_CHARS,
+                                     "min_df": MIN_DF,
+                                     "vocab_size": v, "scaling": "counts/sqrt(n) + log1p(n)"}),
+        "split": f"holdout when int(sha256(request_id)[:8], 16) % {HOLDOUT_MOD} == 0",
+        "metrics": json.dumps(metrics),
+        "train_rows": str(int((~hold).sum())),
+        "holdout_rows": str(int(hold.sum())),
+    }
+    model_bytes = rt.build_graph(vocab_list, weights, length_w, bias, names, meta)
+
+    check = rt.Router(model_bytes).score(pa.array(prompts[hold].tolist(), pa.string()))
+    err = float(np.abs(check - hold_probs).max()) if len(check) else 0.0
+    if err > 1e-5:
+        raise RouterError(f"exported router disagrees with the trained model by {err:.2e}")
+    _write_atomic(out, model_bytes)
+    return TrainReport(names, thresholds, metrics, version, int((~hold).sum()), int(hold.sum()))
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    from pathlib import Path
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(p)

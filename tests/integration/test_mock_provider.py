@@ -1,0 +1,577 @@
+"""The mock provider over real loopback HTTP: wire formats, determinism, limits, auth, faults.
+
+Each test starts its own server on port 0. Rate-limit refill is tested with a fake clock, so no
+test waits for a bucket to refill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import batchroute
+from batchroute.errors import ConfigError
+from batchroute.mock_provider import (
+    FAULTS,
+    MAX_ANSWER_TOKENS,
+    MIN_ANSWER_TOKENS,
+    MockProvider,
+    MockProviderConfig,
+    count_tokens,
+    register_cli,
+)
+
+pytestmark = pytest.mark.integration
+
+KEY = "sk-test-0123456789abcdef"
+OPENAI = "/v1/chat/completions"
+ANTHROPIC = "/v1/messages"
+ANTHROPIC_HEADERS = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
+OPENAI_HEADERS = {"Authorization": f"Bearer {KEY}"}
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@contextlib.contextmanager
+def serve(clock: FakeClock | None = None, **options: Any) -> Iterator[httpx.Client]:
+    """A fresh provider on port 0 and a client bound to it (proxies ignored: loopback only)."""
+    config = MockProviderConfig(**options)
+    provider = MockProvider(config) if clock is None else MockProvider(config, clock=clock)
+    with provider, httpx.Client(base_url=provider.url, trust_env=False, timeout=10) as client:
+        client.provider = provider  # type: ignore[attr-defined]
+        yield client
+
+
+@pytest.fixture
+def client() -> Iterator[httpx.Client]:
+    with serve() as client:
+        yield client
+
+
+def provider_of(client: httpx.Client) -> MockProvider:
+    provider: MockProvider = client.provider  # type: ignore[attr-defined]
+    return provider
+
+
+def openai(client: httpx.Client, content: str = "Say something.", *, model: str = "small",
+           max_tokens: int | None = None, headers: dict[str, str] | None = None,
+           **extra: Any) -> httpx.Response:
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": content}],
+                            **extra}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    return client.post(OPENAI, json=body, headers=headers or OPENAI_HEADERS)
+
+
+def anthropic(client: httpx.Client, content: str = "Say something.", *, model: str = "claude",
+              max_tokens: int = 1000, headers: dict[str, str] | None = None,
+              **extra: Any) -> httpx.Response:
+    body = {"model": model, "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": content}], **extra}
+    return client.post(ANTHROPIC, json=body, headers=headers or ANTHROPIC_HEADERS)
+
+
+# -- answers ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "tokens"), [("", 0), ("a", 1), ("abcd", 1), ("abcde", 2),
+                                              ("x" * 401, 101)])
+def test_count_tokens_is_a_quarter_of_the_characters_rounded_up(text: str, tokens: int) -> None:
+    assert count_tokens(text) == tokens
+
+
+def test_same_request_gets_the_same_answer_and_usage_even_from_another_server() -> None:
+    bodies = []
+    for _ in range(2):
+        with serve() as client:
+            first = openai(client, "Summarise the quarterly report.", max_tokens=300).json()
+            again = openai(client, "Summarise the quarterly report.", max_tokens=300).json()
+            bodies += [first, again]
+    answers = {(b["choices"][0]["message"]["content"], json.dumps(b["usage"])) for b in bodies}
+    assert len(answers) == 1
+    with serve() as client:
+        other = openai(client, "Another prompt entirely.").json()
+    assert other["choices"][0]["message"]["content"] != bodies[0]["choices"][0]["message"][
+        "content"]
+
+
+def test_openai_reply_has_the_chat_completion_shape(client: httpx.Client) -> None:
+    response = openai(client, "hello", model="gpt-small",
+                      messages=[{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "hello"}])
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert body["model"] == "gpt-small"
+    assert body["id"].startswith("chatcmpl-")
+    (choice,) = body["choices"]
+    assert choice["index"] == 0
+    assert choice["message"]["role"] == "assistant"
+    assert choice["finish_reason"] == "stop"
+    text = choice["message"]["content"]
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == count_tokens("Be brief.") + count_tokens("hello")
+    assert usage["completion_tokens"] == count_tokens(text)
+    assert MIN_ANSWER_TOKENS <= usage["completion_tokens"] <= MAX_ANSWER_TOKENS
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_anthropic_reply_has_the_messages_shape_and_counts_the_system_prompt(
+    client: httpx.Client,
+) -> None:
+    response = anthropic(client, "hello there", system="You are terse.")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["type"] == "message"
+    assert body["role"] == "assistant"
+    assert body["model"] == "claude"
+    assert body["stop_reason"] == "end_turn"
+    (block,) = body["content"]
+    assert block["type"] == "text"
+    assert body["usage"] == {
+        "input_tokens": count_tokens("You are terse.") + count_tokens("hello there"),
+        "output_tokens": count_tokens(block["text"]),
+    }
+
+
+def test_content_given_as_text_parts_counts_like_a_string(client: httpx.Client) -> None:
+    as_string = anthropic(client, "abcdefgh").json()
+    as_parts = client.post(ANTHROPIC, headers=ANTHROPIC_HEADERS, json={
+        "model": "claude", "max_tokens": 1000,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "abcdefgh"}]}],
+    }).json()
+    assert as_parts["usage"]["input_tokens"] == as_string["usage"]["input_tokens"] == 2
+
+
+def test_mmlu_prompt_gets_a_letter_that_depends_on_model_and_prompt(client: httpx.Client) -> None:
+    letters = set()
+    for i in range(12):
+        prompt = f"Question {i}?\nA. one\nB. two\nC. three\nD. four\nAnswer:"
+        text = openai(client, prompt).json()["choices"][0]["message"]["content"]
+        assert text[0] in "ABCD"
+        assert text[1] == "."
+        assert openai(client, prompt).json()["choices"][0]["message"]["content"] == text
+        letters.add(text[0])
+    assert len(letters) > 1
+
+
+@pytest.mark.parametrize("max_tokens", [1, 5, MIN_ANSWER_TOKENS - 1])
+def test_openai_answer_longer_than_max_tokens_is_cut_with_finish_reason_length(
+    client: httpx.Client, max_tokens: int,
+) -> None:
+    full = openai(client, "Write at length.").json()["choices"][0]["message"]["content"]
+    body = openai(client, "Write at length.", max_tokens=max_tokens).json()
+    text = body["choices"][0]["message"]["content"]
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == max_tokens == count_tokens(text)
+    assert full.startswith(text)
+
+
+def test_anthropic_answer_longer_than_max_tokens_stops_with_max_tokens(
+    client: httpx.Client,
+) -> None:
+    body = anthropic(client, "Write at length.", max_tokens=3).json()
+    assert body["stop_reason"] == "max_tokens"
+    assert body["usage"]["output_tokens"] == 3
+    assert anthropic(client, "Write at length.", max_tokens=MAX_ANSWER_TOKENS).json()[
+        "stop_reason"] == "end_turn"
+
+
+@pytest.mark.parametrize(("path", "body", "headers"), [
+    (OPENAI, b"not json", OPENAI_HEADERS),
+    (OPENAI, b'{"messages": [{"role": "user", "content": "x"}]}', OPENAI_HEADERS),
+    (OPENAI, b'{"model": "m", "messages": []}', OPENAI_HEADERS),
+    (OPENAI, b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}',
+     OPENAI_HEADERS),
+    (ANTHROPIC, b'{"model": "m", "messages": [{"role": "user", "content": "x"}]}',
+     ANTHROPIC_HEADERS),
+    (ANTHROPIC, b'{"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}',
+     {"x-api-key": KEY}),
+    (OPENAI, b'{"model": "m", "messages": [{"role": "user", "content": "x"}]}',
+     {**OPENAI_HEADERS, "x-mock-fault": "explode"}),
+])
+def test_invalid_requests_get_400_in_the_wire_format(
+    client: httpx.Client, path: str, body: bytes, headers: dict[str, str],
+) -> None:
+    response = client.post(path, content=body, headers={**headers,
+                                                        "content-type": "application/json"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["message"]
+
+
+def test_health(client: httpx.Client) -> None:
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"ok": True}
+
+
+# -- latency ----------------------------------------------------------------------------------
+
+
+def test_latency_varies_around_the_median() -> None:
+    with serve(latency_ms=40) as client:
+        elapsed = []
+        for i in range(9):
+            start = time.perf_counter()
+            assert openai(client, f"prompt {i}").status_code == 200
+            elapsed.append(time.perf_counter() - start)
+        median = sorted(elapsed)[4]
+        assert 0.015 < median < 0.12
+        assert max(elapsed) - min(elapsed) > 0.002
+
+
+# -- auth -------------------------------------------------------------------------------------
+
+
+def assert_key_not_echoed(response: httpx.Response, key: str) -> None:
+    assert key not in response.text
+    assert all(key not in value for value in response.headers.values())
+
+
+@pytest.mark.parametrize("headers", [
+    {},
+    {"Authorization": "Bearer sk-wrong-key-987654"},
+    {"Authorization": KEY},  # no "Bearer"
+    {"x-api-key": KEY},  # the Anthropic header on the OpenAI path
+])
+def test_openai_missing_or_wrong_key_is_401_without_echoing_it(
+    headers: dict[str, str], capfd: pytest.CaptureFixture[str],
+) -> None:
+    with serve(api_key=KEY) as client:
+        response = client.post(OPENAI, headers=headers, json={
+            "model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "invalid_api_key"
+        assert_key_not_echoed(response, KEY)
+        assert_key_not_echoed(response, "sk-wrong-key-987654")
+        assert KEY not in json.dumps(provider_of(client).stats())
+        assert openai(client).status_code == 200
+    out, err = capfd.readouterr()
+    assert KEY not in out + err
+
+
+def test_anthropic_wrong_key_is_401_authentication_error() -> None:
+    with serve(api_key=KEY) as client:
+        response = anthropic(client, headers={"x-api-key": "nope",
+                                              "anthropic-version": "2023-06-01"})
+        assert response.status_code == 401
+        assert response.json() == {"type": "error", "error": {
+            "type": "authentication_error", "message": "Incorrect API key provided."}}
+        assert anthropic(client).status_code == 200
+
+
+def test_expired_key_is_always_401_expired() -> None:
+    expired = "sk-old-key-000"
+    with serve(expired_keys=frozenset({expired})) as client:  # no api_key: others pass
+        response = openai(client, headers={"Authorization": f"Bearer {expired}"})
+        assert response.status_code == 401
+        assert "expired" in response.json()["error"]["message"]
+        assert_key_not_echoed(response, expired)
+        assert openai(client, headers={"Authorization": "Bearer anything"}).status_code == 200
+
+
+# -- rate limits ------------------------------------------------------------------------------
+
+
+def test_rpm_limit_answers_429_with_retry_after_and_rate_limit_headers() -> None:
+    with serve(rpm=5) as client:
+        for i in range(5):
+            ok = openai(client, f"p{i}")
+            assert ok.status_code == 200
+            assert ok.headers["x-ratelimit-limit-requests"] == "5"
+            assert ok.headers["x-ratelimit-remaining-requests"] == str(4 - i)
+        limited = openai(client, "p5")
+        assert limited.status_code == 429
+        assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+        assert limited.json()["error"]["type"] == "requests"
+        # One request refills in 60/5 = 12 s.
+        assert 11 <= int(limited.headers["retry-after"]) <= 12
+        assert 11_000 <= int(limited.headers["retry-after-ms"]) <= 12_000
+        assert limited.headers["x-ratelimit-remaining-requests"] == "0"
+        assert limited.headers["x-ratelimit-reset-requests"].endswith("s")
+        assert "x-ratelimit-limit-tokens" not in limited.headers  # tpm unlimited
+        # Buckets are per (model, key).
+        assert openai(client, "p5", model="other").status_code == 200
+        assert openai(client, "p5", headers={"Authorization": "Bearer k2"}).status_code == 200
+        assert provider_of(client).stats()["rate_limited"] == 1
+
+
+def test_buckets_refill_continuously() -> None:
+    clock = FakeClock()
+    with serve(clock=clock, rpm=60) as client:
+        for i in range(60):
+            assert openai(client, f"p{i}").status_code == 200
+        limited = openai(client, "late")
+        assert limited.status_code == 429
+        assert limited.headers["retry-after"] == "1"
+        assert limited.headers["retry-after-ms"] == "1000"
+        clock.now += 0.5
+        assert openai(client, "late").headers["retry-after-ms"] == "500"
+        clock.now += 0.5
+        assert openai(client, "late").status_code == 200
+        clock.now += 120  # refills to capacity, not beyond
+        assert openai(client, "after").headers["x-ratelimit-remaining-requests"] == "59"
+
+
+def test_tpm_limit_charges_prompt_plus_max_tokens() -> None:
+    clock = FakeClock()
+    with serve(clock=clock, tpm=600) as client:
+        # "hi" is 1 token, so each request costs 1 + 99 = 100 tokens.
+        for _ in range(6):
+            assert openai(client, "hi", max_tokens=99).status_code == 200
+        limited = openai(client, "hi", max_tokens=99)
+        assert limited.status_code == 429
+        assert limited.json()["error"]["type"] == "tokens"
+        assert limited.headers["x-ratelimit-remaining-tokens"] == "0"
+        assert limited.headers["retry-after-ms"] == "10000"  # 100 tokens at 10 per second
+        assert limited.headers["retry-after"] == "10"
+        clock.now += 10
+        assert openai(client, "hi", max_tokens=99).status_code == 200
+
+
+def test_request_larger_than_the_token_bucket_is_429_without_retry_after() -> None:
+    with serve(tpm=100) as client:
+        response = openai(client, "hi", max_tokens=500)
+        assert response.status_code == 429
+        assert "Request too large" in response.json()["error"]["message"]
+        assert "retry-after" not in response.headers
+
+
+def test_anthropic_path_also_gets_anthropic_rate_limit_headers() -> None:
+    with serve(rpm=10, tpm=10_000) as client:
+        response = anthropic(client, "hi", max_tokens=99)
+        assert response.status_code == 200
+        headers = response.headers
+        assert headers["anthropic-ratelimit-requests-limit"] == "10"
+        assert headers["anthropic-ratelimit-requests-remaining"] == "9"
+        assert headers["anthropic-ratelimit-tokens-limit"] == "10000"
+        assert headers["anthropic-ratelimit-tokens-remaining"] == str(10_000 - 100)
+        for name in ("requests", "tokens"):
+            reset = datetime.fromisoformat(headers[f"anthropic-ratelimit-{name}-reset"])
+            assert reset.tzinfo is not None
+        assert headers["x-ratelimit-remaining-requests"] == "9"
+
+
+# -- faults -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fault", "status", "openai_type", "anthropic_type"), [
+    ("500", 500, "server_error", "api_error"),
+    ("503", 503, "server_error", "overloaded_error"),
+    ("429", 429, "requests", "rate_limit_error"),
+    ("401", 401, "invalid_request_error", "authentication_error"),
+])
+def test_forced_error_faults_in_both_wire_formats(
+    fault: str, status: int, openai_type: str, anthropic_type: str,
+) -> None:
+    with serve(rpm=100) as client:
+        response = openai(client, headers={**OPENAI_HEADERS, "x-mock-fault": fault})
+        assert response.status_code == status
+        assert set(response.json()["error"]) == {"message", "type", "code"}
+        assert response.json()["error"]["type"] == openai_type or fault == "429"
+        response = anthropic(client, headers={**ANTHROPIC_HEADERS, "x-mock-fault": fault})
+        assert response.status_code == status
+        assert response.json()["type"] == "error"
+        assert response.json()["error"]["type"] == anthropic_type
+        if fault == "429":
+            assert response.headers["retry-after"] == "1"
+            assert response.headers["x-ratelimit-limit-requests"] == "100"
+        assert provider_of(client).stats()["faults"][fault] == 2
+
+
+def test_forced_drop_closes_the_connection_mid_reply(client: httpx.Client) -> None:
+    with pytest.raises(httpx.TransportError):
+        openai(client, headers={**OPENAI_HEADERS, "x-mock-fault": "drop"})
+    assert openai(client).status_code == 200  # the server itself is fine
+    stats = provider_of(client).stats()
+    assert stats["faults"]["drop"] == 1
+    assert stats["by_status"] == {"200": 1}
+
+
+def test_forced_malformed_is_200_with_a_body_that_is_not_json(client: httpx.Client) -> None:
+    response = anthropic(client, headers={**ANTHROPIC_HEADERS, "x-mock-fault": "malformed"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/json")
+    with pytest.raises(ValueError, match=r"."):
+        json.loads(response.text)
+
+
+def test_forced_timeout_hangs_past_the_client_timeout_and_stop_does_not_wait() -> None:
+    with serve(hang_s=30) as client:
+        start = time.perf_counter()
+        with pytest.raises(httpx.ReadTimeout):
+            client.post(OPENAI, headers={**OPENAI_HEADERS, "x-mock-fault": "timeout"},
+                        json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                        timeout=0.2)
+        assert time.perf_counter() - start < 5
+        assert provider_of(client).stats()["faults"]["timeout"] == 1
+        stopping = time.perf_counter()
+        provider_of(client).stop()
+        assert time.perf_counter() - stopping < 5
+
+
+def test_forced_timeout_answers_after_hang_s(client: httpx.Client) -> None:
+    with serve(hang_s=0.05) as slow:
+        start = time.perf_counter()
+        response = openai(slow, headers={**OPENAI_HEADERS, "x-mock-fault": "timeout"})
+        assert response.status_code == 200
+        assert time.perf_counter() - start >= 0.05
+        assert response.json() == {**openai(client).json(), "id": response.json()["id"],
+                                   "created": response.json()["created"]}
+
+
+def test_random_faults_are_reproducible_from_the_seed() -> None:
+    def statuses(seed: int) -> list[int | str]:
+        seen: list[int | str] = []
+        with serve(seed=seed, fail_rate=0.3, rate_503=0.2, drop_rate=0.1,
+                   burst_429_rate=0.1) as client:
+            for i in range(40):
+                try:
+                    seen.append(openai(client, f"p{i}").status_code)
+                except httpx.TransportError:
+                    seen.append("drop")
+            stats = provider_of(client).stats()
+            assert sum(stats["faults"].values()) == sum(s != 200 for s in seen)
+        return seen
+
+    first = statuses(seed=7)
+    assert first == statuses(seed=7)
+    assert set(first) == {200, 500, 503, 429, "drop"}
+    assert first != statuses(seed=8)
+
+
+def test_fault_rates_must_be_probabilities_that_sum_to_at_most_one() -> None:
+    with pytest.raises(ConfigError, match="fail_rate"):
+        MockProviderConfig(fail_rate=1.5)
+    with pytest.raises(ConfigError, match="sum"):
+        MockProviderConfig(fail_rate=0.6, drop_rate=0.6)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "example.com", "localhost", "::"])
+def test_non_loopback_host_is_refused(host: str) -> None:
+    with pytest.raises(ConfigError, match="loopback"):
+        MockProviderConfig(host=host)
+
+
+def test_fault_names_are_the_documented_header_values() -> None:
+    assert FAULTS == ("500", "503", "timeout", "drop", "malformed", "429", "401")
+
+
+# -- counters ---------------------------------------------------------------------------------
+
+
+def test_stats_count_requests_models_statuses_429s_faults_and_tokens() -> None:
+    with serve(rpm=2) as client:
+        a = openai(client, "one", model="a").json()
+        b = anthropic(client, "two", model="b").json()
+        openai(client, "three", model="a")
+        openai(client, "four", model="a")  # over rpm for model a
+        openai(client, "five", model="b", headers={**OPENAI_HEADERS, "x-mock-fault": "500"})
+        client.get("/health")
+        expected = {
+            "requests": 5,
+            "by_model": {"a": 3, "b": 2},
+            "by_status": {"200": 3, "429": 1, "500": 1},
+            "rate_limited": 1,
+            "faults": {**dict.fromkeys(FAULTS, 0), "500": 1},
+        }
+        stats = provider_of(client).stats()
+        assert {k: stats[k] for k in expected} == expected  # type: ignore[literal-required]
+        assert stats["prompt_tokens"] == (a["usage"]["prompt_tokens"]
+                                          + b["usage"]["input_tokens"] + count_tokens("three"))
+        assert stats["completion_tokens"] > (a["usage"]["completion_tokens"]
+                                             + b["usage"]["output_tokens"])
+        assert client.get("/stats").json() == stats
+
+
+# -- lifecycle and CLI ------------------------------------------------------------------------
+
+
+def test_start_returns_the_bound_port_and_url() -> None:
+    provider = MockProvider(MockProviderConfig())
+    port = provider.start()
+    try:
+        assert port > 0
+        assert provider.url == f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{provider.url}/health", trust_env=False).status_code == 200
+    finally:
+        provider.stop()
+    provider.stop()  # idempotent
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False)
+    assert provider.stats()["requests"] == 0
+
+
+def test_cli_flags_and_wait_ready() -> None:
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers())
+    args = parser.parse_args(["mock-provider"])
+    assert (args.port, args.rpm, args.tpm, args.latency_ms, args.hang_s, args.seed) == (
+        8765, None, None, 0.0, 30.0, 0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["mock-provider", "--fail-rate", "2"])
+    with MockProvider() as provider:
+        args = parser.parse_args(["mock-provider", "--wait-ready", "--port", str(provider.port)])
+        assert args.func(args) == 0
+
+
+_CLI = """
+import argparse, sys
+from batchroute.mock_provider import register_cli
+parser = argparse.ArgumentParser()
+register_cli(parser.add_subparsers())
+args = parser.parse_args(sys.argv[1:])
+sys.exit(args.func(args))
+"""
+
+
+def test_cli_serves_until_sigterm_and_never_prints_the_key() -> None:
+    # The child must import the same batchroute as this test, installed or not.
+    root = str(Path(batchroute.__file__).resolve().parents[1])
+    pythonpath = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "MOCK_TEST_KEY": KEY, "PYTHONPATH": pythonpath}
+    process = subprocess.Popen(
+        [sys.executable, "-c", _CLI, "mock-provider", "--port", "0", "--rpm", "100",
+         "--latency-ms", "1", "--api-key-env", "MOCK_TEST_KEY"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().strip()
+        assert line.startswith("mock provider listening on http://127.0.0.1:")
+        assert line.endswith("(rpm=100, tpm=unlimited, latency=1ms)")
+        url = line.split()[4]
+        with httpx.Client(base_url=url, trust_env=False, timeout=10) as client:
+            assert openai(client).status_code == 200
+            assert openai(client, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0
+    assert KEY not in line + out + err
