@@ -102,12 +102,19 @@ def _run(args: argparse.Namespace) -> int:
     if out.rollups is not None:
         print(f"\nresults by model (reference: {job.reference_model}):")
         print(rollup.format_table(out.rollups))
+        print(_limits_line(out.manifest.get("dispatch", {})))
     paths = out.manifest["paths"]
     print(f"\nrun folder: {out.folder.uri}")
     for key in ("routed", "forecast") + (() if args.dry_run else ("results", "rollups")):
         print(f"  {key:<9}{paths[key]}")
     print(f"  manifest {out.folder.sub('manifest.json')}")
     return out.exit_code
+
+
+def _limits_line(stats: dict[str, dict[str, float]]) -> str:
+    parts = [f"{m}: {int(s.get('rate_limited', 0))} x 429, {int(s.get('retries', 0))} retries, "
+             f"paused {s.get('paused_s', 0.0):.1f}s" for m, s in stats.items()]
+    return "rate limiting: " + ("; ".join(parts) if parts else "no model was called")
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -57,14 +57,22 @@ time, different requests spread out as real ones do. ``latency_ms=0`` never slee
 
 Rate limits
 -----------
-Per (model, API key), two continuously refilling token buckets whose capacity is one minute's
-quota: requests (``rpm``) and tokens (``tpm``). A request costs 1 request and ``prompt_tokens +
-max_tokens`` tokens (``MAX_ANSWER_TOKENS`` when OpenAI's ``max_tokens`` is absent), which is how
-providers estimate before generating. If either bucket lacks room the reply is 429 with
-``retry-after`` (whole seconds, rounded up), ``retry-after-ms`` and nothing is consumed. A
-request bigger than the whole token bucket can never pass: it gets a 429 whose message says
-so, without ``retry-after``, as OpenAI does. ``rpm``/``tpm`` of 0 or None mean unlimited, and
-the headers for an unlimited dimension are omitted.
+Per (model, API key), two continuously refilling token buckets: requests (``rpm``) and tokens
+(``tpm``). A model listed in ``model_limits`` uses its own ``(rpm, tpm)`` pair instead of the
+global one (the pair replaces both: None there means unlimited, not "inherit"). Each bucket
+refills at its per-minute rate and holds ``window_s`` seconds' worth of it (``rate * window_s /
+60``, at least 1): with the default 60 s a client may burst a whole minute's quota at once,
+with ``window_s=1`` no more than a second's worth, as real providers enforce per-minute limits
+over shorter windows. A request costs 1 request and ``prompt_tokens + max_tokens`` tokens
+(``MAX_ANSWER_TOKENS`` when OpenAI's ``max_tokens`` is absent), which is how providers estimate
+before generating. If either bucket lacks room the reply is 429 with ``retry-after`` (whole
+seconds, rounded up), ``retry-after-ms`` and nothing is consumed. A request costing more tokens
+than the bucket holds but no more than ``tpm`` is admitted once the bucket is full and leaves it
+in debt, so the long-run rate still holds. A request costing more than the whole ``tpm`` can
+never pass: it gets a 429 whose message says so, without ``retry-after``, as OpenAI does.
+``rpm``/``tpm`` of 0 or None mean unlimited, and the headers for an unlimited dimension are
+omitted. The ``x-ratelimit-limit-*`` headers give the per-minute limit; ``remaining`` and
+``reset`` describe the bucket.
 
 Every reply that passed authentication carries ``x-ratelimit-{limit,remaining,reset}-{requests,
 tokens}`` (reset as a Go-style duration such as ``"12s"``, ``"1.2s"`` or ``"250ms"``: the time
@@ -122,7 +130,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from statistics import NormalDist
@@ -181,13 +189,71 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _check_limit(name: str, value: object) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ConfigError(f"mock provider {name} must be an integer >= 0 or None, got {value!r}")
+
+
+class _ModelLimits(Mapping[str, tuple[int | None, int | None]]):
+    """An immutable, hashable ``{model: (rpm, tpm)}`` so the frozen config stays hashable."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: dict[str, tuple[int | None, int | None]]) -> None:
+        self._data = data
+
+    @classmethod
+    def of(cls, limits: object) -> _ModelLimits:
+        """Validate and copy a Mapping. Raises :class:`ConfigError` naming the bad entry."""
+        if not isinstance(limits, Mapping):
+            raise ConfigError("mock provider model_limits must be a mapping of model name to "
+                              f"(rpm, tpm), got {type(limits).__name__}")
+        data: dict[str, tuple[int | None, int | None]] = {}
+        for model, pair in limits.items():
+            if not isinstance(model, str) or not model:
+                raise ConfigError(f"mock provider model_limits keys must be non-empty model "
+                                  f"names, got {model!r}")
+            if not isinstance(pair, tuple | list) or len(pair) != 2:
+                raise ConfigError(f"mock provider model_limits[{model!r}] must be a pair "
+                                  f"(rpm, tpm), got {pair!r}")
+            rpm, tpm = pair
+            _check_limit(f"model_limits[{model!r}] rpm", rpm)
+            _check_limit(f"model_limits[{model!r}] tpm", tpm)
+            data[model] = (rpm, tpm)
+        return cls(data)
+
+    def __getitem__(self, model: str) -> tuple[int | None, int | None]:
+        return self._data[model]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._data.items()))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _ModelLimits):
+            return self._data == other._data
+        return isinstance(other, Mapping) and self._data == dict(other.items())
+
+    def __repr__(self) -> str:
+        return repr(self._data)
+
+
 @dataclass(frozen=True, slots=True)
 class MockProviderConfig:
     """Everything the mock provider does differently from run to run.
 
     ``host`` must be a loopback IP literal: the mock accepts any key unless told otherwise and
     must never be reachable from another machine. ``port=0`` lets the OS pick a free port.
-    ``rpm``/``tpm`` of None or 0 mean unlimited. The six fault rates are probabilities that
+    ``rpm``/``tpm`` of None or 0 mean unlimited. ``model_limits`` maps a model name to its own
+    ``(rpm, tpm)``, used instead of ``rpm``/``tpm`` for that model (any Mapping is accepted
+    and stored as an immutable, hashable one). ``window_s`` (0 < window_s <= 60) is how many
+    seconds of quota a bucket holds, i.e. the largest burst. The six fault rates are
+    probabilities that
     together must not exceed 1 (one draw decides at most one fault). ``seed`` fixes the fault
     draws. Raises :class:`ConfigError` naming the offending field.
     """
@@ -196,6 +262,9 @@ class MockProviderConfig:
     port: int = 0
     rpm: int | None = None
     tpm: int | None = None
+    model_limits: Mapping[str, tuple[int | None, int | None]] = field(
+        default_factory=lambda: _ModelLimits({}))
+    window_s: float = 60.0
     latency_ms: float = 0.0
     fail_rate: float = 0.0
     rate_503: float = 0.0
@@ -217,9 +286,14 @@ class MockProviderConfig:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"mock provider port must be in 0..65535, got {self.port}")
         for name in ("rpm", "tpm"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or value < 0):
-                raise ConfigError(f"mock provider {name} must be >= 0 or None, got {value!r}")
+            _check_limit(name, getattr(self, name))
+        if not isinstance(self.model_limits, _ModelLimits):
+            # A dict would make the frozen config unhashable and allow later mutation.
+            object.__setattr__(self, "model_limits", _ModelLimits.of(self.model_limits))
+        window = self.window_s
+        if not (isinstance(window, int | float) and not isinstance(window, bool)
+                and math.isfinite(window) and 0 < window <= 60):
+            raise ConfigError(f"mock provider window_s must be > 0 and <= 60, got {window!r}")
         for name in ("latency_ms", "hang_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
@@ -233,6 +307,10 @@ class MockProviderConfig:
         if not isinstance(self.expired_keys, frozenset):
             # A list would make the frozen config unhashable and allow later mutation.
             object.__setattr__(self, "expired_keys", frozenset(self.expired_keys))
+
+    def limits_for(self, model: str) -> tuple[int | None, int | None]:
+        """``(rpm, tpm)`` enforced for ``model``: its ``model_limits`` entry, else the global."""
+        return self.model_limits.get(model, (self.rpm, self.tpm))
 
     def _fault_rates(self) -> tuple[tuple[str, float], ...]:
         # Order matters: it is the order of the bands on [0, 1) used by the fault draw.
@@ -254,18 +332,24 @@ _RATE_FAULTS: Final = ("500", "503", "timeout", "drop", "malformed", "429")
 
 
 class _TokenBucket:
-    """A bucket of ``capacity`` units refilling continuously at ``capacity / 60`` per second.
+    """``per_minute`` units a minute, refilling continuously at ``per_minute / 60`` per second,
+    holding at most ``capacity = max(per_minute * window_s / 60, 1)`` (the largest burst).
 
-    Invariant: ``0 <= level <= capacity``, and ``level`` is exact as of ``updated`` (a reading
-    of the injected monotonic clock). Only the server's event loop touches a bucket.
+    An amount above ``capacity`` but not above ``per_minute`` fits only when the bucket is
+    full and then leaves it in debt (``level < 0``), so the long-run rate still holds.
+
+    Invariant: ``capacity - per_minute <= level <= capacity``, and ``level`` is exact as of
+    ``updated`` (a reading of the injected monotonic clock). Only the server's event loop
+    touches a bucket.
     """
 
-    __slots__ = ("capacity", "level", "rate", "updated")
+    __slots__ = ("capacity", "level", "per_minute", "rate", "updated")
 
-    def __init__(self, capacity: int, now: float) -> None:
-        self.capacity = float(capacity)
-        self.rate = capacity / 60.0
-        self.level = float(capacity)
+    def __init__(self, per_minute: int, window_s: float, now: float) -> None:
+        self.per_minute = per_minute
+        self.capacity = max(per_minute * window_s / 60.0, 1.0)
+        self.rate = per_minute / 60.0
+        self.level = self.capacity
         self.updated = now
 
     def refill(self, now: float) -> None:
@@ -275,9 +359,10 @@ class _TokenBucket:
 
     def wait_s(self, amount: float) -> float:
         """Seconds until ``amount`` fits (0 if it fits now, inf if it never can)."""
-        if amount > self.capacity:
+        if amount > self.per_minute:
             return math.inf
-        return max(0.0, (amount - self.level) / self.rate)
+        # More than a burst's worth fits only in a full bucket.
+        return max(0.0, (min(amount, self.capacity) - self.level) / self.rate)
 
     def reset_s(self) -> float:
         return (self.capacity - self.level) / self.rate
@@ -295,6 +380,7 @@ class _Admission:
 
     wait_s: float
     limited_by: Literal["requests", "tokens"] | None
+    limit: int | None  # the per-minute limit of ``limited_by``
     headers: dict[str, str]
 
 
@@ -684,13 +770,16 @@ class _MockServer:
         now = self._clock()
         limits = self._limits.get((call.model, key))
         if limits is None:
+            rpm, tpm = config.limits_for(call.model)
+            window = config.window_s
             limits = _Limits(
-                requests=_TokenBucket(config.rpm, now) if config.rpm else None,
-                tokens=_TokenBucket(config.tpm, now) if config.tpm else None,
+                requests=_TokenBucket(rpm, window, now) if rpm else None,
+                tokens=_TokenBucket(tpm, window, now) if tpm else None,
             )
             self._limits[(call.model, key)] = limits
         wait_s = 0.0
         limited_by: Literal["requests", "tokens"] | None = None
+        limit: int | None = None
         for name, bucket, amount in (
             ("requests", limits.requests, 1),
             ("tokens", limits.tokens, call.token_cost),
@@ -702,17 +791,18 @@ class _MockServer:
             if wait > wait_s:
                 wait_s = wait
                 limited_by = "requests" if name == "requests" else "tokens"
+                limit = bucket.per_minute
         if consume and wait_s == 0:
             if limits.requests is not None:
                 limits.requests.level -= 1
             if limits.tokens is not None:
                 limits.tokens.level -= call.token_cost
-        return _Admission(wait_s, limited_by, _limit_headers(call.wire, limits))
+        return _Admission(wait_s, limited_by, limit, _limit_headers(call.wire, limits))
 
     def _rate_limited(self, call: _Call, admission: _Admission) -> web.StreamResponse:
         dimension = admission.limited_by or "requests"
         unit = "requests" if dimension == "requests" else "tokens"
-        limit = self.config.rpm if dimension == "requests" else self.config.tpm
+        limit = admission.limit
         headers = dict(admission.headers)
         if math.isinf(admission.wait_s):
             message = (
@@ -793,7 +883,7 @@ def _limit_headers(wire: Wire, limits: _Limits) -> dict[str, str]:
     for name, bucket in (("requests", limits.requests), ("tokens", limits.tokens)):
         if bucket is None:
             continue
-        limit = str(int(bucket.capacity))
+        limit = str(bucket.per_minute)
         remaining = str(max(0, math.floor(bucket.level)))
         reset_s = bucket.reset_s()
         headers[f"x-ratelimit-limit-{name}"] = limit
@@ -974,10 +1064,13 @@ class MockProvider:
 
 
 def _describe(config: MockProviderConfig, port: int) -> str:
-    rpm = config.rpm or "unlimited"
-    tpm = config.tpm or "unlimited"
-    return (f"mock provider listening on {_url(config.host, port)} "
-            f"(rpm={rpm}, tpm={tpm}, latency={config.latency_ms:g}ms)")
+    parts = [f"rpm={config.rpm or 'unlimited'}, tpm={config.tpm or 'unlimited'}, "
+             f"latency={config.latency_ms:g}ms"]
+    if config.window_s != 60:
+        parts[0] += f", window={config.window_s:g}s"
+    parts += [f"{model}: rpm={rpm or 'unlimited'}, tpm={tpm or 'unlimited'}"
+              for model, (rpm, tpm) in sorted(config.model_limits.items())]
+    return f"mock provider listening on {_url(config.host, port)} ({'; '.join(parts)})"
 
 
 def serve_forever(config: MockProviderConfig) -> None:
@@ -1033,6 +1126,31 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _model_limit(text: str) -> tuple[str, int, int | None]:
+    """Parse ``NAME=RPM[:TPM]`` (split at the last ``=``: model names may contain ``:``)."""
+    name, sep, value = text.rpartition("=")
+    rpm_text, colon, tpm_text = value.partition(":")
+    try:
+        if not (sep and name) or not rpm_text.isdigit() or (colon and not tpm_text.isdigit()):
+            raise ValueError
+        return name, int(rpm_text), int(tpm_text) if colon else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=RPM[:TPM] with whole numbers, such as gpt-4o=2400 or "
+            f"m=600:100000, got {text!r}"
+        ) from None
+
+
+def _window(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= 60):
+        raise argparse.ArgumentTypeError(f"must be > 0 and <= 60, got {text}")
+    return value
+
+
 def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``mock-provider`` subcommand; its ``func`` default returns the exit code."""
     parser = subparsers.add_parser(
@@ -1057,6 +1175,16 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     add("--tpm", type=_non_negative_int, default=None, metavar="N",
         help="tokens per minute allowed for each model and API key, counting prompt tokens "
              "plus max_tokens of each request (default: unlimited)")
+    add("--model-limit", type=_model_limit, action="append", default=[],
+        dest="model_limits", metavar="NAME=RPM[:TPM]",
+        help="limits for one model instead of --rpm/--tpm; a TPM left out (or 0) means "
+             "unlimited tokens for that model, not the --tpm value. Repeat for more models "
+             "(the last one given for a name wins), e.g. --model-limit gpt-4o=2400 "
+             "--model-limit small=600:100000")
+    add("--window-s", type=_window, default=60.0, metavar="S",
+        help="seconds of quota the limits let through at once: 60 (default) allows a whole "
+             "minute's requests in one burst, 1 only a second's worth; the per-minute rate "
+             "is unchanged")
     add("--latency-ms", type=_non_negative_float, default=0.0, metavar="MS",
         help="typical (median) time to answer, in milliseconds; each request varies around "
              "it (default 0: answer immediately)")
@@ -1109,7 +1237,9 @@ def _run_cli(args: argparse.Namespace) -> int:
                   file=sys.stderr)
     try:
         config = MockProviderConfig(
-            port=args.port, rpm=args.rpm, tpm=args.tpm, latency_ms=args.latency_ms,
+            port=args.port, rpm=args.rpm, tpm=args.tpm,
+            model_limits={name: (rpm, tpm) for name, rpm, tpm in args.model_limits},
+            window_s=args.window_s, latency_ms=args.latency_ms,
             fail_rate=args.fail_rate, rate_503=args.rate_503, timeout_rate=args.timeout_rate,
             drop_rate=args.drop_rate, malformed_rate=args.malformed_rate,
             burst_429_rate=args.burst_429_rate, hang_s=args.hang_s, api_key=api_key,

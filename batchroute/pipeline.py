@@ -129,7 +129,7 @@ def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = 
             return Outcome(folder, manifest, forecast, None)
 
         progress.set_phase("dispatching")
-        _dispatch(folder, job, progress.planned, sink, progress)
+        manifest["dispatch"] = _dispatch(folder, job, progress.planned, sink, progress)
         _stage(folder, manifest, "dispatch")
 
         progress.set_phase("rolling up")
@@ -145,34 +145,44 @@ def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = 
 
 def _route(folder: RunFolder, router_bytes: bytes, spec: RouteSpec,
            job: JobConfig) -> Iterator[pa.Table]:
-    import ray
+    ray = _ray()
 
     # Each routing actor holds a CPU; leave one for Ray Data's read tasks or the pipeline
     # stalls waiting for a CPU that the actors never give back.
     cpus = int(ray.cluster_resources().get("CPU", 1))
     actors = max(1, min(job.router.actors, cpus - 1))
     dataset = ray.data.read_parquet(folder.sub("source"), filesystem=folder.fs)
+    # The router travels through the object store (workers need not share the driver's disk);
+    # wrapped in a list so Ray hands the actor the reference rather than inlining the bytes.
+    router_ref = [ray.put(router_bytes)]
     routed = dataset.map_batches(
-        RouteStage, fn_constructor_args=(router_bytes, spec, job.router.path),
-        batch_format="pyarrow", batch_size=job.router.batch_size, concurrency=actors,
-        num_cpus=1, zero_copy_batch=True)
-    for batch in routed.iter_batches(batch_format="pyarrow", batch_size=None):
-        yield batch
+        _RayRouteStage, fn_constructor_args=(router_ref, spec, job.router.path),
+        batch_format="pyarrow", batch_size=job.router.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, zero_copy_batch=True)
+    yield from routed.iter_batches(batch_format="pyarrow", batch_size=None)
+
+
+class _RayRouteStage(RouteStage):
+    def __init__(self, router_ref: list[Any], spec: RouteSpec, path: str) -> None:
+        import ray
+
+        super().__init__(ray.get(router_ref[0]), spec, path)
 
 
 class _DispatchActor:
     """Owns one model's dispatcher inside one async Ray actor: the only copy of its limits."""
 
     def __init__(self, model: ModelConfig, policy: DispatchConfig, run_id: str) -> None:
-        from batchroute.dispatch.dispatcher import ModelDispatcher
-
-        self._make = lambda: ModelDispatcher(
-            model, policy, run_id=run_id, api_key=os.environ.get(model.api_key_env))
+        self._args = (model, policy, run_id)
         self._dispatcher: Any = None
 
     async def dispatch(self, routed: pa.Table) -> pa.Table:
         if self._dispatcher is None:  # created inside the actor's event loop
-            self._dispatcher = self._make()
+            from batchroute.dispatch.dispatcher import ModelDispatcher
+
+            model, policy, run_id = self._args
+            self._dispatcher = ModelDispatcher(model, policy, run_id=run_id,
+                                               api_key=os.environ.get(model.api_key_env))
         result: pa.Table = await self._dispatcher.dispatch(routed)
         return result
 
@@ -185,8 +195,9 @@ class _DispatchActor:
 
 
 def _dispatch(folder: RunFolder, job: JobConfig, planned: dict[str, int], sink: ResultSink,
-              progress: Progress) -> None:
-    import ray
+              progress: Progress) -> dict[str, Any]:
+    """Feed every model's actor until its plan is done; return each actor's final counters."""
+    ray = _ray()
 
     remote = ray.remote(num_cpus=0, max_concurrency=10_000)(_DispatchActor)
     actors = {m: remote.options(name=f"batchroute-dispatch-{folder.run_id}-{m}").remote(
@@ -223,9 +234,17 @@ def _dispatch(folder: RunFolder, job: JobConfig, planned: dict[str, int], sink: 
         progress.models = dict(zip(actors, ray.get([a.stats.remote() for a in actors.values()]),
                                    strict=True))
         ray.get([a.close.remote() for a in actors.values()])
+        return dict(progress.models)
     finally:
         for a in actors.values():
             ray.kill(a)
+
+
+def _ray() -> Any:
+    # Ray's type stubs cover little of what is used here; treat the module as dynamic.
+    import ray
+
+    return ray
 
 
 def _batches(folder: RunFolder, model: str, rows: int) -> Iterator[pa.Table]:

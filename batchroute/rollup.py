@@ -70,8 +70,7 @@ def format_table(rollups: pa.Table) -> str:
     head = (f"{'model':<24}{'rows':>7}{'ok':>7}{'failed':>7}{'rejected':>9}{'in tok':>11}"
             f"{'out tok':>10}{'cost $':>10}{'vs ref $':>11}{'saved':>7}")
     lines = [head, "-" * len(head)]
-    tot = {k: 0.0 for k in ("rows", "ok", "failed", "rejected", "input_tokens",
-                            "output_tokens", "cost_usd", "reference_cost_usd")}
+    tot = dict.fromkeys(("rows", "ok", "failed", "rejected", "input_tokens", "output_tokens", "cost_usd", "reference_cost_usd"), 0.0)
     for r in rows:
         for k in tot:
             tot[k] += r[k]

@@ -2,7 +2,7 @@
 
 The text featurisation lives inside the graph, so serving needs only onnxruntime:
 
-    prompt ─► lowercase ─► tokens [a-z0-9]+ ─► vocabulary ids ─► Σ weights / √n + a·log1p(n) + b ─► σ
+    prompt ─► lowercase ─► tokens [a-z0-9]+ ─► vocabulary ids ─► Σ weights / √n + a·log1p(n) + b ─► sigmoid
                                                   (unknown words share one learned weight)
 
 Everything the job needs to trust the file travels in its metadata: the model names in output

@@ -71,7 +71,7 @@ ROUTED = pa.schema([
 STATUSES = ("ok", "failed", "rejected")
 
 RESULTS = pa.schema([
-    _f("request_id", pa.string(), "As in the input.", nullable=False),
+    _f("request_id", pa.string(), "As in the input (null only on a row rejected for it)."),
     _f("run_id", pa.string(), "Run that produced the row.", nullable=False),
     _f("model", pa.string(), "Catalog model that served (or would have served) the row."),
     _f("status", pa.string(), "ok | failed | rejected.", nullable=False),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -89,7 +89,7 @@ class OpenAIChat(Provider):
 
 class AnthropicMessages(Provider):
     path = "/v1/messages"
-    _STOP = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+    _STOP: ClassVar[dict[str, str]] = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
              "tool_use": "tool_calls", "refusal": "refusal"}
 
     def headers(self) -> dict[str, str]:

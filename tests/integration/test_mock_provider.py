@@ -360,6 +360,86 @@ def test_request_larger_than_the_token_bucket_is_429_without_retry_after() -> No
         assert "retry-after" not in response.headers
 
 
+def test_model_limits_replace_the_global_limits_for_that_model_only() -> None:
+    clock = FakeClock()
+    with serve(clock=clock, rpm=5, tpm=10_000, model_limits={"big": (2, None)}) as client:
+        for i in range(2):
+            ok = openai(client, f"p{i}", model="big", max_tokens=99)
+            assert ok.status_code == 200
+            assert ok.headers["x-ratelimit-limit-requests"] == "2"
+            assert "x-ratelimit-limit-tokens" not in ok.headers  # its pair says unlimited
+        limited = openai(client, "p2", model="big")
+        assert limited.status_code == 429
+        assert "Limit 2" in limited.json()["error"]["message"]
+        assert limited.headers["retry-after"] == "30"  # 60 / 2
+        for i in range(5):  # other models keep the global limits
+            ok = openai(client, f"p{i}", model="small", max_tokens=99)
+            assert ok.status_code == 200
+            assert ok.headers["x-ratelimit-limit-requests"] == "5"
+            assert ok.headers["x-ratelimit-limit-tokens"] == "10000"
+        assert openai(client, "p5", model="small").status_code == 429
+        clock.now += 30
+        assert openai(client, "p3", model="big").status_code == 200
+
+
+def test_model_limits_are_validated_and_keep_the_config_hashable() -> None:
+    config = MockProviderConfig(model_limits={"m": (600, 100_000)})
+    assert config.model_limits == {"m": (600, 100_000)}
+    assert config.limits_for("m") == (600, 100_000)
+    assert config.limits_for("other") == (None, None)
+    assert hash(config) == hash(MockProviderConfig(model_limits={"m": (600, 100_000)}))
+    with pytest.raises(TypeError):
+        config.model_limits["m"] = (1, 1)  # type: ignore[index]
+    with pytest.raises(ConfigError, match="model_limits"):
+        MockProviderConfig(model_limits={"m": (-1, None)})
+    with pytest.raises(ConfigError, match="model_limits"):
+        MockProviderConfig(model_limits={"m": 600})  # type: ignore[dict-item]
+    with pytest.raises(ConfigError, match="window_s"):
+        MockProviderConfig(window_s=0)
+    with pytest.raises(ConfigError, match="window_s"):
+        MockProviderConfig(window_s=61)
+
+
+def test_short_window_refuses_a_burst_above_a_seconds_quota_and_refills() -> None:
+    clock = FakeClock()
+    with serve(clock=clock, rpm=120, window_s=1) as client:  # 2 requests a second
+        assert openai(client, "p0").status_code == 200
+        ok = openai(client, "p1")
+        assert ok.status_code == 200
+        assert ok.headers["x-ratelimit-limit-requests"] == "120"  # still the per-minute limit
+        limited = openai(client, "p2")
+        assert limited.status_code == 429
+        assert limited.headers["retry-after-ms"] == "500"
+        clock.now += 0.5
+        assert openai(client, "p2").status_code == 200
+        assert openai(client, "p3").status_code == 429
+        clock.now += 10  # refills to one second's worth, not a minute's
+        assert [openai(client, f"q{i}").status_code for i in range(3)] == [200, 200, 429]
+
+
+def test_short_window_admits_a_request_bigger_than_the_bucket_when_full() -> None:
+    clock = FakeClock()
+    with serve(clock=clock, tpm=600, window_s=1) as client:  # holds 10 tokens, 10 per second
+        big = openai(client, "hi", max_tokens=99)  # 100 tokens: above the bucket, within TPM
+        assert big.status_code == 200
+        # The bucket is now 90 tokens in debt: 5 tokens fit after (90 + 5) / 10 = 9.5 s;
+        # a 100-token request fits only in a full bucket.
+        limited = openai(client, "hi", max_tokens=4)
+        assert limited.status_code == 429
+        assert limited.json()["error"]["type"] == "tokens"
+        assert limited.headers["retry-after-ms"] == "9500"
+        clock.now += 9.5
+        assert openai(client, "hi", max_tokens=4).status_code == 200  # the bucket is at 0
+        assert openai(client, "hi", max_tokens=99).headers["retry-after-ms"] == "1000"
+        clock.now += 1
+        assert openai(client, "hi", max_tokens=99).status_code == 200
+        too_large = openai(client, "hi", max_tokens=600)  # 601 > tpm: never
+        assert too_large.status_code == 429
+        assert "Request too large" in too_large.json()["error"]["message"]
+        assert "Limit 600" in too_large.json()["error"]["message"]
+        assert "retry-after" not in too_large.headers
+
+
 def test_anthropic_path_also_gets_anthropic_rate_limit_headers() -> None:
     with serve(rpm=10, tpm=10_000) as client:
         response = anthropic(client, "hi", max_tokens=99)
@@ -533,9 +613,40 @@ def test_cli_flags_and_wait_ready() -> None:
         8765, None, None, 0.0, 30.0, 0)
     with pytest.raises(SystemExit):
         parser.parse_args(["mock-provider", "--fail-rate", "2"])
+    assert (args.model_limits, args.window_s) == ([], 60.0)
+    args = parser.parse_args(["mock-provider", "--model-limit", "gpt-4-1106-preview=2400",
+                              "--model-limit", "ft:gpt-4o:org::x=600:100000",
+                              "--window-s", "1"])
+    assert args.model_limits == [("gpt-4-1106-preview", 2400, None),
+                                 ("ft:gpt-4o:org::x", 600, 100_000)]
+    assert args.window_s == 1.0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["mock-provider", "--window-s", "0"])
+
+
+@pytest.mark.parametrize("value", ["gpt-4", "=600", "m=", "m=fast", "m=600:", "m=600:1:2",
+                                   "m=-5", "m=1.5"])
+def test_cli_model_limit_syntax_errors_name_the_value(
+    value: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["mock-provider", "--model-limit", value])
+    err = capsys.readouterr().err
+    assert "--model-limit" in err
+    assert repr(value) in err
+    assert "NAME=RPM[:TPM]" in err
     with MockProvider() as provider:
         args = parser.parse_args(["mock-provider", "--wait-ready", "--port", str(provider.port)])
         assert args.func(args) == 0
+
+
+def test_start_up_line_keeps_its_default_format() -> None:
+    from batchroute.mock_provider import _describe
+
+    assert _describe(MockProviderConfig(rpm=100, latency_ms=1), 80) == (
+        "mock provider listening on http://127.0.0.1:80 (rpm=100, tpm=unlimited, latency=1ms)")
 
 
 _CLI = """
@@ -555,17 +666,21 @@ def test_cli_serves_until_sigterm_and_never_prints_the_key() -> None:
     env = {**os.environ, "MOCK_TEST_KEY": KEY, "PYTHONPATH": pythonpath}
     process = subprocess.Popen(
         [sys.executable, "-c", _CLI, "mock-provider", "--port", "0", "--rpm", "100",
-         "--latency-ms", "1", "--api-key-env", "MOCK_TEST_KEY"],
+         "--latency-ms", "1", "--api-key-env", "MOCK_TEST_KEY", "--window-s", "30",
+         "--model-limit", "solo=1:500"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     try:
         assert process.stdout is not None
         line = process.stdout.readline().strip()
         assert line.startswith("mock provider listening on http://127.0.0.1:")
-        assert line.endswith("(rpm=100, tpm=unlimited, latency=1ms)")
+        assert line.endswith("(rpm=100, tpm=unlimited, latency=1ms, window=30s; "
+                             "solo: rpm=1, tpm=500)")
         url = line.split()[4]
         with httpx.Client(base_url=url, trust_env=False, timeout=10) as client:
             assert openai(client).status_code == 200
+            assert openai(client, model="solo", max_tokens=10).status_code == 200
+            assert openai(client, model="solo", max_tokens=10).status_code == 429
             assert openai(client, headers={"Authorization": "Bearer wrong"}).status_code == 401
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=10)

@@ -1,0 +1,88 @@
+"""Builders shared by every tier: a tiny real router and job documents."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from batchroute import router as rt
+
+REPO = Path(__file__).resolve().parent.parent
+MMLU = REPO.parent / "shared" / "data" / "mmlu_labels.parquet"
+CHEAP, MID, STRONG = "cheap-model", "mid-model", "strong-model"
+
+
+def tiny_router(thresholds: dict[str, float] | None = None) -> bytes:
+    """A real ONNX router with hand-set weights: the word "easy" makes the cheap model likely
+    to succeed, "hard" makes it unlikely; the strong model is always likely."""
+    vocab = ["easy", "hard"]
+    w = np.array([[4.0, 0.0], [-4.0, 0.0], [0.0, 0.0]], np.float32)  # easy, hard, unknown
+    meta = {"version": "tiny-1",
+            "thresholds": json.dumps(thresholds or {CHEAP: 0.5, STRONG: 0.0})}
+    return rt.build_graph(vocab, w, np.zeros(2, np.float32), np.array([0.0, 2.0], np.float32),
+                          [CHEAP, STRONG], meta)
+
+
+def model_table(name: str, price_in: float, price_out: float, *, base_url: str,
+                provider: str = "openai", **extra: Any) -> dict[str, Any]:
+    return {"provider": provider, "base_url": base_url, "api_key_env": "BATCHROUTE_TEST_KEY",
+            "input_usd_per_mtok": price_in, "output_usd_per_mtok": price_out,
+            "rpm": 60_000, "tpm": 50_000_000, "concurrency": 32, "context_window": 8192,
+            "timeout_s": 5.0, **extra}
+
+
+def job_doc(base_url: str = "http://127.0.0.1:1/v1", *, router_path: str = "",
+            input_uri: str = "in.parquet", output: str = "out") -> dict[str, Any]:
+    anthropic_url = base_url.removesuffix("/v1")
+    doc: dict[str, Any] = {
+        "job": {"name": "t", "input": input_uri, "output": output,
+                "reference_model": STRONG},
+        "router": {"rules": [{"name": "code", "contains_code": True, "model": MID}],
+                   "batch_size": 256},
+        "dispatch": {"max_attempts": 3, "backoff_base_s": 0.01, "backoff_max_s": 0.05,
+                     "default_max_tokens": 64, "batch_rows": 64},
+        "models": {
+            CHEAP: model_table(CHEAP, 0.25, 1.25, base_url=base_url),
+            MID: model_table(MID, 3.0, 15.0, base_url=anthropic_url, provider="anthropic"),
+            STRONG: model_table(STRONG, 15.0, 75.0, base_url=base_url),
+        },
+    }
+    if router_path:
+        doc["router"]["path"] = router_path
+    return doc
+
+
+def to_toml(doc: dict[str, Any]) -> str:
+    """Enough TOML for job documents: nested tables, arrays of tables, scalars."""
+    import json
+
+    lines: list[str] = []
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{json.dumps(k)} = {scalar(x)}" for k, x in v.items()) + " }"
+        return json.dumps(v)
+
+    def table(prefix: str, t: dict[str, Any]) -> None:
+        subs = {k: v for k, v in t.items() if isinstance(v, dict) and k != "thresholds"}
+        arrays = {k: v for k, v in t.items() if isinstance(v, list) and v
+                  and isinstance(v[0], dict)}
+        lines.append(f"[{prefix}]")
+        for k, v in t.items():
+            if k not in subs and k not in arrays:
+                lines.append(f"{json.dumps(k)} = {scalar(v)}")
+        for k, items in arrays.items():
+            for item in items:
+                lines.append(f"[[{prefix}.{json.dumps(k)}]]")
+                lines.extend(f"{json.dumps(a)} = {scalar(b)}" for a, b in item.items())
+        for k, v in subs.items():
+            table(f"{prefix}.{json.dumps(k)}", v)
+
+    for key, value in doc.items():
+        table(json.dumps(key), value)
+    return "\n".join(lines) + "\n"

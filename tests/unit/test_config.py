@@ -1,0 +1,102 @@
+"""Job file parsing: every mistake is caught at load time and names its key."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchroute import config
+from batchroute.errors import ConfigError
+from tests.helpers import CHEAP, MID, REPO, STRONG, job_doc
+
+
+def _mutated(path: list[str], value: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(job_doc())
+    t = doc
+    for key in path[:-1]:
+        t = t[key]
+    if value is _DELETE:
+        del t[path[-1]]
+    else:
+        t[path[-1]] = value
+    return doc
+
+
+_DELETE = object()
+
+
+def test_demo_job_loads() -> None:
+    job = config.load(REPO / "jobs" / "demo.toml")
+    assert set(job.models) == {"mixtral-8x7b-instruct", "claude-3-5-sonnet",
+                               "gpt-4-1106-preview"}
+    assert job.reference_model == "gpt-4-1106-preview"
+    assert [r.name for r in job.router.rules] == ["code", "long-document"]
+    assert job.router.path == config.BUNDLED_ROUTER
+
+
+def test_reference_defaults_to_most_expensive() -> None:
+    doc = job_doc()
+    del doc["job"]["reference_model"]
+    assert config.parse(doc).reference_model == STRONG
+
+
+def test_config_hash_ignores_locations_but_not_prices() -> None:
+    a = config.parse(job_doc(input_uri="a.parquet", output="x"))
+    b = config.parse(job_doc(input_uri="b.parquet", output="y"))
+    assert a.config_hash == b.config_hash
+    doc = job_doc()
+    doc["models"][CHEAP]["output_usd_per_mtok"] = 2.0
+    assert config.parse(doc).config_hash != a.config_hash
+
+
+@pytest.mark.parametrize(("path", "value", "needle"), [
+    (["job", "colour"], "blue", "job.colour: unknown key"),
+    (["models", CHEAP, "rpn"], 5, f"models.{CHEAP}.rpn: unknown key"),
+    (["models", CHEAP, "input_usd_per_mtok"], _DELETE, f"models.{CHEAP}.input_usd_per_mtok"),
+    (["models", CHEAP, "rpm"], 0, f"models.{CHEAP}.rpm"),
+    (["models", CHEAP, "rpm"], "fast", f"models.{CHEAP}.rpm"),
+    (["models", CHEAP, "tpm"], 10, f"models.{CHEAP}.tpm"),
+    (["models", CHEAP, "provider"], "cohere", f"models.{CHEAP}.provider"),
+    (["models", CHEAP, "base_url"], "ftp://x", f"models.{CHEAP}.base_url"),
+    (["models", CHEAP, "api_key_env"], "sk-live-123", f"models.{CHEAP}.api_key_env"),
+    (["job", "reference_model"], "nope", "job.reference_model"),
+    (["job", "input"], _DELETE, "job.input"),
+    (["router", "thresholds"], {CHEAP: 1.5}, f"router.thresholds.{CHEAP}"),
+    (["router", "thresholds"], {"ghost": 0.5}, "router.thresholds.ghost"),
+    (["router", "rules"], [{"name": "r", "model": "ghost", "min_chars": 1}],
+     "router.rules[0].model"),
+    (["router", "rules"], [{"name": "r", "model": MID}], "router.rules[0]: a rule needs"),
+    (["router", "rules"], [{"name": "r", "model": MID, "regex": "("}], "router.rules[0].regex"),
+    (["dispatch", "max_attempts"], 0, "dispatch.max_attempts"),
+    (["models"], {}, "models: the catalog is empty"),
+])
+def test_bad_config_names_the_key(path: list[str], value: Any, needle: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        config.parse(_mutated(path, value))
+
+
+def test_load_reports_file_and_toml_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="job file not found"):
+        config.load(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[job\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML"):
+        config.load(bad)
+
+
+def test_relative_paths_resolve_from_working_directory(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    job = config.parse(job_doc(input_uri="data/in.parquet"))
+    assert job.input == str(tmp_path / "data" / "in.parquet")
+    assert config.parse(job_doc(input_uri="s3://bucket/in/")).input == "s3://bucket/in/"
+
+
+def test_cost_is_tokens_times_prices() -> None:
+    m = config.parse(job_doc()).models[MID]
+    assert m.cost_usd(1_000_000, 1_000_000) == pytest.approx(18.0)
+    assert m.cost_usd(1000, 0) == pytest.approx(0.003)

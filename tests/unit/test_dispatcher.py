@@ -1,0 +1,220 @@
+"""Dispatcher through its seams: a handler-function transport, a recording sleep, a fixed rng.
+
+No network and no real waiting: every outcome a provider can produce ends as exactly one row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pyarrow as pa
+import pytest
+
+from batchroute import config, schemas
+from batchroute.dispatch.dispatcher import ModelDispatcher
+from tests.helpers import CHEAP, MID, job_doc
+
+KEY = "sk-unit-test-secret-4242"
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def _routed(n: int, *, max_tokens: int = 16) -> pa.Table:
+    cols: dict[str, Any] = {name: [None] * n for name in schemas.ROUTED.names}
+    cols.update(request_id=[f"r{i}" for i in range(n)], row=list(range(n)),
+                prompt=[f"question {i}" for i in range(n)], route_reason=["classifier"] * n,
+                est_input_tokens=[7] * n, est_output_tokens=[max_tokens] * n,
+                router_version=["v1"] * n, tags=[["team:a"]] * n)
+    return pa.table(cols, schema=schemas.ROUTED)
+
+
+def _openai_ok(req: httpx.Request) -> httpx.Response:
+    body = json.loads(req.content)
+    return httpx.Response(200, json={
+        "choices": [{"message": {"role": "assistant", "content": "A: " + body["messages"][0]
+                                 ["content"]}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5}})
+
+
+class Harness:
+    def __init__(self, handler: Handler, model: str = CHEAP, *, key: str | None = KEY,
+                 **dispatch: Any) -> None:
+        doc = job_doc("http://provider.test/v1")
+        doc["dispatch"].update(dispatch)
+        job = config.parse(doc)
+        self.model = job.models[model]
+        self.calls: list[httpx.Request] = []
+        self.sleeps: list[float] = []
+        self.now = 1000.0
+
+        def record(req: httpx.Request) -> httpx.Response:
+            self.calls.append(req)
+            return handler(req)
+
+        async def sleep(s: float) -> None:  # a fake clock: sleeping only moves time on
+            self.sleeps.append(s)
+            self.now += s
+
+        self.make = lambda: ModelDispatcher(
+            self.model, job.dispatch, run_id="run-1", api_key=key,
+            transport=httpx.MockTransport(record), sleep=sleep, clock=lambda: self.now,
+            rng=random.Random(7))
+
+    def run(self, routed: pa.Table) -> tuple[pa.Table, ModelDispatcher]:
+        async def go() -> tuple[pa.Table, ModelDispatcher]:
+            d = self.make()
+            try:
+                return await d.dispatch(routed), d
+            finally:
+                await d.aclose()
+        return asyncio.run(go())
+
+
+def _rows(t: pa.Table) -> list[dict[str, Any]]:
+    assert t.schema == schemas.RESULTS
+    return t.to_pylist()
+
+
+def test_openai_success_rows_carry_tokens_cost_and_evidence() -> None:
+    h = Harness(_openai_ok)
+    out, d = h.run(_routed(3))
+    rows = _rows(out)
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert rows[1]["response"] == "A: question 1"
+    assert rows[0]["input_tokens"] == 10 and rows[0]["output_tokens"] == 5
+    assert rows[0]["cost_usd"] == pytest.approx((10 * 0.25 + 5 * 1.25) / 1e6)
+    assert rows[0]["attempts"] == 1 and rows[0]["tags"] == ["team:a"]
+    assert rows[0]["model"] == CHEAP and rows[0]["run_id"] == "run-1"
+    req = h.calls[0]
+    assert req.url == "http://provider.test/v1/chat/completions"
+    assert req.headers["authorization"] == f"Bearer {KEY}"
+    assert json.loads(req.content) == {"model": CHEAP, "max_tokens": 16,
+                                       "messages": [{"role": "user", "content": "question 0"}]}
+    assert d.stats.ok == 3 and d.stats.cost_usd == pytest.approx(sum(r["cost_usd"] for r in rows))
+
+
+def test_anthropic_wire_format() -> None:
+    def handler(req: httpx.Request) -> httpx.Response:
+        assert req.headers["x-api-key"] == KEY and req.headers["anthropic-version"]
+        body = json.loads(req.content)
+        assert body["max_tokens"] == 16 and body["model"] == MID
+        return httpx.Response(200, json={
+            "content": [{"type": "text", "text": "part one, "}, {"type": "text", "text": "two"}],
+            "stop_reason": "max_tokens", "usage": {"input_tokens": 3, "output_tokens": 16}})
+
+    h = Harness(handler, MID)
+    rows = _rows(h.run(_routed(1))[0])
+    assert h.calls[0].url == "http://provider.test/v1/messages"
+    assert rows[0]["response"] == "part one, two" and rows[0]["finish_reason"] == "length"
+    assert rows[0]["cost_usd"] == pytest.approx((3 * 3.0 + 16 * 15.0) / 1e6)
+
+
+def test_429_honours_retry_after_then_succeeds() -> None:
+    replies = iter([httpx.Response(429, headers={"retry-after-ms": "1500"},
+                                   json={"error": {"message": "slow down"}})])
+    h = Harness(lambda r: next(replies, None) or _openai_ok(r))
+    out, d = h.run(_routed(1))
+    row = _rows(out)[0]
+    assert row["status"] == "ok" and row["attempts"] == 2
+    assert h.sleeps == [1.5]
+    assert d.stats.rate_limited == 1 and d.stats.retries == 1
+
+
+def test_retry_after_pauses_every_request_to_that_model() -> None:
+    first = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if not first:
+            first.append(h.now)
+            return httpx.Response(429, headers={"retry-after": "2"})
+        assert h.now >= first[0] + 2, "a request went out during the provider's pause"
+        return _openai_ok(req)
+
+    h = Harness(handler)
+    rows = _rows(h.run(_routed(4))[0])
+    assert {r["status"] for r in rows} == {"ok"}
+
+
+@pytest.mark.parametrize("status", [500, 503, 408, 409])
+def test_transient_statuses_retry_with_capped_jitter_then_fail(status: int) -> None:
+    h = Harness(lambda r: httpx.Response(status, json={"error": {"message": "boom"}}),
+                max_attempts=4)
+    row = _rows(h.run(_routed(1))[0])[0]
+    assert row["status"] == "failed" and row["attempts"] == 4
+    assert row["error_type"] == "transient"
+    assert row["error_message"] == f"HTTP {status}: boom"
+    assert len(h.sleeps) == 3
+    caps = [min(0.05, 0.01 * 2 ** i) for i in range(3)]
+    assert all(0 <= s <= c for s, c in zip(h.sleeps, caps, strict=True))
+    assert row["cost_usd"] == 0 and row["input_tokens"] == 0
+
+
+def test_other_4xx_is_not_retried_and_keeps_provider_message() -> None:
+    h = Harness(lambda r: httpx.Response(400, json={"error": {"message": "bad max_tokens"}}))
+    row = _rows(h.run(_routed(1))[0])[0]
+    assert (row["status"], row["attempts"], row["error_type"]) == ("failed", 1, "terminal")
+    assert row["error_message"] == "HTTP 400: bad max_tokens"
+    assert h.sleeps == []
+
+
+def test_401_stops_calling_that_model_and_never_leaks_the_key() -> None:
+    h = Harness(lambda r: httpx.Response(
+        401, json={"error": {"message": f"Incorrect API key provided: {KEY}"}}))
+    rows = _rows(h.run(_routed(5))[0])
+    assert {r["status"] for r in rows} == {"failed"}
+    assert {r["error_type"] for r in rows} == {"auth"}
+    assert len(h.calls) <= 5 and sum(r["attempts"] for r in rows) == len(h.calls)
+    assert all(KEY not in (r["error_message"] or "") for r in rows)
+    assert "***" in rows[0]["error_message"]
+
+
+def test_missing_key_fails_rows_without_calling() -> None:
+    h = Harness(_openai_ok, key=None)
+    rows = _rows(h.run(_routed(2))[0])
+    assert [r["error_type"] for r in rows] == ["auth", "auth"]
+    assert "BATCHROUTE_TEST_KEY is not set" in rows[0]["error_message"]
+    assert h.calls == []
+
+
+@pytest.mark.parametrize(("fault", "message"), [
+    (httpx.ReadTimeout("slow"), "timeout: ReadTimeout"),
+    (httpx.RemoteProtocolError("eof"), "connection dropped mid-response"),
+    (httpx.ConnectError("refused"), "connection error: ConnectError"),
+    (None, "malformed response body from provider (JSONDecodeError)"),
+])
+def test_transport_faults_and_malformed_bodies_are_retried(fault: Exception | None,
+                                                           message: str) -> None:
+    seen = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        seen.append(1)
+        if len(seen) < 3:
+            if fault is None:
+                return httpx.Response(200, content=b"{not json")
+            raise fault
+        return _openai_ok(req)
+
+    h = Harness(handler)
+    row = _rows(h.run(_routed(1))[0])[0]
+    assert row["status"] == "ok" and row["attempts"] == 3
+
+    h = Harness(lambda r: (_ for _ in ()).throw(fault) if fault else
+                httpx.Response(200, content=b"{not json"), max_attempts=2)
+    row = _rows(h.run(_routed(1))[0])[0]
+    assert (row["status"], row["error_message"]) == ("failed", message)
+
+
+def test_messages_rows_and_per_row_options() -> None:
+    h = Harness(_openai_ok)
+    routed = _routed(1).to_pylist()
+    routed[0].update(prompt=None, temperature=0.2,
+                     messages=[{"role": "system", "content": "terse"},
+                               {"role": "user", "content": "hi"}])
+    h.run(pa.Table.from_pylist(routed, schema=schemas.ROUTED))
+    body = json.loads(h.calls[0].content)
+    assert body["messages"][0] == {"role": "system", "content": "terse"}
+    assert body["temperature"] == pytest.approx(0.2)

@@ -1,0 +1,112 @@
+"""Rollups reconcile with the rows they sum; the plan splits by model and prices the forecast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batchroute import config, plan, rollup, schemas
+from batchroute.sink import ResultSink, RunFolder
+from tests.helpers import CHEAP, MID, STRONG, job_doc
+
+JOB = config.parse(job_doc())
+
+
+def _results(rows: list[tuple[str | None, str, int, int]]) -> pl.DataFrame:
+    models, statuses, ins, outs = zip(*rows, strict=True) if rows else ((), (), (), ())
+    costs = [JOB.models[m].cost_usd(i, o) if m and s == "ok" else 0.0
+             for m, s, i, o in rows]
+    return pl.DataFrame({
+        "request_id": [f"r{i}" for i in range(len(rows))], "model": list(models),
+        "status": list(statuses), "input_tokens": list(ins), "output_tokens": list(outs),
+        "cost_usd": costs, "latency_ms": [100.0 + i for i in range(len(rows))],
+        "attempts": [1] * len(rows)},
+        schema={"request_id": pl.String, "model": pl.String, "status": pl.String,
+                "input_tokens": pl.Int64, "output_tokens": pl.Int64, "cost_usd": pl.Float64,
+                "latency_ms": pl.Float64, "attempts": pl.Int64})
+
+
+row = st.tuples(st.sampled_from([CHEAP, MID, STRONG, None]),
+                st.sampled_from(["ok", "failed", "rejected"]),
+                st.integers(0, 5000), st.integers(0, 2000))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(row, max_size=40))
+def test_rollup_totals_equal_row_sums(rows: list[tuple[str | None, str, int, int]]) -> None:
+    res = _results(rows)
+    t = rollup.rollup(res, run_id="r", models=JOB.models, reference_model=STRONG)
+    assert t.schema == schemas.ROLLUPS
+    r = pl.from_arrow(t)
+    assert isinstance(r, pl.DataFrame)
+    assert r["rows"].sum() == len(rows)
+    for col in ("input_tokens", "output_tokens"):
+        assert r[col].sum() == res[col].sum()
+    assert r["cost_usd"].sum() == pytest.approx(res["cost_usd"].sum(), abs=1e-12)
+    assert r["ok"].sum() + r["failed"].sum() + r["rejected"].sum() == len(rows)
+    if rows:
+        assert r["share_of_requests"].sum() == pytest.approx(1.0)
+    for m in r.iter_rows(named=True):
+        mine = res.filter(pl.col("model").eq_missing(m["model"]))
+        assert m["rows"] == len(mine)
+        assert m["savings_usd"] == pytest.approx(m["reference_cost_usd"] - m["cost_usd"])
+
+
+def test_counterfactual_by_hand() -> None:
+    res = _results([(CHEAP, "ok", 1000, 100), (CHEAP, "failed", 0, 0), (MID, "ok", 2000, 10)])
+    r = {x["model"]: x for x in
+         rollup.rollup(res, run_id="r", models=JOB.models, reference_model=STRONG).to_pylist()}
+    # strong-model prices are $15 in / $75 out per million tokens
+    assert r[CHEAP]["reference_cost_usd"] == pytest.approx((1000 * 15 + 100 * 75) / 1e6)
+    assert r[CHEAP]["cost_usd"] == pytest.approx((1000 * 0.25 + 100 * 1.25) / 1e6)
+    assert r[MID]["reference_cost_usd"] == pytest.approx((2000 * 15 + 10 * 75) / 1e6)
+    assert (r[CHEAP]["ok"], r[CHEAP]["failed"]) == (1, 1)
+    assert r[CHEAP]["latency_p50_ms"] == 100.0
+    assert "TOTAL" in rollup.format_table(
+        rollup.rollup(res, run_id="r", models=JOB.models, reference_model=STRONG))
+
+
+def _routed(models: list[str | None], reasons: list[str | None]) -> pa.Table:
+    n = len(models)
+    cols: dict[str, object] = {name: [None] * n for name in schemas.ROUTED.names}
+    cols.update(request_id=[f"r{i}" for i in range(n)], row=list(range(n)), model=models,
+                reject_reason=reasons, prompt=["p"] * n, est_input_tokens=[1000] * n,
+                est_output_tokens=[100] * n)
+    return pa.table(cols, schema=schemas.ROUTED)
+
+
+def test_plan_splits_by_model_and_rejects_to_results(tmp_path: Path) -> None:
+    folder = RunFolder(str(tmp_path), "run-x")
+    sink = ResultSink(folder)
+    w = plan.PlanWriter(folder, sink, flush_rows=2)
+    w.add(_routed([CHEAP, STRONG, None, CHEAP], [None, None, "null prompt", None]))
+    w.add(_routed([CHEAP, "odd/name"], [None, "too long"]))
+    assert w.close() == {CHEAP: 3, STRONG: 1}
+    assert sink.counts == {"ok": 0, "failed": 0, "rejected": 2}
+    routed = plan.routed_dataset(folder).to_table()
+    assert sorted(routed.column("model").to_pylist()) == [CHEAP] * 3 + [STRONG]
+    rejected = pq.read_table(tmp_path / "run-x" / "results").to_pylist()
+    assert {r["reject_reason"] for r in rejected} == {"null prompt", "too long"}
+    assert all(r["status"] == "rejected" and r["cost_usd"] == 0 for r in rejected)
+
+    f = plan.forecast(folder, JOB, rejected=w.rejected)
+    cheap = f["models"][CHEAP]
+    assert cheap["rows"] == 3 and cheap["est_input_tokens"] == 3000
+    assert cheap["est_cost_usd"] == pytest.approx((3000 * 0.25 + 300 * 1.25) / 1e6)
+    # 3 rows / 60,000 RPM = 5.0e-5 min < 3,300 tokens / 50M TPM = 6.6e-5 min: tokens bind
+    assert cheap["bound_by"] == "tpm"
+    assert f["rejected"] == 2 and f["routed"] == 4
+    assert "rejected before dispatch: 2" in plan.format_forecast(f)
+
+
+def test_shards_are_committed_atomically(tmp_path: Path) -> None:
+    folder = RunFolder(str(tmp_path), "r")
+    folder.write_table(folder.sub("results"), "part-000000.parquet", pa.table({"a": [1]}))
+    names = [p.name for p in (tmp_path / "r" / "results").iterdir()]
+    assert names == ["part-000000.parquet"]  # no temp file left behind

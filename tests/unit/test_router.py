@@ -1,0 +1,119 @@
+"""The router file: real ONNX, metadata that travels with it, serving equal to training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import numpy_helper
+
+from batchroute import config, train
+from batchroute import router as rt
+from batchroute.errors import RouterError, SchemaError
+from tests.helpers import MMLU
+
+BUNDLED = rt.read_bytes(config.BUNDLED_ROUTER)
+
+
+def _reference_scores(model_bytes: bytes, texts: list[str]) -> np.ndarray:
+    """The same function in plain numpy: tokens from the graph's tokenizer, weights from its
+    initializers, vocabulary from its LabelEncoder."""
+    model = onnx.load_from_string(model_bytes)
+    init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    enc = next(n for n in model.graph.node if n.op_type == "LabelEncoder")
+    keys = next(a.strings for a in enc.attribute if a.name == "keys_strings")
+    vocab = {k.decode(): i for i, k in enumerate(keys)}
+    unk = len(vocab)
+    out = []
+    for toks in train.tokens(texts):
+        ids = [vocab.get(str(t), unk) for t in toks]
+        n = len(ids)
+        s = init["W"][ids].sum(axis=0) if ids else np.zeros(init["W"].shape[1])
+        z = s / np.sqrt(max(n, 1)) + init["a"] * np.log1p(n) + init["b"]
+        out.append(1 / (1 + np.exp(-z)))
+    return np.array(out)
+
+
+texts = st.text(alphabet=st.characters(codec="utf-8"), max_size=300)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(texts, min_size=1, max_size=20))
+def test_onnx_equals_reference_on_random_prompts(prompts: list[str]) -> None:
+    got = rt.Router(BUNDLED).score(pa.array(prompts, pa.string()))
+    np.testing.assert_allclose(got, _reference_scores(BUNDLED, prompts), atol=1e-5)
+
+
+def test_unicode_empty_null_and_very_long_prompts() -> None:
+    long_text = "Explain the proof of the theorem in detail. " * 20_000
+    prompts = ["", "ünïcödé 東京 🚀 résumé", long_text, "Answer: A. B. C. D."]
+    r = rt.Router(BUNDLED)
+    got = r.score(pa.array([*prompts, None], pa.string()))
+    assert got.shape == (5, 2)
+    assert np.all((got > 0) & (got < 1))
+    np.testing.assert_allclose(got[:4], _reference_scores(BUNDLED, prompts), atol=1e-5)
+    np.testing.assert_allclose(got[4], got[0])  # null scores like an empty prompt
+    # Only the first MAX_CHARS characters count, so a huge prompt costs like a normal one.
+    np.testing.assert_allclose(r.score(pa.array([long_text[: rt.MAX_CHARS]])), got[2:3],
+                               atol=1e-6)
+
+
+def test_bundled_router_metadata() -> None:
+    info = rt.inspect(BUNDLED)
+    assert set(info.models) == {"mixtral-8x7b-instruct", "gpt-4-1106-preview"}
+    assert info.version.startswith(train.ROUTER_KIND)
+    assert 0 < info.thresholds["mixtral-8x7b-instruct"] < 1
+    metrics = json.loads(info.metadata["metrics"])
+    # Measured on held-out questions: a real classifier, well above chance.
+    assert metrics["mixtral-8x7b-instruct"]["holdout_auc"] > 0.65
+    assert json.loads(info.metadata["featurisation"])["max_chars"] == rt.MAX_CHARS
+    assert len(BUNDLED) < 20 * 2**20
+
+
+def test_corrupt_or_foreign_router_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RouterError, match="not a valid ONNX model"):
+        rt.Router(b"definitely not onnx")
+    with pytest.raises(RouterError, match="cannot be read"):
+        rt.read_bytes(str(tmp_path / "missing.onnx"))
+    foreign = onnx.load_from_string(BUNDLED)
+    del foreign.metadata_props[:]
+    with pytest.raises(RouterError, match="missing or bad batchroute metadata"):
+        rt.inspect(foreign.SerializeToString())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MMLU.is_file(), reason="shared labels not checked out")
+def test_training_is_deterministic_and_matches_the_bundled_router(tmp_path: Path) -> None:
+    out = tmp_path / "r.onnx"
+    report = train.train(str(MMLU), str(out))
+    assert report.holdout_rows > 1500
+    assert rt.inspect(out.read_bytes()).version == rt.inspect(BUNDLED).version
+    assert out.read_bytes() == BUNDLED, "bundled router is stale: run `make router`"
+
+
+@pytest.mark.parametrize(("table", "needle"), [
+    (pa.table({"request_id": ["a"], "prompt": ["p"], "model": ["m"]}), "missing column 'score'"),
+    (pa.table({"request_id": ["a"], "prompt": ["p"], "model": ["m"], "score": [1.5]}),
+     "must lie in \\[0, 1\\]"),
+    (pa.table({"request_id": ["a"], "prompt": ["p"], "model": ["m"], "score": [None]},
+              schema=pa.schema([("request_id", pa.string()), ("prompt", pa.string()),
+                                ("model", pa.string()), ("score", pa.float64())])),
+     "'score' has 1 null"),
+    (pa.table({"request_id": ["a", "a"], "prompt": ["p", "p"], "model": ["m", "m"],
+               "score": [1.0, 0.0]}), "more than one score"),
+    (pa.table({"request_id": ["a"], "prompt": ["p"], "model": ["m"], "score": [1.0]}),
+     "at least two models"),
+])
+def test_bad_label_files_are_refused(tmp_path: Path, table: pa.Table, needle: str) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, tmp_path / "labels.parquet")
+    with pytest.raises(SchemaError, match=needle):
+        train.train(str(tmp_path / "labels.parquet"), str(tmp_path / "r.onnx"))
+    assert not (tmp_path / "r.onnx").exists()

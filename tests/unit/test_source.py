@@ -1,0 +1,157 @@
+"""Source stage: every writer's strings, every layout, every bad row kept with its reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batchroute import schemas, source
+from batchroute.errors import SchemaError
+
+
+def _read(uri: str | Path) -> pa.Table:
+    return pa.concat_tables(source.read_requests(source.open_input(str(uri)), batch_rows=3))
+
+
+def _reasons(t: pa.Table) -> dict[str, str | None]:
+    return dict(zip(t.column("row").to_pylist(), t.column("reject_reason").to_pylist(),
+                    strict=True))
+
+
+def test_canonical_schema_and_row_order(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"request_id": ["a", "b", "c", "d"],
+                             "prompt": ["one", "two", "three", "four"],
+                             "max_tokens": pa.array([5, None, 7, 8], pa.int64()),
+                             "tags": ["x", None, "y", "z"]}), tmp_path / "p.parquet")
+    t = _read(tmp_path / "p.parquet")
+    assert t.schema == schemas.REQUESTS
+    assert t.column("row").to_pylist() == [0, 1, 2, 3]
+    assert t.column("max_tokens").to_pylist() == [5, None, 7, 8]
+    assert t.column("tags").to_pylist() == [["x"], None, ["y"], ["z"]]
+    assert t.column("reject_reason").null_count == 4
+
+
+@pytest.mark.parametrize("writer", ["pandas", "polars", "duckdb", "dictionary", "large",
+                                    "view"])
+def test_strings_from_every_writer(tmp_path: Path, writer: str) -> None:
+    path = tmp_path / "in.parquet"
+    ids, prompts = ["r1", "r2", "r3"], ["What is 2+2?", "Summarise this.", "Hi"]
+    if writer == "pandas":
+        import pandas as pd
+
+        pd.DataFrame({"request_id": ids, "prompt": pd.Categorical(prompts)}).to_parquet(path)
+    elif writer == "polars":
+        import polars as pl
+
+        pl.DataFrame({"request_id": ids, "prompt": prompts}).write_parquet(path)
+    elif writer == "duckdb":
+        import duckdb
+
+        con = duckdb.connect()
+        con.execute("CREATE TABLE t (request_id VARCHAR, prompt VARCHAR)")
+        con.executemany("INSERT INTO t VALUES (?, ?)", list(zip(ids, prompts, strict=True)))
+        con.execute(f"COPY t TO '{path}' (FORMAT PARQUET)")
+    else:
+        typ = {"dictionary": pa.dictionary(pa.int8(), pa.string()),
+               "large": pa.large_string(), "view": pa.string_view()}[writer]
+        pq.write_table(pa.table({"request_id": pa.array(ids, pa.large_string()),
+                                 "prompt": pa.array(prompts).cast(typ)}), path)
+    t = _read(path)
+    assert t.column("request_id").to_pylist() == ids
+    assert t.column("prompt").to_pylist() == prompts
+
+
+def test_folder_glob_and_hive_layouts(tmp_path: Path) -> None:
+    for day, ids in (("2026-11-01", ["a", "b"]), ("2026-11-02", ["c"])):
+        (tmp_path / f"day={day}").mkdir()
+        pq.write_table(pa.table({"request_id": ids, "prompt": ["p"] * len(ids)}),
+                       tmp_path / f"day={day}" / "part-0.parquet")
+    (tmp_path / "_SUCCESS").write_text("")
+    (tmp_path / "day=2026-11-01" / ".part-1.parquet.tmp").write_text("half written")
+    assert _read(tmp_path).column("request_id").to_pylist() == ["a", "b", "c"]
+    assert _read(f"{tmp_path}/day=2026-11-0[2]/*.parquet").column(
+        "request_id").to_pylist() == ["c"]
+
+
+def test_messages_input_and_request_text(tmp_path: Path) -> None:
+    msgs = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}],
+            [{"role": "user", "content": "   "}]]
+    pq.write_table(pa.table({"request_id": ["m1", "m2"], "messages": msgs}),
+                   tmp_path / "m.parquet")
+    t = _read(tmp_path / "m.parquet")
+    assert source.request_text(t).to_pylist() == ["Be brief.\nWhy?", "   "]
+    assert _reasons(t) == {0: None, 1: "empty prompt"}
+
+
+def test_bad_rows_are_kept_with_reasons(tmp_path: Path) -> None:
+    pq.write_table(pa.table({
+        "request_id": ["a", "b", "c", "a", None, "d", "c"],
+        "prompt": ["ok", None, "", "again", "no id", " \t\n", "third"],
+    }), tmp_path / "bad.parquet")
+    assert _reasons(_read(tmp_path / "bad.parquet")) == {
+        0: None, 1: "null prompt", 2: "empty prompt",
+        3: "duplicate request_id (first at input row 0)", 4: "null request_id",
+        5: "empty prompt", 6: "duplicate request_id (first at input row 2)"}
+
+
+def test_duplicates_across_files_keep_the_first(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"request_id": ["x", "y"], "prompt": ["1", "2"]}),
+                   tmp_path / "a.parquet")
+    pq.write_table(pa.table({"request_id": ["y", "z"], "prompt": ["3", "4"]}),
+                   tmp_path / "b.parquet")
+    assert _reasons(_read(tmp_path)) == {
+        0: None, 1: None, 2: "duplicate request_id (first at input row 1)", 3: None}
+
+
+@pytest.mark.parametrize(("table", "needle"), [
+    (pa.table({"prompt": ["x"]}), "missing required column 'request_id'"),
+    (pa.table({"request_id": ["x"], "text": ["x"]}), "missing column 'prompt'"),
+    (pa.table({"request_id": [1], "prompt": ["x"]}), "column 'request_id' has type int64"),
+    (pa.table({"request_id": ["x"], "prompt": [1.5]}), "column 'prompt' has type double"),
+    (pa.table({"request_id": ["x"], "prompt": ["x"], "max_tokens": ["lots"]}),
+     "column 'max_tokens' has type string, expected an integer"),
+    (pa.table({"request_id": ["x"], "messages": [["hi"]]}), "column 'messages' has type"),
+])
+def test_schema_errors_name_file_and_column(tmp_path: Path, table: pa.Table,
+                                            needle: str) -> None:
+    pq.write_table(pa.table({"request_id": ["ok"], "prompt": ["fine"]}), tmp_path / "a.parquet")
+    pq.write_table(table, tmp_path / "b.parquet")
+    with pytest.raises(SchemaError, match=needle) as err:
+        source.open_input(str(tmp_path))
+    assert str(tmp_path / "b.parquet") in str(err.value)
+
+
+def test_missing_input_and_non_parquet(tmp_path: Path) -> None:
+    with pytest.raises(SchemaError, match="no such file"):
+        source.open_input(str(tmp_path / "nope.parquet"))
+    (tmp_path / "x.parquet").write_text("not parquet")
+    with pytest.raises(SchemaError, match="not a readable Parquet file"):
+        source.open_input(str(tmp_path / "x.parquet"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c", "d", None]),
+                          st.sampled_from(["hello", "", "  ", None, "x y"])),
+                min_size=1, max_size=30))
+def test_every_input_row_comes_out_once(tmp_path_factory: pytest.TempPathFactory,
+                                        rows: list[tuple[str | None, str | None]]) -> None:
+    path = tmp_path_factory.mktemp("prop") / "in.parquet"
+    ids, prompts = zip(*rows, strict=True)
+    pq.write_table(pa.table({"request_id": pa.array(ids, pa.string()),
+                             "prompt": pa.array(prompts, pa.string())}), path)
+    t = _read(path)
+    assert t.column("row").to_pylist() == list(range(len(rows)))
+    accepted = [i for i, r in zip(t.column("request_id").to_pylist(),
+                                  t.column("reject_reason").to_pylist(), strict=True)
+                if r is None]
+    assert len(accepted) == len(set(accepted))  # no id is accepted twice
+    for (rid, prompt), reason in zip(rows, t.column("reject_reason").to_pylist(), strict=True):
+        if rid is not None and prompt is not None and prompt.strip():
+            assert reason is None or reason.startswith("duplicate")
+        else:
+            assert reason is not None
