@@ -63,7 +63,7 @@ class _Outcome:
     attempts: int
     latency_ms: float | None
     error: DispatchError | None
-    started_at: datetime
+    started_at: datetime | None  # None when no attempt was made
     finished_at: datetime
 
 
@@ -115,18 +115,24 @@ class ModelDispatcher:
         return self._results(routed, outcomes)
 
     async def _one(self, req: Request, tokens: int) -> _Outcome:
-        started = datetime.now(UTC)
+        started: datetime | None = None
         attempt = 0
         body = dumps(self._provider.body(req))
         while True:
-            if self._auth_failure is not None:
+            if self._auth_failure is not None:  # fast path: no need to queue for admission
                 return self._finish("failed", None, attempt, None, self._auth_failure, started)
-            await self._wait_for_pause()
-            attempt += 1
-            self.stats.attempts += 1
             await self._limits.acquire(tokens)
-            t0 = self._clock()
             try:
+                # Checked again after admission: hundreds of rows queue at the limiter, and
+                # a 401 or a Retry-After may have arrived while they waited.
+                if self._auth_failure is not None:
+                    return self._finish("failed", None, attempt, None, self._auth_failure,
+                                        started)
+                await self._wait_for_pause()
+                attempt += 1
+                self.stats.attempts += 1
+                started = started or datetime.now(UTC)
+                t0 = self._clock()
                 resp = await self._client.post(
                     self._provider.url, content=body,
                     headers={**self._provider.headers(), "content-type": "application/json"})
@@ -164,7 +170,7 @@ class ModelDispatcher:
 
     def _finish(self, status: str, answer: Answer | None, attempts: int,
                 latency_ms: float | None, error: DispatchError | None,
-                started: datetime) -> _Outcome:
+                started: datetime | None) -> _Outcome:
         s = self.stats
         s.done += 1
         if status == "ok" and answer is not None:

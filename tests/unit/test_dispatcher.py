@@ -42,9 +42,10 @@ def _openai_ok(req: httpx.Request) -> httpx.Response:
 
 class Harness:
     def __init__(self, handler: Handler, model: str = CHEAP, *, key: str | None = KEY,
-                 **dispatch: Any) -> None:
+                 concurrency: int = 32, **dispatch: Any) -> None:
         doc = job_doc("http://provider.test/v1")
         doc["dispatch"].update(dispatch)
+        doc["models"][model]["concurrency"] = concurrency
         job = config.parse(doc)
         self.model = job.models[model]
         self.calls: list[httpx.Request] = []
@@ -163,11 +164,14 @@ def test_other_4xx_is_not_retried_and_keeps_provider_message() -> None:
 
 def test_401_stops_calling_that_model_and_never_leaks_the_key() -> None:
     h = Harness(lambda r: httpx.Response(
-        401, json={"error": {"message": f"Incorrect API key provided: {KEY}"}}))
-    rows = _rows(h.run(_routed(5))[0])
+        401, json={"error": {"message": f"Incorrect API key provided: {KEY}"}}), concurrency=3)
+    rows = _rows(h.run(_routed(40))[0])
     assert {r["status"] for r in rows} == {"failed"}
     assert {r["error_type"] for r in rows} == {"auth"}
-    assert len(h.calls) <= 5 and sum(r["attempts"] for r in rows) == len(h.calls)
+    # Only calls already admitted when the first 401 arrived reach the provider.
+    assert 1 <= len(h.calls) <= 3
+    assert sum(r["attempts"] for r in rows) == len(h.calls)
+    assert sum(r["started_at"] is None for r in rows) == 40 - len(h.calls)
     assert all(KEY not in (r["error_message"] or "") for r in rows)
     assert "***" in rows[0]["error_message"]
 

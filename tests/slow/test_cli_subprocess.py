@@ -1,0 +1,66 @@
+"""The installed CLI in its own process, joining the test session's Ray via --ray-address.
+
+One model's provider rejects the key: its rows must end `failed` with an auth error after a
+bounded number of calls, the others `ok`, and the exit code must say that rows failed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from batchroute import sample
+from batchroute.mock_provider import MockProvider, MockProviderConfig
+from tests.helpers import MMLU, REPO, to_toml
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not MMLU.is_file(), reason="shared labels not checked out")]
+
+
+def test_cli_subprocess_with_a_rejected_key(tmp_path: Path, provider: MockProvider,
+                                            ray_session: None, api_key: str) -> None:
+    import ray
+
+    sample.write(sample.generate(4000, seed=11), tmp_path / "in.parquet")
+    with MockProvider(MockProviderConfig(api_key="sk-some-other-key", seed=2)) as wrong:
+        doc: dict[str, Any] = tomllib.loads((REPO / "jobs" / "demo.toml").read_text())
+        doc["job"].update(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "runs"))
+        for name, m in doc["models"].items():
+            url = wrong.url if name == "claude-3-5-sonnet" else provider.url
+            m.update(base_url=url + ("/v1" if m["provider"] == "openai" else ""),
+                     api_key_env="BATCHROUTE_TEST_KEY", rpm=60_000, tpm=50_000_000,
+                     concurrency=16)
+        job = tmp_path / "job.toml"
+        job.write_text(to_toml(doc))
+        env = {**os.environ, "BATCHROUTE_TEST_KEY": api_key}
+        env.pop("RAY_ADDRESS", None)
+        proc = subprocess.run(
+            [sys.executable, "-m", "batchroute", "run", str(job), "--run-id", "sub",
+             "--ray-address", ray.get_runtime_context().gcs_address],
+            capture_output=True, text=True, env=env, timeout=300, check=False)
+        wrong_calls = wrong.stats()["requests"]
+
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "results by model" in proc.stdout and "TOTAL" in proc.stdout
+    assert "dispatching: routed 4000/4000" in proc.stderr  # plain progress lines off a tty
+    assert api_key not in proc.stdout + proc.stderr
+
+    results = pl.read_parquet(tmp_path / "runs" / "sub" / "results")
+    assert len(results) == 4000
+    sonnet = results.filter(pl.col("model") == "claude-3-5-sonnet")
+    assert len(sonnet) > 100
+    assert set(sonnet["status"]) == {"failed"} and set(sonnet["error_type"]) == {"auth"}
+    # The first 401 stops the model: only calls already in flight reach the provider.
+    assert wrong_calls <= 16 + 1
+    others = results.filter(pl.col("model") != "claude-3-5-sonnet")
+    assert set(others["status"]) <= {"ok", "rejected"}
+    leaks = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()
+             and api_key.encode() in p.read_bytes()]
+    assert leaks == []
