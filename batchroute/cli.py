@@ -88,6 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("batchroute: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # keep exit code 1 meaning "some rows failed" and nothing else
+        logging.getLogger("batchroute").debug("unexpected error", exc_info=True)
+        print(f"batchroute: internal error: {type(exc).__name__}: {exc} (rerun with -v for the "
+              "traceback)", file=sys.stderr)
+        return 3
     return code
 
 

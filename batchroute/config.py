@@ -90,6 +90,9 @@ class DispatchConfig:
     # Calls kept in flight per model; with batch_rows this must cover the model's concurrency,
     # or the limiter idles between batches.
     batches_in_flight: int = 4
+    # Longest Retry-After honoured as asked; a provider asking for more is waited this long
+    # and the attempt budget decides the rest, so one odd header cannot stall a nightly job.
+    max_retry_after_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -225,11 +228,13 @@ def _router(t: Mapping[str, Any], models: Mapping[str, ModelConfig]) -> RouterCo
         if not set(r) - {"name", "model"}:
             raise ConfigError(f"{where}: a rule needs at least one condition "
                               "(contains_code, min_chars, max_chars, regex, tag)")
+        for key, kind in (("contains_code", bool), ("min_chars", int), ("max_chars", int),
+                          ("regex", str), ("tag", str), ("name", str)):
+            value = r.get(key)
+            if value is not None and not _is_kind(value, kind):
+                raise ConfigError(f"{where}.{key}: must be {_KIND_NAMES[kind]}, got {value!r}")
         if "regex" in r:
-            try:
-                re.compile(r["regex"])
-            except re.error as exc:
-                raise ConfigError(f"{where}.regex: invalid regular expression: {exc}") from None
+            _check_regex(r["regex"], f"{where}.regex")
         rules.append(Rule(name=str(r.get("name", f"rule{i}")), model=model,
                           contains_code=r.get("contains_code"), min_chars=r.get("min_chars"),
                           max_chars=r.get("max_chars"), regex=r.get("regex"),
@@ -256,7 +261,31 @@ def _dispatch(t: Mapping[str, Any]) -> DispatchConfig:
         batch_rows=_int(t, "batch_rows", "dispatch.", minimum=1, default=d.batch_rows),
         batches_in_flight=_int(t, "batches_in_flight", "dispatch.", minimum=1,
                                default=d.batches_in_flight),
+        max_retry_after_s=_num(t, "max_retry_after_s", "dispatch.", minimum=0.0,
+                               default=d.max_retry_after_s),
     )
+
+
+_KIND_NAMES = {bool: "true or false", int: "a non-negative integer", str: "a string"}
+
+
+def _is_kind(value: object, kind: type) -> bool:
+    if kind is int:  # bool is an int in Python, never in a job file
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, kind)
+
+
+def _check_regex(pattern: str, where: str) -> None:
+    # Rules run in Arrow, whose engine is RE2: Python's `re` would accept look-behinds and
+    # back-references that only fail later, inside a routing actor.
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        pc.match_substring_regex(pa.array([""]), pattern)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise ConfigError(f"{where}: invalid regular expression for Arrow's RE2 engine: "
+                          f"{exc}") from None
 
 
 def _known(t: Mapping[str, Any], where: str, allowed: set[str]) -> None:

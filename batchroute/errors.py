@@ -6,7 +6,10 @@
     ├── RouterError              router file missing, corrupt, or incompatible with the job
     ├── DispatchError            a model call went wrong
     │   ├── TransientDispatchError   worth retrying: timeouts, 5xx, 429, dropped connections
+    │   │   └── RateLimited          429, with the provider's Retry-After
     │   └── TerminalDispatchError    not worth retrying: other 4xx, bad payloads, bad keys
+    │       ├── AuthError            401/403 or no key: stops calls to that model
+    │       └── InternalDispatchError   an unforeseen exception, recorded on the row
     └── SinkError                results could not be committed
 
 A request's outcome is data (a result row with status, error type and message); dispatch
@@ -81,6 +84,12 @@ class TerminalDispatchError(DispatchError):
     """Not retried: a 4xx other than 408/409/429, or a response that cannot be a success."""
 
     error_type = "terminal"
+
+
+class InternalDispatchError(TerminalDispatchError):
+    """An unforeseen exception while making or reading a call; recorded, not retried."""
+
+    error_type = "internal"
 
 
 class AuthError(TerminalDispatchError):

@@ -25,6 +25,7 @@ from batchroute import __version__, plan, rollup, source
 from batchroute import router as rt
 from batchroute.config import DispatchConfig, JobConfig, ModelConfig
 from batchroute.errors import ConfigError
+from batchroute.plan import failed_results
 from batchroute.progress import Progress
 from batchroute.route import RouteSpec, RouteStage, check_compatible
 from batchroute.sink import ResultSink, RunFolder
@@ -79,16 +80,28 @@ def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = 
     info = rt.inspect(router_bytes, path=job.router.path)
     spec = RouteSpec.from_job(job)
     check_compatible(info, spec, path=job.router.path)
-    if not dry_run:
-        _check_keys(job.models.values())
-
     run_id = run_id or new_run_id(job)
     folder = RunFolder(job.output, run_id)
     if folder.exists():
         raise ConfigError(f"run folder {folder.uri} already exists; choose another --run-id "
                           "(resuming a run is not supported yet)")
+
+    start_ray(ray_address)
+    # Dispatch actors start before any work so that a key missing from the workers'
+    # environment (not just the driver's) stops the job before routing is paid for.
+    actors = None if dry_run else _DispatchActors(job, run_id)
+    try:
+        return _run(job, data, router_bytes, info, spec, folder, actors, progress)
+    finally:
+        if actors is not None:
+            actors.kill()
+
+
+def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes, info: rt.RouterInfo,
+         spec: RouteSpec, folder: RunFolder, actors: _DispatchActors | None,
+         progress: Progress) -> Outcome:
     manifest: dict[str, Any] = {
-        "run_id": run_id, "job": job.name, "job_file": job.source,
+        "run_id": folder.run_id, "job": job.name, "job_file": job.source,
         "batchroute_version": __version__, "config_hash": job.config_hash,
         "router_version": info.version, "router_path": job.router.path,
         "input": job.input, "input_fingerprint": data.fingerprint,
@@ -111,10 +124,9 @@ def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = 
         manifest["input_rows"] = rows
         _stage(folder, manifest, "source")
 
-        start_ray(ray_address)
         progress.set_phase("routing")
         writer = plan.PlanWriter(folder, sink)
-        for routed in _route(folder, router_bytes, spec, job):
+        for routed in (_route(folder, router_bytes, spec, job) if rows else ()):
             writer.add(routed)
             progress.routed += routed.num_rows
             progress.tick()
@@ -123,18 +135,18 @@ def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = 
         folder.write_json("forecast.json", forecast)
         _stage(folder, manifest, "plan")
 
-        if dry_run:
+        if actors is None:
             manifest["counts"] = dict(sink.counts)
             folder.write_json("manifest.json", manifest)
             return Outcome(folder, manifest, forecast, None)
 
         progress.set_phase("dispatching")
-        manifest["dispatch"] = _dispatch(folder, job, progress.planned, sink, progress)
+        manifest["dispatch"] = actors.dispatch(folder, progress.planned, sink, progress)
         _stage(folder, manifest, "dispatch")
 
         progress.set_phase("rolling up")
-        table = rollup.rollup(rollup.read_results(folder), run_id=run_id, models=job.models,
-                              reference_model=job.reference_model)
+        table = rollup.rollup(rollup.read_results(folder), run_id=folder.run_id,
+                              models=job.models, reference_model=job.reference_model)
         folder.write_table(folder.sub("rollups"), "rollups.parquet", table)
         manifest["counts"] = dict(sink.counts)
         manifest["finished_at"] = _now()
@@ -146,19 +158,20 @@ def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = 
 def _route(folder: RunFolder, router_bytes: bytes, spec: RouteSpec,
            job: JobConfig) -> Iterator[pa.Table]:
     ray = _ray()
-
-    # Each routing actor holds a CPU; leave one for Ray Data's read tasks or the pipeline
-    # stalls waiting for a CPU that the actors never give back.
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    actors = max(1, min(job.router.actors, cpus - 1))
-    dataset = ray.data.read_parquet(folder.sub("source"), filesystem=folder.fs)
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    actors = max(1, min(job.router.actors, int(cpus) - 1))
+    # Each routing actor holds its CPUs for the whole stage; Ray Data's read tasks need one
+    # too, or the pipeline stalls. On a machine too small for both, share fractions.
+    share = 1.0 if cpus >= actors + 1 else cpus / (actors + 1)
+    dataset = ray.data.read_parquet(folder.sub("source"), filesystem=folder.fs,
+                                    num_cpus=share)
     # The router travels through the object store (workers need not share the driver's disk);
     # wrapped in a list so Ray hands the actor the reference rather than inlining the bytes.
     router_ref = [ray.put(router_bytes)]
     routed = dataset.map_batches(
         _RayRouteStage, fn_constructor_args=(router_ref, spec, job.router.path),
         batch_format="pyarrow", batch_size=job.router.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, zero_copy_batch=True)
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=share, zero_copy_batch=True)
     yield from routed.iter_batches(batch_format="pyarrow", batch_size=None)
 
 
@@ -175,6 +188,9 @@ class _DispatchActor:
     def __init__(self, model: ModelConfig, policy: DispatchConfig, run_id: str) -> None:
         self._args = (model, policy, run_id)
         self._dispatcher: Any = None
+
+    def has_key(self) -> bool:
+        return bool(os.environ.get(self._args[0].api_key_env))
 
     async def dispatch(self, routed: pa.Table) -> pa.Table:
         if self._dispatcher is None:  # created inside the actor's event loop
@@ -194,49 +210,76 @@ class _DispatchActor:
             await self._dispatcher.aclose()
 
 
-def _dispatch(folder: RunFolder, job: JobConfig, planned: dict[str, int], sink: ResultSink,
-              progress: Progress) -> dict[str, Any]:
-    """Feed every model's actor until its plan is done; return each actor's final counters."""
-    ray = _ray()
+class _DispatchActors:
+    """One async actor per catalog model, and the driver loop that feeds them."""
 
-    remote = ray.remote(num_cpus=0, max_concurrency=10_000)(_DispatchActor)
-    actors = {m: remote.options(name=f"batchroute-dispatch-{folder.run_id}-{m}").remote(
-        job.models[m], job.dispatch, folder.run_id) for m in planned}
-    readers = {m: _batches(folder, m, job.dispatch.batch_rows) for m in planned}
-    in_flight: dict[Any, str] = {}
-    per_model = dict.fromkeys(planned, 0)
+    def __init__(self, job: JobConfig, run_id: str) -> None:
+        ray = _ray()
+        self.job = job
+        remote = ray.remote(num_cpus=0, max_concurrency=10_000)(_DispatchActor)
+        self.actors = {m: remote.options(name=f"batchroute-dispatch-{run_id}-{m}").remote(
+            cfg, job.dispatch, run_id) for m, cfg in job.models.items()}
+        have = ray.get([a.has_key.remote() for a in self.actors.values()])
+        missing = [m for m, ok in zip(self.actors, have, strict=True) if not ok]
+        if missing:
+            self.kill()
+            m = job.models[missing[0]]
+            raise ConfigError(f"models.{m.name}.api_key_env: environment variable "
+                              f"{m.api_key_env} is not set where Ray's workers run")
 
-    def refill() -> None:
-        for m, reader in list(readers.items()):
-            while per_model[m] < job.dispatch.batches_in_flight:
-                batch = next(reader, None)
-                if batch is None:
-                    del readers[m]
-                    break
-                in_flight[actors[m].dispatch.remote(batch)] = m
-                per_model[m] += 1
+    def dispatch(self, folder: RunFolder, planned: dict[str, int], sink: ResultSink,
+                 progress: Progress) -> dict[str, Any]:
+        """Feed every model's actor until its plan is done; return each actor's counters.
 
-    refill()
-    last_stats = 0.0
-    try:
+        A batch whose actor call fails (the actor died, a bug) becomes ``failed`` rows with
+        the error, so every planned row still ends in exactly one result row.
+        """
+        ray = _ray()
+        policy = self.job.dispatch
+        readers = {m: _batches(folder, m, policy.batch_rows) for m in planned}
+        in_flight: dict[Any, tuple[str, pa.Table]] = {}
+        per_model = dict.fromkeys(planned, 0)
+        used = {m: self.actors[m] for m in planned}
+
+        def refill() -> None:
+            for m, reader in list(readers.items()):
+                while per_model[m] < policy.batches_in_flight:
+                    batch = next(reader, None)
+                    if batch is None:
+                        del readers[m]
+                        break
+                    in_flight[self.actors[m].dispatch.remote(batch)] = (m, batch)
+                    per_model[m] += 1
+
+        def poll() -> dict[str, Any]:
+            return dict(zip(used, ray.get([a.stats.remote() for a in used.values()]),
+                            strict=True))
+
+        refill()
+        last_stats = time.monotonic()
         while in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.25)
             for ref in ready:
-                m = in_flight.pop(ref)
+                m, batch = in_flight.pop(ref)
                 per_model[m] -= 1
-                sink.write(ray.get(ref))
+                try:
+                    sink.write(ray.get(ref))
+                except ray.exceptions.RayError as exc:
+                    log.error("dispatch of %d rows to %s failed: %s", batch.num_rows, m,
+                              type(exc).__name__)
+                    sink.write(failed_results(batch, folder.run_id, m, exc))
             refill()
             if time.monotonic() - last_stats > progress.interval_s:
                 last_stats = time.monotonic()
-                progress.models = dict(zip(actors, ray.get(
-                    [a.stats.remote() for a in actors.values()]), strict=True))
+                progress.models = poll()
             progress.tick()
-        progress.models = dict(zip(actors, ray.get([a.stats.remote() for a in actors.values()]),
-                                   strict=True))
-        ray.get([a.close.remote() for a in actors.values()])
+        progress.models = poll()
+        ray.get([a.close.remote() for a in used.values()])
         return dict(progress.models)
-    finally:
-        for a in actors.values():
+
+    def kill(self) -> None:
+        ray = _ray()
+        for a in self.actors.values():
             ray.kill(a)
 
 
@@ -252,13 +295,6 @@ def _batches(folder: RunFolder, model: str, rows: int) -> Iterator[pa.Table]:
     for batch in dataset.to_batches(batch_size=rows):
         if batch.num_rows:
             yield pa.Table.from_batches([batch])
-
-
-def _check_keys(models: Any) -> None:
-    for m in models:
-        if not os.environ.get(m.api_key_env):
-            raise ConfigError(f"models.{m.name}.api_key_env: environment variable "
-                              f"{m.api_key_env} is not set")
 
 
 def _stage(folder: RunFolder, manifest: dict[str, Any], name: str) -> None:

@@ -17,6 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 
 from batchroute import schemas
 from batchroute.config import JobConfig
@@ -70,14 +71,25 @@ class PlanWriter:
 
 def rejected_results(routed: pa.Table, run_id: str) -> pa.Table:
     """Final ``results`` rows for rows that will not be sent."""
+    return _unsent(routed, run_id, "rejected", routed.column("model"), None, None)
+
+
+def failed_results(routed: pa.Table, run_id: str, model: str, exc: BaseException) -> pa.Table:
+    """``failed`` rows for a batch whose dispatch call itself failed (e.g. the actor died)."""
+    return _unsent(routed, run_id, "failed", pa.array([model] * routed.num_rows, pa.string()),
+                   "internal", f"dispatch call failed: {type(exc).__name__}")
+
+
+def _unsent(routed: pa.Table, run_id: str, status: str, model: pa.Array | pa.ChunkedArray,
+            error_type: str | None, error_message: str | None) -> pa.Table:
     n = routed.num_rows
     now = datetime.now(UTC)
     zeros = pa.array(np.zeros(n, np.int64))
     return pa.table({
         "request_id": routed.column("request_id"),
         "run_id": pa.array([run_id] * n, pa.string()),
-        "model": routed.column("model"),
-        "status": pa.array(["rejected"] * n, pa.string()),
+        "model": model,
+        "status": pa.array([status] * n, pa.string()),
         "response": pa.nulls(n, pa.string()),
         "finish_reason": pa.nulls(n, pa.string()),
         "input_tokens": zeros,
@@ -85,8 +97,8 @@ def rejected_results(routed: pa.Table, run_id: str) -> pa.Table:
         "cost_usd": pa.array(np.zeros(n, np.float64)),
         "latency_ms": pa.nulls(n, pa.float64()),
         "attempts": pa.array(np.zeros(n, np.int32)),
-        "error_type": pa.nulls(n, pa.string()),
-        "error_message": pa.nulls(n, pa.string()),
+        "error_type": pa.array([error_type] * n, pa.string()),
+        "error_message": pa.array([error_message] * n, pa.string()),
         "reject_reason": routed.column("reject_reason"),
         "route_reason": routed.column("route_reason"),
         "router_scores": routed.column("router_scores"),
@@ -98,10 +110,17 @@ def rejected_results(routed: pa.Table, run_id: str) -> pa.Table:
     }, schema=schemas.RESULTS)
 
 
-def routed_dataset(folder: RunFolder) -> ds.Dataset:
-    """The plan as one dataset with the ``model`` partition column restored."""
-    return ds.dataset(folder.sub("routed"), filesystem=folder.fs, format="parquet",
-                      partitioning="hive")
+# Declared, not inferred: a model named "7" must come back as the string "7".
+PARTITIONING = ds.partitioning(pa.schema([("model", pa.string())]), flavor="hive")
+
+
+def routed_dataset(folder: RunFolder) -> ds.Dataset | None:
+    """The plan as one dataset with the ``model`` partition column restored; None when no
+    row was routed."""
+    path = folder.sub("routed")
+    if folder.fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    return ds.dataset(path, filesystem=folder.fs, format="parquet", partitioning=PARTITIONING)
 
 
 def forecast(folder: RunFolder, job: JobConfig, rejected: int) -> dict[str, Any]:
@@ -110,14 +129,16 @@ def forecast(folder: RunFolder, job: JobConfig, rejected: int) -> dict[str, Any]
     Wall time is the larger of rows / RPM and tokens / TPM: the model's limits, not its
     latency, bound a batch job once concurrency covers latency.
     """
-    frame = pl.from_arrow(routed_dataset(folder).to_table(
-        columns=["model", "est_input_tokens", "est_output_tokens"]))
+    columns = ["model", "est_input_tokens", "est_output_tokens"]
+    routed = routed_dataset(folder)
+    table = (routed.to_table(columns=columns) if routed is not None else
+             pa.table({c: pa.array([], pa.string() if c == "model" else pa.int64())
+                       for c in columns}))
+    frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
-    sums = (frame.group_by("model").agg(
+    sums = frame.group_by("model").agg(
         rows=pl.len(), est_input_tokens=pl.col("est_input_tokens").sum(),
-        est_output_tokens=pl.col("est_output_tokens").sum()).sort("model")) if len(frame) else \
-        pl.DataFrame(schema={"model": pl.String, "rows": pl.UInt32,
-                             "est_input_tokens": pl.Int64, "est_output_tokens": pl.Int64})
+        est_output_tokens=pl.col("est_output_tokens").sum()).sort("model")
     ref = job.models[job.reference_model]
     models: dict[str, dict[str, Any]] = {}
     for row in sums.iter_rows(named=True):
@@ -141,7 +162,7 @@ def forecast(folder: RunFolder, job: JobConfig, rejected: int) -> dict[str, Any]
         "reference_model": job.reference_model,
         "models": models,
         "rejected": rejected,
-        "routed": int(sums["rows"].sum()) if len(sums) else 0,
+        "routed": int(sums["rows"].sum()),
         "est_cost_usd": round(total_cost, 6),
         "est_reference_cost_usd": round(total_ref, 6),
         "est_savings_usd": round(total_ref - total_cost, 6),

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 
 from batchroute import schemas
 from batchroute.config import ModelConfig
@@ -19,10 +20,15 @@ from batchroute.sink import RunFolder
 
 
 def read_results(folder: RunFolder) -> pl.DataFrame:
-    table = ds.dataset(folder.sub("results"), filesystem=folder.fs, format="parquet",
-                       schema=schemas.RESULTS).to_table(
-        columns=["request_id", "model", "status", "input_tokens", "output_tokens",
-                 "cost_usd", "latency_ms", "attempts"])
+    """The columns rollups need, over every committed result shard (none: an empty frame)."""
+    columns = ["request_id", "model", "status", "input_tokens", "output_tokens", "cost_usd",
+               "latency_ms", "attempts"]
+    path = folder.sub("results")
+    if folder.fs.get_file_info(path).type == pafs.FileType.NotFound:
+        table = schemas.RESULTS.empty_table().select(columns)
+    else:
+        table = ds.dataset(path, filesystem=folder.fs, format="parquet",
+                           schema=schemas.RESULTS).to_table(columns=columns)
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
     return frame

@@ -13,8 +13,9 @@ Bad rows are never dropped: a null request_id, a null or empty prompt, or a repe
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
+import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ import pyarrow.parquet as pq
 
 from batchroute import schemas
 from batchroute.errors import SchemaError
+
+MAX_TOKENS_LIMIT = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -76,11 +79,13 @@ def open_input(uri: str) -> InputDataset:
 
 
 def _resolve(uri: str) -> tuple[pafs.FileSystem, list[str]]:
+    if "://" not in uri and not uri.startswith("/"):
+        uri = f"{os.getcwd()}/{uri}"
     globbing = any(ch in uri for ch in "*?[")
     base = uri
     if globbing:
         cut = min(uri.find(ch) for ch in "*?[" if ch in uri)
-        base = uri[:cut].rsplit("/", 1)[0] or "/"
+        base = uri[:cut].rsplit("/", 1)[0]
     try:
         filesystem, base_path = pafs.FileSystem.from_uri(base)
     except (pa.ArrowInvalid, ValueError):
@@ -90,16 +95,44 @@ def _resolve(uri: str) -> tuple[pafs.FileSystem, list[str]]:
         raise SchemaError(f"input {uri}: no such file or directory")
     if info.type == pafs.FileType.File:
         return filesystem, [base_path]
-    selector = pafs.FileSelector(base_path, recursive=True)
+    pattern = _glob_regex(base_path + uri[len(base):]) if globbing else None
+    # Only a "**" pattern (or a plain folder) needs the whole tree below the base.
+    recursive = pattern is None or "**" in uri or uri[len(base):].count("/") > 1
+    selector = pafs.FileSelector(base_path, recursive=recursive)
     found = sorted(
         i.path for i in filesystem.get_file_info(selector)
         if i.type == pafs.FileType.File and not _hidden(i.path[len(base_path):])
     )
-    if globbing:
-        pattern = base_path + uri[len(base):]
-        return filesystem, [p for p in found if fnmatch.fnmatch(p, pattern)]
+    if pattern is not None:
+        return filesystem, [p for p in found if pattern.fullmatch(p)]
     return filesystem, [p for p in found if p.endswith((".parquet", ".parq", ".pq"))
                         or "." not in p.rsplit("/", 1)[-1]]
+
+
+def _glob_regex(glob: str) -> re.Pattern[str]:
+    """Shell-style matching per path segment: ``*`` and ``?`` stay inside one folder level,
+    ``**`` crosses levels, ``[...]`` is a character class."""
+    out, i = [], 0
+    while i < len(glob):
+        if glob.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif glob[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif glob[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif glob[i] == "[" and (end := glob.find("]", i + 1)) > i:
+            out.append("[" + glob[i + 1:end].replace("!", "^", 1) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(glob[i]))
+            i += 1
+    return re.compile("".join(out))
 
 
 def _hidden(relative: str) -> bool:
@@ -187,17 +220,23 @@ def _duplicates(ids: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
 
 def _canonical(t: pa.Table, start: int, duplicates: tuple[np.ndarray, np.ndarray]) -> pa.Table:
     n = t.num_rows
+    bad_max_tokens: pa.ChunkedArray | None = None
     out: dict[str, pa.Array | pa.ChunkedArray] = {}
     for field in schemas.REQUESTS:
         if field.name == "row":
             out["row"] = pa.array(np.arange(start, start + n, dtype=np.int64))
         elif field.name == "reject_reason":
             continue
+        elif field.name == "max_tokens" and "max_tokens" in t.column_names:
+            given = t.column("max_tokens").cast(pa.int64())
+            bad_max_tokens = pc.fill_null(pc.or_(pc.less(given, 1),
+                                                 pc.greater(given, MAX_TOKENS_LIMIT)), False)
+            out["max_tokens"] = pc.if_else(bad_max_tokens, None, given).cast(pa.int32())
         elif field.name in t.column_names:
             out[field.name] = _cast(t.column(field.name), field.type)
         else:
             out[field.name] = pa.nulls(n, field.type)
-    out["reject_reason"] = _reject_reasons(out, start, duplicates)
+    out["reject_reason"] = _reject_reasons(out, start, duplicates, bad_max_tokens)
     return pa.table(out, schema=schemas.REQUESTS)
 
 
@@ -214,7 +253,8 @@ def _cast(col: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:
 
 
 def _reject_reasons(cols: dict[str, pa.Array | pa.ChunkedArray], start: int,
-                    duplicates: tuple[np.ndarray, np.ndarray]) -> pa.Array:
+                    duplicates: tuple[np.ndarray, np.ndarray],
+                    bad_max_tokens: pa.ChunkedArray | None) -> pa.Array:
     n = len(cols["row"])
     reason = np.full(n, None, dtype=object)
     prompt, messages = cols["prompt"], cols["messages"]
@@ -232,6 +272,9 @@ def _reject_reasons(cols: dict[str, pa.Array | pa.ChunkedArray], start: int,
         offsets = rows[lo:hi] - start
         reason[offsets] = [f"duplicate request_id (first at input row {f})"
                            for f in firsts[lo:hi]]
+    if bad_max_tokens is not None and pc.any(bad_max_tokens).as_py():
+        reason[bad_max_tokens.to_numpy(zero_copy_only=False)] = (
+            f"max_tokens must be between 1 and {MAX_TOKENS_LIMIT}")
     reason[empty & (has_prompt | has_messages)] = "empty prompt"
     reason[~has_prompt & ~has_messages] = "null prompt"
     reason[~pc.is_valid(cols["request_id"]).to_numpy(zero_copy_only=False)] = "null request_id"

@@ -1,7 +1,8 @@
 """One model's dispatcher: routed rows in, result rows out, within that model's limits.
 
 Every request ends as exactly one result row, ``ok`` or ``failed`` with its error; nothing a
-provider does raises out of :meth:`ModelDispatcher.dispatch`. Retries use exponential backoff
+provider does (and no unforeseen exception while handling a reply) raises out of
+:meth:`ModelDispatcher.dispatch`. Retries use exponential backoff
 with full jitter, and a 429's ``Retry-After`` pauses new calls to this model only.
 
 Seams for tests: the httpx transport, the sleep function, the clock and the random source.
@@ -33,12 +34,14 @@ from batchroute.dispatch.providers import (
 from batchroute.errors import (
     AuthError,
     DispatchError,
+    InternalDispatchError,
     RateLimited,
     TerminalDispatchError,
     TransientDispatchError,
 )
 
 Sleep = Callable[[float], Awaitable[None]]
+MIN_SCRUB_CHARS = 8
 
 
 @dataclass
@@ -52,7 +55,8 @@ class Stats:
     rate_limited: int = 0  # 429 responses received
     retries: int = 0
     cost_usd: float = 0.0
-    paused_s: float = 0.0  # time spent honouring Retry-After
+    paused_s: float = 0.0  # wall time this model was paused honouring Retry-After
+    min_rate_factor: float = 1.0  # lowest share of the catalog RPM it was paced down to
     errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -137,6 +141,7 @@ class ModelDispatcher:
                     self._provider.url, content=body,
                     headers={**self._provider.headers(), "content-type": "application/json"})
                 answer = raise_for_response(resp, self._provider)
+                self._limits.speed_up()
                 latency = (self._clock() - t0) * 1000.0
                 return self._finish("ok", answer, attempt, latency, None, started)
             except AuthError as exc:
@@ -146,26 +151,41 @@ class ModelDispatcher:
                 return self._finish("failed", None, attempt, None, exc, started)
             except (TransientDispatchError, httpx.HTTPError) as exc:
                 err = _transient(exc)
+            except Exception as exc:  # a bug or an unforeseen reply must not end the job
+                return self._finish("failed", None, attempt, None, InternalDispatchError(
+                    f"{type(exc).__name__}: {exc}"), started)
             finally:
                 self._limits.release()  # never hold a connection slot through a backoff
             if isinstance(err, RateLimited):
                 self.stats.rate_limited += 1
+                self._limits.slow_down(asyncio.get_running_loop().time())
+                self.stats.min_rate_factor = min(self.stats.min_rate_factor,
+                                                 self._limits.factor)
                 if err.retry_after_s is not None:
-                    self._resume_at = max(self._resume_at, self._clock() + err.retry_after_s)
+                    self._pause(err.retry_after_s)
             if attempt >= self.policy.max_attempts:
                 return self._finish("failed", None, attempt, None, err, started)
             self.stats.retries += 1
             await self._sleep(self._backoff(attempt, err))
 
+    def _pause(self, seconds: float) -> None:
+        """Hold back every request to this model (and only this model) for ``seconds``."""
+        now = self._clock()
+        until = now + min(seconds, self.policy.max_retry_after_s)
+        if until > self._resume_at:
+            self.stats.paused_s += until - max(self._resume_at, now)
+            self._resume_at = until
+
     def _backoff(self, attempt: int, err: DispatchError) -> float:
         if err.retry_after_s is not None:
-            return err.retry_after_s
+            # A provider's word is honoured, up to a cap: "retry after a day" must not hang a
+            # nightly job; the attempt budget decides what happens after.
+            return min(err.retry_after_s, self.policy.max_retry_after_s)
         cap = min(self.policy.backoff_max_s, self.policy.backoff_base_s * 2 ** (attempt - 1))
         return self._rng.uniform(0.0, cap)  # full jitter: spreads a retry storm out
 
     async def _wait_for_pause(self) -> None:
         while (delay := self._resume_at - self._clock()) > 0:
-            self.stats.paused_s += delay
             await self._sleep(delay)
 
     def _finish(self, status: str, answer: Answer | None, attempts: int,
@@ -217,7 +237,9 @@ class ModelDispatcher:
 
     def _scrub(self, text: str) -> str:
         # Some providers echo part or all of a rejected key; never let it reach a result row.
-        return text.replace(self._api_key, "***") if self._api_key else text
+        if len(self._api_key) < MIN_SCRUB_CHARS:  # too short to tell apart from prose
+            return text
+        return text.replace(self._api_key, "***")
 
 
 def _transient(exc: Exception) -> DispatchError:

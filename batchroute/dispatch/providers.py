@@ -11,6 +11,7 @@ first; the dispatcher turns them into retries or result rows.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -81,10 +82,13 @@ class OpenAIChat(Provider):
     def parse(self, payload: Any) -> Answer:
         choice = payload["choices"][0]
         usage = payload["usage"]
-        return Answer(text=choice["message"].get("content") or "",
+        content = choice["message"].get("content") or ""
+        if isinstance(content, list):  # some compatible servers return content parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return Answer(text=_str(content),
                       finish_reason=str(choice.get("finish_reason") or "stop"),
-                      input_tokens=int(usage["prompt_tokens"]),
-                      output_tokens=int(usage["completion_tokens"]))
+                      input_tokens=_tokens(usage["prompt_tokens"]),
+                      output_tokens=_tokens(usage["completion_tokens"]))
 
 
 class AnthropicMessages(Provider):
@@ -107,28 +111,43 @@ class AnthropicMessages(Provider):
         return body
 
     def parse(self, payload: Any) -> Answer:
-        text = "".join(part.get("text", "") for part in payload["content"]
+        text = "".join(_str(part.get("text", "")) for part in payload["content"]
                        if part.get("type") == "text")
         usage = payload["usage"]
         stop = str(payload.get("stop_reason") or "end_turn")
         return Answer(text=text, finish_reason=self._STOP.get(stop, stop),
-                      input_tokens=int(usage["input_tokens"]),
-                      output_tokens=int(usage["output_tokens"]))
+                      input_tokens=_tokens(usage["input_tokens"]),
+                      output_tokens=_tokens(usage["output_tokens"]))
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected text, got {type(value).__name__}")
+    return value
+
+
+def _tokens(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TypeError(f"expected a token count, got {value!r}")
+    return value
 
 
 PROVIDERS: dict[str, type[Provider]] = {"openai": OpenAIChat, "anthropic": AnthropicMessages}
 
 
 def retry_after_s(headers: httpx.Headers) -> float | None:
-    """Seconds the provider asked us to wait, from retry-after-ms or retry-after (seconds)."""
+    """Seconds the provider asked us to wait, from retry-after-ms or retry-after (seconds);
+    None when absent or not a finite number (an HTTP date, "inf"): backoff applies then."""
     for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
         value = headers.get(name)
         if value is None:
             continue
         try:
-            return max(0.0, float(value) * scale)
+            seconds = float(value) * scale
         except ValueError:
-            continue  # an HTTP date: rare from LLM providers; fall back to backoff
+            continue
+        if math.isfinite(seconds):
+            return max(0.0, seconds)
     return None
 
 
@@ -161,10 +180,10 @@ def _error_message(resp: httpx.Response) -> str:
     try:
         payload = resp.json()
         err = payload.get("error", payload)
-        text = err.get("message") if isinstance(err, dict) else str(err)
+        text = err.get("message") if isinstance(err, dict) else err
     except (ValueError, AttributeError):
         text = resp.text
-    return (text or resp.reason_phrase or "no message")[:MAX_ERROR_CHARS]
+    return str(text or resp.reason_phrase or "no message")[:MAX_ERROR_CHARS]
 
 
 def dumps(body: dict[str, Any]) -> bytes:

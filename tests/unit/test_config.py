@@ -71,6 +71,12 @@ def test_config_hash_ignores_locations_but_not_prices() -> None:
      "router.rules[0].model"),
     (["router", "rules"], [{"name": "r", "model": MID}], "router.rules[0]: a rule needs"),
     (["router", "rules"], [{"name": "r", "model": MID, "regex": "("}], "router.rules[0].regex"),
+    (["router", "rules"], [{"name": "r", "model": MID, "regex": "(?<=a)b"}],
+     "router.rules[0].regex: invalid regular expression for Arrow's RE2"),
+    (["router", "rules"], [{"name": "r", "model": MID, "min_chars": "10"}],
+     "router.rules[0].min_chars: must be a non-negative integer"),
+    (["router", "rules"], [{"name": "r", "model": MID, "regex": 5}],
+     "router.rules[0].regex: must be a string"),
     (["dispatch", "max_attempts"], 0, "dispatch.max_attempts"),
     (["models"], {}, "models: the catalog is empty"),
 ])

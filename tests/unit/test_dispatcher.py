@@ -6,6 +6,7 @@ No network and no real waiting: every outcome a provider can produce ends as exa
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 from collections.abc import Callable
@@ -222,3 +223,96 @@ def test_messages_rows_and_per_row_options() -> None:
     body = json.loads(h.calls[0].content)
     assert body["messages"][0] == {"role": "system", "content": "terse"}
     assert body["temperature"] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize(("reply", "error_type", "message"), [
+    (httpx.Response(400, json={"error": {"message": 123}}), "terminal", "HTTP 400: 123"),
+    (httpx.Response(200, json={"choices": [{"message": {"content": 5}}],
+                               "usage": {"prompt_tokens": 1, "completion_tokens": 1}}),
+     "transient", "malformed response body from provider (TypeError)"),
+    (httpx.Response(200, json={"choices": [{"message": {"content": "x"}}],
+                               "usage": {"prompt_tokens": -1, "completion_tokens": 1}}),
+     "transient", "malformed response body from provider (TypeError)"),
+])
+def test_odd_replies_end_as_rows(reply: httpx.Response, error_type: str, message: str) -> None:
+    h = Harness(lambda r: reply, max_attempts=2)
+    row = _rows(h.run(_routed(1))[0])[0]
+    assert (row["status"], row["error_type"], row["error_message"]) == (
+        "failed", error_type, message)
+
+
+def test_content_parts_from_compatible_servers() -> None:
+    h = Harness(lambda r: httpx.Response(200, json={
+        "choices": [{"message": {"content": [{"type": "text", "text": "a"},
+                                             {"type": "text", "text": "b"}]}}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2}}))
+    assert _rows(h.run(_routed(1))[0])[0]["response"] == "ab"
+
+
+def test_an_unforeseen_exception_is_recorded_not_raised() -> None:
+    def handler(req: httpx.Request) -> httpx.Response:
+        raise RuntimeError("a bug in a transport")
+
+    row = _rows(Harness(handler).run(_routed(1))[0])[0]
+    assert (row["status"], row["error_type"]) == ("failed", "internal")
+    assert row["error_message"] == "RuntimeError: a bug in a transport"
+
+
+@pytest.mark.parametrize(("header", "expected"), [("inf", None), ("86400", 120.0),
+                                                  ("nan", None), ("3", 3.0)])
+def test_retry_after_is_capped_and_sane(header: str, expected: float | None) -> None:
+    replies = iter([httpx.Response(429, headers={"retry-after": header})])
+    h = Harness(lambda r: next(replies, None) or _openai_ok(r))
+    out, d = h.run(_routed(1))
+    assert _rows(out)[0]["status"] == "ok"
+    if expected is None:  # not a usable number: jittered backoff instead
+        assert len(h.sleeps) == 1 and 0 <= h.sleeps[0] <= 0.01
+        assert d.stats.paused_s == 0
+    else:
+        assert h.sleeps == [expected] and d.stats.paused_s == expected
+
+
+def test_short_keys_are_not_scrubbed_out_of_prose() -> None:
+    h = Harness(lambda r: httpx.Response(400, json={"error": {"message": "bad key"}}), key="k")
+    assert _rows(h.run(_routed(1))[0])[0]["error_message"] == "HTTP 400: bad key"
+
+
+def test_token_bucket_admits_the_largest_request_despite_rounding() -> None:
+    from batchroute.dispatch.limits import ModelLimits
+
+    async def go() -> None:
+        limits = ModelLimits(rpm=1000, tpm=13_961, concurrency=1, largest_request_tokens=4096)
+        await limits.acquire(4096)
+        limits.release()
+        with pytest.raises(ValueError, match="exceeds the largest admissible"):
+            await limits.acquire(4097)
+
+    asyncio.run(go())
+
+
+def test_429_paces_the_model_down_and_success_brings_it_back() -> None:
+    from batchroute.dispatch.limits import MIN_FACTOR, ModelLimits
+
+    async def go() -> list[float]:
+        limits = ModelLimits(rpm=6000, tpm=10**9, concurrency=8, largest_request_tokens=10)
+        for t in (0.0, 0.5, 1.0, 1.2, 2.5):  # a burst of 429s counts once per second
+            limits.slow_down(t)
+        assert limits.factor == pytest.approx(0.343)
+        loop = asyncio.get_running_loop()
+        starts = []
+        for _ in range(4):
+            await limits.acquire(1)
+            starts.append(loop.time())
+            limits.release()
+        for _ in range(200):
+            limits.speed_up()
+        assert limits.factor == 1.0
+        for t in range(100):
+            limits.slow_down(float(t))
+        assert limits.factor == MIN_FACTOR
+        return starts
+
+    starts = asyncio.run(go())
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    # 6,000 RPM x 0.343 = 34.3 requests/s: starts about 29 ms apart instead of 10 ms
+    assert all(g > 0.025 for g in gaps)

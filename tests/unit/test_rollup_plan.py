@@ -89,7 +89,9 @@ def test_plan_splits_by_model_and_rejects_to_results(tmp_path: Path) -> None:
     w.add(_routed([CHEAP, "odd/name"], [None, "too long"]))
     assert w.close() == {CHEAP: 3, STRONG: 1}
     assert sink.counts == {"ok": 0, "failed": 0, "rejected": 2}
-    routed = plan.routed_dataset(folder).to_table()
+    dataset = plan.routed_dataset(folder)
+    assert dataset is not None
+    routed = dataset.to_table()
     assert sorted(routed.column("model").to_pylist()) == [CHEAP] * 3 + [STRONG]
     rejected = pq.read_table(tmp_path / "run-x" / "results").to_pylist()
     assert {r["reject_reason"] for r in rejected} == {"null prompt", "too long"}
@@ -103,6 +105,21 @@ def test_plan_splits_by_model_and_rejects_to_results(tmp_path: Path) -> None:
     assert cheap["bound_by"] == "tpm"
     assert f["rejected"] == 2 and f["routed"] == 4
     assert "rejected before dispatch: 2" in plan.format_forecast(f)
+
+
+def test_forecast_with_nothing_routed_and_numeric_model_names(tmp_path: Path) -> None:
+    folder = RunFolder(str(tmp_path), "empty")
+    f = plan.forecast(folder, JOB, rejected=3)
+    assert (f["routed"], f["rejected"], f["est_cost_usd"], f["models"]) == (0, 3, 0, {})
+
+    doc = job_doc()
+    doc["models"]["7"] = doc["models"].pop(CHEAP)
+    job = config.parse(doc)
+    folder = RunFolder(str(tmp_path), "numeric")
+    w = plan.PlanWriter(folder, ResultSink(folder))
+    w.add(_routed(["7", "7"], [None, None]))
+    w.close()
+    assert plan.forecast(folder, job, rejected=0)["models"]["7"]["rows"] == 2
 
 
 def test_shards_are_committed_atomically(tmp_path: Path) -> None:

@@ -108,3 +108,18 @@ def test_raising_a_threshold_never_sends_more_rows_to_that_model(
     cheap_lo = np.array(_col(_stage(thresholds={CHEAP: lo})(_requests(prompts)), "model")) == CHEAP
     cheap_hi = np.array(_col(_stage(thresholds={CHEAP: hi})(_requests(prompts)), "model")) == CHEAP
     assert not np.any(cheap_hi & ~cheap_lo)
+
+
+def test_policy_over_three_router_models() -> None:
+    from batchroute import router as rt
+
+    # output order is strong, cheap, mid (not price order); rows: easy, medium, hard, unknown
+    w = np.array([[4, 4, 4], [4, -4, 4], [4, -4, -4], [0, 0, 0]], np.float32)
+    meta = {"version": "tiny-3", "thresholds": f'{{"{CHEAP}": 0.5, "{MID}": 0.5}}'}
+    three = rt.build_graph(["easy", "medium", "hard"], w, np.zeros(3, np.float32),
+                           np.zeros(3, np.float32), [STRONG, CHEAP, MID], meta)
+    stage = RouteStage(three, RouteSpec.from_job(config.parse(job_doc())))
+    out = stage(_requests(["easy", "medium", "hard"]))
+    assert _col(out, "model") == [CHEAP, MID, STRONG]
+    assert _col(out, "route_reason") == ["classifier", "classifier", "fallback"]
+    assert [s["model"] for s in _col(out, "router_scores")[0]] == [STRONG, CHEAP, MID]

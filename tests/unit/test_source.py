@@ -78,6 +78,19 @@ def test_folder_glob_and_hive_layouts(tmp_path: Path) -> None:
         "request_id").to_pylist() == ["c"]
 
 
+def test_glob_stays_within_one_folder_level(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "sub").mkdir()
+    for path, rid in (("a.parquet", "a"), ("sub/b.parquet", "b")):
+        pq.write_table(pa.table({"request_id": [rid], "prompt": ["p"]}), tmp_path / path)
+    assert _read(f"{tmp_path}/*.parquet").column("request_id").to_pylist() == ["a"]
+    assert _read(f"{tmp_path}/**/*.parquet").column("request_id").to_pylist() == ["a", "b"]
+    monkeypatch.chdir(tmp_path)
+    assert _read("*.parquet").column("request_id").to_pylist() == ["a"]
+    with pytest.raises(SchemaError, match="no Parquet files found"):
+        source.open_input(f"{tmp_path}/*.csv")
+
+
 def test_messages_input_and_request_text(tmp_path: Path) -> None:
     msgs = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}],
             [{"role": "user", "content": "   "}]]
@@ -97,6 +110,16 @@ def test_bad_rows_are_kept_with_reasons(tmp_path: Path) -> None:
         0: None, 1: "null prompt", 2: "empty prompt",
         3: "duplicate request_id (first at input row 0)", 4: "null request_id",
         5: "empty prompt", 6: "duplicate request_id (first at input row 2)"}
+
+
+def test_impossible_max_tokens_are_rejected_not_fatal(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"request_id": ["a", "b", "c", "d"], "prompt": ["p"] * 4,
+                             "max_tokens": pa.array([0, 2**40, None, 64], pa.int64())}),
+                   tmp_path / "m.parquet")
+    t = _read(tmp_path / "m.parquet")
+    assert _reasons(t) == {0: "max_tokens must be between 1 and 2147483647",
+                           1: "max_tokens must be between 1 and 2147483647", 2: None, 3: None}
+    assert t.column("max_tokens").to_pylist() == [None, None, None, 64]
 
 
 def test_duplicates_across_files_keep_the_first(tmp_path: Path) -> None:

@@ -1,0 +1,92 @@
+"""Edges of the whole job on the shared Ray session: provider limits below the catalog's, empty
+and all-rejected inputs, a key missing where the workers run."""
+
+from __future__ import annotations
+
+import io
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchroute import config, pipeline
+from batchroute.errors import ConfigError
+from batchroute.mock_provider import MockProvider, MockProviderConfig
+from batchroute.progress import Progress
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.integration
+
+
+def _job(tmp: Path, input_uri: Path, urls: dict[str, str], **model: Any) -> config.JobConfig:
+    doc: dict[str, Any] = tomllib.loads((REPO / "jobs" / "demo.toml").read_text())
+    doc["job"].update(input=str(input_uri), output=str(tmp / "runs"))
+    doc["dispatch"].update(backoff_base_s=0.01, backoff_max_s=0.1, batch_rows=32)
+    for name, m in doc["models"].items():
+        m["base_url"] = urls[name] + ("/v1" if m["provider"] == "openai" else "")
+        m.update({"api_key_env": "BATCHROUTE_TEST_KEY", "rpm": 60_000, "tpm": 50_000_000,
+                  **model})
+    return config.parse(doc)
+
+
+def _quiet() -> Progress:
+    return Progress(io.StringIO(), interval_s=3600)
+
+
+def test_provider_limit_below_the_catalog_gives_429s_that_are_honoured(
+        tmp_path: Path, api_key: str, ray_session: None) -> None:
+    n = 120
+    pq.write_table(pa.table({"request_id": [f"q{i}" for i in range(n)],
+                             "prompt": [f"What is {i} plus {i}?" for i in range(n)],
+                             "force_model": ["mixtral-8x7b-instruct"] * n}),
+                   tmp_path / "in.parquet")
+    # The provider allows 1,200 RPM over 1 s windows; the catalog claims 2,400.
+    tight = MockProviderConfig(rpm=1200, tpm=10_000_000, window_s=1.0, api_key=api_key)
+    with MockProvider(tight) as p:
+        job = _job(tmp_path, tmp_path / "in.parquet", dict.fromkeys(
+            ("mixtral-8x7b-instruct", "claude-3-5-sonnet", "gpt-4-1106-preview"), p.url),
+            rpm=2400)
+        out = pipeline.run(job, run_id="tight", progress=_quiet())
+        served = p.stats()
+    results = pl.read_parquet(out.folder.sub("results"))
+    assert out.exit_code == 0 and len(results) == n
+    assert set(results["status"]) == {"ok"}
+    stats = out.manifest["dispatch"]["mixtral-8x7b-instruct"]
+    assert stats["rate_limited"] == served["rate_limited"] > 0
+    assert results["attempts"].sum() == n + stats["rate_limited"]
+
+
+def test_empty_and_all_rejected_inputs_finish_cleanly(tmp_path: Path, provider: MockProvider,
+                                                      ray_session: None) -> None:
+    urls = dict.fromkeys(("mixtral-8x7b-instruct", "claude-3-5-sonnet", "gpt-4-1106-preview"),
+                         provider.url)
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"request_id": pa.array([], pa.string()),
+                             "prompt": pa.array([], pa.string())}), empty)
+    out = pipeline.run(_job(tmp_path, empty, urls), run_id="empty", progress=_quiet())
+    assert out.exit_code == 0 and out.manifest["input_rows"] == 0
+    assert out.rollups is not None and out.rollups.num_rows == 0
+
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"request_id": ["a", "a", "b"], "prompt": ["", "x", None]}), bad)
+    out = pipeline.run(_job(tmp_path, bad, urls), run_id="bad", progress=_quiet())
+    results = pl.read_parquet(out.folder.sub("results"))
+    assert sorted(results["reject_reason"].to_list()) == [
+        "duplicate request_id (first at input row 0)", "empty prompt", "null prompt"]
+    assert out.forecast["routed"] == 0 and out.exit_code == 0
+
+
+def test_key_missing_in_the_workers_stops_before_any_work(
+        tmp_path: Path, provider: MockProvider, ray_session: None) -> None:
+    pq.write_table(pa.table({"request_id": ["a"], "prompt": ["hi"]}), tmp_path / "in.parquet")
+    urls = dict.fromkeys(("mixtral-8x7b-instruct", "claude-3-5-sonnet", "gpt-4-1106-preview"),
+                         provider.url)
+    job = _job(tmp_path, tmp_path / "in.parquet", urls,
+               api_key_env="BATCHROUTE_KEY_NOBODY_SET")
+    with pytest.raises(ConfigError, match="BATCHROUTE_KEY_NOBODY_SET is not set"):
+        pipeline.run(job, run_id="nokey", progress=_quiet())
+    assert not (tmp_path / "runs" / "nokey").exists()
