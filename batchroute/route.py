@@ -15,7 +15,7 @@ out the rows that need it, and the scores are evidence worth keeping on every ro
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -190,9 +190,9 @@ def _assemble(batch: pa.Table, reject: np.ndarray, model: np.ndarray, reason: np
               scores: np.ndarray, info: RouterInfo, threshold: np.ndarray,
               est_in: np.ndarray, est_out: np.ndarray) -> pa.Table:
     n, m = scores.shape
+    names = pa.array(info.models, pa.string()).take(pa.array(np.tile(np.arange(m), n)))
     score_structs = pa.StructArray.from_arrays(
-        [pa.array(np.tile(np.array(info.models, dtype=object), n), pa.string()),
-         pa.array(scores.ravel(), pa.float32())], fields=list(schemas.ROUTER_SCORE))
+        [names, pa.array(scores.ravel(), pa.float32())], fields=list(schemas.ROUTER_SCORE))
     router_scores = pa.ListArray.from_arrays(
         pa.array(np.arange(0, n * m + 1, m, dtype=np.int32)), score_structs)
     cols = {name: batch.column(name) for name in schemas.REQUESTS.names}
@@ -202,12 +202,9 @@ def _assemble(batch: pa.Table, reject: np.ndarray, model: np.ndarray, reason: np
         route_reason=pa.array(reason, pa.string()),
         router_scores=router_scores,
         threshold=pa.array(threshold, pa.float32(), from_pandas=True),
-        router_version=pa.array(np.full(n, info.version, dtype=object), pa.string()),
+        router_version=pa.repeat(pa.scalar(info.version, pa.string()), n),
         est_input_tokens=pa.array(est_in, pa.int64()),
         est_output_tokens=pa.array(est_out, pa.int64()),
     )
     return pa.table(cols, schema=schemas.ROUTED)
 
-
-def targets_by_price(targets: Sequence[Target]) -> list[str]:
-    return [t.name for t in sorted(targets, key=lambda t: t.price)]

@@ -91,7 +91,9 @@ RESULTS = pa.schema([
     _f("threshold", pa.float32(), "As in routed."),
     _f("router_version", pa.string(), "As in routed."),
     _f("tags", pa.list_(pa.string()), "As in the input."),
-    _f("started_at", TIMESTAMP, "When the first attempt started (null for rejected rows)."),
+    _f("started_at", TIMESTAMP,
+       "When the first attempt started; null when none was made (rejected rows, or rows "
+       "failed without a call because the model's key had been refused)."),
     _f("finished_at", TIMESTAMP, "When the row reached its final status.", nullable=False),
 ])
 

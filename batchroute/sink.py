@@ -9,9 +9,10 @@ Layout of a run (``<output>/<run id>/``)::
     results/             one row per input row (schemas/results.schema.json)
     rollups/             one row per model (schemas/rollups.schema.json)
 
-Every Parquet file is written under a hidden temporary name and renamed into place, so a
-reader (pyarrow, polars, DuckDB, Spark all skip names starting with "." or "_") never sees a
-half-written shard.
+Every Parquet file is written under a hidden temporary name and then moved into place, so a
+reader (pyarrow, polars, DuckDB and Spark all skip names starting with "." or "_") never sees a
+half-written shard. On a local disk the move is an atomic rename; on an object store it is a
+copy and a delete, which still never exposes a partial object under the final name.
 """
 
 from __future__ import annotations
@@ -76,11 +77,6 @@ class RunFolder:
             raise SinkError(f"cannot write {final}: {exc}") from None
         return final
 
-    def read_json(self, name: str) -> dict[str, Any]:
-        with self.fs.open_input_stream(self.sub(name)) as f:
-            doc: dict[str, Any] = json.loads(f.read())
-        return doc
-
 
 class ResultSink:
     """Appends result shards as they complete and keeps the counts by status."""
@@ -89,7 +85,6 @@ class ResultSink:
         self.folder = folder
         self.directory = folder.sub("results")
         self.counts: dict[str, int] = {"ok": 0, "failed": 0, "rejected": 0}
-        self.cost_usd = 0.0
         self._seq = 0
 
     def write(self, results: pa.Table) -> None:
@@ -99,7 +94,6 @@ class ResultSink:
         self._seq += 1
         for status, n in zip(*_value_counts(results.column("status")), strict=True):
             self.counts[status] = self.counts.get(status, 0) + n
-        self.cost_usd += float(pc.sum(results.column("cost_usd")).as_py() or 0.0)
 
 
 def _value_counts(col: pa.ChunkedArray) -> tuple[list[str], list[int]]:
