@@ -40,8 +40,6 @@ class Progress:
             self._live.update(self._render())
             self._live.__exit__(None, None, None)
             self._live = None
-        elif exc[0] is None:
-            self._emit()
 
     def set_phase(self, phase: str) -> None:
         self.phase = phase
