@@ -177,12 +177,15 @@ class ModelDispatcher:
             self._resume_at = until
 
     def _backoff(self, attempt: int, err: DispatchError) -> float:
-        if err.retry_after_s is not None:
-            # A provider's word is honoured, up to a cap: "retry after a day" must not hang a
-            # nightly job; the attempt budget decides what happens after.
-            return min(err.retry_after_s, self.policy.max_retry_after_s)
+        # Full jitter spreads a retry storm out. A provider's Retry-After is a floor, not the
+        # delay itself: it tells every rejected request the same instant, and a herd arriving
+        # together would be rejected together again. The floor is capped so that "retry after
+        # a day" cannot hang a nightly job; the attempt budget decides what happens after.
         cap = min(self.policy.backoff_max_s, self.policy.backoff_base_s * 2 ** (attempt - 1))
-        return self._rng.uniform(0.0, cap)  # full jitter: spreads a retry storm out
+        jitter = self._rng.uniform(0.0, cap)
+        if err.retry_after_s is None:
+            return jitter
+        return max(min(err.retry_after_s, self.policy.max_retry_after_s), jitter)
 
     async def _wait_for_pause(self) -> None:
         while (delay := self._resume_at - self._clock()) > 0:

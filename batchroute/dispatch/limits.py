@@ -24,7 +24,7 @@ import asyncio
 from aiolimiter import AsyncLimiter
 
 MIN_WINDOW_S = 1.0
-SLOW_DOWN = 0.7  # rate multiplier applied on each 429
+SLOW_DOWN = 0.5  # rate multiplier applied on a 429 (halve, as AIMD does)
 SPEED_UP = 0.01  # share of the catalog rate regained per success
 MIN_FACTOR = 0.05
 # 429s arrive in bursts (every call in flight hits the same full bucket): one cut per window.
