@@ -55,6 +55,7 @@ def new_run_id(job: JobConfig) -> str:
 def start_ray(address: str | None) -> None:
     """Join ``address`` (or RAY_ADDRESS), else start Ray on this machine."""
     import ray
+    import ray.data
 
     if ray.is_initialized():
         return

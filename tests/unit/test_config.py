@@ -106,3 +106,13 @@ def test_cost_is_tokens_times_prices() -> None:
     m = config.parse(job_doc()).models[MID]
     assert m.cost_usd(1_000_000, 1_000_000) == pytest.approx(18.0)
     assert m.cost_usd(1000, 0) == pytest.approx(0.003)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "jobs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_example_job_loads_and_fits_the_bundled_router(path: Path) -> None:
+    from batchroute import router as rt
+    from batchroute.route import RouteSpec, check_compatible
+
+    job = config.load(path)
+    info = rt.inspect(rt.read_bytes(job.router.path))
+    check_compatible(info, RouteSpec.from_job(job), path=job.router.path)
