@@ -70,6 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score at or above which an answer counts as a success (0.5)")
     t.set_defaults(func=_train)
 
+    e = sub.add_parser("eval", help="measure a router on labelled prompts (APGR, CPT, AUC)",
+                       description="Report RouteLLM's metrics for a weak/strong pair: APGR, "
+                       "CPT(50%%), CPT(80%%), the strong-call share and cost reduction at 95%% of "
+                       "the strong model's quality, and AUC, for two orderings of the router's "
+                       "scores, beside a random and an oracle router on the same rows. By "
+                       "default only the held-out rows that training never saw are used.")
+    e.add_argument("--labels", required=True, metavar="URI", help="labelled Parquet, as for train")
+    e.add_argument("--router", default=None, metavar="ROUTER.onnx",
+                   help="router file (default: the bundled one)")
+    e.add_argument("--weak", default="mixtral-8x7b-instruct", metavar="M", help="the cheap model")
+    e.add_argument("--strong", default="gpt-4-1106-preview", metavar="M", help="the strong model")
+    e.add_argument("--split", default="holdout", choices=("holdout", "all"))
+    e.add_argument("--price-ratio", type=float, default=0.024, metavar="R",
+                   help="a weak call's cost over a strong call's (0.024: $0.24 vs $10 per "
+                   "million input tokens)")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.set_defaults(func=_eval)
+
     mock_provider.register_cli(sub)
     sample.register_cli(sub)
     return parser
@@ -114,6 +132,20 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  {key:<9}{paths[key]}")
     print(f"  manifest {out.folder.sub('manifest.json')}")
     return out.exit_code
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from batchroute import config, evaluate
+    from batchroute import router as rt
+
+    path = args.router or config.BUNDLED_ROUTER
+    report = evaluate.evaluate_router(rt.read_bytes(path), args.labels, weak=args.weak,
+                                      strong=args.strong, split=args.split,
+                                      price_ratio=args.price_ratio)
+    print(json.dumps(report, indent=2) if args.json else evaluate.format_report(report))
+    return 0
 
 
 def _limits_line(stats: dict[str, dict[str, float]]) -> str:

@@ -1,0 +1,166 @@
+"""Router metrics as the field reports them (RouteLLM's evaluation), on labelled prompts.
+
+For a weak/strong pair, a router gives every prompt a score: higher means "needs the strong
+model". The scores of the evaluated set are cut into 10 quantile bins, whose 11 edges are the
+thresholds. At each threshold a prompt goes strong when its score is >= the threshold
+(strictly > for the last one), which gives one point (share of strong calls, quality).
+
+- APGR: trapezoid area between the router's curve and the weak model's line, over the area
+  between the strong and weak lines, both over the same strong-call shares.
+- CPT(x): the strong-call share at which quality reaches weak + x * (strong - weak), by linear
+  interpolation along the curve.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+BINS = 10
+
+
+@dataclass(frozen=True)
+class Curve:
+    strong_share: np.ndarray  # one point per threshold, ascending
+    quality: np.ndarray
+
+
+@dataclass(frozen=True)
+class Report:
+    n: int
+    weak_quality: float
+    strong_quality: float
+    apgr: float
+    cpt50: float
+    cpt80: float
+    strong_share_at_95pct_quality: float
+    cost_reduction_at_95pct_quality: float
+    auc: float | None
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return asdict(self)
+
+
+def curve(scores: np.ndarray, weak: np.ndarray, strong: np.ndarray) -> Curve:
+    """The (strong share, quality) points at the 11 quantile thresholds of ``scores``."""
+    thresholds = np.quantile(scores, np.linspace(0.0, 1.0, BINS + 1))
+    shares, quality = [], []
+    for i, t in enumerate(thresholds):
+        to_strong = scores > t if i == len(thresholds) - 1 else scores >= t
+        shares.append(to_strong.mean())
+        quality.append(np.where(to_strong, strong, weak).mean())
+    order = np.argsort(shares, kind="stable")
+    return Curve(np.asarray(shares)[order], np.asarray(quality)[order])
+
+
+def apgr(c: Curve, weak_quality: float, strong_quality: float) -> float:
+    x = c.strong_share
+    area = np.trapezoid(c.quality, x)
+    weak_area = weak_quality * (x[-1] - x[0])
+    strong_area = strong_quality * (x[-1] - x[0])
+    return float((area - weak_area) / (strong_area - weak_area))
+
+
+def share_for_quality(c: Curve, target: float) -> float:
+    """Smallest strong-call share whose interpolated quality reaches ``target`` (1.0 when the
+    curve never does)."""
+    for i in range(len(c.quality)):
+        if c.quality[i] >= target:
+            if i == 0:
+                return float(c.strong_share[0])
+            q0, q1 = c.quality[i - 1], c.quality[i]
+            s0, s1 = c.strong_share[i - 1], c.strong_share[i]
+            return float(s0 + (target - q0) * (s1 - s0) / (q1 - q0))
+    return 1.0
+
+
+def evaluate(scores: np.ndarray, weak: np.ndarray, strong: np.ndarray, *,
+             price_ratio: float) -> Report:
+    """All metrics for one router. ``weak``/``strong`` are per-prompt quality in [0, 1];
+    ``price_ratio`` is a weak call's cost over a strong call's."""
+    from sklearn.metrics import roc_auc_score
+
+    wq, sq = float(weak.mean()), float(strong.mean())
+    c = curve(scores, weak, strong)
+    s95 = share_for_quality(c, 0.95 * sq)
+    # Cost per prompt relative to all-strong: share * 1 + (1 - share) * ratio.
+    reduction = 1.0 - (s95 + (1.0 - s95) * price_ratio)
+    needs_strong = (strong > weak).astype(int)
+    auc = (float(roc_auc_score(needs_strong, scores))
+           if 0 < needs_strong.sum() < len(needs_strong) else None)
+    return Report(n=len(scores), weak_quality=wq, strong_quality=sq, apgr=apgr(c, wq, sq),
+                  cpt50=share_for_quality(c, wq + 0.5 * (sq - wq)),
+                  cpt80=share_for_quality(c, wq + 0.8 * (sq - wq)),
+                  strong_share_at_95pct_quality=s95, cost_reduction_at_95pct_quality=reduction,
+                  auc=auc)
+
+
+Ordering = Callable[[np.ndarray, np.ndarray], np.ndarray]
+ORDERINGS: dict[str, Ordering] = {
+    # What the job's policy does today: send up when the weak model is unlikely to succeed.
+    "weak-failure": lambda p_weak, p_strong: 1.0 - p_weak,
+    # Expected gain from sending up: the strong model's success minus the weak model's.
+    "gain": lambda p_weak, p_strong: p_strong - p_weak,
+}
+
+
+def evaluate_router(model_bytes: bytes, labels_uri: str, *, weak: str, strong: str,
+                    split: str = "holdout", price_ratio: float = 0.024,
+                    seed: int = 0) -> dict[str, Any]:
+    """Metrics of a router file on labelled prompts, for each ordering, with the random and
+    oracle routers on the same rows as anchors. ``split`` is "holdout" (the rows training
+    never saw, see :mod:`batchroute.train`) or "all"."""
+    import polars as pl
+    import pyarrow as pa
+
+    from batchroute import router as rt
+    from batchroute import train
+    from batchroute.errors import RouterError, SchemaError
+
+    router = rt.Router(model_bytes)
+    for m in (weak, strong):
+        if m not in router.info.models:
+            raise RouterError(f"router has no output for model {m!r} "
+                              f"(it scores: {', '.join(router.info.models)})")
+    table, _ = train.wide(train.read_labels(labels_uri), [weak, strong])
+    if split == "holdout":
+        table = table.filter(pl.Series(train.is_holdout(table["request_id"].to_list())))
+    elif split != "all":
+        raise SchemaError(f"--split must be holdout or all, got {split!r}")
+    if len(table) == 0:
+        raise SchemaError(f"labels {labels_uri}: no rows in the {split} split")
+    probs = router.score(pa.array(table["prompt"].to_list(), pa.string()))
+    p_weak = probs[:, router.info.models.index(weak)].astype(np.float64)
+    p_strong = probs[:, router.info.models.index(strong)].astype(np.float64)
+    w = table[weak].to_numpy().astype(np.float64)
+    s = table[strong].to_numpy().astype(np.float64)
+    rng = np.random.default_rng(seed)
+    # Ties broken by tiny noise so quantile thresholds are distinct for the 0/1 oracle.
+    oracle = (s > w).astype(np.float64) + rng.random(len(w)) * 1e-9
+    out: dict[str, Any] = {
+        "rows": len(table), "split": split, "weak": weak, "strong": strong,
+        "router_version": router.info.version, "price_ratio": price_ratio,
+        "router": {name: evaluate(f(p_weak, p_strong), w, s, price_ratio=price_ratio).as_dict()
+                   for name, f in ORDERINGS.items()},
+        "random": evaluate(rng.random(len(w)), w, s, price_ratio=price_ratio).as_dict(),
+        "oracle": evaluate(oracle, w, s, price_ratio=price_ratio).as_dict(),
+    }
+    return out
+
+
+def format_report(r: dict[str, Any]) -> str:
+    lines = [f"{r['rows']} labelled prompts ({r['split']} split), weak {r['weak']}, "
+             f"strong {r['strong']}, router {r['router_version']}",
+             f"{'router':<24}{'APGR':>7}{'CPT(50%)':>10}{'CPT(80%)':>10}"
+             f"{'strong@95%':>12}{'cost -%':>9}{'AUC':>7}"]
+    rows = {**{f"ordering: {k}": v for k, v in r["router"].items()},
+            "random": r["random"], "oracle": r["oracle"]}
+    for name, m in rows.items():
+        auc = f"{m['auc']:.3f}" if m["auc"] is not None else "-"
+        lines.append(f"{name:<24}{m['apgr']:>7.3f}{m['cpt50']:>10.1%}{m['cpt80']:>10.1%}"
+                     f"{m['strong_share_at_95pct_quality']:>12.1%}"
+                     f"{m['cost_reduction_at_95pct_quality']:>9.1%}{auc:>7}")
+    return "\n".join(lines)
