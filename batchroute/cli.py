@@ -70,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score at or above which an answer counts as a success (0.5)")
     t.set_defaults(func=_train)
 
+    s = sub.add_parser("score", help="write each prompt's predicted success per model",
+                       description="Score a prompts or labels Parquet dataset with a router: "
+                       "writes request_id plus one float column per router model, named after "
+                       "the model, holding its predicted probability of success. Label files "
+                       "in long form (one row per request and model) are scored once per "
+                       "request_id; rows without a usable prompt get null scores.")
+    s.add_argument("--input", required=True, metavar="URI",
+                   help="Parquet file, folder or glob with request_id and prompt (or messages)")
+    s.add_argument("--router", default=None, metavar="ROUTER.onnx",
+                   help="router file (default: the bundled one)")
+    s.add_argument("--out", required=True, metavar="FILE.parquet", help="where to write")
+    s.set_defaults(func=_score)
+
     e = sub.add_parser("eval", help="measure a router on labelled prompts (APGR, CPT, AUC)",
                        description="Report RouteLLM's metrics for a weak/strong pair: APGR, "
                        "CPT(50%%), CPT(80%%), the strong-call share and cost reduction at 95%% of "
@@ -132,6 +145,16 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  {key:<9}{paths[key]}")
     print(f"  manifest {out.folder.sub('manifest.json')}")
     return out.exit_code
+
+
+def _score(args: argparse.Namespace) -> int:
+    from batchroute import config
+    from batchroute import router as rt
+
+    path = args.router or config.BUNDLED_ROUTER
+    rows = rt.score_file(rt.read_bytes(path), args.input, args.out)
+    print(f"wrote {rows} rows to {args.out}")
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:

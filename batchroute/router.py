@@ -195,3 +195,40 @@ class Router:
             return np.zeros((0, len(self.info.models)), np.float32)
         out: np.ndarray = self._session.run(None, {"prompt": clip(texts)})[0]
         return out
+
+
+def score_file(model_bytes: bytes, input_uri: str, out: str, *, batch_rows: int = 8192) -> int:
+    """Write ``request_id`` plus one float column per router model (named after the model:
+    its predicted probability of success) for every distinct request_id in ``input_uri``.
+
+    Works on prompts files and on long-form label files (one row per request and model: the
+    first row of each request_id is scored). Rows without a usable prompt get null scores.
+    Streams batch by batch; returns the number of rows written. Raises SchemaError for a bad
+    input and RouterError for a bad router.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from batchroute import source
+
+    router = Router(model_bytes)
+    data = source.open_input(input_uri)
+    names = router.info.models
+    schema = pa.schema([("request_id", pa.string())] + [(m, pa.float32()) for m in names])
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(out).with_name(f".{Path(out).name}.tmp")
+    rows = 0
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for batch in source.read_requests(data, batch_rows):
+            reason = batch.column("reject_reason")
+            repeat = pc.fill_null(pc.starts_with(reason, "duplicate request_id"), False)
+            batch = batch.filter(pc.invert(repeat))
+            usable = pc.is_null(batch.column("reject_reason"))
+            scores = router.score(source.request_text(batch))
+            cols = [batch.column("request_id")] + [
+                pc.if_else(usable, pa.array(scores[:, j], pa.float32()), None)
+                for j in range(len(names))]
+            writer.write_table(pa.table(cols, schema=schema))
+            rows += batch.num_rows
+    tmp.replace(out)
+    return rows

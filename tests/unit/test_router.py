@@ -117,3 +117,26 @@ def test_bad_label_files_are_refused(tmp_path: Path, table: pa.Table, needle: st
     with pytest.raises(SchemaError, match=needle):
         train.train(str(tmp_path / "labels.parquet"), str(tmp_path / "r.onnx"))
     assert not (tmp_path / "r.onnx").exists()
+
+
+def test_score_file_on_labels_and_prompts(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from batchroute import cli
+
+    pq.write_table(pa.table({
+        "request_id": ["a", "a", "b", "c"], "prompt": ["What is 2+2?", "What is 2+2?", "", "Hi"],
+        "model": ["m1", "m2", "m1", "m1"], "score": [1.0, 0.0, 1.0, 1.0]}),
+        tmp_path / "labels.parquet")
+    out = tmp_path / "scores.parquet"
+    assert cli.main(["score", "--input", str(tmp_path / "labels.parquet"),
+                     "--out", str(out)]) == 0
+    t = pq.read_table(out)
+    assert t.column_names == ["request_id", *rt.inspect(BUNDLED).models]
+    assert t.column("request_id").to_pylist() == ["a", "b", "c"]
+    expected = rt.Router(BUNDLED).score(pa.array(["What is 2+2?", "Hi"]))
+    mixtral = t.column("mixtral-8x7b-instruct").to_pylist()
+    col = rt.inspect(BUNDLED).models.index("mixtral-8x7b-instruct")
+    assert mixtral[1] is None  # an empty prompt has no score
+    assert mixtral[0] == pytest.approx(float(expected[0, col]), abs=1e-6)
+    assert mixtral[2] == pytest.approx(float(expected[1, col]), abs=1e-6)
