@@ -10,8 +10,13 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from batchroute.errors import BatchrouteError
+
+if TYPE_CHECKING:  # the CLI imports the heavy modules only inside the commands that use them
+    from batchroute.config import JobConfig
+    from batchroute.pipeline import Outcome
 
 EPILOG = """\
 typical use:
@@ -52,10 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--output", metavar="URI", help="override [job].output: the folder "
                        "that receives the run folder")
         p.add_argument("--run-id", metavar="ID", help="name of the run folder (default: "
-                       "JOB-<UTC time>-<random>)")
+                       "JOB-<UTC time>-<random>); an existing run folder is resumed: ok rows "
+                       "are kept, failed rows are retried, finished stages are skipped")
+        p.add_argument("--force", action="store_true", help="resume even though the config, "
+                       "router or input changed since the run started")
         p.add_argument("--ray-address", metavar="ADDR", help="existing Ray cluster to use "
                        "(default: $RAY_ADDRESS, else a local Ray started for this run)")
         p.set_defaults(func=_run, dry_run=dry)
+
+    r = sub.add_parser("resume", help="resume a run folder where it stopped",
+                       description="Resume the run in RUN_FOLDER with the job file, input and "
+                       "router it started with: finished stages are skipped, rows already ok "
+                       "are neither sent nor written again, failed rows are retried and "
+                       "rejected rows stay rejected.")
+    r.add_argument("folder", metavar="RUN_FOLDER", help="e.g. runs/demo-20261129T041016Z-d795")
+    r.add_argument("--force", action="store_true", help="resume even though the router or "
+                   "input changed since the run started")
+    r.add_argument("--ray-address", metavar="ADDR", help="as for run")
+    r.set_defaults(func=_resume)
 
     t = sub.add_parser("train", help="train a router from labelled outcomes and export ONNX",
                        description="Learn, for every model in the labels, the probability "
@@ -128,11 +147,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from batchroute import config, pipeline, plan, rollup
+    from batchroute import config, pipeline
 
     job = config.load(args.job, input_override=args.input, output_override=args.output)
     out = pipeline.run(job, run_id=args.run_id, ray_address=args.ray_address,
-                       dry_run=args.dry_run)
+                       dry_run=args.dry_run, force=args.force)
+    return _report(job, out, dry_run=args.dry_run)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    import pathlib
+
+    from batchroute import config, pipeline
+    from batchroute.errors import ConfigError
+    from batchroute.sink import RunFolder
+
+    path = args.folder.rstrip("/")
+    output, _, run_id = path.rpartition("/")
+    folder = RunFolder(output or ".", run_id)
+    if not folder.has("manifest.json") or not folder.has("job.toml"):
+        raise ConfigError(f"{path}: not a resumable run folder (needs manifest.json and "
+                          "job.toml)")
+    manifest = folder.read_json("manifest.json")
+    job_file = pathlib.Path(folder.sub("job.toml"))
+    job = config.load(job_file, input_override=manifest["input"], output_override=output or ".",
+                      router_override=manifest["router_path"])
+    out = pipeline.run(job, run_id=run_id, ray_address=args.ray_address, force=args.force)
+    return _report(job, out, dry_run=False)
+
+
+def _report(job: JobConfig, out: Outcome, *, dry_run: bool) -> int:
+    from batchroute import plan, rollup
+
     print(f"\nforecast (run {out.folder.run_id}):")
     print(plan.format_forecast(out.forecast))
     if out.rollups is not None:
@@ -141,7 +187,7 @@ def _run(args: argparse.Namespace) -> int:
         print(_limits_line(out.manifest.get("dispatch", {})))
     paths = out.manifest["paths"]
     print(f"\nrun folder: {out.folder.uri}")
-    for key in ("routed", "forecast") + (() if args.dry_run else ("results", "rollups")):
+    for key in ("routed", "forecast") + (() if dry_run else ("results", "rollups")):
         print(f"  {key:<9}{paths[key]}")
     print(f"  manifest {out.folder.sub('manifest.json')}")
     return out.exit_code

@@ -12,7 +12,7 @@ import json
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,7 @@ class JobConfig:
     router: RouterConfig
     dispatch: DispatchConfig
     source: str = ""
+    text: str = ""  # the job file as written; kept in the run folder so a run can resume
 
     @property
     def config_hash(self) -> str:
@@ -120,20 +121,24 @@ class JobConfig:
 
 
 def load(path: str | Path, *, input_override: str | None = None,
-         output_override: str | None = None) -> JobConfig:
+         output_override: str | None = None, router_override: str | None = None) -> JobConfig:
     """Parse and validate a job file. Raises ConfigError naming the key at fault."""
     p = Path(path)
     try:
-        raw = tomllib.loads(p.read_text())
+        text = p.read_text()
+        raw = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"job file not found: {p}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
     try:
-        return parse(raw, source=str(p), input_override=input_override,
-                     output_override=output_override)
+        job = parse(raw, source=str(p), input_override=input_override,
+                    output_override=output_override)
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from None
+    if router_override:
+        job = replace(job, router=replace(job.router, path=router_override))
+    return replace(job, text=text)
 
 
 def parse(raw: Mapping[str, Any], *, source: str = "<memory>", input_override: str | None = None,

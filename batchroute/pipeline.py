@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from batchroute import __version__, plan, rollup, source
@@ -69,8 +70,14 @@ def start_ray(address: str | None) -> None:
 
 
 def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = None,
-        dry_run: bool = False, progress: Progress | None = None) -> Outcome:
-    """Run a job end to end (or up to the plan with ``dry_run``).
+        dry_run: bool = False, force: bool = False,
+        progress: Progress | None = None) -> Outcome:
+    """Run a job end to end (or up to the plan with ``dry_run``), or resume the run folder
+    ``run_id`` if it exists.
+
+    Resuming skips finished stages, never re-sends or re-writes ``ok`` rows, retries
+    ``failed`` ones and keeps ``rejected`` ones. A run whose config, router or input changed
+    is refused unless ``force``.
 
     Raises SchemaError/ConfigError/RouterError before anything is written; once the run folder
     exists, per-row problems become result rows and never exceptions.
@@ -83,25 +90,49 @@ def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = 
     check_compatible(info, spec, path=job.router.path)
     run_id = run_id or new_run_id(job)
     folder = RunFolder(job.output, run_id)
-    if folder.exists():
-        raise ConfigError(f"run folder {folder.uri} already exists; choose another --run-id "
-                          "(resuming a run is not supported yet)")
+    previous = _previous_manifest(folder)
+    if previous is not None:
+        _check_resumable(previous, job, info.version, data.fingerprint, force=force,
+                         uri=folder.uri)
 
     start_ray(ray_address)
     # Dispatch actors start before any work so that a key missing from the workers'
     # environment (not just the driver's) stops the job before routing is paid for.
     actors = None if dry_run else _DispatchActors(job, run_id)
     try:
-        return _run(job, data, router_bytes, info, spec, folder, actors, progress)
+        return _run(job, data, router_bytes, info, spec, folder, actors, progress, previous)
     finally:
         if actors is not None:
             actors.kill()
 
 
+def _previous_manifest(folder: RunFolder) -> dict[str, Any] | None:
+    if not folder.exists():
+        return None
+    if not folder.has("manifest.json"):
+        raise ConfigError(f"{folder.uri} exists but holds no manifest.json: not a batchroute "
+                          "run folder; choose another --run-id")
+    return folder.read_json("manifest.json")
+
+
+def _check_resumable(previous: dict[str, Any], job: JobConfig, router_version: str,
+                     fingerprint: str, *, force: bool, uri: str) -> None:
+    changes = [f"{what} changed ({was} -> {now})" for what, was, now in (
+        ("the job configuration", previous.get("config_hash"), job.config_hash),
+        ("the router", previous.get("router_version"), router_version),
+        ("the input", previous.get("input_fingerprint"), fingerprint),
+    ) if was != now]
+    if changes and not force:
+        raise ConfigError(f"cannot resume run {uri}: {'; '.join(changes)}. Rerun with --force "
+                          "to resume it anyway, or choose a new --run-id")
+    if changes:
+        log.warning("resuming %s although %s (--force)", uri, "; ".join(changes))
+
+
 def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes, info: rt.RouterInfo,
          spec: RouteSpec, folder: RunFolder, actors: _DispatchActors | None,
-         progress: Progress) -> Outcome:
-    manifest: dict[str, Any] = {
+         progress: Progress, previous: dict[str, Any] | None) -> Outcome:
+    manifest: dict[str, Any] = previous or {
         "run_id": folder.run_id, "job": job.name, "job_file": job.source,
         "batchroute_version": __version__, "config_hash": job.config_hash,
         "router_version": info.version, "router_path": job.router.path,
@@ -112,48 +143,80 @@ def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes, info: r
                   "rollups": folder.sub("rollups")},
         "counts": {},
     }
+    stages: dict[str, Any] = manifest["stages"]
+    if previous is not None:
+        manifest.setdefault("resumes", []).append(
+            {"at": _now(), "temp_files_discarded": folder.discard_temp_files()})
+        if "plan" not in stages:
+            # The cheap stages redo from scratch: nothing was sent before the plan was done.
+            for part in ("source", "routed", "results"):
+                folder.remove(part)
+            stages.clear()
+    elif job.text:
+        folder.write_text("job.toml", job.text)
     folder.write_json("manifest.json", manifest)
-    sink = ResultSink(folder)
 
     with progress:
-        progress.set_phase("reading input")
-        rows = 0
-        for i, batch in enumerate(source.read_requests(data, SOURCE_SHARD_ROWS)):
-            folder.write_table(folder.sub("source"), f"part-{i:06d}.parquet", batch)
-            rows += batch.num_rows
-        progress.total_rows = rows
-        manifest["input_rows"] = rows
-        _stage(folder, manifest, "source")
-
-        progress.set_phase("routing")
-        writer = plan.PlanWriter(folder, sink)
-        for routed in (_route(folder, router_bytes, spec, job) if rows else ()):
-            writer.add(routed)
-            progress.routed += routed.num_rows
-            progress.tick()
-        progress.planned = writer.close()
-        forecast = plan.forecast(folder, job, writer.rejected)
-        folder.write_json("forecast.json", forecast)
-        _stage(folder, manifest, "plan")
+        if "plan" in stages:
+            forecast = folder.read_json("forecast.json")
+            planned = {m: int(v["rows"]) for m, v in forecast["models"].items()}
+            progress.total_rows = progress.routed = int(manifest["input_rows"])
+            sink = ResultSink(folder)
+        else:
+            sink = ResultSink(folder)
+            forecast, planned = _plan(job, data, router_bytes, spec, folder, sink, manifest,
+                                      progress)
+        progress.planned = planned
 
         if actors is None:
-            manifest["counts"] = dict(sink.counts)
             folder.write_json("manifest.json", manifest)
             return Outcome(folder, manifest, forecast, None)
 
         progress.set_phase("dispatching")
-        manifest["dispatch"] = actors.dispatch(folder, progress.planned, sink, progress)
+        answered = sink.settle_for_resume() if previous is not None else None
+        if answered is not None:
+            log.info("resuming %s: %d rows already answered ok are skipped", folder.uri,
+                     len(answered))
+        manifest["dispatch"] = actors.dispatch(folder, planned, sink, progress, answered)
         _stage(folder, manifest, "dispatch")
 
         progress.set_phase("rolling up")
         table = rollup.rollup(rollup.read_results(folder), run_id=folder.run_id,
                               models=job.models, reference_model=job.reference_model)
         folder.write_table(folder.sub("rollups"), "rollups.parquet", table)
-        manifest["counts"] = dict(sink.counts)
+        manifest["counts"] = {s: int(pc.sum(table.column(s)).as_py() or 0)
+                              for s in ("ok", "failed", "rejected")}
         manifest["finished_at"] = _now()
         _stage(folder, manifest, "rollup")
         progress.set_phase("done")
     return Outcome(folder, manifest, forecast, table)
+
+
+def _plan(job: JobConfig, data: source.InputDataset, router_bytes: bytes, spec: RouteSpec,
+          folder: RunFolder, sink: ResultSink, manifest: dict[str, Any],
+          progress: Progress) -> tuple[dict[str, Any], dict[str, int]]:
+    """Source, route and plan: everything before the first model call."""
+    progress.set_phase("reading input")
+    rows = 0
+    for i, batch in enumerate(source.read_requests(data, SOURCE_SHARD_ROWS)):
+        folder.write_table(folder.sub("source"), f"part-{i:06d}.parquet", batch)
+        rows += batch.num_rows
+    progress.total_rows = rows
+    manifest["input_rows"] = rows
+    _stage(folder, manifest, "source")
+
+    progress.set_phase("routing")
+    writer = plan.PlanWriter(folder, sink)
+    for routed in (_route(folder, router_bytes, spec, job) if rows else ()):
+        writer.add(routed)
+        progress.routed += routed.num_rows
+        progress.tick()
+    planned = writer.close()
+    forecast = plan.forecast(folder, job, writer.rejected)
+    folder.write_json("forecast.json", forecast)
+    manifest["counts"] = dict(sink.counts)
+    _stage(folder, manifest, "plan")
+    return forecast, planned
 
 
 def _route(folder: RunFolder, router_bytes: bytes, spec: RouteSpec,
@@ -218,8 +281,10 @@ class _DispatchActors:
         ray = _ray()
         self.job = job
         remote = ray.remote(num_cpus=0, max_concurrency=10_000)(_DispatchActor)
-        self.actors = {m: remote.options(name=f"batchroute-dispatch-{run_id}-{m}").remote(
-            cfg, job.dispatch, run_id) for m, cfg in job.models.items()}
+        # Unnamed on purpose: a resumed run must not collide with the actors of a killed
+        # driver that Ray has not reaped yet.
+        self.actors = {m: remote.remote(cfg, job.dispatch, run_id)
+                       for m, cfg in job.models.items()}
         have = ray.get([a.has_key.remote() for a in self.actors.values()])
         missing = [m for m, ok in zip(self.actors, have, strict=True) if not ok]
         if missing:
@@ -229,15 +294,16 @@ class _DispatchActors:
                               f"{m.api_key_env} is not set where Ray's workers run")
 
     def dispatch(self, folder: RunFolder, planned: dict[str, int], sink: ResultSink,
-                 progress: Progress) -> dict[str, Any]:
+                 progress: Progress, answered: pa.Array | None = None) -> dict[str, Any]:
         """Feed every model's actor until its plan is done; return each actor's counters.
 
+        Rows whose request_id is in ``answered`` (a resumed run's ``ok`` rows) are not sent.
         A batch whose actor call fails (the actor died, a bug) becomes ``failed`` rows with
         the error, so every planned row still ends in exactly one result row.
         """
         ray = _ray()
         policy = self.job.dispatch
-        readers = {m: _batches(folder, m, policy.batch_rows) for m in planned}
+        readers = {m: _batches(folder, m, policy.batch_rows, answered) for m in planned}
         in_flight: dict[Any, tuple[str, pa.Table]] = {}
         per_model = dict.fromkeys(planned, 0)
         used = {m: self.actors[m] for m in planned}
@@ -291,11 +357,16 @@ def _ray() -> Any:
     return ray
 
 
-def _batches(folder: RunFolder, model: str, rows: int) -> Iterator[pa.Table]:
+def _batches(folder: RunFolder, model: str, rows: int,
+             answered: pa.Array | None) -> Iterator[pa.Table]:
     dataset = ds.dataset(folder.routed_dir(model), filesystem=folder.fs, format="parquet")
     for batch in dataset.to_batches(batch_size=rows):
-        if batch.num_rows:
-            yield pa.Table.from_batches([batch])
+        table = pa.Table.from_batches([batch])
+        if answered is not None and len(answered):
+            table = table.filter(pc.invert(pc.is_in(table.column("request_id"),
+                                                    value_set=answered)))
+        if table.num_rows:
+            yield table
 
 
 def _stage(folder: RunFolder, manifest: dict[str, Any], name: str) -> None:

@@ -9,10 +9,11 @@ Layout of a run (``<output>/<run id>/``)::
     results/             one row per input row (schemas/results.schema.json)
     rollups/             one row per model (schemas/rollups.schema.json)
 
-Every Parquet file is written under a hidden temporary name and then moved into place, so a
-reader (pyarrow, polars, DuckDB and Spark all skip names starting with "." or "_") never sees a
-half-written shard. On a local disk the move is an atomic rename; on an object store it is a
-copy and a delete, which still never exposes a partial object under the final name.
+Every file is first written under ``_tmp/`` in the run folder and then moved into place, so a
+reader of ``results/`` (or any other table folder) never meets a half-written shard: not even
+polars, which, unlike pyarrow and DuckDB, does not skip hidden files. On a local disk the move
+is an atomic rename; on an object store it is a copy and a delete, which still never exposes a
+partial object under the final name. A resumed run deletes whatever ``_tmp/`` still holds.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from batchroute.errors import SinkError
+
+TMP = "_tmp"
 
 
 class RunFolder:
@@ -57,7 +60,7 @@ class RunFolder:
         """Commit ``table`` as ``directory/name``: write a hidden temp file, then rename."""
         self.fs.create_dir(directory, recursive=True)
         final = f"{directory}/{name}"
-        tmp = f"{directory}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp = self._tmp(name)
         try:
             pq.write_table(table, tmp, filesystem=self.fs, compression="zstd")
             self.fs.move(tmp, final)
@@ -66,26 +69,93 @@ class RunFolder:
         return final
 
     def write_json(self, name: str, doc: Mapping[str, Any]) -> str:
-        self.fs.create_dir(self.path, recursive=True)
+        return self.write_text(name, json.dumps(doc, indent=2, default=str) + "\n")
+
+    def write_text(self, name: str, text: str) -> str:
         final = self.sub(name)
-        tmp = self.sub(f".{name}.tmp")
+        tmp = self._tmp(name)
         try:
             with self.fs.open_output_stream(tmp) as f:
-                f.write((json.dumps(doc, indent=2, default=str) + "\n").encode())
+                f.write(text.encode())
             self.fs.move(tmp, final)
         except OSError as exc:
             raise SinkError(f"cannot write {final}: {exc}") from None
         return final
 
+    def _tmp(self, name: str) -> str:
+        self.fs.create_dir(self.sub(TMP), recursive=True)
+        return self.sub(TMP, f"{uuid.uuid4().hex[:12]}-{name}")
+
+    def read_text(self, name: str) -> str:
+        with self.fs.open_input_stream(self.sub(name)) as f:
+            return bytes(f.read()).decode()
+
+    def read_json(self, name: str) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(self.read_text(name))
+        return doc
+
+    def has(self, *parts: str) -> bool:
+        return bool(self.fs.get_file_info(self.sub(*parts)).type != pafs.FileType.NotFound)
+
+    def shards(self, directory: str) -> list[str]:
+        """Committed Parquet files below ``directory`` (never hidden temp files), sorted."""
+        if self.fs.get_file_info(directory).type == pafs.FileType.NotFound:
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(directory, recursive=True))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File
+                      and not i.base_name.startswith((".", "_")))
+
+    def discard_temp_files(self) -> int:
+        """Delete the half-written files a killed run left in ``_tmp/``; return how many."""
+        if not self.has(TMP):
+            return 0
+        temps = self.fs.get_file_info(pafs.FileSelector(self.sub(TMP), recursive=True))
+        self.fs.delete_dir_contents(self.sub(TMP))
+        return sum(1 for i in temps if i.type == pafs.FileType.File)
+
+    def remove(self, *parts: str) -> None:
+        path = self.sub(*parts)
+        if self.fs.get_file_info(path).type == pafs.FileType.Directory:
+            self.fs.delete_dir(path)
+
 
 class ResultSink:
-    """Appends result shards as they complete and keeps the counts by status."""
+    """Appends result shards as they complete and keeps the counts of what it wrote.
+
+    Shard names continue after the highest one already in the folder, so a resumed run
+    never overwrites a committed shard.
+    """
 
     def __init__(self, folder: RunFolder) -> None:
         self.folder = folder
         self.directory = folder.sub("results")
         self.counts: dict[str, int] = {"ok": 0, "failed": 0, "rejected": 0}
-        self._seq = 0
+        existing = [p.rsplit("/", 1)[-1] for p in folder.shards(self.directory)]
+        self._seq = 1 + max((int(n[5:11]) for n in existing
+                             if n.startswith("part-") and n[5:11].isdigit()), default=-1)
+
+    def settle_for_resume(self) -> pa.Array:
+        """Prepare a resumed dispatch; return the request_ids already answered ``ok``.
+
+        ``failed`` rows are taken out of their shards (each shard is rewritten under its own
+        name, an atomic replace), because those requests are sent again and must end with one
+        row. ``ok`` and ``rejected`` rows stay as they are.
+        """
+        ok: list[pa.Array] = []
+        for path in self.folder.shards(self.directory):
+            keys = pq.read_table(path, columns=["request_id", "status"],
+                                 filesystem=self.folder.fs)
+            status = keys.column("status")
+            ok.append(keys.filter(pc.equal(status, "ok")).column("request_id").combine_chunks())
+            if pc.any(pc.equal(status, "failed")).as_py():
+                table = pq.read_table(path, filesystem=self.folder.fs)
+                keep = table.filter(pc.not_equal(table.column("status"), "failed"))
+                directory, name = path.rsplit("/", 1)
+                if keep.num_rows:
+                    self.folder.write_table(directory, name, keep)
+                else:
+                    self.folder.fs.delete_file(path)
+        return pa.concat_arrays(ok) if ok else pa.array([], pa.string())
 
     def write(self, results: pa.Table) -> None:
         if results.num_rows == 0:

@@ -126,4 +126,21 @@ def test_shards_are_committed_atomically(tmp_path: Path) -> None:
     folder = RunFolder(str(tmp_path), "r")
     folder.write_table(folder.sub("results"), "part-000000.parquet", pa.table({"a": [1]}))
     names = [p.name for p in (tmp_path / "r" / "results").iterdir()]
-    assert names == ["part-000000.parquet"]  # no temp file left behind
+    assert names == ["part-000000.parquet"]  # written elsewhere, then moved in
+    assert list((tmp_path / "r" / "_tmp").iterdir()) == []
+
+
+def test_result_sink_settles_failed_rows_for_a_resume(tmp_path: Path) -> None:
+    folder = RunFolder(str(tmp_path), "r")
+    rows = [("a", "ok"), ("b", "failed"), ("c", "rejected"), ("d", "failed")]
+    sink = ResultSink(folder)
+    for rid, status in rows:
+        t = pa.table({"request_id": [rid], "status": [status], "cost_usd": [0.0]})
+        sink.write(t)
+    resumed = ResultSink(folder)
+    assert resumed.settle_for_resume().to_pylist() == ["a"]
+    left = pq.read_table(tmp_path / "r" / "results")
+    assert sorted(left.column("request_id").to_pylist()) == ["a", "c"]
+    resumed.write(pa.table({"request_id": ["b"], "status": ["ok"], "cost_usd": [0.0]}))
+    names = sorted(p.name for p in (tmp_path / "r" / "results").iterdir())
+    assert names == ["part-000000.parquet", "part-000002.parquet", "part-000004.parquet"]
