@@ -186,6 +186,7 @@ def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes, info: r
         folder.write_table(folder.sub("rollups"), "rollups.parquet", table)
         manifest["counts"] = {s: int(pc.sum(table.column(s)).as_py() or 0)
                               for s in ("ok", "failed", "rejected")}
+        manifest["cost_usd"] = float(pc.sum(table.column("cost_usd")).as_py() or 0.0)
         manifest["finished_at"] = _now()
         _stage(folder, manifest, "rollup")
         progress.set_phase("done")

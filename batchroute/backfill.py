@@ -1,0 +1,121 @@
+"""``batchroute backfill``: one run per date partition of the input, resumable as a whole.
+
+The input is a Hive-partitioned tree (``<input>/date=2026-11-01/...``). Each day becomes its
+own run whose id names the day, the router version and the config hash, so:
+- a day already complete under the same router and config is skipped;
+- a day that stopped half-way, or has failed rows, is resumed (ok rows are kept);
+- a new router or config writes new runs and never touches old results.
+One day's failure (bad input, missing key, ...) is recorded and the next day goes on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from batchroute import pipeline
+from batchroute import router as rt
+from batchroute.config import JobConfig
+from batchroute.errors import BatchrouteError, ConfigError
+from batchroute.progress import Progress
+from batchroute.sink import RunFolder
+
+log = logging.getLogger("batchroute")
+
+
+@dataclass(frozen=True)
+class DayOutcome:
+    day: str
+    run_id: str
+    status: str  # done | skipped | no-input | error
+    ok: int = 0
+    failed: int = 0
+    rejected: int = 0
+    cost_usd: float = 0.0
+    message: str = ""
+
+
+def days(start: str, end: str) -> list[str]:
+    """Every ISO date from start to end inclusive. Raises ConfigError for bad dates."""
+    try:
+        first, last = dt.date.fromisoformat(start), dt.date.fromisoformat(end)
+    except ValueError as exc:
+        raise ConfigError(f"--from/--to: {exc} (use YYYY-MM-DD)") from None
+    if last < first:
+        raise ConfigError(f"--to {end} is before --from {start}")
+    return [(first + dt.timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
+
+
+def run_id_for(job: JobConfig, key: str, day: str, router_version: str) -> str:
+    return f"{job.name}-{key}={day}-{router_version}-{job.config_hash[:8]}"
+
+
+def backfill(job: JobConfig, start: str, end: str, *, key: str = "date",
+             ray_address: str | None = None, progress: Progress | None = None,
+             force: bool = False) -> list[DayOutcome]:
+    """Run (or resume, or skip) one run per day; never raises for a single day's failure."""
+    version = rt.inspect(rt.read_bytes(job.router.path), path=job.router.path).version
+    root = job.input.rstrip("/")
+    outcomes = []
+    for day in days(start, end):
+        run_id = run_id_for(job, key, day, version)
+        partition = f"{root}/{key}={day}"
+        folder = RunFolder(job.output, run_id)
+        if _complete(folder):
+            outcomes.append(_summary(day, run_id, "skipped", folder.read_json("manifest.json")))
+            continue
+        if not _exists(partition):
+            outcomes.append(DayOutcome(day, run_id, "no-input",
+                                       message=f"no partition {partition}"))
+            continue
+        try:
+            out = pipeline.run(replace(job, input=partition), run_id=run_id,
+                               ray_address=ray_address, force=force,
+                               progress=progress or Progress())
+            outcomes.append(_summary(day, run_id, "done", out.manifest))
+        except BatchrouteError as exc:
+            log.error("backfill %s failed: %s", day, exc)
+            outcomes.append(DayOutcome(day, run_id, "error", message=str(exc)))
+        except Exception as exc:  # one bad day must not cost the other days their run
+            log.exception("backfill %s failed unexpectedly", day)
+            outcomes.append(DayOutcome(day, run_id, "error",
+                                       message=f"internal error: {type(exc).__name__}: {exc}"))
+    return outcomes
+
+
+def _complete(folder: RunFolder) -> bool:
+    if not folder.has("manifest.json"):
+        return False
+    m = folder.read_json("manifest.json")
+    return "rollup" in m.get("stages", {}) and not m.get("counts", {}).get("failed", 0)
+
+
+def _exists(uri: str) -> bool:
+    fs, path = (pafs.FileSystem.from_uri(uri) if "://" in uri
+                else (pafs.LocalFileSystem(), uri))
+    return bool(fs.get_file_info(path).type != pafs.FileType.NotFound)
+
+
+def _summary(day: str, run_id: str, status: str, manifest: dict[str, Any]) -> DayOutcome:
+    counts = manifest.get("counts", {})
+    cost = float(manifest.get("cost_usd", 0.0))
+    return DayOutcome(day, run_id, status, ok=int(counts.get("ok", 0)),
+                      failed=int(counts.get("failed", 0)),
+                      rejected=int(counts.get("rejected", 0)), cost_usd=cost)
+
+
+def format_outcomes(outcomes: list[DayOutcome]) -> str:
+    lines = [f"{'day':<12}{'status':<10}{'ok':>8}{'failed':>8}{'rejected':>9}{'cost $':>11}  run"]
+    for o in outcomes:
+        lines.append(f"{o.day:<12}{o.status:<10}{o.ok:>8}{o.failed:>8}{o.rejected:>9}"
+                     f"{o.cost_usd:>11.4f}  {o.run_id}" + (f"\n{'':12}{o.message}"
+                                                           if o.message else ""))
+    return "\n".join(lines)
+
+
+def as_json(outcomes: list[DayOutcome]) -> list[dict[str, Any]]:
+    return [asdict(o) for o in outcomes]
