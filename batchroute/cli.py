@@ -137,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.set_defaults(func=_eval)
 
+    bench = sub.add_parser("bench", help="benchmarks: batchroute bench memory --rows N",
+                           description="Measure the job. `memory` runs the whole job on N "
+                           "generated prompts against the mock provider with high limits and "
+                           "prints peak memory over every process of the job (driver and Ray "
+                           "workers) and rows per second.")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    bm = bench_sub.add_parser("memory", help="peak memory and rate of the whole job")
+    bm.add_argument("--rows", type=int, default=200_000, help="prompts to generate (200000)")
+    bm.add_argument("--workdir", metavar="DIR", help="keep input and run here (default: temp)")
+    bm.add_argument("--json", action="store_true", help="print JSON only")
+    bm.set_defaults(func=_bench_memory)
+
     mock_provider.register_cli(sub)
     sample.register_cli(sub)
     return parser
@@ -170,6 +182,23 @@ def _run(args: argparse.Namespace) -> int:
     out = pipeline.run(job, run_id=args.run_id, ray_address=args.ray_address,
                        dry_run=args.dry_run, force=args.force)
     return _report(job, out, dry_run=args.dry_run)
+
+
+def _bench_memory(args: argparse.Namespace) -> int:
+    import json
+
+    from batchroute import bench
+
+    result = bench.memory(args.rows, workdir=args.workdir)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2))
+    else:
+        print("\n".join(result["table"]))
+        print(f"\n{result['rows']} rows in {result['wall_s']} s ({result['rows_per_s']} rows/s); "
+              f"peak memory of the whole job: {result['peak_pss_mib']} MiB PSS "
+              f"(RSS sum {result['peak_rss_sum_mib']} MiB, driver {result['peak_driver_rss_mib']}"
+              " MiB)")
+    return int(result["exit_code"] != 0)
 
 
 def _backfill(args: argparse.Namespace) -> int:

@@ -18,30 +18,29 @@ from batchroute import schemas
 from batchroute.config import ModelConfig
 from batchroute.sink import RunFolder
 
+COLUMNS = ["request_id", "model", "status", "input_tokens", "output_tokens", "cost_usd",
+           "latency_ms", "attempts"]
 
-def read_results(folder: RunFolder) -> pl.DataFrame:
-    """The columns rollups need, over every committed result shard (none: an empty frame)."""
-    columns = ["request_id", "model", "status", "input_tokens", "output_tokens", "cost_usd",
-               "latency_ms", "attempts"]
+
+def read_results(folder: RunFolder) -> pl.LazyFrame:
+    """A lazy scan of the columns rollups need over every committed result shard, so a
+    rollup streams through the results instead of loading them (no shards: empty)."""
     path = folder.sub("results")
     if folder.fs.get_file_info(path).type == pafs.FileType.NotFound:
-        table = schemas.RESULTS.empty_table().select(columns)
-    else:
-        table = ds.dataset(path, filesystem=folder.fs, format="parquet",
-                           schema=schemas.RESULTS).to_table(columns=columns)
-    frame = pl.from_arrow(table)
-    assert isinstance(frame, pl.DataFrame)
-    return frame
+        empty = pl.from_arrow(schemas.RESULTS.empty_table().select(COLUMNS))
+        assert isinstance(empty, pl.DataFrame)
+        return empty.lazy()
+    dataset = ds.dataset(path, filesystem=folder.fs, format="parquet", schema=schemas.RESULTS)
+    return pl.scan_pyarrow_dataset(dataset).select(COLUMNS)
 
 
-def rollup(results: pl.DataFrame, *, run_id: str, models: Mapping[str, ModelConfig],
-           reference_model: str) -> pa.Table:
+def rollup(results: pl.DataFrame | pl.LazyFrame, *, run_id: str,
+           models: Mapping[str, ModelConfig], reference_model: str) -> pa.Table:
     """One ``rollups`` row per model (model null: rows rejected before routing)."""
     ref = models[reference_model]
-    total = max(len(results), 1)
     ok = pl.col("status") == "ok"
     frame = (
-        results.with_columns(
+        results.lazy().with_columns(
             reference_cost=pl.when(ok).then(
                 (pl.col("input_tokens") * ref.input_usd_per_mtok
                  + pl.col("output_tokens") * ref.output_usd_per_mtok) / 1e6).otherwise(0.0))
@@ -63,11 +62,13 @@ def rollup(results: pl.DataFrame, *, run_id: str, models: Mapping[str, ModelConf
             run_id=pl.lit(run_id),
             reference_model=pl.lit(reference_model),
             savings_usd=pl.col("reference_cost_usd") - pl.col("cost_usd"),
-            share_of_requests=pl.col("rows") / total,
+            share_of_requests=pl.col("rows") / pl.col("rows").sum().clip(lower_bound=1),
         )
         .sort("model", nulls_last=True)
+        .select(schemas.ROLLUPS.names)
+        .collect(engine="streaming")
     )
-    return frame.select(schemas.ROLLUPS.names).to_arrow().cast(schemas.ROLLUPS)
+    return frame.to_arrow().cast(schemas.ROLLUPS)
 
 
 def format_table(rollups: pa.Table) -> str:

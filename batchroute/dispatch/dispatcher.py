@@ -86,12 +86,17 @@ class ModelDispatcher:
         self._api_key = api_key or ""
         self._provider = PROVIDERS[model.provider](model.base_url, self._api_key,
                                                    model.wire_name)
-        self._client = httpx.AsyncClient(
-            transport=transport,
-            timeout=httpx.Timeout(model.timeout_s),
-            limits=httpx.Limits(max_connections=model.concurrency,
-                                max_keepalive_connections=model.concurrency),
-        )
+        limits = httpx.Limits(max_connections=model.concurrency,
+                              max_keepalive_connections=model.concurrency)
+        if transport is None:
+            # httpx's own pool (httpcore) spends CPU that grows with the square of the open
+            # connections; aiohttp's connector keeps a busy model's client cheap. httpx stays
+            # the API, so tests still swap in httpx.MockTransport.
+            from httpx_aiohttp import AiohttpTransport
+
+            transport = AiohttpTransport(limits=limits)
+        self._client = httpx.AsyncClient(transport=transport, limits=limits,
+                                         timeout=httpx.Timeout(model.timeout_s))
         self._limits = ModelLimits(model.rpm, model.tpm, model.concurrency,
                                    min(model.context_window, model.tpm))
         self._sleep = sleep
@@ -251,8 +256,8 @@ def _transient(exc: Exception) -> DispatchError:
         return exc
     if isinstance(exc, httpx.TimeoutException):
         return TransientDispatchError(f"timeout: {type(exc).__name__}")
-    if isinstance(exc, httpx.RemoteProtocolError):
-        return TransientDispatchError("connection dropped mid-response")
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+        return TransientDispatchError(f"connection dropped mid-response ({type(exc).__name__})")
     if isinstance(exc, httpx.TransportError):
         return TransientDispatchError(f"connection error: {type(exc).__name__}")
     return TransientDispatchError(f"http error: {type(exc).__name__}")

@@ -187,7 +187,7 @@ def test_missing_key_fails_rows_without_calling() -> None:
 
 @pytest.mark.parametrize(("fault", "message"), [
     (httpx.ReadTimeout("slow"), "timeout: ReadTimeout"),
-    (httpx.RemoteProtocolError("eof"), "connection dropped mid-response"),
+    (httpx.RemoteProtocolError("eof"), "connection dropped mid-response (RemoteProtocolError)"),
     (httpx.ConnectError("refused"), "connection error: ConnectError"),
     (None, "malformed response body from provider (JSONDecodeError)"),
 ])

@@ -1,0 +1,145 @@
+"""``batchroute bench memory``: the whole job on N generated prompts, its peak memory and rate.
+
+The input is generated, and the mock provider served, in processes of their own, so neither is
+counted. The job runs as ``batchroute run`` in a child process that starts its own local Ray.
+Its memory is sampled every half second over its whole process tree: the driver, Ray's GCS and
+raylet, and every worker and actor.
+
+The headline figure is the sum of PSS (proportional set size). Pages shared between
+processes, such as Ray's object store and shared libraries, are split between the processes
+that map them rather than counted once per process. The sum of RSS is reported beside it as an
+upper bound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SAMPLE_S = 0.5
+JOB = """\
+[job]
+name = "bench"
+input = "{input}"
+output = "{output}"
+reference_model = "gpt-4-1106-preview"
+
+[[router.rules]]
+name = "code"
+contains_code = true
+model = "claude-3-5-sonnet"
+
+[[router.rules]]
+name = "long-document"
+min_chars = 2500
+model = "claude-3-5-sonnet"
+
+[dispatch]
+batch_rows = 512
+batches_in_flight = 4
+max_attempts = 5
+backoff_base_s = 0.05
+backoff_max_s = 1.0
+"""
+MODEL = """
+[models."{name}"]
+provider = "{provider}"
+base_url = "{url}"
+api_key_env = "BATCHROUTE_BENCH_KEY"
+input_usd_per_mtok = {pin}
+output_usd_per_mtok = {pout}
+rpm = 10000000
+tpm = 10000000000
+concurrency = 128
+context_window = 200000
+"""
+MODELS = (("mixtral-8x7b-instruct", "openai", 0.25, 0.75),
+          ("claude-3-5-sonnet", "anthropic", 3.0, 15.0),
+          ("gpt-4-1106-preview", "openai", 10.0, 30.0))
+
+
+def memory(rows: int, *, workdir: str | None = None) -> dict[str, Any]:
+    """Run the job on ``rows`` generated prompts; return rate and peak memory figures."""
+    import psutil
+
+    tmp = Path(workdir or tempfile.mkdtemp(prefix="batchroute-bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    cli = [sys.executable, "-m", "batchroute"]
+    subprocess.run([*cli, "sample", "--out", str(tmp / "in.parquet"), "--rows", str(rows)],
+                   check=True, stdout=subprocess.DEVNULL)
+    key = f"sk-bench-{secrets.token_hex(8)}"
+    env = {**os.environ, "BATCHROUTE_BENCH_KEY": key}
+    env.pop("RAY_ADDRESS", None)
+    port = _free_port()
+    mock = subprocess.Popen([*cli, "mock-provider", "--port", str(port),
+                             "--api-key-env", "BATCHROUTE_BENCH_KEY"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        subprocess.run([*cli, "mock-provider", "--wait-ready", "--port", str(port)], check=True)
+        url = f"http://127.0.0.1:{port}"
+        text = JOB.format(input=tmp / "in.parquet", output=tmp / "runs") + "".join(
+            MODEL.format(name=n, provider=p, pin=i, pout=o,
+                         url=url + ("/v1" if p == "openai" else ""))
+            for n, p, i, o in MODELS)
+        (tmp / "job.toml").write_text(text)
+        t0 = time.monotonic()
+        job = subprocess.Popen([*cli, "run", str(tmp / "job.toml"), "--run-id", "bench"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True)
+        peak_pss = peak_rss = peak_driver = 0
+        driver = psutil.Process(job.pid)
+        while job.poll() is None:
+            pss, rss, own = _tree_memory(driver)
+            peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
+            peak_driver = max(peak_driver, own)
+            time.sleep(SAMPLE_S)
+        wall = time.monotonic() - t0
+        out = job.stdout.read() if job.stdout else ""
+    finally:
+        mock.terminate()
+        mock.wait()
+    manifest = json.loads((tmp / "runs" / "bench" / "manifest.json").read_text())
+    mib = 2**20
+    return {
+        "rows": rows, "exit_code": job.returncode, "wall_s": round(wall, 1),
+        "rows_per_s": round(rows / wall, 1),
+        "peak_pss_mib": round(peak_pss / mib, 1), "peak_rss_sum_mib": round(peak_rss / mib, 1),
+        "peak_driver_rss_mib": round(peak_driver / mib, 1),
+        "counts": manifest.get("counts", {}), "workdir": str(tmp),
+        "table": out.strip().splitlines()[-12:] if out else [],
+    }
+
+
+def _tree_memory(root: Any) -> tuple[int, int, int]:
+    """(sum of PSS, sum of RSS, root's own RSS) over ``root`` and its descendants."""
+    import psutil
+
+    pss = rss = own = 0
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0, 0, 0
+    for p in procs:
+        try:
+            info = p.memory_full_info()
+        except psutil.Error:  # exited between listing and reading
+            continue
+        pss += getattr(info, "pss", info.rss)
+        rss += info.rss
+        if p.pid == root.pid:
+            own = info.rss
+    return pss, rss, own
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
