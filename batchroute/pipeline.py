@@ -32,7 +32,11 @@ from batchroute.route import RouteSpec, RouteStage, check_compatible
 from batchroute.sink import ResultSink, RunFolder
 
 log = logging.getLogger("batchroute")
-SOURCE_SHARD_ROWS = 65_536
+# Small shards and blocks keep every process's working set flat: a Ray Data block is at most a
+# shard, and prompts can be long documents.
+SOURCE_SHARD_ROWS = 8_192
+MAX_BLOCK_BYTES = 16 * 2**20
+LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
 
 
 @dataclass
@@ -60,11 +64,16 @@ def start_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or None,
-             include_dashboard=False, logging_level=logging.WARNING,
-             configure_logging=True, log_to_driver=True)
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    # A Ray started here gets a bounded object store: by default Ray reserves 30% of RAM and
+    # Ray Data fills what it is given, which would make the job's memory grow with its input.
+    # Beyond the bound Ray spills to disk. A cluster's own setting is left alone.
+    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+             configure_logging=True, log_to_driver=True,
+             object_store_memory=None if address else LOCAL_OBJECT_STORE_BYTES)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
+    ctx.target_max_block_size = MAX_BLOCK_BYTES
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
@@ -361,7 +370,9 @@ def _ray() -> Any:
 def _batches(folder: RunFolder, model: str, rows: int,
              answered: pa.Array | None) -> Iterator[pa.Table]:
     dataset = ds.dataset(folder.routed_dir(model), filesystem=folder.fs, format="parquet")
-    for batch in dataset.to_batches(batch_size=rows):
+    # One file and one batch ahead: the scanner's default read-ahead holds several whole
+    # files per model in the driver.
+    for batch in dataset.to_batches(batch_size=rows, fragment_readahead=1, batch_readahead=1):
         table = pa.Table.from_batches([batch])
         if answered is not None and len(answered):
             table = table.filter(pc.invert(pc.is_in(table.column("request_id"),

@@ -25,12 +25,16 @@ from batchroute.sink import ResultSink, RunFolder
 
 
 class PlanWriter:
-    """Splits routed batches by model and commits them in shards of about ``flush_rows``."""
+    """Splits routed batches by model and commits them in shards of about ``flush_rows`` rows
+    or ``flush_bytes`` bytes, whichever comes first: long documents make rows large, and the
+    buffers must stay small however the input is shaped."""
 
-    def __init__(self, folder: RunFolder, sink: ResultSink, *, flush_rows: int = 65_536) -> None:
+    def __init__(self, folder: RunFolder, sink: ResultSink, *, flush_rows: int = 65_536,
+                 flush_bytes: int = 32 * 2**20) -> None:
         self.folder = folder
         self.sink = sink
         self.flush_rows = flush_rows
+        self.flush_bytes = flush_bytes
         self.rows: dict[str, int] = {}
         self.rejected = 0
         self._buffers: dict[str, list[pa.Table]] = {}
@@ -50,7 +54,8 @@ class PlanWriter:
             self.rows[model] = self.rows.get(model, 0) + part.num_rows
             buf = self._buffers.setdefault(model, [])
             buf.append(part)
-            if sum(t.num_rows for t in buf) >= self.flush_rows:
+            if (sum(t.num_rows for t in buf) >= self.flush_rows
+                    or sum(t.nbytes for t in buf) >= self.flush_bytes):
                 self._flush(model)
 
     def close(self) -> dict[str, int]:

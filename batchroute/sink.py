@@ -19,6 +19,8 @@ partial object under the final name. A resumed run deletes whatever ``_tmp/`` st
 from __future__ import annotations
 
 import json
+import os
+import time
 import urllib.parse
 import uuid
 from collections.abc import Mapping
@@ -32,6 +34,11 @@ import pyarrow.parquet as pq
 from batchroute.errors import SinkError
 
 TMP = "_tmp"
+# Readers hold a whole row group; small ones keep a reader's memory flat with long prompts.
+ROW_GROUP_ROWS = 4096
+# Fault-injection seam for the kill tests: hold every commit between writing the temp file
+# and moving it into place, so a test can SIGKILL a run exactly mid-commit. Unset in real use.
+COMMIT_PAUSE_S = float(os.environ.get("BATCHROUTE_TEST_COMMIT_PAUSE_S", "0") or 0)
 
 
 class RunFolder:
@@ -62,7 +69,10 @@ class RunFolder:
         final = f"{directory}/{name}"
         tmp = self._tmp(name)
         try:
-            pq.write_table(table, tmp, filesystem=self.fs, compression="zstd")
+            pq.write_table(table, tmp, filesystem=self.fs, compression="zstd",
+                           row_group_size=ROW_GROUP_ROWS)
+            if COMMIT_PAUSE_S:
+                time.sleep(COMMIT_PAUSE_S)
             self.fs.move(tmp, final)
         except OSError as exc:
             raise SinkError(f"cannot write {final}: {exc}") from None
