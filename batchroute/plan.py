@@ -136,14 +136,18 @@ def forecast(folder: RunFolder, job: JobConfig, rejected: int) -> dict[str, Any]
     """
     columns = ["model", "est_input_tokens", "est_output_tokens"]
     routed = routed_dataset(folder)
-    table = (routed.to_table(columns=columns) if routed is not None else
-             pa.table({c: pa.array([], pa.string() if c == "model" else pa.int64())
-                       for c in columns}))
-    frame = pl.from_arrow(table)
-    assert isinstance(frame, pl.DataFrame)
+    if routed is None:
+        empty = pl.from_arrow(pa.table({c: pa.array([], pa.string() if c == "model" else
+                                                    pa.int64()) for c in columns}))
+        assert isinstance(empty, pl.DataFrame)
+        frame = empty.lazy()
+    else:
+        frame = pl.scan_pyarrow_dataset(routed).select(columns)
+    # Streamed: the plan is never loaded whole, however many rows it has.
     sums = frame.group_by("model").agg(
         rows=pl.len(), est_input_tokens=pl.col("est_input_tokens").sum(),
-        est_output_tokens=pl.col("est_output_tokens").sum()).sort("model")
+        est_output_tokens=pl.col("est_output_tokens").sum()).sort("model").collect(
+        engine="streaming")
     ref = job.models[job.reference_model]
     models: dict[str, dict[str, Any]] = {}
     for row in sums.iter_rows(named=True):
