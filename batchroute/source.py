@@ -202,7 +202,9 @@ def read_requests(data: InputDataset, batch_rows: int = 65_536) -> Iterator[pa.T
     row = 0
     for f in data.files:
         dataset = ds.dataset(f.path, filesystem=data.filesystem, format="parquet")
-        for batch in dataset.to_batches(columns=list(f.columns), batch_size=batch_rows):
+        # No read-ahead beyond one batch: a row group of long documents is already large.
+        for batch in dataset.to_batches(columns=list(f.columns), batch_size=batch_rows,
+                                        batch_readahead=1, fragment_readahead=1):
             if batch.num_rows:
                 yield _canonical(pa.Table.from_batches([batch]), row, duplicates)
                 row += batch.num_rows
