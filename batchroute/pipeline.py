@@ -64,6 +64,12 @@ def start_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
+    # Arrow's default allocator (mimalloc) keeps freed pages, so a long pass over large string
+    # batches grows the process by hundreds of MiB; the system allocator returns them. Set
+    # before Ray starts so local workers inherit it; a user's own choice is kept.
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+    if os.environ["ARROW_DEFAULT_MEMORY_POOL"] == "system":
+        pa.set_memory_pool(pa.system_memory_pool())
     address = address or os.environ.get("RAY_ADDRESS") or None
     # A Ray started here gets a bounded object store: by default Ray reserves 30% of RAM and
     # Ray Data fills what it is given, which would make the job's memory grow with its input.

@@ -31,6 +31,9 @@ from batchroute import schemas
 from batchroute.errors import SchemaError
 
 MAX_TOKENS_LIMIT = 2**31 - 1
+# Pre-buffering reads column chunks of many row groups ahead; one at a time keeps memory flat.
+SCAN_FORMAT = ds.ParquetFileFormat(
+    default_fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False))
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,7 @@ def read_requests(data: InputDataset, batch_rows: int = 65_536) -> Iterator[pa.T
     duplicates = _duplicates(data.read_column("request_id"))
     row = 0
     for f in data.files:
-        dataset = ds.dataset(f.path, filesystem=data.filesystem, format="parquet")
+        dataset = ds.dataset(f.path, filesystem=data.filesystem, format=SCAN_FORMAT)
         # No read-ahead beyond one batch: a row group of long documents is already large.
         for batch in dataset.to_batches(columns=list(f.columns), batch_size=batch_rows,
                                         batch_readahead=1, fragment_readahead=1):
