@@ -252,12 +252,18 @@ def _report(job: JobConfig, out: Outcome, *, dry_run: bool) -> int:
     return out.exit_code
 
 
-def _score(args: argparse.Namespace) -> int:
+def _router_bytes(args: argparse.Namespace) -> bytes:
+    """The router named by --router, or the bundled one."""
     from batchroute import config
     from batchroute import router as rt
 
-    path = args.router or config.BUNDLED_ROUTER
-    rows = rt.score_file(rt.read_bytes(path), args.input, args.out)
+    return rt.read_bytes(args.router or config.BUNDLED_ROUTER)
+
+
+def _score(args: argparse.Namespace) -> int:
+    from batchroute import router as rt
+
+    rows = rt.score_file(_router_bytes(args), args.input, args.out)
     print(f"wrote {rows} rows to {args.out}")
     return 0
 
@@ -265,11 +271,9 @@ def _score(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from batchroute import config, evaluate
-    from batchroute import router as rt
+    from batchroute import evaluate
 
-    path = args.router or config.BUNDLED_ROUTER
-    report = evaluate.evaluate_router(rt.read_bytes(path), args.labels, weak=args.weak,
+    report = evaluate.evaluate_router(_router_bytes(args), args.labels, weak=args.weak,
                                       strong=args.strong, split=args.split,
                                       price_ratio=args.price_ratio)
     print(json.dumps(report, indent=2) if args.json else evaluate.format_report(report))

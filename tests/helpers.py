@@ -86,3 +86,30 @@ def to_toml(doc: dict[str, Any]) -> str:
     for key, value in doc.items():
         table(json.dumps(key), value)
     return "\n".join(lines) + "\n"
+
+
+def demo_job_doc(input_uri: Path | str, output: Path | str, urls: str | dict[str, str], *,
+                 dispatch: dict[str, Any] | None = None, **model: Any) -> dict[str, Any]:
+    """jobs/demo.toml pointed at mock providers on loopback: every model (or each model, given
+    a name -> URL map) at its provider, the tests' key variable, limits high enough not to
+    bind unless ``model`` overrides them."""
+    import tomllib
+
+    doc: dict[str, Any] = tomllib.loads((REPO / "jobs" / "demo.toml").read_text())
+    doc["job"].update(input=str(input_uri), output=str(output))
+    doc["dispatch"].update(dispatch or {})
+    for name, m in doc["models"].items():
+        url = urls if isinstance(urls, str) else urls[name]
+        m["base_url"] = url + ("/v1" if m["provider"] == "openai" else "")
+        m.update({"api_key_env": "BATCHROUTE_TEST_KEY", "rpm": 60_000, "tpm": 50_000_000,
+                  **model})
+    return doc
+
+
+def quiet_progress() -> Any:
+    """Progress that writes nowhere a test would look."""
+    import io
+
+    from batchroute.progress import Progress
+
+    return Progress(io.StringIO(), interval_s=3600)

@@ -3,9 +3,7 @@ new router writes new runs."""
 
 from __future__ import annotations
 
-import io
 import json
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +16,15 @@ import pytest
 from batchroute import backfill, cli, config
 from batchroute.errors import ConfigError
 from batchroute.mock_provider import MockProvider
-from batchroute.progress import Progress
-from tests.helpers import REPO, to_toml
+from tests.helpers import demo_job_doc, quiet_progress, to_toml
 
 pytestmark = pytest.mark.integration
 
 
 def _job(tmp: Path, url: str, router: str | None = None) -> dict[str, Any]:
-    doc: dict[str, Any] = tomllib.loads((REPO / "jobs" / "demo.toml").read_text())
-    doc["job"].update(input=str(tmp / "queue"), output=str(tmp / "runs"))
+    doc = demo_job_doc(tmp / "queue", tmp / "runs", url)
     if router:
         doc["router"]["path"] = router
-    for m in doc["models"].values():
-        m["base_url"] = url + ("/v1" if m["provider"] == "openai" else "")
-        m.update(api_key_env="BATCHROUTE_TEST_KEY", rpm=60_000, tpm=50_000_000)
     return doc
 
 
@@ -62,8 +55,7 @@ def test_backfill_days(tmp_path: Path, provider: MockProvider, ray_session: None
     sent = provider.stats()["requests"]
     job = config.load(job_file)
     again = {o.day: o for o in backfill.backfill(job, "2026-11-01", "2026-11-04",
-                                                 progress=Progress(io.StringIO(),
-                                                                   interval_s=3600))}
+                                                 progress=quiet_progress())}
     assert [again[d].status for d in sorted(again)] == ["skipped", "done", "no-input", "skipped"]
     assert provider.stats()["requests"] - sent == 30
 
@@ -75,7 +67,7 @@ def test_backfill_days(tmp_path: Path, provider: MockProvider, ray_session: None
     onnx.save(model, tmp_path / "new.onnx")
     newer = config.parse(_job(tmp_path, provider.url, router=str(tmp_path / "new.onnx")))
     third = backfill.backfill(newer, "2026-11-01", "2026-11-01",
-                              progress=Progress(io.StringIO(), interval_s=3600))
+                              progress=quiet_progress())
     assert third[0].status == "done" and "bow-lr-1-retrained" in third[0].run_id
     assert third[0].run_id != first["2026-11-01"]["run_id"]
     assert len(pl.read_parquet(ok_run / "results")) == 40  # the old run is untouched

@@ -3,8 +3,6 @@ and all-rejected inputs, a key missing where the workers run."""
 
 from __future__ import annotations
 
-import io
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -16,28 +14,21 @@ import pytest
 from batchroute import config, pipeline
 from batchroute.errors import ConfigError
 from batchroute.mock_provider import MockProvider, MockProviderConfig
-from batchroute.progress import Progress
-from tests.helpers import REPO
+from tests.helpers import demo_job_doc, quiet_progress
 
 pytestmark = pytest.mark.integration
 
 
 def _job(tmp: Path, input_uri: Path, urls: dict[str, str], **model: Any) -> config.JobConfig:
-    doc: dict[str, Any] = tomllib.loads((REPO / "jobs" / "demo.toml").read_text())
-    doc["job"].update(input=str(input_uri), output=str(tmp / "runs"))
     # Eight attempts: while the client converges on a provider limit half its catalog's, a
     # row can meet several 429s in a row; the test is about pacing, not the attempt budget.
-    doc["dispatch"].update(backoff_base_s=0.01, backoff_max_s=0.1, batch_rows=32,
-                           max_attempts=8)
-    for name, m in doc["models"].items():
-        m["base_url"] = urls[name] + ("/v1" if m["provider"] == "openai" else "")
-        m.update({"api_key_env": "BATCHROUTE_TEST_KEY", "rpm": 60_000, "tpm": 50_000_000,
-                  **model})
-    return config.parse(doc)
+    return config.parse(demo_job_doc(
+        input_uri, tmp / "runs", urls, dispatch={"backoff_base_s": 0.01, "backoff_max_s": 0.1,
+                                                 "batch_rows": 32, "max_attempts": 8},
+        **model))
 
 
-def _quiet() -> Progress:
-    return Progress(io.StringIO(), interval_s=3600)
+
 
 
 def test_provider_limit_below_the_catalog_gives_429s_that_are_honoured(
@@ -53,7 +44,7 @@ def test_provider_limit_below_the_catalog_gives_429s_that_are_honoured(
         job = _job(tmp_path, tmp_path / "in.parquet", dict.fromkeys(
             ("mixtral-8x7b-instruct", "claude-3-5-sonnet", "gpt-4-1106-preview"), p.url),
             rpm=2400)
-        out = pipeline.run(job, run_id="tight", progress=_quiet())
+        out = pipeline.run(job, run_id="tight", progress=quiet_progress())
         served = p.stats()
     results = pl.read_parquet(out.folder.sub("results"))
     assert out.exit_code == 0 and len(results) == n
@@ -73,13 +64,13 @@ def test_empty_and_all_rejected_inputs_finish_cleanly(tmp_path: Path, provider: 
     empty = tmp_path / "empty.parquet"
     pq.write_table(pa.table({"request_id": pa.array([], pa.string()),
                              "prompt": pa.array([], pa.string())}), empty)
-    out = pipeline.run(_job(tmp_path, empty, urls), run_id="empty", progress=_quiet())
+    out = pipeline.run(_job(tmp_path, empty, urls), run_id="empty", progress=quiet_progress())
     assert out.exit_code == 0 and out.manifest["input_rows"] == 0
     assert out.rollups is not None and out.rollups.num_rows == 0
 
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"request_id": ["a", "a", "b"], "prompt": ["", "x", None]}), bad)
-    out = pipeline.run(_job(tmp_path, bad, urls), run_id="bad", progress=_quiet())
+    out = pipeline.run(_job(tmp_path, bad, urls), run_id="bad", progress=quiet_progress())
     results = pl.read_parquet(out.folder.sub("results"))
     assert sorted(results["reject_reason"].to_list()) == [
         "duplicate request_id (first at input row 0)", "empty prompt", "null prompt"]
@@ -94,5 +85,5 @@ def test_key_missing_in_the_workers_stops_before_any_work(
     job = _job(tmp_path, tmp_path / "in.parquet", urls,
                api_key_env="BATCHROUTE_KEY_NOBODY_SET")
     with pytest.raises(ConfigError, match="BATCHROUTE_KEY_NOBODY_SET is not set"):
-        pipeline.run(job, run_id="nokey", progress=_quiet())
+        pipeline.run(job, run_id="nokey", progress=quiet_progress())
     assert not (tmp_path / "runs" / "nokey").exists()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 
 from batchroute import cli, config, sample
 from batchroute.mock_provider import MockProvider
-from tests.helpers import MMLU, REPO, to_toml
+from tests.helpers import MMLU, demo_job_doc, to_toml
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not MMLU.is_file(), reason="shared labels not checked out")]
@@ -25,13 +24,8 @@ ROWS = 3000
 
 
 def _job_file(tmp: Path, provider: MockProvider, input_uri: Path) -> Path:
-    doc: dict[str, Any] = tomllib.loads((REPO / "jobs" / "demo.toml").read_text())
-    doc["job"].update(input=str(input_uri), output=str(tmp / "runs"))
-    doc["dispatch"].update(backoff_base_s=0.01, backoff_max_s=0.1)
-    for m in doc["models"].values():
-        m["base_url"] = provider.url + ("/v1" if m["provider"] == "openai" else "")
-        m["api_key_env"] = "BATCHROUTE_TEST_KEY"
-        m.update(rpm=60_000, tpm=50_000_000)
+    doc = demo_job_doc(input_uri, tmp / "runs", provider.url,
+                       dispatch={"backoff_base_s": 0.01, "backoff_max_s": 0.1})
     path = tmp / "job.toml"
     path.write_text(to_toml(doc))
     return path

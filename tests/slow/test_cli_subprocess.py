@@ -9,16 +9,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 import pytest
 
 from batchroute import sample
 from batchroute.mock_provider import MockProvider, MockProviderConfig
-from tests.helpers import MMLU, REPO, to_toml
+from tests.helpers import MMLU, demo_job_doc, to_toml
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not MMLU.is_file(), reason="shared labels not checked out")]
@@ -30,13 +28,9 @@ def test_cli_subprocess_with_a_rejected_key(tmp_path: Path, provider: MockProvid
 
     sample.write(sample.generate(4000, seed=11), tmp_path / "in.parquet")
     with MockProvider(MockProviderConfig(api_key="sk-some-other-key", seed=2)) as wrong:
-        doc: dict[str, Any] = tomllib.loads((REPO / "jobs" / "demo.toml").read_text())
-        doc["job"].update(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "runs"))
-        for name, m in doc["models"].items():
-            url = wrong.url if name == "claude-3-5-sonnet" else provider.url
-            m.update(base_url=url + ("/v1" if m["provider"] == "openai" else ""),
-                     api_key_env="BATCHROUTE_TEST_KEY", rpm=60_000, tpm=50_000_000,
-                     concurrency=16)
+        urls = {"mixtral-8x7b-instruct": provider.url, "claude-3-5-sonnet": wrong.url,
+                "gpt-4-1106-preview": provider.url}
+        doc = demo_job_doc(tmp_path / "in.parquet", tmp_path / "runs", urls, concurrency=16)
         job = tmp_path / "job.toml"
         job.write_text(to_toml(doc))
         env = {**os.environ, "BATCHROUTE_TEST_KEY": api_key}

@@ -10,9 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -21,7 +19,7 @@ import pytest
 
 from batchroute import cli
 from batchroute.mock_provider import MockProvider, MockProviderConfig
-from tests.helpers import REPO, to_toml
+from tests.helpers import demo_job_doc, to_toml
 
 pytestmark = pytest.mark.slow
 N = 600
@@ -29,13 +27,9 @@ BATCH_ROWS, IN_FLIGHT = 16, 2
 
 
 def _job(tmp: Path, url: str) -> Path:
-    doc: dict[str, Any] = tomllib.loads((REPO / "jobs" / "demo.toml").read_text())
-    doc["job"].update(input=str(tmp / "in.parquet"), output=str(tmp / "runs"))
-    doc["dispatch"].update(batch_rows=BATCH_ROWS, batches_in_flight=IN_FLIGHT,
-                           backoff_base_s=0.01, backoff_max_s=0.05)
-    for m in doc["models"].values():
-        m["base_url"] = url + ("/v1" if m["provider"] == "openai" else "")
-        m.update(api_key_env="BATCHROUTE_TEST_KEY", rpm=6000, tpm=50_000_000)
+    doc = demo_job_doc(tmp / "in.parquet", tmp / "runs", url, rpm=6000,
+                       dispatch={"batch_rows": BATCH_ROWS, "batches_in_flight": IN_FLIGHT,
+                                 "backoff_base_s": 0.01, "backoff_max_s": 0.05})
     path = tmp / "job.toml"
     path.write_text(to_toml(doc))
     return path
