@@ -30,6 +30,7 @@ from batchroute.dispatch.providers import (
     Request,
     dumps,
     raise_for_response,
+    rate_limit_state,
 )
 from batchroute.errors import (
     AuthError,
@@ -56,7 +57,8 @@ class Stats:
     retries: int = 0
     cost_usd: float = 0.0
     paused_s: float = 0.0  # wall time this model was paused honouring Retry-After
-    min_rate_factor: float = 1.0  # lowest share of the catalog RPM it was paced down to
+    # Lowest share of the catalog RPM it was paced down to (by 429s or the provider's headers).
+    min_rate_factor: float = 1.0
     errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -119,12 +121,13 @@ class ModelDispatcher:
             self._one(Request(messages=_messages(cols["prompt"][i], cols["messages"][i]),
                               max_tokens=int(cols["est_output_tokens"][i]),
                               temperature=cols["temperature"][i]),
-                      int(cols["est_input_tokens"][i]) + int(cols["est_output_tokens"][i]))
+                      int(cols["est_input_tokens"][i]))
             for i in range(routed.num_rows)))
         return self._results(routed, outcomes)
 
-    async def _one(self, req: Request, tokens: int) -> _Outcome:
+    async def _one(self, req: Request, est_input: int) -> _Outcome:
         started: datetime | None = None
+        tokens = est_input + req.max_tokens
         attempt = 0
         body = dumps(self._provider.body(req))
         while True:
@@ -145,7 +148,11 @@ class ModelDispatcher:
                 resp = await self._client.post(
                     self._provider.url, content=body,
                     headers={**self._provider.headers(), "content-type": "application/json"})
+                self._limits.observe(rate_limit_state(resp.headers))
+                self.stats.min_rate_factor = min(self.stats.min_rate_factor,
+                                                 self._limits.factor)
                 answer = raise_for_response(resp, self._provider)
+                self._limits.reconcile(est_input, answer.input_tokens)
                 self._limits.speed_up()
                 latency = (self._clock() - t0) * 1000.0
                 return self._finish("ok", answer, attempt, latency, None, started)

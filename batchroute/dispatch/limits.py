@@ -15,6 +15,17 @@ The catalog's RPM is a promise the provider may not keep (a key shared with anot
 lower tier). After a 429 the model is paced below its catalog rate (multiplicative decrease)
 and creeps back up with each success (additive increase), so retries do not keep hitting a
 limit that is lower than configured.
+
+Better still is not to draw the 429 at all. Every reply carries the provider's own view of the
+key (:class:`RateLimitState`), and :meth:`ModelLimits.observe` applies it before the next call:
+
+* a per-minute limit below the catalog's caps the pace at the provider's figure;
+* a provider bucket with less room left than ours (another job on the same key, requests
+  bunched up in transit) fills our bucket to match, so the next calls wait for the refill.
+
+Tokens are estimated before a call (prompt estimate + max output tokens, which is what
+providers charge against the limit at admission) and reconciled after it: the difference
+between the estimated and the reported prompt tokens is returned to, or taken from, the bucket.
 """
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ from __future__ import annotations
 import asyncio
 
 from aiolimiter import AsyncLimiter
+
+from batchroute.dispatch.providers import RateLimitState
 
 MIN_WINDOW_S = 1.0
 SLOW_DOWN = 0.5  # rate multiplier applied on a 429 (halve, as AIMD does)
@@ -31,12 +44,43 @@ MIN_FACTOR = 0.05
 SLOW_DOWN_HOLD_S = 1.0
 
 
-def _bucket(per_minute: float, largest: float) -> AsyncLimiter:
-    # Capacity = rate x window >= largest single acquire, and the window is at least 1 s.
-    window = max(MIN_WINDOW_S, 60.0 * largest / per_minute)
-    # max(): rate x window can round to just below `largest`, and aiolimiter would then refuse
-    # the largest admissible request outright.
-    return AsyncLimiter(max(float(largest), per_minute * window / 60.0), window)
+class _Bucket(AsyncLimiter):
+    """aiolimiter's leaky bucket, plus the two adjustments it has no public API for: taking
+    capacity without waiting (the provider says it has less room than we thought) and giving
+    it back (a call used fewer tokens than estimated). Both go through aiolimiter's own level
+    and waiter wake-up, so its waiting logic stays the one in charge.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def sized(cls, per_minute: float, largest: float) -> _Bucket:
+        # Capacity = rate x window >= largest single acquire, and the window is at least 1 s.
+        window = max(MIN_WINDOW_S, 60.0 * largest / per_minute)
+        # max(): rate x window can round to just below `largest`, and aiolimiter would then
+        # refuse the largest admissible request outright.
+        return cls(max(float(largest), per_minute * window / 60.0), window)
+
+    def headroom(self) -> float:
+        self._leak()
+        return self.max_rate - self._level
+
+    def take(self, amount: float) -> None:
+        """Use ``amount`` now, without waiting; the level may exceed capacity (a debt that
+        later acquires wait out)."""
+        self._leak()
+        self._level += amount
+
+    def give_back(self, amount: float) -> None:
+        self._leak()
+        self._level = max(0.0, self._level - amount)
+        self._wake_next()
+
+    def match(self, provider_remaining: int) -> None:
+        """Leave no more room than the provider reports having."""
+        short = self.headroom() - provider_remaining
+        if short > 0:
+            self._level += short
 
 
 class ModelLimits:
@@ -46,14 +90,17 @@ class ModelLimits:
         if largest_request_tokens > tpm:
             raise ValueError(f"a request of {largest_request_tokens} tokens can never fit a "
                              f"limit of {tpm} tokens per minute")
-        self.requests = _bucket(rpm, 1)
-        self.tokens = _bucket(tpm, largest_request_tokens)
+        self.requests = _Bucket.sized(rpm, 1)
+        self.tokens = _Bucket.sized(tpm, largest_request_tokens)
         self.slots = asyncio.Semaphore(concurrency)
         self._largest = largest_request_tokens
         self._rpm = rpm
-        # Invariant: factor in [MIN_FACTOR, 1]; below 1 every request start is spaced
-        # 60 / (rpm * factor) seconds after the previous one (next_start is loop time).
+        self._tpm = tpm
+        # Invariant: MIN_FACTOR <= factor <= ceiling <= 1; below 1 every request start is
+        # spaced 60 / (rpm * factor) seconds after the previous one (next_start is loop time).
+        # The ceiling is the provider's reported limit over the catalog's.
         self.factor = 1.0
+        self.ceiling = 1.0
         self._next_start = 0.0
         self._hold_until = -1.0
 
@@ -88,7 +135,32 @@ class ModelLimits:
 
     def speed_up(self) -> None:
         """A call succeeded: regain a little of the catalog rate."""
-        self.factor = min(1.0, self.factor + SPEED_UP)
+        self.factor = min(self.ceiling, self.factor + SPEED_UP)
+
+    def observe(self, state: RateLimitState) -> None:
+        """Apply the provider's view of the limits, read from a reply (any status)."""
+        if state.limit_requests or state.limit_tokens:  # a reply without them keeps the last
+            ceiling = 1.0
+            if state.limit_requests:
+                ceiling = min(ceiling, state.limit_requests / self._rpm)
+            if state.limit_tokens:
+                # Paced in requests: at a steady mix of request sizes, a token limit k times
+                # below the catalog's is a request rate k times below it.
+                ceiling = min(ceiling, state.limit_tokens / self._tpm)
+            self.ceiling = max(MIN_FACTOR, ceiling)
+            self.factor = min(self.factor, self.ceiling)
+        if state.remaining_requests is not None:
+            self.requests.match(state.remaining_requests)
+        if state.remaining_tokens is not None:
+            self.tokens.match(state.remaining_tokens)
+
+    def reconcile(self, estimated: int, reported: int) -> None:
+        """A call was admitted at ``estimated`` prompt tokens and the provider reported
+        ``reported``: settle the difference with the token bucket."""
+        if reported > estimated:
+            self.tokens.take(reported - estimated)
+        elif reported < estimated:
+            self.tokens.give_back(estimated - reported)
 
     async def _pace(self) -> None:
         if self.factor >= 1.0:

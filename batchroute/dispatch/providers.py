@@ -151,6 +151,59 @@ def retry_after_s(headers: httpx.Headers) -> float | None:
     return None
 
 
+@dataclass(frozen=True)
+class RateLimitState:
+    """The provider's own view of this key's limits, from one reply's headers (None: not sent).
+
+    ``limit_*`` is the per-minute limit the provider enforces; ``remaining_*`` is what is left
+    in its bucket right now. The ``reset-*`` headers are not needed: a continuously refilling
+    bucket's next free unit is one refill interval away, which the limit already gives, and a
+    reset time would mean different things for sliding and fixed windows.
+    """
+
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return (self.limit_requests is None and self.remaining_requests is None
+                and self.limit_tokens is None and self.remaining_tokens is None)
+
+
+# OpenAI (and most compatible servers and gateways) send x-ratelimit-*; Anthropic sends
+# anthropic-ratelimit-*, with separate input and output token buckets besides the combined one.
+# Where several buckets are reported the most restrictive one is kept.
+_REQUEST_HEADERS = ("x-ratelimit-{}-requests", "anthropic-ratelimit-requests-{}")
+_TOKEN_HEADERS = ("x-ratelimit-{}-tokens", "anthropic-ratelimit-tokens-{}",
+                  "anthropic-ratelimit-input-tokens-{}", "anthropic-ratelimit-output-tokens-{}")
+
+
+def rate_limit_state(headers: httpx.Headers) -> RateLimitState:
+    """Parse the rate-limit headers of any reply; unparseable values count as absent."""
+    return RateLimitState(
+        limit_requests=_lowest(headers, _REQUEST_HEADERS, "limit"),
+        remaining_requests=_lowest(headers, _REQUEST_HEADERS, "remaining"),
+        limit_tokens=_lowest(headers, _TOKEN_HEADERS, "limit"),
+        remaining_tokens=_lowest(headers, _TOKEN_HEADERS, "remaining"))
+
+
+def _lowest(headers: httpx.Headers, names: tuple[str, ...], field: str) -> int | None:
+    found: int | None = None
+    for name in names:
+        value = headers.get(name.format(field))
+        if value is None:
+            continue
+        try:
+            number = int(value.strip())
+        except ValueError:
+            continue
+        if number >= 0 and (found is None or number < found):
+            found = number
+    return found
+
+
 def raise_for_response(resp: httpx.Response, provider: Provider) -> Answer:
     """The answer in a 2xx response, or the exception that classifies the failure.
 

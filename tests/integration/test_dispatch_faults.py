@@ -73,3 +73,15 @@ def test_exhausted_retries_and_expired_keys_are_rows_with_errors() -> None:
     assert {r["error_type"] for r in rows} == {"auth"}
     assert served["requests"] <= 32  # stopped after the first 401s (concurrency 32)
     assert all(KEY not in (r["error_message"] or "") for r in rows)
+
+
+def test_the_providers_headers_keep_a_lower_real_limit_from_drawing_429s() -> None:
+    """The catalog promises 60,000 RPM but the key gets 6,000 (a shared key, a lower tier).
+    Reading the limit headers of the first replies paces the model at the real limit before
+    the provider has to say 429; AIMD alone would learn it from a burst of 429s."""
+    cfg = MockProviderConfig(api_key=KEY, model_limits={CHEAP: (6000, None)},
+                             window_s=1.0, latency_ms=0)
+    rows, served, stats = _dispatch(cfg, 150, CHEAP, backoff_base_s=0.01, backoff_max_s=0.05)
+    assert {r["status"] for r in rows} == {"ok"}
+    assert served["rate_limited"] <= 5, served
+    assert stats.min_rate_factor == pytest.approx(0.1)

@@ -1,0 +1,140 @@
+"""One model's limiter: buckets, AIMD pacing, the provider's rate-limit headers, and token
+reconciliation. Waits are real but short (tens of milliseconds)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable
+
+import httpx
+import pytest
+
+from batchroute.dispatch.limits import MIN_FACTOR, ModelLimits
+from batchroute.dispatch.providers import RateLimitState, rate_limit_state
+
+
+def test_openai_and_anthropic_headers_parse_to_the_most_restrictive_bucket() -> None:
+    openai = httpx.Headers({"x-ratelimit-limit-requests": "10000",
+                            "x-ratelimit-remaining-requests": "9998",
+                            "x-ratelimit-limit-tokens": "2000000",
+                            "x-ratelimit-remaining-tokens": "1999000",
+                            "x-ratelimit-reset-requests": "6ms"})
+    assert rate_limit_state(openai) == RateLimitState(10000, 9998, 2000000, 1999000)
+    anthropic = httpx.Headers({"anthropic-ratelimit-requests-limit": "50",
+                               "anthropic-ratelimit-requests-remaining": "12",
+                               "anthropic-ratelimit-tokens-remaining": "900",
+                               "anthropic-ratelimit-input-tokens-remaining": "400",
+                               "anthropic-ratelimit-output-tokens-remaining": "800"})
+    assert rate_limit_state(anthropic) == RateLimitState(50, 12, None, 400)
+    garbage = httpx.Headers({"x-ratelimit-remaining-requests": "lots",
+                             "x-ratelimit-remaining-tokens": "-3"})
+    assert rate_limit_state(garbage).empty and rate_limit_state(httpx.Headers()).empty
+
+
+def _elapsed(calls: Callable[[], Awaitable[None]]) -> float:
+    async def go() -> float:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await calls()
+        return loop.time() - t0
+    return asyncio.run(go())
+
+
+def test_a_provider_bucket_with_less_room_makes_the_next_call_wait_for_its_refill() -> None:
+    async def calls(remaining: int | None) -> None:
+        # 600 RPM = 10 requests/s; our bucket holds a second's worth (10).
+        limits = ModelLimits(rpm=600, tpm=10**9, concurrency=50, largest_request_tokens=10)
+        await limits.acquire(1)
+        limits.release()
+        if remaining is not None:
+            limits.observe(RateLimitState(remaining_requests=remaining))
+        await limits.acquire(1)
+        limits.release()
+
+    assert _elapsed(lambda: calls(None)) < 0.05
+    assert _elapsed(lambda: calls(9)) < 0.05  # the provider has as much room as we do
+    assert _elapsed(lambda: calls(0)) == pytest.approx(0.1, abs=0.03)  # one refill interval
+
+
+def test_a_provider_limit_below_the_catalog_caps_the_pace() -> None:
+    async def go() -> list[float]:
+        limits = ModelLimits(rpm=6000, tpm=10**9, concurrency=8, largest_request_tokens=10)
+        limits.observe(RateLimitState(limit_requests=1500, limit_tokens=10**12))
+        assert limits.ceiling == pytest.approx(0.25) and limits.factor == pytest.approx(0.25)
+        for _ in range(100):
+            limits.speed_up()
+        assert limits.factor == pytest.approx(0.25)  # successes do not climb past the provider
+        limits.observe(RateLimitState(remaining_requests=1400))  # no limit header: kept
+        assert limits.ceiling == pytest.approx(0.25)
+        loop = asyncio.get_running_loop()
+        starts = []
+        for _ in range(4):
+            await limits.acquire(1)
+            starts.append(loop.time())
+            limits.release()
+        limits.observe(RateLimitState(limit_requests=6000, limit_tokens=5 * 10**8))
+        assert limits.ceiling == pytest.approx(0.5)  # the token limit is the binding one
+        return starts
+
+    gaps = [b - a for a, b in itertools.pairwise(asyncio.run(go()))]
+    assert all(g > 0.035 for g in gaps)  # 1,500 RPM: 40 ms apart instead of 10 ms
+
+
+def test_reported_prompt_tokens_settle_the_estimate() -> None:
+    async def after(estimated: int, reported: int) -> float:
+        # 600 tokens/min = 10/s; the bucket holds 10 tokens.
+        limits = ModelLimits(rpm=10**6, tpm=600, concurrency=50, largest_request_tokens=10)
+        await limits.acquire(10)
+        limits.release()
+        limits.reconcile(estimated, reported)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await limits.acquire(6)
+        limits.release()
+        return loop.time() - t0
+
+    assert asyncio.run(after(10, 10)) == pytest.approx(0.6, abs=0.05)
+    assert asyncio.run(after(10, 4)) < 0.03  # 6 tokens came back: no wait
+    assert asyncio.run(after(10, 14)) == pytest.approx(1.0, abs=0.05)  # 4 tokens of debt
+
+
+def test_token_bucket_admits_the_largest_request_despite_rounding() -> None:
+
+
+    async def go() -> None:
+        limits = ModelLimits(rpm=1000, tpm=13_961, concurrency=1, largest_request_tokens=4096)
+        await limits.acquire(4096)
+        limits.release()
+        with pytest.raises(ValueError, match="exceeds the largest admissible"):
+            await limits.acquire(4097)
+
+    asyncio.run(go())
+
+
+def test_429_paces_the_model_down_and_success_brings_it_back() -> None:
+
+
+    async def go() -> list[float]:
+        limits = ModelLimits(rpm=6000, tpm=10**9, concurrency=8, largest_request_tokens=10)
+        for t in (0.0, 0.5, 1.0, 1.2, 2.5):  # a burst of 429s counts once per second
+            limits.slow_down(t)
+        assert limits.factor == pytest.approx(0.125)
+        loop = asyncio.get_running_loop()
+        starts = []
+        for _ in range(4):
+            await limits.acquire(1)
+            starts.append(loop.time())
+            limits.release()
+        for _ in range(200):
+            limits.speed_up()
+        assert limits.factor == 1.0
+        for t in range(100):
+            limits.slow_down(float(t))
+        assert limits.factor == MIN_FACTOR
+        return starts
+
+    starts = asyncio.run(go())
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    # 6,000 RPM x 0.125 = 12.5 requests/s: starts 80 ms apart instead of 10 ms
+    assert all(g > 0.07 for g in gaps)
