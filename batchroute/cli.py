@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from batchroute.errors import BatchrouteError
+from batchroute.errors import BatchrouteError, ConfigError
 
 if TYPE_CHECKING:  # the CLI imports the heavy modules only inside the commands that use them
     from batchroute.config import JobConfig
@@ -148,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--workdir", metavar="DIR", help="keep input and run here (default: temp)")
     bm.add_argument("--json", action="store_true", help="print JSON only")
     bm.set_defaults(func=_bench_memory)
+    bd = bench_sub.add_parser(
+        "dispatch", help="dispatch against the mock provider's rate limits: wall time over the "
+        "limits' lower bound, client CPU per request, 429s")
+    bd.add_argument("--rate", type=float, default=1000.0, metavar="R",
+                    help="aggregate limit over all models, requests/s (default 1000)")
+    bd.add_argument("--models", type=int, default=3, metavar="K",
+                    help="models, with limits in the ratio K:K-1:...:1 (default 3)")
+    bd.add_argument("--latency-ms", type=float, default=300.0, metavar="L",
+                    help="the mock's median latency (default 300)")
+    bd.add_argument("--n", type=int, default=20_000, metavar="N",
+                    help="requests in all (default 20000)")
+    bd.add_argument("--json", action="store_true", help="print the figures as JSON")
+    bd.set_defaults(func=_bench_dispatch)
 
     mock_provider.register_cli(sub)
     sample.register_cli(sub)
@@ -184,6 +197,33 @@ def _run(args: argparse.Namespace) -> int:
     return _report(job, out, dry_run=args.dry_run)
 
 
+def _bench_dispatch(args: argparse.Namespace) -> int:
+    import json
+
+    from batchroute import bench_dispatch
+
+    try:
+        result = bench_dispatch.dispatch(rate=args.rate, models=args.models,
+                                         latency_ms=args.latency_ms, n=args.n)
+    except ValueError as exc:
+        raise ConfigError(f"bench dispatch: {exc}") from None
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{'model':<16}{'wire':<10}{'requests':>9}{'rpm':>8}{'bound s':>9}{'wall s':>8}"
+          f"{'÷bound':>8}{'429s':>6}{'failed':>7}")
+    for m in result["per_model"]:
+        print(f"{m['model']:<16}{m['wire']:<10}{m['requests']:>9}{m['rpm']:>8}"
+              f"{m['bound_s']:>9.2f}{m['wall_s']:>8.2f}{m['wall_over_bound']:>8.3f}"
+              f"{m['rate_limited']:>6}{m['failed']:>7}")
+    print(f"\n{result['requests']} requests in {result['wall_s']} s, "
+          f"{result['wall_over_bound']}x the limits' lower bound of {result['bound_s']} s; "
+          f"client CPU {result['client_cpu_ms_per_request']} ms/request; "
+          f"429s {result['rate_limited_share']:.2%} (last at {result['last_429_s']} s); "
+          f"failed {result['failed']}")
+    return 0
+
+
 def _bench_memory(args: argparse.Namespace) -> int:
     import json
 
@@ -218,7 +258,6 @@ def _resume(args: argparse.Namespace) -> int:
     import pathlib
 
     from batchroute import config, pipeline
-    from batchroute.errors import ConfigError
     from batchroute.sink import RunFolder
 
     path = args.folder.rstrip("/")

@@ -172,36 +172,42 @@ class RateLimitState:
                 and self.limit_tokens is None and self.remaining_tokens is None)
 
 
-# OpenAI (and most compatible servers and gateways) send x-ratelimit-*; Anthropic sends
-# anthropic-ratelimit-*, with separate input and output token buckets besides the combined one.
-# Where several buckets are reported the most restrictive one is kept.
-_REQUEST_HEADERS = ("x-ratelimit-{}-requests", "anthropic-ratelimit-requests-{}")
-_TOKEN_HEADERS = ("x-ratelimit-{}-tokens", "anthropic-ratelimit-tokens-{}",
-                  "anthropic-ratelimit-input-tokens-{}", "anthropic-ratelimit-output-tokens-{}")
+# OpenAI (and most compatible servers and gateways) send x-ratelimit-{limit,remaining}-
+# {requests,tokens}; Anthropic sends anthropic-ratelimit-{requests,tokens,input-tokens,
+# output-tokens}-{limit,remaining}. Where several token buckets are reported the most
+# restrictive one is kept.
+_FIELDS: dict[bytes, tuple[str, str]] = {
+    **{f"x-ratelimit-{kind}-{dim}".encode(): (kind, dim)
+       for kind in ("limit", "remaining") for dim in ("requests", "tokens")},
+    **{f"anthropic-ratelimit-{name}-{kind}".encode(): (kind, dim)
+       for kind in ("limit", "remaining")
+       for name, dim in (("requests", "requests"), ("tokens", "tokens"),
+                         ("input-tokens", "tokens"), ("output-tokens", "tokens"))},
+}
 
 
 def rate_limit_state(headers: httpx.Headers) -> RateLimitState:
-    """Parse the rate-limit headers of any reply; unparseable values count as absent."""
-    return RateLimitState(
-        limit_requests=_lowest(headers, _REQUEST_HEADERS, "limit"),
-        remaining_requests=_lowest(headers, _REQUEST_HEADERS, "remaining"),
-        limit_tokens=_lowest(headers, _TOKEN_HEADERS, "limit"),
-        remaining_tokens=_lowest(headers, _TOKEN_HEADERS, "remaining"))
+    """Parse the rate-limit headers of any reply; unparseable values count as absent.
 
-
-def _lowest(headers: httpx.Headers, names: tuple[str, ...], field: str) -> int | None:
-    found: int | None = None
-    for name in names:
-        value = headers.get(name.format(field))
-        if value is None:
+    One pass over the raw headers: this runs on every reply, and looking up a dozen names in
+    httpx's Headers costs more than the rest of reading the reply.
+    """
+    found: dict[tuple[str, str], int] = {}
+    for raw_name, raw_value in headers.raw:
+        key = _FIELDS.get(raw_name.lower())
+        if key is None:
             continue
         try:
-            number = int(value.strip())
+            number = int(raw_value)
         except ValueError:
             continue
-        if number >= 0 and (found is None or number < found):
-            found = number
-    return found
+        if number >= 0 and number < found.get(key, number + 1):
+            found[key] = number
+    return RateLimitState(
+        limit_requests=found.get(("limit", "requests")),
+        remaining_requests=found.get(("remaining", "requests")),
+        limit_tokens=found.get(("limit", "tokens")),
+        remaining_tokens=found.get(("remaining", "tokens")))
 
 
 def raise_for_response(resp: httpx.Response, provider: Provider) -> Answer:

@@ -15,7 +15,7 @@ from batchroute.dispatch.providers import RateLimitState, rate_limit_state
 
 
 def test_openai_and_anthropic_headers_parse_to_the_most_restrictive_bucket() -> None:
-    openai = httpx.Headers({"x-ratelimit-limit-requests": "10000",
+    openai = httpx.Headers({"X-RateLimit-Limit-Requests": "10000",
                             "x-ratelimit-remaining-requests": "9998",
                             "x-ratelimit-limit-tokens": "2000000",
                             "x-ratelimit-remaining-tokens": "1999000",

@@ -1,0 +1,179 @@
+"""``batchroute bench dispatch``: how close dispatch runs to the providers' rate limits.
+
+The mock provider runs in a process of its own, enforcing per-model limits over one-second
+windows (real providers enforce per-minute limits over short windows) and answering after a
+log-normal latency around ``latency_ms``. The client is the job's own
+:class:`~batchroute.dispatch.dispatcher.ModelDispatcher`, one per model, fed in batches of the
+job's default size and depth as the dispatch actors are, all in this process's event loop; so
+``client_cpu_ms_per_request`` is this process's CPU time over the requests sent, all models on
+one core.
+
+The aggregate rate is split over ``models`` models in the ratio K : K-1 : ... : 1 and the
+requests in the same ratio, so every model would finish at the same moment at its limit. The
+last model is token-bound: its tokens-per-minute limit is exactly its share of the tokens
+(counted as providers count them, prompt tokens plus ``max_tokens``), the others have twice
+what they need. The lower bound on wall time is the slowest model's
+``max(requests / RPM, tokens / TPM)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import random
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+import pyarrow as pa
+
+from batchroute import schemas
+from batchroute.bench import _free_port
+from batchroute.config import DispatchConfig, ModelConfig
+from batchroute.dispatch.dispatcher import ModelDispatcher
+from batchroute.mock_provider import count_tokens
+from batchroute.route import CHARS_PER_TOKEN, MESSAGE_OVERHEAD_TOKENS
+
+KEY_ENV = "BATCHROUTE_BENCH_KEY"
+MAX_TOKENS = 64
+WORDS = ("route", "batch", "model", "token", "limit", "answer", "cost", "prompt", "quality",
+         "night", "queue", "summary", "report", "provider", "latency", "budget")
+
+
+def dispatch(*, rate: float = 1000.0, models: int = 3, latency_ms: float = 300.0,
+             n: int = 20_000, seed: int = 0) -> dict[str, Any]:
+    """Send ``n`` requests at an aggregate limit of ``rate`` requests/s; return the figures."""
+    if rate <= 0 or models < 1 or n < models or latency_ms < 0:
+        raise ValueError("need rate > 0, models >= 1, n >= models and latency_ms >= 0")
+    rng = random.Random(seed)
+    weights = [models - i for i in range(models)]
+    shares = [w / sum(weights) for w in weights]
+    counts = [round(n * s) for s in shares]
+    counts[0] += n - sum(counts)
+    plans = []
+    for i, (share, count) in enumerate(zip(shares, counts, strict=True)):
+        table, provider_tokens = _requests(f"bench-{i}", count, rng)
+        rpm = max(1, round(rate * share * 60))
+        # Tokens bind the last model exactly; the others have room to spare.
+        tpm = math.ceil(provider_tokens * rpm / count) * (1 if i == models - 1 else 2)
+        plans.append({"name": f"bench-model-{i}", "wire": ("openai", "anthropic")[i % 2],
+                      "rpm": rpm, "tpm": tpm, "table": table, "tokens": provider_tokens})
+    key = f"sk-bench-{secrets.token_hex(8)}"
+    env = {**os.environ, KEY_ENV: key}
+    port = _free_port()
+    cli = [sys.executable, "-m", "batchroute"]
+    limits = [arg for p in plans for arg in ("--model-limit", f"{p['name']}={p['rpm']}:{p['tpm']}")]
+    mock = subprocess.Popen(
+        [*cli, "mock-provider", "--port", str(port), "--api-key-env", KEY_ENV, "--window-s", "1",
+         "--latency-ms", str(latency_ms), *limits],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        subprocess.run([*cli, "mock-provider", "--wait-ready", "--port", str(port)], check=True)
+        url = f"http://127.0.0.1:{port}"
+        configs = [ModelConfig(
+            name=p["name"], provider=p["wire"], api_key_env=KEY_ENV,
+            base_url=url + ("/v1" if p["wire"] == "openai" else ""),
+            input_usd_per_mtok=1.0, output_usd_per_mtok=2.0, rpm=p["rpm"], tpm=p["tpm"],
+            # Enough connections for the latency tail at the model's rate; the limiter, not
+            # the pool, must be what holds the pace.
+            concurrency=math.ceil(p["rpm"] / 60 * latency_ms / 1000 * 3) + 16,
+            context_window=8192, timeout_s=30.0) for p in plans]
+        measured = asyncio.run(_drive(configs, [p["table"] for p in plans], key))
+    finally:
+        mock.terminate()
+        mock.wait()
+    return _figures(plans, measured, rate=rate, latency_ms=latency_ms)
+
+
+def _requests(prefix: str, count: int, rng: random.Random) -> tuple[pa.Table, int]:
+    """``count`` routed rows of 200-1,200 characters; also the tokens a provider charges."""
+    prompts = []
+    for i in range(count):
+        target = rng.randint(200, 1200)
+        words = [f"{prefix} request {i}:"]
+        length = len(words[0])
+        while length < target:
+            words.append(rng.choice(WORDS))
+            length += len(words[-1]) + 1
+        prompts.append(" ".join(words))
+    chars = [len(p) for p in prompts]
+    cols: dict[str, Any] = {name: pa.nulls(count, f.type)
+                            for name, f in zip(schemas.ROUTED.names, schemas.ROUTED, strict=True)}
+    cols.update(
+        request_id=pa.array([f"{prefix}-{i}" for i in range(count)]),
+        row=pa.array(range(count), pa.int64()), prompt=pa.array(prompts),
+        route_reason=pa.repeat(pa.scalar("bench"), count),
+        est_input_tokens=pa.array([-(-c // CHARS_PER_TOKEN) + MESSAGE_OVERHEAD_TOKENS
+                                   for c in chars], pa.int64()),
+        est_output_tokens=pa.repeat(pa.scalar(MAX_TOKENS, pa.int64()), count))
+    table = pa.table(cols, schema=schemas.ROUTED)
+    return table, sum(count_tokens(p) for p in prompts) + MAX_TOKENS * count
+
+
+async def _drive(configs: list[ModelConfig], tables: list[pa.Table],
+                 key: str) -> dict[str, Any]:
+    policy = DispatchConfig()
+    loop = asyncio.get_running_loop()
+    dispatchers = [ModelDispatcher(c, policy, run_id="bench", api_key=key,
+                                   clock=loop.time) for c in configs]
+    finished: list[float] = [0.0] * len(configs)
+
+    async def feed(i: int, d: ModelDispatcher, table: pa.Table) -> None:
+        # As the driver feeds an actor: up to batches_in_flight calls of batch_rows each.
+        queue = iter(table.to_batches(max_chunksize=policy.batch_rows))
+
+        async def worker() -> None:
+            for batch in queue:
+                result = await d.dispatch(pa.Table.from_batches([batch]))
+                assert result.num_rows == batch.num_rows
+
+        await asyncio.gather(*(worker() for _ in range(policy.batches_in_flight)))
+        finished[i] = loop.time()
+
+    cpu0, t0 = time.process_time(), loop.time()
+    try:
+        await asyncio.gather(*(feed(i, d, t) for i, (d, t) in
+                               enumerate(zip(dispatchers, tables, strict=True))))
+        cpu, wall = time.process_time() - cpu0, loop.time() - t0
+    finally:
+        for d in dispatchers:
+            await d.aclose()
+    return {"wall_s": wall, "cpu_s": cpu, "finished_s": [f - t0 for f in finished],
+            "stats": [asdict(d.stats) for d in dispatchers],
+            "last_429_s": [None if d.stats.last_rate_limited_at is None
+                           else d.stats.last_rate_limited_at - t0 for d in dispatchers]}
+
+
+def _figures(plans: list[dict[str, Any]], measured: dict[str, Any], *, rate: float,
+             latency_ms: float) -> dict[str, Any]:
+    per_model = []
+    for p, stats, done, last in zip(plans, measured["stats"], measured["finished_s"],
+                                    measured["last_429_s"], strict=True):
+        requests = p["table"].num_rows
+        bound = 60.0 * max(requests / p["rpm"], p["tokens"] / p["tpm"])
+        per_model.append({
+            "model": p["name"], "wire": p["wire"], "requests": requests, "rpm": p["rpm"],
+            "tpm": p["tpm"], "bound_s": round(bound, 2), "wall_s": round(done, 2),
+            "wall_over_bound": round(done / bound, 3), "attempts": stats["attempts"],
+            "rate_limited": stats["rate_limited"],
+            "rate_limited_share": round(stats["rate_limited"] / requests, 5),
+            "last_429_s": None if last is None else round(last, 2),
+            "failed": stats["failed"], "min_rate_factor": round(stats["min_rate_factor"], 3)})
+    requests = sum(m["requests"] for m in per_model)
+    bound = max(m["bound_s"] for m in per_model)
+    last = [m["last_429_s"] for m in per_model if m["last_429_s"] is not None]
+    return {
+        "rate": rate, "models": len(plans), "latency_ms": latency_ms, "requests": requests,
+        "bound_s": bound, "wall_s": round(measured["wall_s"], 2),
+        "wall_over_bound": round(measured["wall_s"] / bound, 3),
+        "client_cpu_ms_per_request": round(1000 * measured["cpu_s"] / requests, 3),
+        "rate_limited": sum(m["rate_limited"] for m in per_model),
+        "rate_limited_share": round(sum(m["rate_limited"] for m in per_model) / requests, 5),
+        "last_429_s": max(last) if last else None,
+        "failed": sum(m["failed"] for m in per_model),
+        "per_model": per_model,
+    }
