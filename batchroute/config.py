@@ -93,6 +93,19 @@ class DispatchConfig:
     # Longest Retry-After honoured as asked; a provider asking for more is waited this long
     # and the attempt budget decides the rest, so one odd header cannot stall a nightly job.
     max_retry_after_s: float = 120.0
+    # Outcomes that re-send a row to the next model up the ladder: "length" (the answer was
+    # cut at max_tokens), "refusal", "failed" (retries exhausted or a terminal error; a
+    # refused key is never escalated). Empty: no escalation.
+    escalate_on: tuple[str, ...] = ()
+    # Models from cheapest to dearest; by default the whole catalog ordered by price.
+    escalation_ladder: tuple[str, ...] = ()
+
+    def escalates_to(self, model: str) -> str | None:
+        """The model a row escalates to from ``model``, or None."""
+        if not self.escalate_on or model not in self.escalation_ladder:
+            return None
+        i = self.escalation_ladder.index(model)
+        return self.escalation_ladder[i + 1] if i + 1 < len(self.escalation_ladder) else None
 
 
 @dataclass(frozen=True)
@@ -152,7 +165,7 @@ def parse(raw: Mapping[str, Any], *, source: str = "<memory>", input_override: s
         raise ConfigError("models: the catalog is empty; define at least one [models.NAME]")
     models = {name: _model(name, _table(models_raw, name, "models."))
               for name in models_raw}
-    dispatch = _dispatch(_table(raw, "dispatch", required=False))
+    dispatch = _dispatch(_table(raw, "dispatch", required=False), models)
     router = _router(_table(raw, "router", required=False), models)
 
     for m in models.values():
@@ -252,10 +265,30 @@ def _router(t: Mapping[str, Any], models: Mapping[str, ModelConfig]) -> RouterCo
     )
 
 
-def _dispatch(t: Mapping[str, Any]) -> DispatchConfig:
+ESCALATE_ON = ("length", "refusal", "failed")
+
+
+def _dispatch(t: Mapping[str, Any], models: Mapping[str, ModelConfig]) -> DispatchConfig:
     _known(t, "dispatch", {f.name for f in DispatchConfig.__dataclass_fields__.values()})
     d = DispatchConfig()
+    on = _str_list(t, "escalate_on", "dispatch.")
+    for i, kind in enumerate(on):
+        if kind not in ESCALATE_ON:
+            raise ConfigError(f"dispatch.escalate_on[{i}]: {kind!r} is not one of "
+                              f"{', '.join(ESCALATE_ON)}")
+    if "escalation_ladder" in t:
+        ladder = _str_list(t, "escalation_ladder", "dispatch.")
+        for i, name in enumerate(ladder):
+            if name not in models:
+                raise ConfigError(f"dispatch.escalation_ladder[{i}]: {name!r} is not in the "
+                                  "models catalog")
+        if len(set(ladder)) != len(ladder):
+            raise ConfigError("dispatch.escalation_ladder: a model is listed twice")
+    else:
+        ladder = [m.name for m in sorted(models.values(), key=lambda m: (
+            m.input_usd_per_mtok + m.output_usd_per_mtok, m.name))]
     return DispatchConfig(
+        escalate_on=tuple(dict.fromkeys(on)), escalation_ladder=tuple(ladder),
         max_attempts=_int(t, "max_attempts", "dispatch.", minimum=1, default=d.max_attempts),
         backoff_base_s=_num(t, "backoff_base_s", "dispatch.", minimum=0.0,
                             default=d.backoff_base_s),
@@ -319,6 +352,13 @@ def _str(t: Mapping[str, Any], key: str, where: str) -> str:
     v = t[key]
     if not isinstance(v, str) or not v:
         raise ConfigError(f"{where}{key}: must be a non-empty string")
+    return v
+
+
+def _str_list(t: Mapping[str, Any], key: str, where: str) -> list[str]:
+    v = t.get(key, [])
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        raise ConfigError(f"{where}{key}: must be a list of non-empty strings, got {v!r}")
     return v
 
 

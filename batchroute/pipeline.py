@@ -13,7 +13,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -268,18 +268,28 @@ class _DispatchActor:
     def __init__(self, model: ModelConfig, policy: DispatchConfig, run_id: str) -> None:
         self._args = (model, policy, run_id)
         self._dispatcher: Any = None
+        self._upper: Any = None  # the actor of the next model up the escalation ladder
 
     def has_key(self) -> bool:
         return bool(os.environ.get(self._args[0].api_key_env))
+
+    def connect(self, upper: Any) -> None:
+        self._upper = upper
 
     async def dispatch(self, routed: pa.Table) -> pa.Table:
         if self._dispatcher is None:  # created inside the actor's event loop
             from batchroute.dispatch.dispatcher import ModelDispatcher
 
             model, policy, run_id = self._args
-            self._dispatcher = ModelDispatcher(model, policy, run_id=run_id,
-                                               api_key=os.environ.get(model.api_key_env))
+            self._dispatcher = ModelDispatcher(
+                model, policy, run_id=run_id, api_key=os.environ.get(model.api_key_env),
+                escalate=self._escalate if self._upper is not None else None)
         result: pa.Table = await self._dispatcher.dispatch(routed)
+        return result
+
+    async def _escalate(self, model: str, routed: pa.Table) -> pa.Table:
+        # The next model's own actor holds its limits; the rows wait their turn there.
+        result: pa.Table = await self._upper.dispatch.remote(routed)
         return result
 
     async def stats(self) -> dict[str, Any]:
@@ -301,6 +311,8 @@ class _DispatchActors:
         # driver that Ray has not reaped yet.
         self.actors = {m: remote.remote(cfg, job.dispatch, run_id)
                        for m, cfg in job.models.items()}
+        ray.get([self.actors[m].connect.remote(self.actors[up]) for m in job.models
+                 if (up := job.dispatch.escalates_to(m)) is not None])
         have = ray.get([a.has_key.remote() for a in self.actors.values()])
         missing = [m for m, ok in zip(self.actors, have, strict=True) if not ok]
         if missing:
@@ -322,7 +334,7 @@ class _DispatchActors:
         readers = {m: _batches(folder, m, policy.batch_rows, answered) for m in planned}
         in_flight: dict[Any, tuple[str, pa.Table]] = {}
         per_model = dict.fromkeys(planned, 0)
-        used = {m: self.actors[m] for m in planned}
+        used = {m: self.actors[m] for m in _with_escalation_targets(planned, policy)}
 
         def refill() -> None:
             for m, reader in list(readers.items()):
@@ -364,6 +376,16 @@ class _DispatchActors:
         ray = _ray()
         for a in self.actors.values():
             ray.kill(a)
+
+
+def _with_escalation_targets(planned: Iterable[str], policy: DispatchConfig) -> list[str]:
+    """The planned models and every model their rows may escalate to."""
+    used = list(planned)
+    for m in used:  # grows while iterating: a ladder can be several steps long
+        up = policy.escalates_to(m)
+        if up is not None and up not in used:
+            used.append(up)
+    return used
 
 
 def _ray() -> Any:

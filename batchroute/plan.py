@@ -102,6 +102,8 @@ def _unsent(routed: pa.Table, run_id: str, status: str, model: pa.Array | pa.Chu
         "cost_usd": pa.array(np.zeros(n, np.float64)),
         "latency_ms": pa.nulls(n, pa.float64()),
         "attempts": pa.array(np.zeros(n, np.int32)),
+        "escalated_from": pa.nulls(n, pa.string()),
+        "escalations": pa.nulls(n, pa.list_(schemas.ESCALATION)),
         "error_type": pa.array([error_type] * n, pa.string()),
         "error_message": pa.array([error_message] * n, pa.string()),
         "reject_reason": routed.column("reject_reason"),

@@ -19,7 +19,8 @@ from batchroute.config import ModelConfig
 from batchroute.sink import RunFolder
 
 COLUMNS = ["request_id", "model", "status", "input_tokens", "output_tokens", "cost_usd",
-           "latency_ms", "attempts"]
+           "latency_ms", "attempts", "escalations"]
+BILLED = ["input_tokens", "output_tokens", "cost_usd", "attempts"]
 
 
 def read_results(folder: RunFolder) -> pl.LazyFrame:
@@ -36,11 +37,16 @@ def read_results(folder: RunFolder) -> pl.LazyFrame:
 
 def rollup(results: pl.DataFrame | pl.LazyFrame, *, run_id: str,
            models: Mapping[str, ModelConfig], reference_model: str) -> pa.Table:
-    """One ``rollups`` row per model (model null: rows rejected before routing)."""
+    """One ``rollups`` row per model (model null: rows rejected before routing).
+
+    Rows count under the model that answered them; tokens, cost and attempts under the model
+    that billed them, so an escalated row's first attempt is on the cheap model's bill.
+    """
     ref = models[reference_model]
     ok = pl.col("status") == "ok"
-    frame = (
-        results.lazy().with_columns(
+    lazy = results.lazy()
+    answered = (
+        lazy.with_columns(
             reference_cost=pl.when(ok).then(
                 (pl.col("input_tokens") * ref.input_usd_per_mtok
                  + pl.col("output_tokens") * ref.output_usd_per_mtok) / 1e6).otherwise(0.0))
@@ -57,6 +63,31 @@ def rollup(results: pl.DataFrame | pl.LazyFrame, *, run_id: str,
             latency_p50_ms=pl.col("latency_ms").filter(ok).quantile(0.5, "linear"),
             latency_p95_ms=pl.col("latency_ms").filter(ok).quantile(0.95, "linear"),
             attempts=pl.col("attempts").sum().cast(pl.Int64),
+        )
+    )
+    # Escalation attempts: billed by the model they were made on, not the one that answered
+    # (whose rows' cost_usd includes them).
+    attempts = (lazy.select(answered_by=pl.col("model"), e=pl.col("escalations"))
+                .explode("e").filter(pl.col("e").is_not_null())
+                .select("answered_by", pl.col("e").struct.unnest()))
+    moved_out = attempts.group_by("answered_by").agg(
+        moved_cost=pl.col("cost_usd").sum()).rename({"answered_by": "model"})
+    billed = attempts.group_by("model").agg(
+        escalated=pl.len().cast(pl.Int64),
+        **{f"esc_{c}": pl.col(c).sum() for c in BILLED})
+    frame = (
+        answered.join(moved_out, on="model", how="left", nulls_equal=True)
+        .join(billed, on="model", how="full", coalesce=True, nulls_equal=True)
+        .with_columns(pl.col("rows", "ok", "failed", "rejected", "escalated", "input_tokens",
+                             "output_tokens", "attempts", *[f"esc_{c}" for c in BILLED])
+                      .fill_null(0),
+                      pl.col("cost_usd", "reference_cost_usd", "moved_cost").fill_null(0.0))
+        .with_columns(
+            input_tokens=(pl.col("input_tokens") + pl.col("esc_input_tokens")).cast(pl.Int64),
+            output_tokens=(pl.col("output_tokens") + pl.col("esc_output_tokens")).cast(
+                pl.Int64),
+            cost_usd=(pl.col("cost_usd") - pl.col("moved_cost") + pl.col("esc_cost_usd")),
+            attempts=(pl.col("attempts") + pl.col("esc_attempts")).cast(pl.Int64),
         )
         .with_columns(
             run_id=pl.lit(run_id),

@@ -20,6 +20,11 @@ import pyarrow as pa
 MESSAGE = pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())])
 ROUTER_SCORE = pa.struct([pa.field("model", pa.string()), pa.field("score", pa.float32())])
 TIMESTAMP = pa.timestamp("us", tz="UTC")
+ESCALATION = pa.struct([
+    pa.field("model", pa.string()), pa.field("reason", pa.string()),
+    pa.field("input_tokens", pa.int64()), pa.field("output_tokens", pa.int64()),
+    pa.field("cost_usd", pa.float64()), pa.field("attempts", pa.int32()),
+])
 
 
 def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = True) -> pa.Field:
@@ -76,13 +81,24 @@ RESULTS = pa.schema([
     _f("model", pa.string(), "Catalog model that served (or would have served) the row."),
     _f("status", pa.string(), "ok | failed | rejected.", nullable=False),
     _f("response", pa.string(), "The model's answer text (ok rows)."),
-    _f("finish_reason", pa.string(), "Provider finish reason: stop, length, ..."),
+    _f("finish_reason", pa.string(),
+       "Provider finish reason: stop, length (cut at max_tokens), refusal, ..."),
     _f("input_tokens", pa.int64(), "Prompt tokens as reported by the provider.", nullable=False),
     _f("output_tokens", pa.int64(), "Output tokens as reported by the provider.", nullable=False),
     _f("cost_usd", pa.float64(),
-       "input_tokens x input price + output_tokens x output price (per million).", nullable=False),
+       "What the row cost in all: input_tokens x input price + output_tokens x output price "
+       "(per million) of the model that answered, plus the cost of its escalations.",
+       nullable=False),
     _f("latency_ms", pa.float64(), "Wall time of the successful attempt, in milliseconds."),
-    _f("attempts", pa.int32(), "HTTP attempts made (0 for rejected rows).", nullable=False),
+    _f("attempts", pa.int32(), "HTTP attempts made on this model (0 for rejected rows).",
+       nullable=False),
+    _f("escalated_from", pa.string(),
+       "The model the row was first sent to, when its answer there was truncated, refused or "
+       "failed and dispatch.escalate_on sent it up the ladder; null otherwise."),
+    _f("escalations", pa.list_(ESCALATION),
+       "Earlier attempts on cheaper models, in order: model, why it escalated (length, "
+       "refusal, failed:<error_type>), its tokens, cost and HTTP attempts. Their cost is "
+       "part of cost_usd; null when the row did not escalate."),
     _f("error_type", pa.string(), "Short error class: rate_limited, transient, terminal, auth, ..."),
     _f("error_message", pa.string(), "Provider's or the job's error message; never a secret."),
     _f("reject_reason", pa.string(), "Why a rejected row was not sent."),
@@ -104,9 +120,16 @@ ROLLUPS = pa.schema([
     _f("ok", pa.int64(), "Rows with status ok.", nullable=False),
     _f("failed", pa.int64(), "Rows with status failed.", nullable=False),
     _f("rejected", pa.int64(), "Rows with status rejected.", nullable=False),
-    _f("input_tokens", pa.int64(), "Sum of input_tokens.", nullable=False),
-    _f("output_tokens", pa.int64(), "Sum of output_tokens.", nullable=False),
-    _f("cost_usd", pa.float64(), "Sum of cost_usd.", nullable=False),
+    _f("input_tokens", pa.int64(),
+       "Prompt tokens billed by this model: its rows' input_tokens plus those of escalation "
+       "attempts made on it.", nullable=False),
+    _f("output_tokens", pa.int64(), "Output tokens billed by this model, likewise.",
+       nullable=False),
+    _f("cost_usd", pa.float64(),
+       "What this model billed, escalation attempts included; the sum over models equals the "
+       "sum of cost_usd over the results.", nullable=False),
+    _f("escalated", pa.int64(), "Rows this model answered badly and passed up the ladder.",
+       nullable=False),
     _f("reference_model", pa.string(), "Model the counterfactual prices every request at.",
        nullable=False),
     _f("reference_cost_usd", pa.float64(),
@@ -116,7 +139,8 @@ ROLLUPS = pa.schema([
     _f("share_of_requests", pa.float64(), "rows / all result rows of the run.", nullable=False),
     _f("latency_p50_ms", pa.float64(), "Median latency of ok rows."),
     _f("latency_p95_ms", pa.float64(), "95th percentile latency of ok rows."),
-    _f("attempts", pa.int64(), "Sum of HTTP attempts.", nullable=False),
+    _f("attempts", pa.int64(), "HTTP attempts made on this model, escalations included.",
+       nullable=False),
 ])
 
 ALL = {"prompts": PROMPTS, "requests": REQUESTS, "routed": ROUTED, "results": RESULTS,

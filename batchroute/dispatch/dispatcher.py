@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from batchroute import schemas
 from batchroute.config import DispatchConfig, ModelConfig
@@ -43,6 +44,9 @@ from batchroute.errors import (
 )
 
 Sleep = Callable[[float], Awaitable[None]]
+# Sends routed rows to another model's dispatcher and returns its results (escalation).
+Escalate = Callable[[str, pa.Table], Awaitable[pa.Table]]
+log = logging.getLogger(__name__)
 # httpx logs every request at INFO: at 1,000 requests/s that line costs more CPU than the
 # call itself, and the per-model counters already say what happened.
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -60,6 +64,7 @@ class Stats:
     rate_limited: int = 0  # 429 responses received
     last_rate_limited_at: float | None = None  # clock reading of the latest 429
     retries: int = 0
+    escalated: int = 0  # rows passed up the ladder (dispatch.escalate_on)
     cost_usd: float = 0.0
     paused_s: float = 0.0  # wall time this model was paused honouring Retry-After
     # Lowest share of the catalog RPM it was paced down to (by 429s or the provider's headers).
@@ -85,7 +90,7 @@ class ModelDispatcher:
     def __init__(self, model: ModelConfig, policy: DispatchConfig, *, run_id: str,
                  api_key: str | None, transport: httpx.AsyncBaseTransport | None = None,
                  sleep: Sleep = asyncio.sleep, clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, escalate: Escalate | None = None) -> None:
         self.model = model
         self.policy = policy
         self.run_id = run_id
@@ -110,6 +115,8 @@ class ModelDispatcher:
                                    min(model.context_window, model.tpm))
         self._sleep = sleep
         self._clock = clock
+        self._up = policy.escalates_to(model.name) if escalate else None
+        self._escalate = escalate
         self._rng = rng or random.Random()
         self._resume_at = 0.0
         # Once the provider rejects the key, calling again only burns quota and log lines.
@@ -130,7 +137,51 @@ class ModelDispatcher:
                               temperature=cols["temperature"][i]),
                       int(cols["est_input_tokens"][i]))
             for i in range(routed.num_rows)))
-        return self._results(routed, outcomes)
+        results = self._results(routed, outcomes)
+        if self._up is None:
+            return results
+        return await self._escalated(routed, results, outcomes, self._up)
+
+    async def _escalated(self, routed: pa.Table, results: pa.Table, outcomes: list[_Outcome],
+                         up: str) -> pa.Table:
+        """Send the rows that ``escalate_on`` names to model ``up``; each comes back as one
+        row carrying this attempt in ``escalations`` and its cost in ``cost_usd``."""
+        reasons = [_escalation_reason(o, self.policy.escalate_on) for o in outcomes]
+        picked = [i for i, r in enumerate(reasons) if r is not None]
+        if not picked:
+            return results
+        take = pa.array(picked, pa.int64())
+        sub = routed.take(take)  # routed rows carry no model column on the way to dispatch
+        assert self._escalate is not None  # _up is only set with it
+        try:
+            upper = await self._escalate(up, sub)
+        except Exception as exc:  # the rows keep this model's answer rather than vanish
+            log.error("escalating %d rows from %s to %s failed: %s: %s", len(picked),
+                      self.model.name, up, type(exc).__name__, exc)
+            return results
+        self.stats.escalated += len(picked)
+        where = {rid: i for i, rid in zip(picked, sub.column("request_id").to_pylist(),
+                                          strict=True)}
+        own = [where[rid] for rid in upper.column("request_id").to_pylist()]
+        mine = results.take(pa.array(own, pa.int64())).to_pydict()
+        earlier = upper.column("escalations").to_pylist()
+        escalations = [[{"model": self.model.name, "reason": reasons[i],
+                         "input_tokens": mine["input_tokens"][k],
+                         "output_tokens": mine["output_tokens"][k],
+                         "cost_usd": mine["cost_usd"][k], "attempts": mine["attempts"][k]},
+                        *(earlier[k] or [])] for k, i in enumerate(own)]
+        upper = (upper
+                 .set_column(upper.schema.get_field_index("cost_usd"), schemas.RESULTS.field(
+                     "cost_usd"), pc.add(upper.column("cost_usd"),
+                                         pa.array(mine["cost_usd"], pa.float64())))
+                 .set_column(upper.schema.get_field_index("escalated_from"),
+                             schemas.RESULTS.field("escalated_from"),
+                             pa.repeat(pa.scalar(self.model.name, pa.string()), len(own)))
+                 .set_column(upper.schema.get_field_index("escalations"),
+                             schemas.RESULTS.field("escalations"),
+                             pa.array(escalations, pa.list_(schemas.ESCALATION))))
+        keep = pc.invert(pc.is_in(pa.array(range(results.num_rows), pa.int64()), value_set=take))
+        return pa.concat_tables([results.filter(keep), upper])
 
     async def _one(self, req: Request, est_input: int) -> _Outcome:
         started: datetime | None = None
@@ -245,6 +296,8 @@ class ModelDispatcher:
                                   zip(in_tok, out_tok, strict=True)], pa.float64()),
             "latency_ms": pa.array([o.latency_ms for o in outcomes], pa.float64()),
             "attempts": pa.array([o.attempts for o in outcomes], pa.int32()),
+            "escalated_from": pa.nulls(n, pa.string()),
+            "escalations": pa.nulls(n, pa.list_(schemas.ESCALATION)),
             "error_type": pa.array([o.error.error_type if o.error else None
                                     for o in outcomes], pa.string()),
             "error_message": pa.array([self._scrub(str(o.error)) if o.error else None
@@ -264,6 +317,17 @@ class ModelDispatcher:
         if len(self._api_key) < MIN_SCRUB_CHARS:  # too short to tell apart from prose
             return text
         return text.replace(self._api_key, "***")
+
+
+def _escalation_reason(o: _Outcome, escalate_on: tuple[str, ...]) -> str | None:
+    """Why this outcome goes up the ladder, or None. A refused key is a job problem, not the
+    row's: escalating it would quietly send the whole night to the dearest model."""
+    if o.status == "ok" and o.answer is not None:
+        reason = o.answer.finish_reason
+        return reason if reason in ("length", "refusal") and reason in escalate_on else None
+    if o.status == "failed" and "failed" in escalate_on and not isinstance(o.error, AuthError):
+        return f"failed:{o.error.error_type if o.error else 'unknown'}"
+    return None
 
 
 def _transient(exc: Exception) -> DispatchError:

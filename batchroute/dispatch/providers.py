@@ -82,6 +82,11 @@ class OpenAIChat(Provider):
     def parse(self, payload: Any) -> Answer:
         choice = payload["choices"][0]
         usage = payload["usage"]
+        refusal = choice["message"].get("refusal")
+        if refusal:  # OpenAI says "stop" and puts the refusal beside the content
+            return Answer(text=_str(refusal), finish_reason="refusal",
+                          input_tokens=_tokens(usage["prompt_tokens"]),
+                          output_tokens=_tokens(usage["completion_tokens"]))
         content = choice["message"].get("content") or ""
         if isinstance(content, list):  # some compatible servers return content parts
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))

@@ -78,6 +78,10 @@ def test_config_hash_ignores_locations_but_not_prices() -> None:
     (["router", "rules"], [{"name": "r", "model": MID, "regex": 5}],
      "router.rules[0].regex: must be a string"),
     (["dispatch", "max_attempts"], 0, "dispatch.max_attempts"),
+    (["dispatch", "escalate_on"], ["length", "slow"], "dispatch.escalate_on[1]: 'slow'"),
+    (["dispatch", "escalate_on"], "length", "dispatch.escalate_on: must be a list"),
+    (["dispatch", "escalation_ladder"], [CHEAP, "ghost"], "dispatch.escalation_ladder[1]"),
+    (["dispatch", "escalation_ladder"], [CHEAP, CHEAP], "listed twice"),
     (["models"], {}, "models: the catalog is empty"),
 ])
 def test_bad_config_names_the_key(path: list[str], value: Any, needle: str) -> None:
@@ -116,3 +120,14 @@ def test_every_example_job_loads_and_fits_the_bundled_router(path: Path) -> None
     job = config.load(path)
     info = rt.inspect(rt.read_bytes(job.router.path))
     check_compatible(info, RouteSpec.from_job(job), path=job.router.path)
+
+
+def test_escalation_ladder_defaults_to_the_catalog_by_price() -> None:
+    job = config.parse(_mutated(["dispatch", "escalate_on"], ["length"]))
+    assert job.dispatch.escalation_ladder == (CHEAP, MID, STRONG)
+    assert [job.dispatch.escalates_to(m) for m in (CHEAP, MID, STRONG)] == [MID, STRONG, None]
+    skip_mid = _mutated(["dispatch", "escalate_on"], ["failed"])
+    skip_mid["dispatch"]["escalation_ladder"] = [CHEAP, STRONG]
+    job = config.parse(skip_mid)
+    assert [job.dispatch.escalates_to(m) for m in (CHEAP, MID, STRONG)] == [STRONG, None, None]
+    assert config.parse(job_doc()).dispatch.escalates_to(CHEAP) is None  # off by default

@@ -274,3 +274,106 @@ def test_retry_after_is_capped_and_sane(header: str, expected: float | None) -> 
 def test_short_keys_are_not_scrubbed_out_of_prose() -> None:
     h = Harness(lambda r: httpx.Response(400, json={"error": {"message": "bad key"}}), key="k")
     assert _rows(h.run(_routed(1))[0])[0]["error_message"] == "HTTP 400: bad key"
+
+
+def _cheap_then_mid(cheap: Handler, *, escalate_on: list[str], fail_escalation: bool = False
+                    ) -> tuple[list[dict[str, Any]], list[httpx.Request], ModelDispatcher]:
+    """Dispatch to CHEAP with escalation wired to a MID dispatcher that always answers."""
+    doc = job_doc("http://provider.test/v1")
+    doc["dispatch"].update(escalate_on=escalate_on, max_attempts=2)
+    job = config.parse(doc)
+    mid_calls: list[httpx.Request] = []
+
+    def mid(req: httpx.Request) -> httpx.Response:
+        mid_calls.append(req)
+        return httpx.Response(200, json={
+            "content": [{"type": "text", "text": "mid answer"}], "stop_reason": "end_turn",
+            "usage": {"input_tokens": 20, "output_tokens": 8}})
+
+    async def no_sleep(s: float) -> None:
+        return None
+
+    async def go() -> tuple[pa.Table, ModelDispatcher]:
+        upper = ModelDispatcher(job.models[MID], job.dispatch, run_id="run-1", api_key=KEY,
+                                transport=httpx.MockTransport(mid), sleep=no_sleep)
+
+        async def escalate(model: str, table: pa.Table) -> pa.Table:
+            assert model == MID
+            if fail_escalation:
+                raise RuntimeError("actor died")
+            return await upper.dispatch(table)
+
+        low = ModelDispatcher(job.models[CHEAP], job.dispatch, run_id="run-1", api_key=KEY,
+                              transport=httpx.MockTransport(cheap), sleep=no_sleep,
+                              escalate=escalate)
+        try:
+            return await low.dispatch(_routed(5)), low
+        finally:
+            await low.aclose()
+            await upper.aclose()
+
+    out, low = asyncio.run(go())
+    return _rows(out), mid_calls, low
+
+
+def _cheap_outcomes(req: httpx.Request) -> httpx.Response:
+    """question 0: cut at max_tokens; 1: refused; 2: server error; 3: bad request; 4: fine."""
+    n = json.loads(req.content)["messages"][0]["content"].split()[-1]
+    usage = {"prompt_tokens": 10, "completion_tokens": 16}
+    if n == "0":
+        return httpx.Response(200, json={"usage": usage, "choices": [
+            {"message": {"content": "truncat"}, "finish_reason": "length"}]})
+    if n == "1":
+        return httpx.Response(200, json={"usage": usage, "choices": [
+            {"message": {"content": None, "refusal": "I can't help with that."},
+             "finish_reason": "stop"}]})
+    if n == "2":
+        return httpx.Response(500, json={"error": {"message": "boom"}})
+    if n == "3":
+        return httpx.Response(400, json={"error": {"message": "bad request"}})
+    return _openai_ok(req)
+
+
+def test_truncated_refused_and_failed_rows_escalate_once_with_both_costs() -> None:
+    rows, mid_calls, low = _cheap_then_mid(
+        _cheap_outcomes, escalate_on=["length", "refusal", "failed"])
+    by_id = {r["request_id"]: r for r in rows}
+    assert sorted(by_id) == [f"r{i}" for i in range(5)] and len(rows) == 5
+    assert len(mid_calls) == 4
+    cheap, mid = config.parse(job_doc()).models[CHEAP], config.parse(job_doc()).models[MID]
+    expected = {"r0": ("length", 16, 1), "r1": ("refusal", 16, 1),
+                "r2": ("failed:transient", 0, 2), "r3": ("failed:terminal", 0, 1)}
+    for rid, (reason, out_tok, attempts) in expected.items():
+        r = by_id[rid]
+        assert (r["status"], r["model"], r["escalated_from"]) == ("ok", MID, CHEAP)
+        assert r["response"] == "mid answer" and r["attempts"] == 1
+        first_cost = cheap.cost_usd(10, out_tok) if out_tok else 0.0
+        assert r["escalations"] == [{"model": CHEAP, "reason": reason,
+                                     "input_tokens": 10 if out_tok else 0,
+                                     "output_tokens": out_tok, "cost_usd": first_cost,
+                                     "attempts": attempts}]
+        assert r["cost_usd"] == pytest.approx(first_cost + mid.cost_usd(20, 8))
+    fine = by_id["r4"]
+    assert (fine["model"], fine["escalated_from"], fine["escalations"]) == (CHEAP, None, None)
+    assert low.stats.escalated == 4
+
+
+def test_escalation_only_for_the_outcomes_asked_and_never_for_a_refused_key() -> None:
+    rows, mid_calls, _ = _cheap_then_mid(_cheap_outcomes, escalate_on=["length"])
+    assert len(mid_calls) == 1
+    assert {r["request_id"]: r["finish_reason"] for r in rows}["r1"] == "refusal"
+    assert [r["request_id"] for r in rows if r["escalated_from"]] == ["r0"]
+
+    rows, mid_calls, _ = _cheap_then_mid(
+        lambda r: httpx.Response(401, json={"error": {"message": "expired"}}),
+        escalate_on=["failed"])
+    assert mid_calls == [] and {(r["model"], r["error_type"]) for r in rows} == {
+        (CHEAP, "auth")}
+
+
+def test_a_failed_escalation_keeps_the_cheap_answer() -> None:
+    rows, _, low = _cheap_then_mid(_cheap_outcomes, escalate_on=["length"],
+                                   fail_escalation=True)
+    assert len(rows) == 5 and {r["model"] for r in rows} == {CHEAP}
+    assert {r["request_id"]: r["finish_reason"] for r in rows}["r0"] == "length"
+    assert low.stats.escalated == 0

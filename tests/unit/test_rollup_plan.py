@@ -18,44 +18,66 @@ from tests.helpers import CHEAP, MID, STRONG, job_doc
 JOB = config.parse(job_doc())
 
 
-def _results(rows: list[tuple[str | None, str, int, int]]) -> pl.DataFrame:
-    models, statuses, ins, outs = zip(*rows, strict=True) if rows else ((), (), (), ())
-    costs = [JOB.models[m].cost_usd(i, o) if m and s == "ok" else 0.0
-             for m, s, i, o in rows]
-    return pl.DataFrame({
-        "request_id": [f"r{i}" for i in range(len(rows))], "model": list(models),
-        "status": list(statuses), "input_tokens": list(ins), "output_tokens": list(outs),
-        "cost_usd": costs, "latency_ms": [100.0 + i for i in range(len(rows))],
-        "attempts": [1] * len(rows)},
-        schema={"request_id": pl.String, "model": pl.String, "status": pl.String,
-                "input_tokens": pl.Int64, "output_tokens": pl.Int64, "cost_usd": pl.Float64,
-                "latency_ms": pl.Float64, "attempts": pl.Int64})
+Row = tuple[str | None, str, int, int]
+Escalation = tuple[str, int, int]  # an earlier attempt: model, input tokens, output tokens
+
+
+def _results(rows: list[Row], escalations: list[list[Escalation]] | None = None
+             ) -> pl.DataFrame:
+    escalations = escalations or [[] for _ in rows]
+    own = [JOB.models[m].cost_usd(i, o) if m and s == "ok" else 0.0 for m, s, i, o in rows]
+    earlier = [[{"model": m, "reason": "length", "input_tokens": i, "output_tokens": o,
+                 "cost_usd": JOB.models[m].cost_usd(i, o), "attempts": 1}
+                for m, i, o in esc] or None for esc in escalations]
+    table = pa.table({
+        "request_id": [f"r{i}" for i in range(len(rows))],
+        "model": [r[0] for r in rows], "status": [r[1] for r in rows],
+        "input_tokens": [r[2] for r in rows], "output_tokens": [r[3] for r in rows],
+        "cost_usd": [c + sum(e["cost_usd"] for e in esc or []) for c, esc in
+                     zip(own, earlier, strict=True)],
+        "latency_ms": [100.0 + i for i in range(len(rows))],
+        "attempts": [1] * len(rows), "escalations": earlier,
+    }, schema=pa.schema([schemas.RESULTS.field(c) for c in rollup.COLUMNS]))
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    return frame
 
 
 row = st.tuples(st.sampled_from([CHEAP, MID, STRONG, None]),
                 st.sampled_from(["ok", "failed", "rejected"]),
                 st.integers(0, 5000), st.integers(0, 2000))
+escalation = st.lists(st.tuples(st.sampled_from([CHEAP, MID]), st.integers(0, 5000),
+                                st.integers(0, 2000)), max_size=2)
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(row, max_size=40))
-def test_rollup_totals_equal_row_sums(rows: list[tuple[str | None, str, int, int]]) -> None:
-    res = _results(rows)
+@given(st.lists(st.tuples(row, escalation), max_size=40))
+def test_rollup_totals_equal_row_sums(cases: list[tuple[Row, list[Escalation]]]) -> None:
+    rows = [r for r, _ in cases]
+    escalations = [e if r[0] and r[1] != "rejected" else [] for r, e in cases]
+    res = _results(rows, escalations)
     t = rollup.rollup(res, run_id="r", models=JOB.models, reference_model=STRONG)
     assert t.schema == schemas.ROLLUPS
     r = pl.from_arrow(t)
     assert isinstance(r, pl.DataFrame)
     assert r["rows"].sum() == len(rows)
-    for col in ("input_tokens", "output_tokens"):
-        assert r[col].sum() == res[col].sum()
-    assert r["cost_usd"].sum() == pytest.approx(res["cost_usd"].sum(), abs=1e-12)
+    for k, col in ((1, "input_tokens"), (2, "output_tokens")):
+        assert r[col].sum() == res[col].sum() + sum(e[k] for esc in escalations for e in esc)
+    assert r["cost_usd"].sum() == pytest.approx(res["cost_usd"].sum(), abs=1e-9)
     assert r["ok"].sum() + r["failed"].sum() + r["rejected"].sum() == len(rows)
+    assert r["escalated"].sum() == sum(len(esc) for esc in escalations)
     if rows:
         assert r["share_of_requests"].sum() == pytest.approx(1.0)
     for m in r.iter_rows(named=True):
         mine = res.filter(pl.col("model").eq_missing(m["model"]))
         assert m["rows"] == len(mine)
         assert m["savings_usd"] == pytest.approx(m["reference_cost_usd"] - m["cost_usd"])
+        # Each model's bill: its own answers' calls plus escalation attempts made on it.
+        billed = sum(JOB.models[x].cost_usd(i, o) for (x, s, i, o) in rows
+                     if x is not None and x == m["model"] and s == "ok")
+        billed += sum(JOB.models[x].cost_usd(i, o) for esc in escalations for x, i, o in esc
+                      if x == m["model"])
+        assert m["cost_usd"] == pytest.approx(billed, abs=1e-9)
 
 
 def test_counterfactual_by_hand() -> None:
