@@ -107,10 +107,14 @@ class ModelDispatcher:
             from httpx_aiohttp import AiohttpTransport
 
             transport = AiohttpTransport(limits=limits)
-        self._client = httpx.AsyncClient(transport=transport, limits=limits,
-                                         timeout=httpx.Timeout(model.timeout_s))
+        # The transport is called directly, not through httpx.AsyncClient: a batch job needs
+        # none of the client's per-call machinery (auth flows, redirects, a cookie jar that
+        # rebuilds every reply's headers as an email message, event hooks), which cost about
+        # a tenth of dispatch's CPU per call. Requests and replies are still httpx's.
+        self._transport = transport
         self._url = httpx.URL(self._provider.url)
         self._headers = {**self._provider.headers(), "content-type": "application/json"}
+        self._timeout = {"timeout": httpx.Timeout(model.timeout_s).as_dict()}
         self._limits = ModelLimits(model.rpm, model.tpm, model.concurrency,
                                    min(model.context_window, model.tpm))
         self._sleep = sleep
@@ -124,7 +128,16 @@ class ModelDispatcher:
             f"environment variable {model.api_key_env} is not set")
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._transport.aclose()
+
+    async def _post(self, body: bytes) -> httpx.Response:
+        resp = await self._transport.handle_async_request(httpx.Request(
+            "POST", self._url, headers=self._headers, content=body, extensions=self._timeout))
+        try:
+            await resp.aread()
+        finally:
+            await resp.aclose()
+        return resp
 
     async def dispatch(self, routed: pa.Table) -> pa.Table:
         """Call the model for every row of a ``routed`` table; return its ``results`` rows."""
@@ -203,10 +216,7 @@ class ModelDispatcher:
                 self.stats.attempts += 1
                 started = started or datetime.now(UTC)
                 t0 = self._clock()
-                # Built directly rather than through client.post(): the URL is parsed once
-                # per model instead of once per call, which at 1,000 calls/s is real CPU.
-                resp = await self._client.send(httpx.Request(
-                    "POST", self._url, headers=self._headers, content=body))
+                resp = await self._post(body)
                 self._limits.observe(rate_limit_state(resp.headers))
                 self.stats.min_rate_factor = min(self.stats.min_rate_factor,
                                                  self._limits.factor)
