@@ -98,15 +98,10 @@ class ModelDispatcher:
         self._api_key = api_key or ""
         self._provider = PROVIDERS[model.provider](model.base_url, self._api_key,
                                                    model.wire_name)
-        limits = httpx.Limits(max_connections=model.concurrency,
-                              max_keepalive_connections=model.concurrency)
         if transport is None:
-            # httpx's own pool (httpcore) spends CPU that grows with the square of the open
-            # connections; aiohttp's connector keeps a busy model's client cheap. httpx stays
-            # the API, so tests still swap in httpx.MockTransport.
-            from httpx_aiohttp import AiohttpTransport
+            from batchroute.dispatch.transport import AiohttpTransport
 
-            transport = AiohttpTransport(limits=limits)
+            transport = AiohttpTransport(model.concurrency, model.timeout_s)
         # The transport is called directly, not through httpx.AsyncClient: a batch job needs
         # none of the client's per-call machinery (auth flows, redirects, a cookie jar that
         # rebuilds every reply's headers as an email message, event hooks), which cost about

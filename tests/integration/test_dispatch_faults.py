@@ -85,3 +85,25 @@ def test_the_providers_headers_keep_a_lower_real_limit_from_drawing_429s() -> No
     assert {r["status"] for r in rows} == {"ok"}
     assert served["rate_limited"] <= 5, served
     assert stats.min_rate_factor == pytest.approx(0.1)
+
+
+def test_nothing_listening_is_a_connection_error_row() -> None:
+    import socket
+
+    with socket.socket() as s:  # a loopback port that was free a moment ago
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    job = config.parse({**job_doc(f"http://127.0.0.1:{port}/v1"),
+                        "dispatch": {"max_attempts": 2, "backoff_base_s": 0.01}})
+
+    async def go() -> pa.Table:
+        d = ModelDispatcher(job.models[CHEAP], job.dispatch, run_id="f", api_key=KEY)
+        try:
+            return await d.dispatch(_routed(3))
+        finally:
+            await d.aclose()
+
+    rows = asyncio.run(go()).to_pylist()
+    assert {(r["status"], r["error_type"], r["attempts"]) for r in rows} == {
+        ("failed", "transient", 2)}
+    assert {r["error_message"] for r in rows} == {"connection error: ConnectError"}
