@@ -31,13 +31,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._connections),
                 cookie_jar=aiohttp.DummyCookieJar(), timeout=self._timeout)
+        data = await request.aread()
         try:
             async with self._session.request(
                     request.method, str(request.url), headers=request.headers.multi_items(),
-                    data=request.content or None, allow_redirects=False) as resp:
+                    data=data or None, allow_redirects=False) as resp:
                 body = await resp.read()
-                return httpx.Response(resp.status, headers=resp.raw_headers, content=body,
-                                      request=request)
         except TimeoutError as exc:  # aiohttp's socket timeouts are TimeoutErrors too
             raise httpx.ReadTimeout(str(exc) or "timed out", request=request) from exc
         except aiohttp.ClientConnectorError as exc:
@@ -49,6 +48,15 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             raise httpx.RemoteProtocolError(str(exc), request=request) from exc
         except aiohttp.ClientError as exc:
             raise httpx.TransportError(f"{type(exc).__name__}: {exc}") from exc
+        headers = resp.raw_headers
+        if resp.headers.get("Content-Encoding"):  # aiohttp already decoded the body
+            headers = tuple((k, v) for k, v in headers
+                            if k.lower() not in (b"content-encoding", b"content-length"))
+        # A whole body in hand: stream= and read() skip httpx re-deriving Content-Length.
+        reply = httpx.Response(resp.status, headers=headers, stream=httpx.ByteStream(body),
+                               request=request)
+        reply.read()
+        return reply
 
     async def aclose(self) -> None:
         if self._session is not None:
