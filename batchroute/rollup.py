@@ -115,6 +115,10 @@ def format_table(rollups: pa.Table) -> str:
         lines.append(_line(r["model"] or "(not routed)", r))
     lines.append("-" * len(head))
     lines.append(_line("TOTAL", tot))
+    passed = [f"{r['model']} {r['escalated']}" for r in rows if r["escalated"]]
+    if passed:
+        lines.append("rows passed up the escalation ladder (billed above, where attempted): "
+                     + ", ".join(passed))
     return "\n".join(lines)
 
 

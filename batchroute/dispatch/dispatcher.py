@@ -128,8 +128,8 @@ class ModelDispatcher:
 
     async def _post(self, body: bytes) -> httpx.Response:
         # stream= rather than content=: httpx would otherwise re-derive Host and
-        # Content-Length and copy the headers on every call (a tenth of the per-call CPU);
-        # the transport sets both.
+        # Content-Length and re-check the headers on every call (a few percent of the
+        # per-call CPU); the transport sets both.
         resp = await self._transport.handle_async_request(httpx.Request(
             "POST", self._url, headers=self._headers, stream=httpx.ByteStream(body),
             extensions=self._timeout))
@@ -176,7 +176,8 @@ class ModelDispatcher:
         where = {rid: i for i, rid in zip(picked, sub.column("request_id").to_pylist(),
                                           strict=True)}
         own = [where[rid] for rid in upper.column("request_id").to_pylist()]
-        mine = results.take(pa.array(own, pa.int64())).to_pydict()
+        mine = results.select(["input_tokens", "output_tokens", "cost_usd", "attempts"]).take(
+            pa.array(own, pa.int64())).to_pydict()
         earlier = upper.column("escalations").to_pylist()
         escalations = [[{"model": self.model.name, "reason": reasons[i],
                          "input_tokens": mine["input_tokens"][k],

@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from batchroute import config, pipeline, sample
+from batchroute import config, pipeline, rollup, sample
 from batchroute.mock_provider import MockProvider
 from tests.helpers import MMLU, demo_job_doc, quiet_progress
 
@@ -55,6 +55,7 @@ def test_truncated_answers_escalate_up_the_ladder_with_every_attempt_billed(
     assert rollups["escalated"].sum() == sum(len(r["escalations"]) for r in escalated)
     esc_in = sum(e["input_tokens"] for r in escalated for e in r["escalations"])
     assert rollups["input_tokens"].sum() == results["input_tokens"].sum() + esc_in
+    assert "passed up the escalation ladder" in rollup.format_table(out.rollups)
     stats = out.manifest["dispatch"]
     assert stats[ladder[0]]["escalated"] == rollups.filter(
         pl.col("model") == ladder[0])["escalated"].item()
