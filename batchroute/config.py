@@ -13,13 +13,29 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 from batchroute.errors import ConfigError
 
 PROVIDERS = ("openai", "anthropic")
+_RESOLVED_PRICE = {"input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok",
+                   "batch_discount"}
 BUNDLED_ROUTER = str(Path(__file__).resolve().parent / "assets" / "router.onnx")
+
+
+@dataclass(frozen=True)
+class Price:
+    """What a model costs per million tokens from ``effective_from`` (None: since always)
+    until the next entry of its schedule takes over."""
+
+    input_usd_per_mtok: float
+    output_usd_per_mtok: float
+    cached_input_usd_per_mtok: float | None = None  # None: cached prompt tokens cost as input
+    # Share taken off every token price, for endpoints billed at batch rates.
+    batch_discount: float = 0.0
+    effective_from: date | None = None
 
 
 @dataclass(frozen=True)
@@ -40,15 +56,54 @@ class ModelConfig:
     context_window: int = 128_000
     timeout_s: float = 60.0
     remote_name: str = ""
+    # The price schedule, oldest first; the price fields above are the entry in force on the
+    # run's date (see priced_on).
+    prices: tuple[Price, ...] = ()
+    cached_input_usd_per_mtok: float | None = None
+    batch_discount: float = 0.0
 
     @property
     def wire_name(self) -> str:
         """The model id sent to the provider (defaults to the catalog name)."""
         return self.remote_name or self.name
 
-    def cost_usd(self, input_tokens: float, output_tokens: float) -> float:
-        return (input_tokens * self.input_usd_per_mtok
-                + output_tokens * self.output_usd_per_mtok) / 1e6
+    def price_on(self, day: date) -> Price:
+        """The schedule's entry in force on ``day``. Raises ConfigError when there is none:
+        a model without a price would be counted as free."""
+        current = None
+        for price in self.prices:
+            if price.effective_from is None or price.effective_from <= day:
+                current = price
+        if current is None:
+            first = min(p.effective_from for p in self.prices if p.effective_from)
+            raise ConfigError(f"models.{self.name}: no price in force on {day.isoformat()} "
+                              f"(the first takes effect on {first.isoformat()})")
+        return current
+
+    def priced_on(self, day: date) -> ModelConfig:
+        """This model with the prices in force on ``day``."""
+        p = self.price_on(day)
+        return replace(self, input_usd_per_mtok=p.input_usd_per_mtok,
+                       output_usd_per_mtok=p.output_usd_per_mtok,
+                       cached_input_usd_per_mtok=p.cached_input_usd_per_mtok,
+                       batch_discount=p.batch_discount)
+
+    def cost_usd(self, input_tokens: float, output_tokens: float,
+                 cached_input_tokens: float = 0) -> float:
+        """The exact cost; ``cached_input_tokens`` is the part of ``input_tokens`` the
+        provider served from its prompt cache."""
+        cached_price = (self.input_usd_per_mtok if self.cached_input_usd_per_mtok is None
+                        else self.cached_input_usd_per_mtok)
+        full = ((input_tokens - cached_input_tokens) * self.input_usd_per_mtok
+                + cached_input_tokens * cached_price
+                + output_tokens * self.output_usd_per_mtok)
+        return full * (1.0 - self.batch_discount) / 1e6
+
+    def cost_micro_usd(self, input_tokens: int, output_tokens: int,
+                       cached_input_tokens: int = 0) -> int:
+        """The cost in whole micro-dollars (rounded half to even): what result rows record,
+        so that any sum of them is exact."""
+        return round(self.cost_usd(input_tokens, output_tokens, cached_input_tokens) * 1e6)
 
 
 @dataclass(frozen=True)
@@ -119,13 +174,25 @@ class JobConfig:
     dispatch: DispatchConfig
     source: str = ""
     text: str = ""  # the job file as written; kept in the run folder so a run can resume
+    # Output tokens per input token for the counterfactual when the reference model itself
+    # answered nothing in a run (otherwise its observed ratio is used).
+    reference_output_ratio: float | None = None
+
+    def priced_on(self, day: date) -> JobConfig:
+        """The job with every model's prices in force on ``day`` (ConfigError if a model has
+        none)."""
+        return replace(self, models={k: m.priced_on(day) for k, m in self.models.items()})
 
     @property
     def config_hash(self) -> str:
         """Hash of everything that changes answers or costs (not input/output locations)."""
+        # The price schedule, not the prices resolved for one day: a run resumed the next
+        # day is the same run.
         doc = {
-            "models": {k: asdict(v) for k, v in sorted(self.models.items())},
+            "models": {k: {f: x for f, x in asdict(v).items() if f not in _RESOLVED_PRICE}
+                       for k, v in sorted(self.models.items())},
             "reference_model": self.reference_model,
+            "reference_output_ratio": self.reference_output_ratio,
             "router": asdict(self.router),
             "dispatch": asdict(self.dispatch),
         }
@@ -159,12 +226,18 @@ def parse(raw: Mapping[str, Any], *, source: str = "<memory>", input_override: s
     """Validate an already-parsed TOML document. Raises ConfigError naming the key at fault."""
     _known(raw, "", {"job", "router", "dispatch", "models"})
     job = _table(raw, "job")
-    _known(job, "job", {"name", "input", "output", "reference_model"})
+    _known(job, "job", {"name", "input", "output", "reference_model", "prices",
+                        "reference_output_ratio"})
     models_raw = _table(raw, "models")
     if not models_raw:
         raise ConfigError("models: the catalog is empty; define at least one [models.NAME]")
-    models = {name: _model(name, _table(models_raw, name, "models."))
+    catalog = _price_catalog(_resolve(_str(job, "prices", "job."))) if "prices" in job else {}
+    models = {name: _model(name, _table(models_raw, name, "models."), catalog.get(name, ()))
               for name in models_raw}
+    # Prices in force today: the run re-resolves them for its own date, and a model with none
+    # is refused here rather than counted as free.
+    today = datetime.now(UTC).date()
+    models = {name: m.priced_on(today) for name, m in models.items()}
     dispatch = _dispatch(_table(raw, "dispatch", required=False), models)
     router = _router(_table(raw, "router", required=False), models)
 
@@ -188,6 +261,8 @@ def parse(raw: Mapping[str, Any], *, source: str = "<memory>", input_override: s
         input=_resolve(input_uri), output=_resolve(str(output_uri)),
         models=models, reference_model=str(reference),
         router=router, dispatch=dispatch, source=source,
+        reference_output_ratio=(_num(job, "reference_output_ratio", "job.", minimum=0.0)
+                                if "reference_output_ratio" in job else None),
     )
 
 
@@ -198,10 +273,10 @@ def _resolve(uri: str) -> str:
     return str(Path(uri).expanduser().resolve()) if "*" not in uri else uri
 
 
-def _model(name: str, t: Mapping[str, Any]) -> ModelConfig:
+def _model(name: str, t: Mapping[str, Any], dated: tuple[Price, ...]) -> ModelConfig:
     where = f"models.{name}."
     _known(t, f"models.{name}", {f.name for f in ModelConfig.__dataclass_fields__.values()}
-           - {"name"})
+           - {"name", "prices"})
     provider = _str(t, "provider", where)
     if provider not in PROVIDERS:
         raise ConfigError(f"{where}provider: {provider!r} is not one of {', '.join(PROVIDERS)}")
@@ -212,20 +287,75 @@ def _model(name: str, t: Mapping[str, Any]) -> ModelConfig:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env):
         raise ConfigError(f"{where}api_key_env: must name an environment variable, e.g. "
                           "OPENAI_API_KEY (the key itself never goes in the job file)")
-    for price in ("input_usd_per_mtok", "output_usd_per_mtok"):
-        if price not in t:
-            raise ConfigError(f"{where}{price}: missing; a model without a price would be "
-                              "counted as free")
+    inline = [k for k in _PRICE_KEYS if k in t]
+    if inline or not dated:
+        for price in ("input_usd_per_mtok", "output_usd_per_mtok"):
+            if price not in t:
+                raise ConfigError(f"{where}{price}: missing; a model without a price would be "
+                                  "counted as free (or give its prices in job.prices)")
+    # The job file's own price holds until the catalog's first dated entry takes over.
+    prices = ((_price(t, where, None),) if inline else ()) + dated
     return ModelConfig(
         name=name, provider=provider, base_url=base_url.rstrip("/"), api_key_env=env,
-        input_usd_per_mtok=_num(t, "input_usd_per_mtok", where, minimum=0.0),
-        output_usd_per_mtok=_num(t, "output_usd_per_mtok", where, minimum=0.0),
+        input_usd_per_mtok=prices[0].input_usd_per_mtok,
+        output_usd_per_mtok=prices[0].output_usd_per_mtok, prices=prices,
         rpm=_int(t, "rpm", where, minimum=1), tpm=_int(t, "tpm", where, minimum=1),
         concurrency=_int(t, "concurrency", where, minimum=1, default=64),
         context_window=_int(t, "context_window", where, minimum=16, default=128_000),
         timeout_s=_num(t, "timeout_s", where, minimum=0.001, default=60.0),
         remote_name=str(t.get("remote_name", "")),
     )
+
+
+_PRICE_KEYS = ("input_usd_per_mtok", "cached_input_usd_per_mtok", "output_usd_per_mtok",
+               "batch_discount")
+
+
+def _price(t: Mapping[str, Any], where: str, day: date | None) -> Price:
+    discount = _num(t, "batch_discount", where, minimum=0.0, default=0.0)
+    if discount >= 1.0:
+        raise ConfigError(f"{where}batch_discount: must be below 1 (a share of the price), "
+                          f"got {discount!r}")
+    return Price(
+        input_usd_per_mtok=_num(t, "input_usd_per_mtok", where, minimum=0.0),
+        output_usd_per_mtok=_num(t, "output_usd_per_mtok", where, minimum=0.0),
+        cached_input_usd_per_mtok=(_num(t, "cached_input_usd_per_mtok", where, minimum=0.0)
+                                   if "cached_input_usd_per_mtok" in t else None),
+        batch_discount=discount, effective_from=day)
+
+
+def _price_catalog(path: str) -> dict[str, tuple[Price, ...]]:
+    """A price catalog file: ``[[price]]`` entries of model, effective_from and prices.
+    Entries for models the job does not use are ignored (one catalog serves many jobs)."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"job.prices: price catalog not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    _known(raw, path, {"price"})
+    entries = raw.get("price", [])
+    if not isinstance(entries, list) or not all(isinstance(e, Mapping) for e in entries):
+        raise ConfigError(f"{path}: price must be an array of tables ([[price]])")
+    schedule: dict[str, list[Price]] = {}
+    for i, e in enumerate(entries):
+        where = f"{path}: price[{i}]"
+        _known(e, where, {"model", "effective_from", *_PRICE_KEYS})
+        model = _str(e, "model", where + ".")
+        day = e.get("effective_from")
+        if not isinstance(day, date) or isinstance(day, datetime):
+            raise ConfigError(f"{where}.effective_from: must be a date such as 2026-11-01, "
+                              f"got {day!r}")
+        schedule.setdefault(model, []).append(_price(e, where + ".", day))
+    out = {}
+    for model, prices in schedule.items():
+        prices.sort(key=lambda p: p.effective_from or date.min)
+        days = [p.effective_from for p in prices]
+        if len(set(days)) != len(days):
+            raise ConfigError(f"{path}: model {model!r} has two prices effective from the "
+                              "same day")
+        out[model] = tuple(prices)
+    return out
 
 
 def _router(t: Mapping[str, Any], models: Mapping[str, ModelConfig]) -> RouterConfig:

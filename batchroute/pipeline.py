@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -85,8 +85,8 @@ def start_ray(address: str | None) -> None:
 
 
 def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = None,
-        dry_run: bool = False, force: bool = False,
-        progress: Progress | None = None) -> Outcome:
+        dry_run: bool = False, force: bool = False, progress: Progress | None = None,
+        price_date: date | None = None) -> Outcome:
     """Run a job end to end (or up to the plan with ``dry_run``), or resume the run folder
     ``run_id`` if it exists.
 
@@ -94,9 +94,13 @@ def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = 
     ``failed`` ones and keeps ``rejected`` ones. A run whose config, router or input changed
     is refused unless ``force``.
 
+    Calls are priced at the prices in force on ``price_date`` (default: today, UTC).
+
     Raises SchemaError/ConfigError/RouterError before anything is written; once the run folder
     exists, per-row problems become result rows and never exceptions.
     """
+    price_date = price_date or datetime.now(UTC).date()
+    job = job.priced_on(price_date)
     progress = progress or Progress()
     data = source.open_input(job.input)
     router_bytes = rt.read_bytes(job.router.path)
@@ -115,7 +119,8 @@ def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = 
     # environment (not just the driver's) stops the job before routing is paid for.
     actors = None if dry_run else _DispatchActors(job, run_id)
     try:
-        return _run(job, data, router_bytes, info, spec, folder, actors, progress, previous)
+        return _run(job, data, router_bytes, info, spec, folder, actors, progress, previous,
+                    price_date)
     finally:
         if actors is not None:
             actors.kill()
@@ -146,13 +151,14 @@ def _check_resumable(previous: dict[str, Any], job: JobConfig, router_version: s
 
 def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes, info: rt.RouterInfo,
          spec: RouteSpec, folder: RunFolder, actors: _DispatchActors | None,
-         progress: Progress, previous: dict[str, Any] | None) -> Outcome:
+         progress: Progress, previous: dict[str, Any] | None, price_date: date) -> Outcome:
     manifest: dict[str, Any] = previous or {
         "run_id": folder.run_id, "job": job.name, "job_file": job.source,
         "batchroute_version": __version__, "config_hash": job.config_hash,
         "router_version": info.version, "router_path": job.router.path,
         "input": job.input, "input_fingerprint": data.fingerprint,
-        "input_files": len(data.files), "started_at": _now(), "stages": {},
+        "input_files": len(data.files), "started_at": _now(),
+        "price_date": price_date.isoformat(), "stages": {},
         "paths": {"source": folder.sub("source"), "routed": folder.sub("routed"),
                   "forecast": folder.sub("forecast.json"), "results": folder.sub("results"),
                   "rollups": folder.sub("rollups")},
@@ -161,7 +167,8 @@ def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes, info: r
     stages: dict[str, Any] = manifest["stages"]
     if previous is not None:
         manifest.setdefault("resumes", []).append(
-            {"at": _now(), "temp_files_discarded": folder.discard_temp_files()})
+            {"at": _now(), "price_date": price_date.isoformat(),
+             "temp_files_discarded": folder.discard_temp_files()})
         if "plan" not in stages:
             # The cheap stages redo from scratch: nothing was sent before the plan was done.
             for part in ("source", "routed", "results"):
@@ -197,11 +204,12 @@ def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes, info: r
 
         progress.set_phase("rolling up")
         table = rollup.rollup(rollup.read_results(folder), run_id=folder.run_id,
-                              models=job.models, reference_model=job.reference_model)
+                              models=job.models, reference_model=job.reference_model,
+                              reference_output_ratio=job.reference_output_ratio)
         folder.write_table(folder.sub("rollups"), "rollups.parquet", table)
         manifest["counts"] = {s: int(pc.sum(table.column(s)).as_py() or 0)
                               for s in ("ok", "failed", "rejected")}
-        manifest["cost_usd"] = float(pc.sum(table.column("cost_usd")).as_py() or 0.0)
+        manifest["cost_usd"] = int(pc.sum(table.column("cost_micro_usd")).as_py() or 0) / 1e6
         manifest["finished_at"] = _now()
         _stage(folder, manifest, "rollup")
         progress.set_phase("done")

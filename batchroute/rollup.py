@@ -1,8 +1,11 @@
 """Rollup stage: per-model totals over a run's results, and the counterfactual baseline.
 
-The counterfactual prices every ok row's actual tokens at the reference model's prices (by
-default the most expensive model in the catalog): what the run would have cost without
-routing. Totals are sums over the result rows, so they reconcile with them exactly.
+Money is summed in integer micro-dollars, so totals reconcile with the result rows exactly.
+The counterfactual sends every ok row to the reference model (by default the most expensive
+in the catalog): the same input tokens, and output tokens from the reference model's own
+output/input ratio in this run, or the job's ``reference_output_ratio`` when it answered
+nothing (else the run's overall ratio). Rows the reference model did answer count at their
+actual tokens.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from batchroute import schemas
 from batchroute.config import ModelConfig
 from batchroute.sink import RunFolder
 
-COLUMNS = ["request_id", "model", "status", "input_tokens", "output_tokens", "cost_usd",
-           "latency_ms", "attempts", "escalations"]
-BILLED = ["input_tokens", "output_tokens", "cost_usd", "attempts"]
+COLUMNS = ["request_id", "model", "status", "input_tokens", "cached_input_tokens",
+           "output_tokens", "cost_micro_usd", "latency_ms", "attempts", "escalations"]
+BILLED = ["input_tokens", "cached_input_tokens", "output_tokens", "cost_micro_usd", "attempts"]
 
 
 def read_results(folder: RunFolder) -> pl.LazyFrame:
@@ -35,66 +38,90 @@ def read_results(folder: RunFolder) -> pl.LazyFrame:
     return pl.scan_pyarrow_dataset(dataset).select(COLUMNS)
 
 
+def output_ratio(results: pl.DataFrame | pl.LazyFrame, reference_model: str,
+                 configured: float | None) -> tuple[float, str]:
+    """(output tokens per input token for the counterfactual, where it came from)."""
+    ok = results.lazy().filter(pl.col("status") == "ok")
+    sums = ok.group_by(is_ref=pl.col("model") == reference_model).agg(
+        pl.col("input_tokens").sum(), pl.col("output_tokens").sum()).collect()
+    ref = sums.filter(pl.col("is_ref"))
+    if len(ref) and ref["input_tokens"][0] > 0:
+        return ref["output_tokens"][0] / ref["input_tokens"][0], "reference model"
+    if configured is not None:
+        return configured, "job.reference_output_ratio"
+    total_in = int(sums["input_tokens"].sum() or 0)
+    ratio = int(sums["output_tokens"].sum() or 0) / total_in if total_in else 0.0
+    return ratio, "all models"
+
+
 def rollup(results: pl.DataFrame | pl.LazyFrame, *, run_id: str,
-           models: Mapping[str, ModelConfig], reference_model: str) -> pa.Table:
+           models: Mapping[str, ModelConfig], reference_model: str,
+           reference_output_ratio: float | None = None) -> pa.Table:
     """One ``rollups`` row per model (model null: rows rejected before routing).
 
     Rows count under the model that answered them; tokens, cost and attempts under the model
     that billed them, so an escalated row's first attempt is on the cheap model's bill.
     """
     ref = models[reference_model]
+    ratio, ratio_from = output_ratio(results, reference_model, reference_output_ratio)
     ok = pl.col("status") == "ok"
     lazy = results.lazy()
+    cached_price = (ref.input_usd_per_mtok if ref.cached_input_usd_per_mtok is None
+                    else ref.cached_input_usd_per_mtok)
+    as_reference = pl.when(pl.col("model") == reference_model).then(
+        # Its own answers at their actual tokens (not their escalation attempts' cost).
+        (pl.col("input_tokens") - pl.col("cached_input_tokens")) * ref.input_usd_per_mtok
+        + pl.col("cached_input_tokens") * cached_price
+        + pl.col("output_tokens") * ref.output_usd_per_mtok).otherwise(
+        # The same prompt on the reference model, cached part included, at its prices.
+        pl.col("input_tokens") * ref.input_usd_per_mtok
+        + pl.col("input_tokens") * ratio * ref.output_usd_per_mtok) * (1.0 - ref.batch_discount)
     answered = (
-        lazy.with_columns(
-            reference_cost=pl.when(ok).then(
-                (pl.col("input_tokens") * ref.input_usd_per_mtok
-                 + pl.col("output_tokens") * ref.output_usd_per_mtok) / 1e6).otherwise(0.0))
+        lazy.with_columns(reference_micro=pl.when(ok).then(as_reference).otherwise(0.0))
         .group_by("model")
         .agg(
             rows=pl.len().cast(pl.Int64),
             ok=ok.sum().cast(pl.Int64),
             failed=(pl.col("status") == "failed").sum().cast(pl.Int64),
             rejected=(pl.col("status") == "rejected").sum().cast(pl.Int64),
-            input_tokens=pl.col("input_tokens").sum().cast(pl.Int64),
-            output_tokens=pl.col("output_tokens").sum().cast(pl.Int64),
-            cost_usd=pl.col("cost_usd").sum().cast(pl.Float64),
-            reference_cost_usd=pl.col("reference_cost").sum().cast(pl.Float64),
+            **{c: pl.col(c).sum().cast(pl.Int64) for c in BILLED},
+            reference_micro=pl.col("reference_micro").sum(),
             latency_p50_ms=pl.col("latency_ms").filter(ok).quantile(0.5, "linear"),
             latency_p95_ms=pl.col("latency_ms").filter(ok).quantile(0.95, "linear"),
-            attempts=pl.col("attempts").sum().cast(pl.Int64),
         )
     )
     # Escalation attempts: billed by the model they were made on, not the one that answered
-    # (whose rows' cost_usd includes them).
+    # (whose rows' cost includes them).
     attempts = (lazy.select(answered_by=pl.col("model"), e=pl.col("escalations"))
                 .explode("e").filter(pl.col("e").is_not_null())
                 .select("answered_by", pl.col("e").struct.unnest()))
     moved_out = attempts.group_by("answered_by").agg(
-        moved_cost=pl.col("cost_usd").sum()).rename({"answered_by": "model"})
+        moved=pl.col("cost_micro_usd").sum()).rename({"answered_by": "model"})
     billed = attempts.group_by("model").agg(
-        escalated=pl.len().cast(pl.Int64),
-        **{f"esc_{c}": pl.col(c).sum() for c in BILLED})
+        escalated=pl.len().cast(pl.Int64), **{f"esc_{c}": pl.col(c).sum() for c in BILLED})
+    counts = ["rows", "ok", "failed", "rejected", "escalated", "moved", *BILLED,
+              *[f"esc_{c}" for c in BILLED]]
     frame = (
         answered.join(moved_out, on="model", how="left", nulls_equal=True)
         .join(billed, on="model", how="full", coalesce=True, nulls_equal=True)
-        .with_columns(pl.col("rows", "ok", "failed", "rejected", "escalated", "input_tokens",
-                             "output_tokens", "attempts", *[f"esc_{c}" for c in BILLED])
-                      .fill_null(0),
-                      pl.col("cost_usd", "reference_cost_usd", "moved_cost").fill_null(0.0))
+        .with_columns(pl.col(counts).fill_null(0), pl.col("reference_micro").fill_null(0.0))
         .with_columns(
-            input_tokens=(pl.col("input_tokens") + pl.col("esc_input_tokens")).cast(pl.Int64),
-            output_tokens=(pl.col("output_tokens") + pl.col("esc_output_tokens")).cast(
-                pl.Int64),
-            cost_usd=(pl.col("cost_usd") - pl.col("moved_cost") + pl.col("esc_cost_usd")),
-            attempts=(pl.col("attempts") + pl.col("esc_attempts")).cast(pl.Int64),
-        )
+            **{c: (pl.col(c) + pl.col(f"esc_{c}")).cast(pl.Int64) for c in BILLED})
+        .with_columns(
+            cost_micro_usd=(pl.col("cost_micro_usd") - pl.col("moved")).cast(pl.Int64),
+            reference_cost_micro_usd=pl.col("reference_micro").round(0).cast(pl.Int64))
         .with_columns(
             run_id=pl.lit(run_id),
             reference_model=pl.lit(reference_model),
-            savings_usd=pl.col("reference_cost_usd") - pl.col("cost_usd"),
+            reference_output_ratio=pl.lit(ratio, pl.Float64),
+            reference_ratio_from=pl.lit(ratio_from),
+            cost_usd=pl.col("cost_micro_usd") / 1e6,
+            reference_cost_usd=pl.col("reference_cost_micro_usd") / 1e6,
+            savings_usd=(pl.col("reference_cost_micro_usd") - pl.col("cost_micro_usd")) / 1e6,
             share_of_requests=pl.col("rows") / pl.col("rows").sum().clip(lower_bound=1),
         )
+        .with_columns(savings_pct=pl.when(pl.col("reference_cost_micro_usd") != 0).then(
+            100.0 * pl.col("savings_usd") / pl.col("reference_cost_usd")))
         .sort("model", nulls_last=True)
         .select(schemas.ROLLUPS.names)
         .collect(engine="streaming")

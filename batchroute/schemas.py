@@ -22,8 +22,9 @@ ROUTER_SCORE = pa.struct([pa.field("model", pa.string()), pa.field("score", pa.f
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 ESCALATION = pa.struct([
     pa.field("model", pa.string()), pa.field("reason", pa.string()),
-    pa.field("input_tokens", pa.int64()), pa.field("output_tokens", pa.int64()),
-    pa.field("cost_usd", pa.float64()), pa.field("attempts", pa.int32()),
+    pa.field("input_tokens", pa.int64()), pa.field("cached_input_tokens", pa.int64()),
+    pa.field("output_tokens", pa.int64()), pa.field("cost_micro_usd", pa.int64()),
+    pa.field("attempts", pa.int32()),
 ])
 
 
@@ -84,11 +85,15 @@ RESULTS = pa.schema([
     _f("finish_reason", pa.string(),
        "Provider finish reason: stop, length (cut at max_tokens), refusal, ..."),
     _f("input_tokens", pa.int64(), "Prompt tokens as reported by the provider.", nullable=False),
+    _f("cached_input_tokens", pa.int64(),
+       "The part of input_tokens the provider served from its prompt cache.", nullable=False),
     _f("output_tokens", pa.int64(), "Output tokens as reported by the provider.", nullable=False),
-    _f("cost_usd", pa.float64(),
-       "What the row cost in all: input_tokens x input price + output_tokens x output price "
-       "(per million) of the model that answered, plus the cost of its escalations.",
-       nullable=False),
+    _f("cost_micro_usd", pa.int64(),
+       "What the row cost in all, in whole micro-dollars: the answering model's tokens at the "
+       "prices in force on the run's date (uncached input, cached input and output prices per "
+       "million, less any batch discount), rounded half to even, plus the cost of its "
+       "escalations. Sum this column for totals: integer sums are exact.", nullable=False),
+    _f("cost_usd", pa.float64(), "cost_micro_usd / 1,000,000, for reading.", nullable=False),
     _f("latency_ms", pa.float64(), "Wall time of the successful attempt, in milliseconds."),
     _f("attempts", pa.int32(), "HTTP attempts made on this model (0 for rejected rows).",
        nullable=False),
@@ -98,7 +103,7 @@ RESULTS = pa.schema([
     _f("escalations", pa.list_(ESCALATION),
        "Earlier attempts on cheaper models, in order: model, why it escalated (length, "
        "refusal, failed:<error_type>), its tokens, cost and HTTP attempts. Their cost is "
-       "part of cost_usd; null when the row did not escalate."),
+       "part of cost_micro_usd; null when the row did not escalate."),
     _f("error_type", pa.string(), "Short error class: rate_limited, transient, terminal, auth, ..."),
     _f("error_message", pa.string(), "Provider's or the job's error message; never a secret."),
     _f("reject_reason", pa.string(), "Why a rejected row was not sent."),
@@ -116,26 +121,40 @@ RESULTS = pa.schema([
 ROLLUPS = pa.schema([
     _f("run_id", pa.string(), "Run the rollup covers.", nullable=False),
     _f("model", pa.string(), "Catalog model; null collects rows rejected before routing."),
-    _f("rows", pa.int64(), "Result rows for this model.", nullable=False),
+    _f("rows", pa.int64(), "Result rows this model answered (or would have).", nullable=False),
     _f("ok", pa.int64(), "Rows with status ok.", nullable=False),
     _f("failed", pa.int64(), "Rows with status failed.", nullable=False),
     _f("rejected", pa.int64(), "Rows with status rejected.", nullable=False),
+    _f("escalated", pa.int64(), "Rows this model answered badly and passed up the ladder.",
+       nullable=False),
     _f("input_tokens", pa.int64(),
        "Prompt tokens billed by this model: its rows' input_tokens plus those of escalation "
        "attempts made on it.", nullable=False),
+    _f("cached_input_tokens", pa.int64(), "The cached part of input_tokens, likewise.",
+       nullable=False),
     _f("output_tokens", pa.int64(), "Output tokens billed by this model, likewise.",
        nullable=False),
-    _f("cost_usd", pa.float64(),
-       "What this model billed, escalation attempts included; the sum over models equals the "
-       "sum of cost_usd over the results.", nullable=False),
-    _f("escalated", pa.int64(), "Rows this model answered badly and passed up the ladder.",
+    _f("cost_micro_usd", pa.int64(),
+       "What this model billed, escalation attempts included, in micro-dollars; the sum over "
+       "models equals the sum of cost_micro_usd over the results.", nullable=False),
+    _f("cost_usd", pa.float64(), "cost_micro_usd / 1,000,000.", nullable=False),
+    _f("reference_model", pa.string(), "Model the counterfactual sends every request to.",
        nullable=False),
-    _f("reference_model", pa.string(), "Model the counterfactual prices every request at.",
+    _f("reference_output_ratio", pa.float64(),
+       "Output tokens per input token assumed for the reference model.", nullable=False),
+    _f("reference_ratio_from", pa.string(),
+       "Where that ratio comes from: reference model (its own answers in this run), "
+       "job.reference_output_ratio, or all models (the run's answers, when neither exists).",
        nullable=False),
-    _f("reference_cost_usd", pa.float64(),
-       "What this model's ok rows would have cost on the reference model (same tokens).",
+    _f("reference_cost_micro_usd", pa.int64(),
+       "What this model's ok rows would have cost on the reference model: the same input "
+       "tokens, output tokens = input tokens x reference_output_ratio, at its prices (the "
+       "reference model's own rows at their actual tokens).", nullable=False),
+    _f("reference_cost_usd", pa.float64(), "reference_cost_micro_usd / 1,000,000.",
        nullable=False),
     _f("savings_usd", pa.float64(), "reference_cost_usd - cost_usd.", nullable=False),
+    _f("savings_pct", pa.float64(),
+       "savings_usd as a percentage of reference_cost_usd (null when that is 0)."),
     _f("share_of_requests", pa.float64(), "rows / all result rows of the run.", nullable=False),
     _f("latency_p50_ms", pa.float64(), "Median latency of ok rows."),
     _f("latency_p95_ms", pa.float64(), "95th percentile latency of ok rows."),

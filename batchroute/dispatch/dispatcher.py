@@ -158,7 +158,7 @@ class ModelDispatcher:
     async def _escalated(self, routed: pa.Table, results: pa.Table, outcomes: list[_Outcome],
                          up: str) -> pa.Table:
         """Send the rows that ``escalate_on`` names to model ``up``; each comes back as one
-        row carrying this attempt in ``escalations`` and its cost in ``cost_usd``."""
+        row carrying this attempt in ``escalations`` and its cost in ``cost_micro_usd``."""
         reasons = [_escalation_reason(o, self.policy.escalate_on) for o in outcomes]
         picked = [i for i, r in enumerate(reasons) if r is not None]
         if not picked:
@@ -176,18 +176,20 @@ class ModelDispatcher:
         where = {rid: i for i, rid in zip(picked, sub.column("request_id").to_pylist(),
                                           strict=True)}
         own = [where[rid] for rid in upper.column("request_id").to_pylist()]
-        mine = results.select(["input_tokens", "output_tokens", "cost_usd", "attempts"]).take(
-            pa.array(own, pa.int64())).to_pydict()
+        fields = ["input_tokens", "cached_input_tokens", "output_tokens", "cost_micro_usd",
+                  "attempts"]
+        mine = results.select(fields).take(pa.array(own, pa.int64())).to_pydict()
         earlier = upper.column("escalations").to_pylist()
         escalations = [[{"model": self.model.name, "reason": reasons[i],
-                         "input_tokens": mine["input_tokens"][k],
-                         "output_tokens": mine["output_tokens"][k],
-                         "cost_usd": mine["cost_usd"][k], "attempts": mine["attempts"][k]},
+                         **{f: mine[f][k] for f in fields}},
                         *(earlier[k] or [])] for k, i in enumerate(own)]
+        total = pc.add(upper.column("cost_micro_usd"), pa.array(mine["cost_micro_usd"],
+                                                               pa.int64()))
         upper = (upper
-                 .set_column(upper.schema.get_field_index("cost_usd"), schemas.RESULTS.field(
-                     "cost_usd"), pc.add(upper.column("cost_usd"),
-                                         pa.array(mine["cost_usd"], pa.float64())))
+                 .set_column(upper.schema.get_field_index("cost_micro_usd"),
+                             schemas.RESULTS.field("cost_micro_usd"), total)
+                 .set_column(upper.schema.get_field_index("cost_usd"),
+                             schemas.RESULTS.field("cost_usd"), _usd(total))
                  .set_column(upper.schema.get_field_index("escalated_from"),
                              schemas.RESULTS.field("escalated_from"),
                              pa.repeat(pa.scalar(self.model.name, pa.string()), len(own)))
@@ -281,7 +283,8 @@ class ModelDispatcher:
         s.done += 1
         if status == "ok" and answer is not None:
             s.ok += 1
-            s.cost_usd += self.model.cost_usd(answer.input_tokens, answer.output_tokens)
+            s.cost_usd += self.model.cost_micro_usd(
+                answer.input_tokens, answer.output_tokens, answer.cached_input_tokens) / 1e6
         else:
             s.failed += 1
             kind = error.error_type if error else "unknown"
@@ -293,7 +296,10 @@ class ModelDispatcher:
         n = routed.num_rows
         ok = [o.answer for o in outcomes]
         in_tok = [a.input_tokens if a else 0 for a in ok]
+        cached = [a.cached_input_tokens if a else 0 for a in ok]
         out_tok = [a.output_tokens if a else 0 for a in ok]
+        micro = pa.array([self.model.cost_micro_usd(i, o, c) for i, o, c in
+                          zip(in_tok, out_tok, cached, strict=True)], pa.int64())
         return pa.table({
             "request_id": routed.column("request_id"),
             "run_id": pa.array([self.run_id] * n, pa.string()),
@@ -302,9 +308,10 @@ class ModelDispatcher:
             "response": pa.array([a.text if a else None for a in ok], pa.string()),
             "finish_reason": pa.array([a.finish_reason if a else None for a in ok], pa.string()),
             "input_tokens": pa.array(in_tok, pa.int64()),
+            "cached_input_tokens": pa.array(cached, pa.int64()),
             "output_tokens": pa.array(out_tok, pa.int64()),
-            "cost_usd": pa.array([self.model.cost_usd(i, o) for i, o in
-                                  zip(in_tok, out_tok, strict=True)], pa.float64()),
+            "cost_micro_usd": micro,
+            "cost_usd": _usd(micro),
             "latency_ms": pa.array([o.latency_ms for o in outcomes], pa.float64()),
             "attempts": pa.array([o.attempts for o in outcomes], pa.int32()),
             "escalated_from": pa.nulls(n, pa.string()),
@@ -328,6 +335,10 @@ class ModelDispatcher:
         if len(self._api_key) < MIN_SCRUB_CHARS:  # too short to tell apart from prose
             return text
         return text.replace(self._api_key, "***")
+
+
+def _usd(micro: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    return pc.divide(pc.cast(micro, pa.float64()), 1e6)
 
 
 def _escalation_reason(o: _Outcome, escalate_on: tuple[str, ...]) -> str | None:

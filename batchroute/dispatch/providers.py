@@ -33,8 +33,9 @@ RETRYABLE_STATUS = frozenset({408, 409, 429})
 class Answer:
     text: str
     finish_reason: str
-    input_tokens: int
+    input_tokens: int  # the whole prompt, cached part included
     output_tokens: int
+    cached_input_tokens: int = 0  # the part of the prompt served from the provider's cache
 
 
 @dataclass(frozen=True)
@@ -82,18 +83,18 @@ class OpenAIChat(Provider):
     def parse(self, payload: Any) -> Answer:
         choice = payload["choices"][0]
         usage = payload["usage"]
+        details = usage.get("prompt_tokens_details") or {}
+        tokens = {"input_tokens": _tokens(usage["prompt_tokens"]),
+                  "output_tokens": _tokens(usage["completion_tokens"]),
+                  "cached_input_tokens": _tokens(details.get("cached_tokens") or 0)}
         refusal = choice["message"].get("refusal")
         if refusal:  # OpenAI says "stop" and puts the refusal beside the content
-            return Answer(text=_str(refusal), finish_reason="refusal",
-                          input_tokens=_tokens(usage["prompt_tokens"]),
-                          output_tokens=_tokens(usage["completion_tokens"]))
+            return Answer(text=_str(refusal), finish_reason="refusal", **tokens)
         content = choice["message"].get("content") or ""
         if isinstance(content, list):  # some compatible servers return content parts
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         return Answer(text=_str(content),
-                      finish_reason=str(choice.get("finish_reason") or "stop"),
-                      input_tokens=_tokens(usage["prompt_tokens"]),
-                      output_tokens=_tokens(usage["completion_tokens"]))
+                      finish_reason=str(choice.get("finish_reason") or "stop"), **tokens)
 
 
 class AnthropicMessages(Provider):
@@ -120,9 +121,13 @@ class AnthropicMessages(Provider):
                        if part.get("type") == "text")
         usage = payload["usage"]
         stop = str(payload.get("stop_reason") or "end_turn")
+        # Anthropic's input_tokens leaves out the prompt read from or written to its cache.
+        cached = _tokens(usage.get("cache_read_input_tokens") or 0)
+        written = _tokens(usage.get("cache_creation_input_tokens") or 0)
         return Answer(text=text, finish_reason=self._STOP.get(stop, stop),
-                      input_tokens=_tokens(usage["input_tokens"]),
-                      output_tokens=_tokens(usage["output_tokens"]))
+                      input_tokens=_tokens(usage["input_tokens"]) + cached + written,
+                      output_tokens=_tokens(usage["output_tokens"]),
+                      cached_input_tokens=cached)
 
 
 def _str(value: Any) -> str:

@@ -85,13 +85,16 @@ def test_every_cost_is_tokens_times_prices(finished_run: dict[str, Any]) -> None
         "model": list(job.models),
         "pin": [m.input_usd_per_mtok for m in job.models.values()],
         "pout": [m.output_usd_per_mtok for m in job.models.values()]})
+    # Prices are per million tokens, so tokens x price is the cost in micro-dollars; rows
+    # record it rounded half to even.
     r = results.join(prices, on="model", how="left").with_columns(
         expected=(pl.col("input_tokens") * pl.col("pin")
-                  + pl.col("output_tokens") * pl.col("pout")) / 1e6)
+                  + pl.col("output_tokens") * pl.col("pout")).round_sig_figs(12))
     ok = r.filter(pl.col("status") == "ok")
     assert len(ok) > 0 and (ok["input_tokens"] > 0).all()
-    assert ((ok["cost_usd"] - ok["expected"]).abs() < 1e-12).all()
-    assert (r.filter(pl.col("status") != "ok")["cost_usd"] == 0).all()
+    assert [round(x) for x in ok["expected"]] == ok["cost_micro_usd"].to_list()
+    assert ((ok["cost_usd"] - ok["cost_micro_usd"] / 1e6).abs() < 1e-12).all()
+    assert (r.filter(pl.col("status") != "ok")["cost_micro_usd"] == 0).all()
 
 
 def test_rollups_equal_sums_over_results(finished_run: dict[str, Any]) -> None:
@@ -101,11 +104,11 @@ def test_rollups_equal_sums_over_results(finished_run: dict[str, Any]) -> None:
     assert rollups["rows"].sum() == len(results)
     for col in ("input_tokens", "output_tokens"):
         assert rollups[col].sum() == results[col].sum()
-    assert rollups["cost_usd"].sum() == pytest.approx(results["cost_usd"].sum(), rel=1e-12)
+    assert rollups["cost_micro_usd"].sum() == results["cost_micro_usd"].sum()
     for row in rollups.iter_rows(named=True):
         mine = results.filter(pl.col("model").eq_missing(row["model"]))
         assert row["ok"] == (mine["status"] == "ok").sum()
-        assert row["cost_usd"] == pytest.approx(mine["cost_usd"].sum(), rel=1e-12)
+        assert row["cost_micro_usd"] == mine["cost_micro_usd"].sum()
     assert rollups["savings_usd"].sum() > 0
 
 

@@ -40,18 +40,18 @@ def test_truncated_answers_escalate_up_the_ladder_with_every_attempt_billed(
         assert chain == ladder[start:start + len(chain)], chain  # one step at a time, upwards
         assert r["escalated_from"] == chain[0]
         assert all(e["reason"] == "length" for e in r["escalations"])
-        bills = [job.models[e["model"]].cost_usd(e["input_tokens"], e["output_tokens"])
+        bills = [job.models[e["model"]].cost_micro_usd(e["input_tokens"], e["output_tokens"])
                  for e in r["escalations"]]
-        assert [e["cost_usd"] for e in r["escalations"]] == pytest.approx(bills)
-        own = job.models[r["model"]].cost_usd(r["input_tokens"], r["output_tokens"])
-        assert r["cost_usd"] == pytest.approx(own + sum(bills))
+        assert [e["cost_micro_usd"] for e in r["escalations"]] == bills
+        own = job.models[r["model"]].cost_micro_usd(r["input_tokens"], r["output_tokens"])
+        assert r["cost_micro_usd"] == own + sum(bills)
     # Nothing stays truncated below the top of the ladder.
     cut = results.filter((pl.col("finish_reason") == "length")
                          & (pl.col("model") != ladder[-1]))
     assert cut.is_empty()
 
     rollups = pl.read_parquet(out.folder.sub("rollups"))
-    assert rollups["cost_usd"].sum() == pytest.approx(results["cost_usd"].sum())
+    assert rollups["cost_micro_usd"].sum() == results["cost_micro_usd"].sum()
     assert rollups["escalated"].sum() == sum(len(r["escalations"]) for r in escalated)
     esc_in = sum(e["input_tokens"] for r in escalated for e in r["escalations"])
     assert rollups["input_tokens"].sum() == results["input_tokens"].sum() + esc_in

@@ -131,3 +131,91 @@ def test_escalation_ladder_defaults_to_the_catalog_by_price() -> None:
     job = config.parse(skip_mid)
     assert [job.dispatch.escalates_to(m) for m in (CHEAP, MID, STRONG)] == [STRONG, None, None]
     assert config.parse(job_doc()).dispatch.escalates_to(CHEAP) is None  # off by default
+
+
+def _with_catalog(tmp_path: Path, catalog: str, *, inline: bool = False) -> dict[str, Any]:
+    (tmp_path / "prices.toml").write_text(catalog)
+    doc = job_doc()
+    doc["job"]["prices"] = str(tmp_path / "prices.toml")
+    if not inline:
+        for key in ("input_usd_per_mtok", "output_usd_per_mtok"):
+            del doc["models"][CHEAP][key]
+    return doc
+
+
+CATALOG = f"""
+[[price]]
+model = "{CHEAP}"
+effective_from = 2026-11-01
+input_usd_per_mtok = 0.25
+output_usd_per_mtok = 1.25
+
+[[price]]
+model = "{CHEAP}"
+effective_from = 2026-11-15
+input_usd_per_mtok = 0.20
+cached_input_usd_per_mtok = 0.05
+output_usd_per_mtok = 1.00
+batch_discount = 0.5
+
+[[price]]
+model = "a-model-this-job-does-not-use"
+effective_from = 2026-01-01
+input_usd_per_mtok = 1
+output_usd_per_mtok = 1
+"""
+
+
+def test_a_price_change_applies_from_its_date(tmp_path: Path) -> None:
+    from datetime import date
+
+    job = config.parse(_with_catalog(tmp_path, CATALOG))
+    before, after = job.priced_on(date(2026, 11, 14)), job.priced_on(date(2026, 11, 15))
+    assert before.models[CHEAP].cost_micro_usd(1_000_000, 0) == 250_000
+    assert after.models[CHEAP].cost_micro_usd(1_000_000, 0) == 100_000  # 0.20, half off
+    assert after.models[CHEAP].cost_micro_usd(1_000_000, 0, 1_000_000) == 25_000
+    assert before.config_hash == after.config_hash == job.config_hash  # same run either day
+    with pytest.raises(ConfigError, match=rf"models.{re.escape(CHEAP)}: no price in force on "
+                                          r"2026-10-31 \(the first takes effect on 2026-11-01"):
+        job.priced_on(date(2026, 10, 31))
+
+
+def test_the_job_files_own_price_holds_until_the_catalog_takes_over(tmp_path: Path) -> None:
+    from datetime import date
+
+    doc = _with_catalog(tmp_path, CATALOG, inline=True)
+    doc["models"][CHEAP]["input_usd_per_mtok"] = 0.5
+    job = config.parse(doc)
+    assert job.priced_on(date(2020, 1, 1)).models[CHEAP].input_usd_per_mtok == 0.5
+    assert job.priced_on(date(2026, 11, 2)).models[CHEAP].input_usd_per_mtok == 0.25
+
+
+def test_a_model_with_no_price_in_force_today_is_refused_at_load(tmp_path: Path) -> None:
+    future = CATALOG.replace("2026-11-01", "2999-01-01").replace("2026-11-15", "2999-02-01")
+    with pytest.raises(ConfigError, match="no price in force on"):
+        config.parse(_with_catalog(tmp_path, future))
+    with pytest.raises(ConfigError, match="input_usd_per_mtok: missing"):
+        config.parse(_with_catalog(tmp_path, ""))
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (lambda c: c.replace("2026-11-15", '"soon"'), "price[1].effective_from: must be a date"),
+    (lambda c: c.replace("2026-11-15", "2026-11-01"), "two prices effective from the same"),
+    (lambda c: c.replace("batch_discount = 0.5", "batch_discount = 1.0"),
+     "price[1].batch_discount: must be below 1"),
+    (lambda c: c.replace("batch_discount = 0.5", "discount = 0.5"),
+     "price[1].discount: unknown key"),
+    (lambda c: c.replace("output_usd_per_mtok = 1.00", "output_usd_per_mtok = -1"),
+     "price[1].output_usd_per_mtok: must be a number >= 0"),
+    (lambda c: c + "\n[[price]\n", "not valid TOML"),
+])
+def test_bad_price_catalogs_name_the_entry(tmp_path: Path, edit: Any, needle: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        config.parse(_with_catalog(tmp_path, edit(CATALOG)))
+
+
+def test_a_missing_price_catalog_is_named(tmp_path: Path) -> None:
+    doc = job_doc()
+    doc["job"]["prices"] = str(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match=r"job\.prices: price catalog not found"):
+        config.parse(doc)

@@ -87,7 +87,9 @@ def test_openai_success_rows_carry_tokens_cost_and_evidence() -> None:
     assert [r["status"] for r in rows] == ["ok"] * 3
     assert rows[1]["response"] == "A: question 1"
     assert rows[0]["input_tokens"] == 10 and rows[0]["output_tokens"] == 5
-    assert rows[0]["cost_usd"] == pytest.approx((10 * 0.25 + 5 * 1.25) / 1e6)
+    # 8.75 micro-dollars, recorded in whole micro-dollars (half to even)
+    assert (rows[0]["cost_micro_usd"], rows[0]["cost_usd"]) == (9, pytest.approx(9e-6))
+    assert rows[0]["cached_input_tokens"] == 0
     assert rows[0]["attempts"] == 1 and rows[0]["tags"] == ["team:a"]
     assert rows[0]["model"] == CHEAP and rows[0]["run_id"] == "run-1"
     req = h.calls[0]
@@ -111,7 +113,7 @@ def test_anthropic_wire_format() -> None:
     rows = _rows(h.run(_routed(1))[0])
     assert h.calls[0].url == "http://provider.test/v1/messages"
     assert rows[0]["response"] == "part one, two" and rows[0]["finish_reason"] == "length"
-    assert rows[0]["cost_usd"] == pytest.approx((3 * 3.0 + 16 * 15.0) / 1e6)
+    assert rows[0]["cost_micro_usd"] == 3 * 3 + 16 * 15
 
 
 def test_429_honours_retry_after_then_succeeds() -> None:
@@ -347,12 +349,13 @@ def test_truncated_refused_and_failed_rows_escalate_once_with_both_costs() -> No
         r = by_id[rid]
         assert (r["status"], r["model"], r["escalated_from"]) == ("ok", MID, CHEAP)
         assert r["response"] == "mid answer" and r["attempts"] == 1
-        first_cost = cheap.cost_usd(10, out_tok) if out_tok else 0.0
+        first_cost = cheap.cost_micro_usd(10, out_tok) if out_tok else 0
         assert r["escalations"] == [{"model": CHEAP, "reason": reason,
                                      "input_tokens": 10 if out_tok else 0,
-                                     "output_tokens": out_tok, "cost_usd": first_cost,
+                                     "cached_input_tokens": 0, "output_tokens": out_tok,
+                                     "cost_micro_usd": first_cost,
                                      "attempts": attempts}]
-        assert r["cost_usd"] == pytest.approx(first_cost + mid.cost_usd(20, 8))
+        assert r["cost_micro_usd"] == first_cost + mid.cost_micro_usd(20, 8)
     fine = by_id["r4"]
     assert (fine["model"], fine["escalated_from"], fine["escalations"]) == (CHEAP, None, None)
     assert low.stats.escalated == 4
@@ -377,3 +380,24 @@ def test_a_failed_escalation_keeps_the_cheap_answer() -> None:
     assert len(rows) == 5 and {r["model"] for r in rows} == {CHEAP}
     assert {r["request_id"]: r["finish_reason"] for r in rows}["r0"] == "length"
     assert low.stats.escalated == 0
+
+
+def test_cached_prompt_tokens_are_read_from_both_wire_formats() -> None:
+    def openai(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={
+            "choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1000, "completion_tokens": 5,
+                      "prompt_tokens_details": {"cached_tokens": 768}}})
+
+    row = _rows(Harness(openai).run(_routed(1))[0])[0]
+    assert (row["input_tokens"], row["cached_input_tokens"]) == (1000, 768)
+
+    def anthropic(req: httpx.Request) -> httpx.Response:
+        # Anthropic counts cache reads and writes outside input_tokens.
+        return httpx.Response(200, json={
+            "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+            "usage": {"input_tokens": 30, "cache_read_input_tokens": 900,
+                      "cache_creation_input_tokens": 70, "output_tokens": 5}})
+
+    row = _rows(Harness(anthropic, MID).run(_routed(1))[0])[0]
+    assert (row["input_tokens"], row["cached_input_tokens"]) == (1000, 900)

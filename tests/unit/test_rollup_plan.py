@@ -22,19 +22,26 @@ Row = tuple[str | None, str, int, int]
 Escalation = tuple[str, int, int]  # an earlier attempt: model, input tokens, output tokens
 
 
-def _results(rows: list[Row], escalations: list[list[Escalation]] | None = None
-             ) -> pl.DataFrame:
+def _micro(model: str, i: int, o: int, cached: int = 0) -> int:
+    return JOB.models[model].cost_micro_usd(i, o, cached)
+
+
+def _results(rows: list[Row], escalations: list[list[Escalation]] | None = None, *,
+             cached: list[int] | None = None) -> pl.DataFrame:
     escalations = escalations or [[] for _ in rows]
-    own = [JOB.models[m].cost_usd(i, o) if m and s == "ok" else 0.0 for m, s, i, o in rows]
-    earlier = [[{"model": m, "reason": "length", "input_tokens": i, "output_tokens": o,
-                 "cost_usd": JOB.models[m].cost_usd(i, o), "attempts": 1}
+    cached = cached or [0] * len(rows)
+    own = [_micro(m, i, o, c) if m and s == "ok" else 0
+           for (m, s, i, o), c in zip(rows, cached, strict=True)]
+    earlier = [[{"model": m, "reason": "length", "input_tokens": i, "cached_input_tokens": 0,
+                 "output_tokens": o, "cost_micro_usd": _micro(m, i, o), "attempts": 1}
                 for m, i, o in esc] or None for esc in escalations]
     table = pa.table({
         "request_id": [f"r{i}" for i in range(len(rows))],
         "model": [r[0] for r in rows], "status": [r[1] for r in rows],
-        "input_tokens": [r[2] for r in rows], "output_tokens": [r[3] for r in rows],
-        "cost_usd": [c + sum(e["cost_usd"] for e in esc or []) for c, esc in
-                     zip(own, earlier, strict=True)],
+        "input_tokens": [r[2] for r in rows], "cached_input_tokens": cached,
+        "output_tokens": [r[3] for r in rows],
+        "cost_micro_usd": [c + sum(e["cost_micro_usd"] for e in esc or []) for c, esc in
+                           zip(own, earlier, strict=True)],
         "latency_ms": [100.0 + i for i in range(len(rows))],
         "attempts": [1] * len(rows), "escalations": earlier,
     }, schema=pa.schema([schemas.RESULTS.field(c) for c in rollup.COLUMNS]))
@@ -63,7 +70,7 @@ def test_rollup_totals_equal_row_sums(cases: list[tuple[Row, list[Escalation]]])
     assert r["rows"].sum() == len(rows)
     for k, col in ((1, "input_tokens"), (2, "output_tokens")):
         assert r[col].sum() == res[col].sum() + sum(e[k] for esc in escalations for e in esc)
-    assert r["cost_usd"].sum() == pytest.approx(res["cost_usd"].sum(), abs=1e-9)
+    assert r["cost_micro_usd"].sum() == res["cost_micro_usd"].sum()  # exact, in integers
     assert r["ok"].sum() + r["failed"].sum() + r["rejected"].sum() == len(rows)
     assert r["escalated"].sum() == sum(len(esc) for esc in escalations)
     if rows:
@@ -73,25 +80,57 @@ def test_rollup_totals_equal_row_sums(cases: list[tuple[Row, list[Escalation]]])
         assert m["rows"] == len(mine)
         assert m["savings_usd"] == pytest.approx(m["reference_cost_usd"] - m["cost_usd"])
         # Each model's bill: its own answers' calls plus escalation attempts made on it.
-        billed = sum(JOB.models[x].cost_usd(i, o) for (x, s, i, o) in rows
+        billed = sum(_micro(x, i, o) for (x, s, i, o) in rows
                      if x is not None and x == m["model"] and s == "ok")
-        billed += sum(JOB.models[x].cost_usd(i, o) for esc in escalations for x, i, o in esc
+        billed += sum(_micro(x, i, o) for esc in escalations for x, i, o in esc
                       if x == m["model"])
-        assert m["cost_usd"] == pytest.approx(billed, abs=1e-9)
+        assert m["cost_micro_usd"] == billed
+        assert m["cost_usd"] == pytest.approx(m["cost_micro_usd"] / 1e6)
 
 
 def test_counterfactual_by_hand() -> None:
-    res = _results([(CHEAP, "ok", 1000, 100), (CHEAP, "failed", 0, 0), (MID, "ok", 2000, 10)])
+    # The reference model answered 4,000 input tokens with 1,000 output: ratio 0.25.
+    res = _results([(CHEAP, "ok", 1000, 100), (CHEAP, "failed", 0, 0), (MID, "ok", 2000, 10),
+                    (STRONG, "ok", 4000, 1000)])
     r = {x["model"]: x for x in
          rollup.rollup(res, run_id="r", models=JOB.models, reference_model=STRONG).to_pylist()}
     # strong-model prices are $15 in / $75 out per million tokens
-    assert r[CHEAP]["reference_cost_usd"] == pytest.approx((1000 * 15 + 100 * 75) / 1e6)
-    assert r[CHEAP]["cost_usd"] == pytest.approx((1000 * 0.25 + 100 * 1.25) / 1e6)
-    assert r[MID]["reference_cost_usd"] == pytest.approx((2000 * 15 + 10 * 75) / 1e6)
+    assert r[CHEAP]["reference_output_ratio"] == 0.25
+    assert r[CHEAP]["reference_ratio_from"] == "reference model"
+    assert r[CHEAP]["reference_cost_micro_usd"] == 1000 * 15 + 250 * 75
+    assert r[CHEAP]["cost_micro_usd"] == round(1000 * 0.25 + 100 * 1.25)
+    assert r[MID]["reference_cost_micro_usd"] == 2000 * 15 + 500 * 75
+    assert r[STRONG]["reference_cost_micro_usd"] == r[STRONG]["cost_micro_usd"] == (
+        4000 * 15 + 1000 * 75)
+    assert r[STRONG]["savings_usd"] == 0 and r[STRONG]["savings_pct"] == 0
+    assert r[CHEAP]["savings_pct"] == pytest.approx(100 * (1 - 375 / 33750))
     assert (r[CHEAP]["ok"], r[CHEAP]["failed"]) == (1, 1)
     assert r[CHEAP]["latency_p50_ms"] == 100.0
     assert "TOTAL" in rollup.format_table(
         rollup.rollup(res, run_id="r", models=JOB.models, reference_model=STRONG))
+
+
+def test_counterfactual_ratio_when_the_reference_model_answered_nothing() -> None:
+    res = _results([(CHEAP, "ok", 1000, 100), (MID, "ok", 3000, 300)])
+    table = rollup.rollup(res, run_id="r", models=JOB.models, reference_model=STRONG,
+                          reference_output_ratio=0.5)
+    r = {x["model"]: x for x in table.to_pylist()}
+    assert r[CHEAP]["reference_ratio_from"] == "job.reference_output_ratio"
+    assert r[CHEAP]["reference_cost_micro_usd"] == 1000 * 15 + 500 * 75
+    r = {x["model"]: x for x in rollup.rollup(
+        res, run_id="r", models=JOB.models, reference_model=STRONG).to_pylist()}
+    assert (r[MID]["reference_ratio_from"], r[MID]["reference_output_ratio"]) == (
+        "all models", 0.1)
+
+
+def test_cached_prompt_tokens_are_priced_at_the_cached_price() -> None:
+    doc = job_doc()
+    doc["models"][CHEAP].update(cached_input_usd_per_mtok=0.125, batch_discount=0.5)
+    cheap = config.parse(doc).models[CHEAP]
+    # 1,000 prompt tokens of which 600 cached, 100 output; then half off.
+    assert cheap.cost_micro_usd(1000, 100, 600) == round(
+        (400 * 0.25 + 600 * 0.125 + 100 * 1.25) * 0.5)
+    assert cheap.cost_usd(1000, 100, 600) == pytest.approx(150 / 1e6)
 
 
 def _routed(models: list[str | None], reasons: list[str | None]) -> pa.Table:
