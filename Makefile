@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_PORT ?= 8765
 
-.PHONY: venv demo test test-fast test-integration lint router clean
+.PHONY: venv demo test test-fast test-integration lint router browser clean
 
 venv: $(STAMP)
 
@@ -32,8 +32,15 @@ demo: $(STAMP)
 	$(BIN)/batchroute run jobs/demo.toml
 
 ## test: lint, then every tier (unit, integration on one local Ray session, slow)
-test: lint
+test: lint browser
 	$(BIN)/pytest -q tests
+
+## browser: Debian's chromium, for the test that renders the report page headless. Installed
+# with apt-get where this runs as root; elsewhere that one test is skipped (and fails in CI).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+	  >/dev/null; } || echo "chromium not installed: the report's browser test will be skipped"
 
 ## test-fast: unit tests only, no Ray, no network (seconds)
 test-fast: $(STAMP)

@@ -333,7 +333,7 @@ def format_usd(micro: int | None) -> str:
 
 
 def _table_html(frame: pl.DataFrame, columns: list[str]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    head = "".join(f"<th>{html.escape(c.removesuffix('_micro_usd'))}</th>" for c in columns)
     body = []
     for row in frame.select(columns).iter_rows(named=True):
         cells = []
