@@ -166,7 +166,7 @@ def _rollups(fs: pafs.FileSystem, run: Run) -> pl.DataFrame:
 def _charges(rows: pl.DataFrame) -> pl.DataFrame:
     """One row per billed call group: each result row's own answer, and each escalation
     attempt on the model that made it. Its cost column sums to the results' exactly."""
-    keys = ["run_id", "job", "day", "tags"]
+    keys = ["run_id", "job", "day", "tags", "status"]
     attempts = (rows.select(*keys, e=pl.col("escalations")).explode("e")
                 .filter(pl.col("e").is_not_null())
                 .select(*keys, pl.col("e").struct.field("model"),
@@ -195,9 +195,12 @@ def _grouped(rows: pl.DataFrame, charges: pl.DataFrame, rollups: pl.DataFrame,
         rejected=(pl.col("status") == "rejected").sum().cast(pl.Int64),
         latency_p50_ms=pl.col("latency_ms").filter(ok).quantile(0.5, "linear"),
         latency_p95_ms=pl.col("latency_ms").filter(ok).quantile(0.95, "linear"))
-    billed = charges.group_by(by).agg(*[pl.col(c).sum().cast(pl.Int64) for c in BILLED])
+    billed = charges.group_by(by).agg(
+        *[pl.col(c).sum().cast(pl.Int64) for c in BILLED],
+        failed_cost_micro_usd=pl.col("cost_micro_usd").filter(
+            pl.col("status") == "failed").sum().cast(pl.Int64))
     table = requests.join(billed, on=by, how="full", coalesce=True, nulls_equal=True)
-    counts = ["rows", "ok", "failed", "rejected", *BILLED]
+    counts = ["rows", "ok", "failed", "rejected", *BILLED, "failed_cost_micro_usd"]
     table = table.with_columns(pl.col(counts).fill_null(0))
     if "tag" not in by:
         reference = rollups.group_by(by).agg(
@@ -353,7 +356,7 @@ def _table_html(frame: pl.DataFrame, columns: list[str]) -> str:
 def _html(report: Report, tables: dict[str, pl.DataFrame], pngs: dict[str, Path],
           runs_uri: str, by: list[str]) -> str:
     main = tables["report"]
-    money = ["cost_micro_usd", "reference_cost_micro_usd"]
+    money = ["cost_micro_usd", "failed_cost_micro_usd", "reference_cost_micro_usd"]
     columns = [*by, "rows", "ok", "failed", "rejected", "input_tokens",
                "output_tokens", *money, "savings_pct"]
     charts = "".join(

@@ -76,39 +76,42 @@ def rollup(results: pl.DataFrame | pl.LazyFrame, *, run_id: str,
         # The same prompt on the reference model, cached part included, at its prices.
         pl.col("input_tokens") * ref.input_usd_per_mtok
         + pl.col("input_tokens") * ratio * ref.output_usd_per_mtok) * (1.0 - ref.batch_discount)
+    failed = pl.col("status") == "failed"
+    # A row's cost includes its escalation attempts, which are billed by the model they were
+    # made on: keep only the answering model's own part here.
+    own_cost = pl.col("cost_micro_usd") - pl.col("escalations").list.eval(
+        pl.element().struct.field("cost_micro_usd")).list.sum().fill_null(0)
     answered = (
-        lazy.with_columns(reference_micro=pl.when(ok).then(as_reference).otherwise(0.0))
+        lazy.with_columns(reference_micro=pl.when(ok).then(as_reference).otherwise(0.0),
+                          cost_micro_usd=own_cost)
         .group_by("model")
         .agg(
             rows=pl.len().cast(pl.Int64),
             ok=ok.sum().cast(pl.Int64),
-            failed=(pl.col("status") == "failed").sum().cast(pl.Int64),
+            failed=failed.sum().cast(pl.Int64),
             rejected=(pl.col("status") == "rejected").sum().cast(pl.Int64),
             **{c: pl.col(c).sum().cast(pl.Int64) for c in BILLED},
+            failed_cost_micro_usd=pl.col("cost_micro_usd").filter(failed).sum(),
             reference_micro=pl.col("reference_micro").sum(),
             latency_p50_ms=pl.col("latency_ms").filter(ok).quantile(0.5, "linear"),
             latency_p95_ms=pl.col("latency_ms").filter(ok).quantile(0.95, "linear"),
         )
     )
-    # Escalation attempts: billed by the model they were made on, not the one that answered
-    # (whose rows' cost includes them).
-    attempts = (lazy.select(answered_by=pl.col("model"), e=pl.col("escalations"))
+    attempts = (lazy.select("status", e=pl.col("escalations"))
                 .explode("e").filter(pl.col("e").is_not_null())
-                .select("answered_by", pl.col("e").struct.unnest()))
-    moved_out = attempts.group_by("answered_by").agg(
-        moved=pl.col("cost_micro_usd").sum()).rename({"answered_by": "model"})
+                .select("status", pl.col("e").struct.unnest()))
     billed = attempts.group_by("model").agg(
-        escalated=pl.len().cast(pl.Int64), **{f"esc_{c}": pl.col(c).sum() for c in BILLED})
-    counts = ["rows", "ok", "failed", "rejected", "escalated", "moved", *BILLED,
-              *[f"esc_{c}" for c in BILLED]]
+        escalated=pl.len().cast(pl.Int64),
+        esc_failed_cost_micro_usd=pl.col("cost_micro_usd").filter(failed).sum(),
+        **{f"esc_{c}": pl.col(c).sum() for c in BILLED})
+    summed = [*BILLED, "failed_cost_micro_usd"]
+    counts = ["rows", "ok", "failed", "rejected", "escalated", *summed,
+              *[f"esc_{c}" for c in summed]]
     frame = (
-        answered.join(moved_out, on="model", how="left", nulls_equal=True)
-        .join(billed, on="model", how="full", coalesce=True, nulls_equal=True)
+        answered.join(billed, on="model", how="full", coalesce=True, nulls_equal=True)
         .with_columns(pl.col(counts).fill_null(0), pl.col("reference_micro").fill_null(0.0))
         .with_columns(
-            **{c: (pl.col(c) + pl.col(f"esc_{c}")).cast(pl.Int64) for c in BILLED})
-        .with_columns(
-            cost_micro_usd=(pl.col("cost_micro_usd") - pl.col("moved")).cast(pl.Int64),
+            **{c: (pl.col(c) + pl.col(f"esc_{c}")).cast(pl.Int64) for c in summed},
             reference_cost_micro_usd=pl.col("reference_micro").round(0).cast(pl.Int64))
         .with_columns(
             run_id=pl.lit(run_id),

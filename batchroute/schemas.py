@@ -138,6 +138,9 @@ ROLLUPS = pa.schema([
        "What this model billed, escalation attempts included, in micro-dollars; the sum over "
        "models equals the sum of cost_micro_usd over the results.", nullable=False),
     _f("cost_usd", pa.float64(), "cost_micro_usd / 1,000,000.", nullable=False),
+    _f("failed_cost_micro_usd", pa.int64(),
+       "The part of cost_micro_usd billed for requests that still ended failed (escalation "
+       "attempts before a final failure); the rest paid for ok answers.", nullable=False),
     _f("reference_model", pa.string(), "Model the counterfactual sends every request to.",
        nullable=False),
     _f("reference_output_ratio", pa.float64(),

@@ -98,6 +98,10 @@ def test_totals_reconcile_with_the_rows_under_any_grouping(
         assert table["cost_micro_usd"].sum() == exact
     daily = pl.read_parquet(Path(out.files[0]).parent / "daily.parquet")
     assert daily["cost_micro_usd"].sum() == exact
+    failed = [c for c, s in zip(everything.column("cost_micro_usd").to_pylist(),
+                                everything.column("status").to_pylist(), strict=True)
+              if s == "failed"]
+    assert daily["failed_cost_micro_usd"].sum() == sum(failed)
 
 
 def test_escalation_attempts_are_billed_to_the_model_that_made_them(tmp_path: Path) -> None:

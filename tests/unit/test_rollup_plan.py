@@ -71,6 +71,8 @@ def test_rollup_totals_equal_row_sums(cases: list[tuple[Row, list[Escalation]]])
     for k, col in ((1, "input_tokens"), (2, "output_tokens")):
         assert r[col].sum() == res[col].sum() + sum(e[k] for esc in escalations for e in esc)
     assert r["cost_micro_usd"].sum() == res["cost_micro_usd"].sum()  # exact, in integers
+    assert r["failed_cost_micro_usd"].sum() == res.filter(
+        pl.col("status") == "failed")["cost_micro_usd"].sum()
     assert r["ok"].sum() + r["failed"].sum() + r["rejected"].sum() == len(rows)
     assert r["escalated"].sum() == sum(len(esc) for esc in escalations)
     if rows:
