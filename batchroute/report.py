@@ -84,10 +84,14 @@ def build(runs_uri: str, out_dir: str | Path, *, date_from: date | None = None,
     out = Path(out_dir)
     (out / "charts").mkdir(parents=True, exist_ok=True)
 
-    rows = pl.concat([_results(fs, r) for r in runs], how="vertical").collect()
+    # Lazy scans, aggregated with the streaming engine: a month of nightly runs is never
+    # loaded whole.
+    rows = pl.concat([_results(fs, r) for r in runs], how="vertical")
     charges = _charges(rows)
     rollups = pl.concat([_rollups(fs, r) for r in runs], how="vertical")
-    report = Report(runs, skipped, int(rows["cost_micro_usd"].sum() or 0), len(rows))
+    totals = rows.select(micro=pl.col("cost_micro_usd").sum(), n=pl.len()).collect(
+        engine="streaming")
+    report = Report(runs, skipped, int(totals["micro"][0] or 0), int(totals["n"][0]))
 
     tables = {
         "report": _grouped(rows, charges, rollups, list(by)),
@@ -163,7 +167,7 @@ def _rollups(fs: pafs.FileSystem, run: Run) -> pl.DataFrame:
                               day=pl.lit(run.day))
 
 
-def _charges(rows: pl.DataFrame) -> pl.DataFrame:
+def _charges(rows: pl.LazyFrame) -> pl.LazyFrame:
     """One row per billed call group: each result row's own answer, and each escalation
     attempt on the model that made it. Its cost column sums to the results' exactly."""
     keys = ["run_id", "job", "day", "tags", "status"]
@@ -173,18 +177,19 @@ def _charges(rows: pl.DataFrame) -> pl.DataFrame:
                         *[pl.col("e").struct.field(c) for c in BILLED]))
     moved = pl.col("escalations").list.eval(
         pl.element().struct.field("cost_micro_usd")).list.sum().fill_null(0)
+    columns = [*keys, "model", *BILLED]
     own = rows.select(*keys, "model", "input_tokens", "cached_input_tokens", "output_tokens",
                       cost_micro_usd=pl.col("cost_micro_usd") - moved)
-    return pl.concat([own, attempts.select(own.columns)], how="vertical_relaxed")
+    return pl.concat([own, attempts.select(columns)], how="vertical_relaxed")
 
 
-def _with_tag(frame: pl.DataFrame) -> pl.DataFrame:
+def _with_tag(frame: pl.LazyFrame) -> pl.LazyFrame:
     tags = pl.when(pl.col("tags").list.len() > 0).then(pl.col("tags")).otherwise(
         pl.lit([NO_TAG], pl.List(pl.String)))
     return frame.with_columns(tag=tags).explode("tag")
 
 
-def _grouped(rows: pl.DataFrame, charges: pl.DataFrame, rollups: pl.DataFrame,
+def _grouped(rows: pl.LazyFrame, charges: pl.LazyFrame, rollups: pl.DataFrame,
              by: list[str]) -> pl.DataFrame:
     if "tag" in by:
         rows, charges = _with_tag(rows), _with_tag(charges)
@@ -203,7 +208,7 @@ def _grouped(rows: pl.DataFrame, charges: pl.DataFrame, rollups: pl.DataFrame,
     counts = ["rows", "ok", "failed", "rejected", *BILLED, "failed_cost_micro_usd"]
     table = table.with_columns(pl.col(counts).fill_null(0))
     if "tag" not in by:
-        reference = rollups.group_by(by).agg(
+        reference = rollups.lazy().group_by(by).agg(
             reference_cost_micro_usd=pl.col("reference_cost_micro_usd").sum())
         table = table.join(reference, on=by, how="left", nulls_equal=True)
     else:
@@ -216,7 +221,7 @@ def _grouped(rows: pl.DataFrame, charges: pl.DataFrame, rollups: pl.DataFrame,
         share_of_requests=pl.col("rows") / pl.col("rows").sum().clip(lower_bound=1))
         .with_columns(savings_pct=pl.when(pl.col("reference_cost_usd") > 0).then(
             100.0 * pl.col("savings_usd") / pl.col("reference_cost_usd")))
-        .sort(by, nulls_last=True))
+        .sort(by, nulls_last=True).collect(engine="streaming"))
 
 
 def _forecast(fs: pafs.FileSystem, runs: list[Run], rollups: pl.DataFrame) -> pl.DataFrame:
