@@ -136,7 +136,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a weak call's cost over a strong call's (0.024: $0.24 vs $10 per "
                    "million input tokens)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.add_argument("--plot", metavar="FILE.png",
+                   help="also draw the cost-quality curve of each ordering, random and oracle")
     e.set_defaults(func=_eval)
+
+    c = sub.add_parser(
+        "calibrate", help="choose the router's thresholds for a target and write them into it",
+        description="Replay the job's policy (the cheapest model whose predicted success clears "
+        "its threshold, else the strongest) on labelled prompts, choose the shared threshold "
+        "that meets --target, and write it into the router file's metadata. Jobs use it unless "
+        "their [router.thresholds] override it.")
+    c.add_argument("--labels", required=True, metavar="URI", help="labelled Parquet, as for train")
+    c.add_argument("--router", required=True, metavar="ROUTER.onnx", help="router file to calibrate")
+    c.add_argument("--target", required=True, metavar="KIND=VALUE",
+                   help="strong-share=0.3 (share sent to the strongest model), quality=0.95 "
+                   "(of the strongest model's quality, at the lowest cost) or budget-usd=2.5 "
+                   "(best quality within that many dollars per 1,000 prompts; needs --job)")
+    c.add_argument("--job", metavar="JOB.toml",
+                   help="job whose prices order the models (cheapest first) and price budgets")
+    c.add_argument("--split", default="all", choices=("holdout", "all"),
+                   help="labelled rows to calibrate on (default: all)")
+    c.add_argument("--out", metavar="ROUTER.onnx",
+                   help="where to write the calibrated router (default: in place)")
+    c.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    c.set_defaults(func=_calibrate)
 
     rep = sub.add_parser(
         "report", help="spend, savings and routing over many runs: Parquet, CSV, charts and "
@@ -336,6 +359,30 @@ def _router_bytes(args: argparse.Namespace) -> bytes:
     return rt.read_bytes(args.router or config.BUNDLED_ROUTER)
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    from batchroute import calibrate, config, train
+    from batchroute import router as rt
+
+    job = config.load(args.job) if args.job else None
+    data, out = calibrate.calibrate(rt.read_bytes(args.router), args.labels,
+                                    calibrate.Target.parse(args.target), job=job,
+                                    split=args.split)
+    train.write_atomic(args.out or args.router, data)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    usd = (f", about ${out['usd_per_1k_prompts']:.4f} per 1,000 prompts"
+           if out["usd_per_1k_prompts"] is not None else "")
+    print(f"{out['target']} on {out['rows']} labelled prompts ({out['split']}): threshold "
+          f"{next(iter(out['thresholds'].values())):.4f} sends {out['strong_share']:.1%} to "
+          f"{out['order'][-1]}, quality {out['quality']:.4f} "
+          f"({out['quality_vs_strong']:.1%} of the strongest alone){usd}")
+    print(f"wrote {args.out or args.router} (router version {out['version']})")
+    return 0
+
+
 def _score(args: argparse.Namespace) -> int:
     from batchroute import router as rt
 
@@ -351,7 +398,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     report = evaluate.evaluate_router(_router_bytes(args), args.labels, weak=args.weak,
                                       strong=args.strong, split=args.split,
-                                      price_ratio=args.price_ratio)
+                                      price_ratio=args.price_ratio, plot=args.plot)
     print(json.dumps(report, indent=2) if args.json else evaluate.format_report(report))
     return 0
 

@@ -109,7 +109,7 @@ ORDERINGS: dict[str, Ordering] = {
 
 def evaluate_router(model_bytes: bytes, labels_uri: str, *, weak: str, strong: str,
                     split: str = "holdout", price_ratio: float = 0.024,
-                    seed: int = 0) -> dict[str, Any]:
+                    seed: int = 0, plot: str | None = None) -> dict[str, Any]:
     """Metrics of a router file on labelled prompts, for each ordering, with the random and
     oracle routers on the same rows as anchors. ``split`` is "holdout" (the rows training
     never saw, see :mod:`batchroute.train`) or "all"."""
@@ -140,15 +140,49 @@ def evaluate_router(model_bytes: bytes, labels_uri: str, *, weak: str, strong: s
     rng = np.random.default_rng(seed)
     # Ties broken by tiny noise so quantile thresholds are distinct for the 0/1 oracle.
     oracle = (s > w).astype(np.float64) + rng.random(len(w)) * 1e-9
+    random_scores = rng.random(len(w))
+    if plot:
+        curves = {**{f"router ({name})": curve(f(p_weak, p_strong), w, s)
+                     for name, f in ORDERINGS.items()},
+                  "random": curve(random_scores, w, s), "oracle": curve(oracle, w, s)}
+        plot_curves(curves, plot, weak_quality=float(w.mean()), strong_quality=float(s.mean()),
+                    price_ratio=price_ratio, title=f"{weak} / {strong}, {len(w)} prompts "
+                    f"({split})")
     out: dict[str, Any] = {
         "rows": len(table), "split": split, "weak": weak, "strong": strong,
         "router_version": router.info.version, "price_ratio": price_ratio,
         "router": {name: evaluate(f(p_weak, p_strong), w, s, price_ratio=price_ratio).as_dict()
                    for name, f in ORDERINGS.items()},
-        "random": evaluate(rng.random(len(w)), w, s, price_ratio=price_ratio).as_dict(),
+        "random": evaluate(random_scores, w, s, price_ratio=price_ratio).as_dict(),
         "oracle": evaluate(oracle, w, s, price_ratio=price_ratio).as_dict(),
     }
     return out
+
+
+def plot_curves(curves: dict[str, Curve], path: str, *, weak_quality: float,
+                strong_quality: float, price_ratio: float, title: str) -> None:
+    """Quality against cost (relative to sending everything to the strong model) for each
+    curve, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name, c in curves.items():
+        cost = c.strong_share + (1.0 - c.strong_share) * price_ratio
+        ax.plot(100 * cost, c.quality, marker="o", markersize=3, label=name,
+                linestyle="--" if name in ("random", "oracle") else "-")
+    ax.axhline(strong_quality, color="grey", linewidth=0.8)
+    ax.axhline(weak_quality, color="grey", linewidth=0.8)
+    ax.annotate("strong only", (100, strong_quality), ha="right", va="bottom", fontsize=8)
+    ax.annotate("weak only", (100 * price_ratio, weak_quality), va="top", fontsize=8)
+    ax.set(xlabel="cost, % of sending every prompt to the strong model",
+           ylabel="quality (mean score)", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def format_report(r: dict[str, Any]) -> str:

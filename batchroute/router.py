@@ -125,6 +125,19 @@ def build_graph(vocab: Sequence[str], token_weights: np.ndarray, length_weights:
     return bytes(model.SerializeToString())
 
 
+def with_metadata(model_bytes: bytes, updates: Mapping[str, str]) -> bytes:
+    """The same router with metadata keys set or replaced (the graph is untouched)."""
+    import onnx
+
+    model = onnx.load_from_string(model_bytes)
+    meta = {p.key: p.value for p in model.metadata_props}
+    meta.update(updates)
+    del model.metadata_props[:]
+    for k, val in meta.items():
+        model.metadata_props.add(key=k, value=val)
+    return bytes(model.SerializeToString())
+
+
 def session(model_bytes: bytes) -> Any:
     """A single-threaded onnxruntime session: one per actor scales better than intra-op threads
     on small machines."""

@@ -165,7 +165,20 @@ ROLLUPS = pa.schema([
        nullable=False),
 ])
 
-ALL = {"prompts": PROMPTS, "requests": REQUESTS, "routed": ROUTED, "results": RESULTS,
+# Training and evaluation labels, long form: one row per (request, model) outcome.
+LABELS = pa.schema([
+    _f("request_id", pa.string(), "The prompt's id; one row per model that answered it.",
+       nullable=False),
+    _f("prompt", pa.string(), "The prompt text (the same on every row of a request_id).",
+       nullable=False),
+    _f("model", pa.string(), "Catalog name of the model whose answer was scored.",
+       nullable=False),
+    _f("score", pa.float64(),
+       "Quality of that model's answer in [0, 1] (1 = correct); train learns "
+       "P(score >= cut).", nullable=False),
+])
+
+ALL = {"labels": LABELS, "prompts": PROMPTS, "requests": REQUESTS, "routed": ROUTED, "results": RESULTS,
        "rollups": ROLLUPS}
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 

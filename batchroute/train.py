@@ -219,11 +219,11 @@ def train(labels_uri: str, out: str, *, models: Sequence[str] | None = None,
     err = float(np.abs(check - hold_probs).max()) if len(check) else 0.0
     if err > 1e-5:
         raise RouterError(f"exported router disagrees with the trained model by {err:.2e}")
-    _write_atomic(out, model_bytes)
+    write_atomic(out, model_bytes)
     return TrainReport(names, thresholds, metrics, version, int((~hold).sum()), int(hold.sum()))
 
 
-def _write_atomic(path: str, data: bytes) -> None:
+def write_atomic(path: str, data: bytes) -> None:
     from pathlib import Path
 
     p = Path(path)

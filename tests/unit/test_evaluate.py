@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,8 +56,14 @@ def test_cpt_interpolates_linearly_and_apgr_by_hand() -> None:
 
 
 @pytest.mark.skipif(not MMLU.is_file(), reason="shared labels not checked out")
-def test_eval_command_on_the_bundled_router(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["eval", "--labels", str(MMLU), "--json"]) == 0
+def test_eval_command_on_the_bundled_router(capsys: pytest.CaptureFixture[str],
+                                            tmp_path: Path) -> None:
+    plot = tmp_path / "curve.png"
+    assert cli.main(["eval", "--labels", str(MMLU), "--json", "--plot", str(plot)]) == 0
+    from PIL import Image, ImageStat
+
+    img = Image.open(plot).convert("L")
+    assert img.size == (700, 500) and ImageStat.Stat(img).stddev[0] > 10
     r = json.loads(capsys.readouterr().out)
     assert r["split"] == "holdout" and 1500 < r["rows"] < 2500
     assert r["oracle"]["apgr"] > 1.0

@@ -140,3 +140,9 @@ def test_score_file_on_labels_and_prompts(tmp_path: Path) -> None:
     assert mixtral[1] is None  # an empty prompt has no score
     assert mixtral[0] == pytest.approx(float(expected[0, col]), abs=1e-6)
     assert mixtral[2] == pytest.approx(float(expected[1, col]), abs=1e-6)
+
+
+def test_label_checks_follow_the_declared_labels_schema() -> None:
+    from batchroute import schemas
+
+    assert list(train.LABEL_COLUMNS) == schemas.LABELS.names

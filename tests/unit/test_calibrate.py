@@ -1,0 +1,103 @@
+"""``batchroute calibrate`` on synthetic labels whose answer is known: it lands on its target
+within one bin, writes the thresholds into the router, and jobs then use them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchroute import calibrate, cli, config
+from batchroute import router as rt
+from batchroute.errors import ConfigError
+from tests.helpers import CHEAP, STRONG, job_doc, tiny_router
+
+
+def _labels(path: Path, n: int = 2000, seed: int = 3) -> Path:
+    """Prompts with a mix of "easy" and "hard" words: the tiny router's cheap-model score
+    rises with the easy share, and so does the cheap model's real success."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        easy = int(rng.integers(0, 8))
+        hard = int(rng.integers(0, 8))
+        prompt = " ".join(["easy"] * easy + ["hard"] * hard + [f"q{i}"])
+        cheap_ok = float(rng.random() < 1 / (1 + np.exp(-(easy - hard))))
+        strong_ok = float(rng.random() < 0.9)
+        rows += [(f"r{i}", prompt, CHEAP, cheap_ok), (f"r{i}", prompt, STRONG, strong_ok)]
+    ids, prompts, models, scores = zip(*rows, strict=True)
+    pq.write_table(pa.table({"request_id": ids, "prompt": prompts, "model": models,
+                             "score": scores}), path)
+    return path
+
+
+def test_strong_share_lands_within_one_bin(tmp_path: Path) -> None:
+    labels = _labels(tmp_path / "labels.parquet")
+    for share in (0.1, 0.3, 0.6):
+        data, out = calibrate.calibrate(tiny_router(), str(labels),
+                                        calibrate.Target.parse(f"strong-share={share}"))
+        assert out["order"] == [CHEAP, STRONG]
+        assert abs(out["strong_share"] - share) <= 0.1  # one of ten quantile bins
+        info = rt.inspect(data)
+        assert info.thresholds[CHEAP] == pytest.approx(out["thresholds"][CHEAP])
+        assert info.thresholds[STRONG] == 0.0
+        # Replaying the written router reproduces the share it reports.
+        probs = rt.Router(data).score(pa.array(pq.read_table(labels).column("prompt")
+                                               .to_pylist()[::2], pa.string()))
+        sent_up = (probs[:, info.models.index(CHEAP)] < info.thresholds[CHEAP]).mean()
+        assert sent_up == pytest.approx(out["strong_share"])
+        assert info.version.startswith("tiny-1+cal-")
+        assert json.loads(info.metadata["calibration"])["target"] == f"strong-share={share}"
+
+
+def test_quality_and_budget_targets(tmp_path: Path) -> None:
+    labels = _labels(tmp_path / "labels.parquet")
+    _, q = calibrate.calibrate(tiny_router(), str(labels),
+                               calibrate.Target.parse("quality=0.95"))
+    assert q["quality"] >= 0.95 * q["strong_quality"]
+    _, lower = calibrate.calibrate(tiny_router(), str(labels),
+                                   calibrate.Target.parse("quality=0.85"))
+    assert lower["strong_share"] <= q["strong_share"]  # a lower bar costs less
+
+    job = config.parse(job_doc())
+    _, b = calibrate.calibrate(tiny_router(), str(labels),
+                               calibrate.Target.parse("budget-usd=1.0"), job=job)
+    assert b["usd_per_1k_prompts"] <= 1.0
+    _, rich = calibrate.calibrate(tiny_router(), str(labels),
+                                  calibrate.Target.parse("budget-usd=1000"), job=job)
+    assert rich["quality"] >= b["quality"]
+    with pytest.raises(ConfigError, match="needs --job"):
+        calibrate.calibrate(tiny_router(), str(labels), calibrate.Target.parse("budget-usd=1"))
+    with pytest.raises(ConfigError, match="even the cheapest policy costs"):
+        calibrate.calibrate(tiny_router(), str(labels),
+                            calibrate.Target.parse("budget-usd=0.000001"), job=job)
+
+
+@pytest.mark.parametrize("text", ["share=0.3", "strong-share", "quality=1.5", "budget-usd=-1",
+                                  "strong-share=lots"])
+def test_bad_targets_are_refused(text: str) -> None:
+    with pytest.raises(ConfigError, match="--target"):
+        calibrate.Target.parse(text)
+
+
+def test_the_cli_writes_the_router_and_a_job_uses_its_thresholds(tmp_path: Path) -> None:
+    from batchroute.route import RouteSpec, RouteStage
+
+    labels = _labels(tmp_path / "labels.parquet")
+    (tmp_path / "r.onnx").write_bytes(tiny_router())
+    code = cli.main(["calibrate", "--labels", str(labels), "--router", str(tmp_path / "r.onnx"),
+                     "--target", "strong-share=0.3", "--out", str(tmp_path / "cal.onnx")])
+    assert code == 0
+    data = (tmp_path / "cal.onnx").read_bytes()
+    threshold = rt.inspect(data).thresholds[CHEAP]
+    job = config.parse(job_doc())
+    stage = RouteStage(data, RouteSpec.from_job(job))
+    assert stage._thresholds[0] == pytest.approx(threshold)
+    doc = job_doc()
+    doc["router"]["thresholds"] = {CHEAP: 0.5}  # the job file still has the last word
+    stage = RouteStage(data, RouteSpec.from_job(config.parse(doc)))
+    assert stage._thresholds[0] == pytest.approx(0.5)
