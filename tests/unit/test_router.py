@@ -146,3 +146,52 @@ def test_label_checks_follow_the_declared_labels_schema() -> None:
     from batchroute import schemas
 
     assert list(train.LABEL_COLUMNS) == schemas.LABELS.names
+
+
+def test_training_and_policy_for_three_models_on_synthetic_labels(tmp_path: Path) -> None:
+    """small answers "easy" prompts, medium also "medium" ones, large everything: a router
+    trained on that routes each kind to the cheapest model that can answer it."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from batchroute import config
+    from batchroute.route import RouteSpec, RouteStage
+    from tests.helpers import job_doc, model_table
+
+    rng = np.random.default_rng(0)
+    kinds = ("easy", "medium", "hard")
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
+    rows = []
+    for i in range(3000):
+        kind = kinds[i % 3]
+        prompt = f"{kind} question " + " ".join(rng.choice(words, 4))
+        ok = {"small": kind == "easy", "medium": kind != "hard", "large": True}
+        rows += [(f"q{i}", prompt, m, float(v if rng.random() > 0.05 else not v))
+                 for m, v in ok.items()]
+    ids, prompts, models, scores = zip(*rows, strict=True)
+    pq.write_table(pa.table({"request_id": ids, "prompt": prompts, "model": models,
+                             "score": scores}), tmp_path / "labels.parquet")
+    report = train.train(str(tmp_path / "labels.parquet"), str(tmp_path / "r.onnx"))
+    assert report.models == ("large", "medium", "small")
+    assert report.thresholds["large"] == 0.0  # the strongest is the fallback
+    assert all(report.metrics[m]["holdout_auc"] > 0.9 for m in ("medium", "small"))
+
+    doc = job_doc()
+    doc["models"] = {name: model_table(name, p, p * 4, base_url="http://127.0.0.1:1/v1")
+                     for name, p in (("small", 0.1), ("medium", 1.0), ("large", 10.0))}
+    doc["router"] = {"thresholds": {"small": 0.5, "medium": 0.5}}
+    doc["job"]["reference_model"] = "large"
+    stage = RouteStage((tmp_path / "r.onnx").read_bytes(),
+                       RouteSpec.from_job(config.parse(doc)))
+    from batchroute import schemas
+
+    batch = pa.table({"request_id": list(kinds), "row": [0, 1, 2],
+                      "prompt": [f"{k} question alpha beta" for k in kinds]},
+                     ).join(pa.table({"request_id": list(kinds)}), "request_id")
+    batch = pa.table({name: batch.column(name) if name in batch.column_names
+                      else pa.nulls(3, schemas.REQUESTS.field(name).type)
+                      for name in schemas.REQUESTS.names}, schema=schemas.REQUESTS)
+    routed = stage(batch)
+    by_id = dict(zip(routed.column("request_id").to_pylist(),
+                     routed.column("model").to_pylist(), strict=True))
+    assert by_id == {"easy": "small", "medium": "medium", "hard": "large"}
