@@ -84,6 +84,41 @@ def replay(probs: np.ndarray, scores: np.ndarray, thresholds: np.ndarray,
     return out
 
 
+def policy_inputs(router: rt.Router, table: pl.DataFrame, order: Sequence[str],
+                  job: JobConfig | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(predicted success, label scores, estimated dollars per call), each (rows, models)
+    with the models in ``order``; dollars only with a job (prompt tokens at 4 characters per
+    token, output at the job's default max_tokens)."""
+    models = list(router.info.models)
+    all_probs = router.score(pa.array(table["prompt"].to_list(), pa.string()))
+    probs = all_probs[:, [models.index(m) for m in order]].astype(np.float64)
+    scores = table.select(order).to_numpy().astype(np.float64)
+    if job is None:
+        return probs, scores, None
+    chars = np.array([len(p) for p in table["prompt"].to_list()], np.float64)
+    est_in = np.ceil(chars / CHARS_PER_TOKEN)
+    est_out = job.dispatch.default_max_tokens
+    cost = np.stack([np.array([job.models[m].cost_usd(i, est_out) for i in est_in])
+                     for m in order], axis=1)
+    return probs, scores, cost
+
+
+def threshold_grid(probs: np.ndarray) -> np.ndarray:
+    """Candidate shared thresholds: quantiles of the cheaper models' scores, plus both ends
+    (everything to the cheapest model, everything to the strongest)."""
+    grid = np.unique(np.quantile(probs[:, :-1], np.linspace(0.0, 1.0, GRID)))
+    return np.concatenate([[0.0], grid, [np.nextafter(1.0, 2.0)]])
+
+
+def frontier(outcomes: Sequence[Outcome]) -> list[Outcome]:
+    """The outcomes no other beats on both cost and quality, cheapest first."""
+    best: list[Outcome] = []
+    for o in sorted(outcomes, key=lambda o: (o.usd_per_1k or 0.0, -o.quality)):
+        if not best or o.quality > best[-1].quality:
+            best.append(o)
+    return best
+
+
 def choose(outcomes: Sequence[Outcome], target: Target, strong_quality: float) -> Outcome:
     """The outcome that meets ``target`` (ConfigError when none can)."""
     if target.kind == "strong-share":
@@ -127,21 +162,8 @@ def calibrate(model_bytes: bytes, labels_uri: str, target: Target, *,
     if target.kind == "budget-usd" and job is None:
         raise ConfigError("--target budget-usd needs --job JOB.toml for the models' prices")
 
-    all_probs = router.score(pa.array(table["prompt"].to_list(), pa.string()))
-    cols = [models.index(m) for m in order]
-    probs = all_probs[:, cols].astype(np.float64)
-    scores = table.select(order).to_numpy().astype(np.float64)
-    cost = None
-    if job is not None:
-        chars = np.array([len(p) for p in table["prompt"].to_list()], np.float64)
-        est_in = np.ceil(chars / CHARS_PER_TOKEN)
-        est_out = job.dispatch.default_max_tokens
-        cost = np.stack([np.array([job.models[m].cost_usd(i, est_out) for i in est_in])
-                         for m in order], axis=1)
-    grid = np.unique(np.quantile(probs[:, :-1], np.linspace(0.0, 1.0, GRID)))
-    # Beyond both ends: everything to the cheapest model, and everything to the strongest.
-    grid = np.concatenate([[0.0], grid, [np.nextafter(1.0, 2.0)]])
-    outcomes = replay(probs, scores, grid, cost)
+    probs, scores, cost = policy_inputs(router, table, order, job)
+    outcomes = replay(probs, scores, threshold_grid(probs), cost)
     strong_quality = float(scores[:, -1].mean())
     best = choose(outcomes, target, strong_quality)
     thresholds = dict.fromkeys(order[:-1], best.threshold) | {order[-1]: 0.0}

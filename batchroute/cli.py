@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--plot", metavar="FILE.png",
                    help="also draw the cost-quality curve of each ordering, random and oracle")
+    e.add_argument("--job", metavar="JOB.toml",
+                   help="also report the job policy's quality/cost frontier over every model "
+                   "of the router (prices from this job), against each model alone")
     e.set_defaults(func=_eval)
 
     c = sub.add_parser(
@@ -399,7 +402,18 @@ def _eval(args: argparse.Namespace) -> int:
     report = evaluate.evaluate_router(_router_bytes(args), args.labels, weak=args.weak,
                                       strong=args.strong, split=args.split,
                                       price_ratio=args.price_ratio, plot=args.plot)
-    print(json.dumps(report, indent=2) if args.json else evaluate.format_report(report))
+    if args.job:
+        from batchroute import config
+
+        report["n_models"] = evaluate.frontier_report(
+            _router_bytes(args), args.labels, config.load(args.job), split=args.split)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(evaluate.format_report(report))
+    if args.job:
+        print()
+        print(evaluate.format_frontier(report["n_models"]))
     return 0
 
 

@@ -185,6 +185,66 @@ def plot_curves(curves: dict[str, Curve], path: str, *, weak_quality: float,
     plt.close(fig)
 
 
+def frontier_report(model_bytes: bytes, labels_uri: str, job: Any, *,
+                    split: str = "holdout") -> dict[str, Any]:
+    """For every model of the router at once (cheapest first by the job's prices): the
+    quality/cost frontier of the job's policy over shared thresholds, and, for each model
+    alone, its quality and cost beside the cheapest policy point at least as good."""
+    import polars as pl
+
+    from batchroute import calibrate, train
+    from batchroute import router as rt
+    from batchroute.errors import ConfigError, SchemaError
+
+    router = rt.Router(model_bytes)
+    models = list(router.info.models)
+    missing = [m for m in models if m not in job.models]
+    if missing:
+        raise ConfigError(f"router model {missing[0]!r} is not in the job's catalog")
+    order = sorted(models, key=lambda m: (job.models[m].input_usd_per_mtok
+                                          + job.models[m].output_usd_per_mtok, m))
+    table, _ = train.wide(train.read_labels(labels_uri), models)
+    if split == "holdout":
+        table = table.filter(pl.Series(train.is_holdout(table["request_id"].to_list())))
+    if len(table) == 0:
+        raise SchemaError(f"labels {labels_uri}: no rows in the {split} split")
+    probs, scores, cost = calibrate.policy_inputs(router, table, order, job)
+    assert cost is not None
+    points = calibrate.frontier(calibrate.replay(probs, scores,
+                                                 calibrate.threshold_grid(probs), cost))
+    singles = []
+    for j, m in enumerate(order):
+        q, usd = float(scores[:, j].mean()), float(cost[:, j].mean() * 1000)
+        match = next((p for p in points if p.quality >= q - 1e-12), None)
+        singles.append({
+            "model": m, "quality": q, "usd_per_1k": usd,
+            "routed_usd_per_1k_at_that_quality": match.usd_per_1k if match else None,
+            "routed_cost_vs_alone": (match.usd_per_1k or 0.0) / usd if match and usd else None})
+    return {"rows": len(table), "split": split, "order": order,
+            "frontier": [vars(p) for p in points], "single_models": singles}
+
+
+def format_frontier(r: dict[str, Any]) -> str:
+    lines = [f"policy frontier over {r['rows']} prompts ({r['split']}), models cheapest first: "
+             f"{', '.join(r['order'])}",
+             f"{'threshold':>10}{'quality':>9}{'$/1k':>10}{'to strongest':>14}"]
+    pts = r["frontier"]
+    step = max(1, len(pts) // 12)
+    for p in [*pts[::step], *([pts[-1]] if (len(pts) - 1) % step else [])]:
+        lines.append(f"{p['threshold']:>10.3f}{p['quality']:>9.3f}{p['usd_per_1k']:>10.4f}"
+                     f"{p['strong_share']:>14.1%}")
+    lines.append(f"{'model alone':<24}{'quality':>9}{'$/1k':>10}{'routed $/1k':>13}"
+                 f"{'routed/alone':>14}")
+    for s in r["single_models"]:
+        routed = (f"{s['routed_usd_per_1k_at_that_quality']:>13.4f}"
+                  if s["routed_usd_per_1k_at_that_quality"] is not None else f"{'-':>13}")
+        ratio = (f"{s['routed_cost_vs_alone']:>14.1%}" if s["routed_cost_vs_alone"] is not None
+                 else f"{'-':>14}")
+        lines.append(f"{s['model']:<24}{s['quality']:>9.3f}{s['usd_per_1k']:>10.4f}"
+                     f"{routed}{ratio}")
+    return "\n".join(lines)
+
+
 def format_report(r: dict[str, Any]) -> str:
     lines = [f"{r['rows']} labelled prompts ({r['split']} split), weak {r['weak']}, "
              f"strong {r['strong']}, router {r['router_version']}",

@@ -3,6 +3,7 @@ within one bin, writes the thresholds into the router, and jobs then use them.""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -101,3 +102,22 @@ def test_the_cli_writes_the_router_and_a_job_uses_its_thresholds(tmp_path: Path)
     doc["router"]["thresholds"] = {CHEAP: 0.5}  # the job file still has the last word
     stage = RouteStage(data, RouteSpec.from_job(config.parse(doc)))
     assert stage._thresholds[0] == pytest.approx(0.5)
+
+
+def test_the_policy_frontier_against_each_model_alone(tmp_path: Path) -> None:
+    from batchroute import evaluate
+
+    labels = _labels(tmp_path / "labels.parquet")
+    r = evaluate.frontier_report(tiny_router(), str(labels), config.parse(job_doc()),
+                                 split="all")
+    points = r["frontier"]
+    assert r["order"] == [CHEAP, STRONG] and len(points) > 5
+    # A frontier: dearer points are strictly better.
+    assert all(b["usd_per_1k"] >= a["usd_per_1k"] and b["quality"] > a["quality"]
+               for a, b in itertools.pairwise(points))
+    alone = {s["model"]: s for s in r["single_models"]}
+    # Matching the strong model's quality costs no more than the strong model alone, and the
+    # cheap model alone is the frontier's first point.
+    assert alone[STRONG]["routed_cost_vs_alone"] <= 1.0
+    assert points[0]["usd_per_1k"] == pytest.approx(alone[CHEAP]["usd_per_1k"])
+    assert "model alone" in evaluate.format_frontier(r)
