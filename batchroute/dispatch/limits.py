@@ -19,7 +19,8 @@ limit that is lower than configured.
 Better still is not to draw the 429 at all. Every reply carries the provider's own view of the
 key (:class:`RateLimitState`), and :meth:`ModelLimits.observe` applies it before the next call:
 
-* a per-minute limit below the catalog's caps the pace at the provider's figure;
+* a per-minute limit below the catalog's caps the pace at the provider's figure (requests:
+  the pacer's ceiling; tokens: the token bucket's refill rate);
 * a provider bucket with less room left than ours (another job on the same key, requests
   bunched up in transit) fills our bucket to match, so the next calls wait for the refill.
 
@@ -44,6 +45,15 @@ MIN_FACTOR = 0.05
 SLOW_DOWN_HOLD_S = 1.0
 
 
+def _shape(per_minute: float, largest: float) -> tuple[float, float]:
+    """(capacity, window seconds) of a bucket: capacity = rate x window holds the largest
+    single acquire, and the window is at least MIN_WINDOW_S."""
+    window = max(MIN_WINDOW_S, 60.0 * largest / per_minute)
+    # max(): rate x window can round to just below `largest`, and aiolimiter would then refuse
+    # the largest admissible request outright.
+    return max(float(largest), per_minute * window / 60.0), window
+
+
 class _Bucket(AsyncLimiter):
     """aiolimiter's leaky bucket, plus the two adjustments it has no public API for: taking
     capacity without waiting (the provider says it has less room than we thought) and giving
@@ -55,11 +65,14 @@ class _Bucket(AsyncLimiter):
 
     @classmethod
     def sized(cls, per_minute: float, largest: float) -> _Bucket:
-        # Capacity = rate x window >= largest single acquire, and the window is at least 1 s.
-        window = max(MIN_WINDOW_S, 60.0 * largest / per_minute)
-        # max(): rate x window can round to just below `largest`, and aiolimiter would then
-        # refuse the largest admissible request outright.
-        return cls(max(float(largest), per_minute * window / 60.0), window)
+        return cls(*_shape(per_minute, largest))
+
+    def resize(self, per_minute: float, largest: float) -> None:
+        """Refill at a new per-minute rate from now on (what is in the bucket stays)."""
+        self._leak()
+        self.max_rate, self.time_period = _shape(per_minute, largest)
+        self._rate_per_sec = self.max_rate / self.time_period
+        self._wake_next()
 
     def headroom(self) -> float:
         self._leak()
@@ -96,6 +109,7 @@ class ModelLimits:
         self._largest = largest_request_tokens
         self._rpm = rpm
         self._tpm = tpm
+        self._token_rate = tpm  # the token bucket's per-minute rate: the provider's if lower
         # Invariant: MIN_FACTOR <= factor <= ceiling <= 1; below 1 every request start is
         # spaced 60 / (rpm * factor) seconds after the previous one (next_start is loop time).
         # The ceiling is the provider's reported limit over the catalog's.
@@ -139,16 +153,15 @@ class ModelLimits:
 
     def observe(self, state: RateLimitState) -> None:
         """Apply the provider's view of the limits, read from a reply (any status)."""
-        if state.limit_requests or state.limit_tokens:  # a reply without them keeps the last
-            ceiling = 1.0
-            if state.limit_requests:
-                ceiling = min(ceiling, state.limit_requests / self._rpm)
-            if state.limit_tokens:
-                # Paced in requests: at a steady mix of request sizes, a token limit k times
-                # below the catalog's is a request rate k times below it.
-                ceiling = min(ceiling, state.limit_tokens / self._tpm)
-            self.ceiling = max(MIN_FACTOR, ceiling)
+        # A reply without limit headers keeps what the last one said.
+        if state.limit_requests:
+            self.ceiling = max(MIN_FACTOR, min(1.0, state.limit_requests / self._rpm))
             self.factor = min(self.factor, self.ceiling)
+        if state.limit_tokens:
+            tpm = min(self._tpm, max(state.limit_tokens, self._largest))
+            if tpm != self._token_rate:  # the token bucket itself refills slower
+                self._token_rate = tpm
+                self.tokens.resize(tpm, self._largest)
         if state.remaining_requests is not None:
             self.requests.match(state.remaining_requests)
         if state.remaining_tokens is not None:
