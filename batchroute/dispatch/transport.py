@@ -31,11 +31,16 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._connections),
                 cookie_jar=aiohttp.DummyCookieJar(), timeout=self._timeout)
-        data = await request.aread()
+        # The dispatcher's bodies are whole bytes: join them without httpx's async read, and
+        # hand aiohttp a ready payload so it skips its per-call payload-type lookup.
+        stream = request.stream
+        data = (b"".join(stream) if isinstance(stream, httpx.ByteStream)
+                else await request.aread())
         try:
             async with self._session.request(
                     request.method, str(request.url), headers=request.headers.multi_items(),
-                    data=data or None, allow_redirects=False) as resp:
+                    data=aiohttp.payload.BytesPayload(data) if data else None,
+                    allow_redirects=False) as resp:
                 body = await resp.read()
         except TimeoutError as exc:  # aiohttp's socket timeouts are TimeoutErrors too
             raise httpx.ReadTimeout(str(exc) or "timed out", request=request) from exc
