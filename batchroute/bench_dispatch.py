@@ -4,9 +4,9 @@ The mock provider runs in a process of its own, enforcing per-model limits over 
 windows (real providers enforce per-minute limits over short windows) and answering after a
 log-normal latency around ``latency_ms``. The client is the job's own
 :class:`~batchroute.dispatch.dispatcher.ModelDispatcher`, one per model, fed in batches of the
-job's default size and depth as the dispatch actors are, all in this process's event loop; so
-``client_cpu_ms_per_request`` is this process's CPU time over the requests sent, all models on
-one core.
+job's default size and depth as the dispatch actors are, all in this process's event loop and
+with the actors' garbage-collector settings; so ``client_cpu_ms_per_request`` is this
+process's CPU time over the requests sent, all models on one core.
 
 The aggregate rate is split over ``models`` models in the ratio K : K-1 : ... : 1 and the
 requests in the same ratio, so every model would finish at the same moment at its limit. The
@@ -19,6 +19,7 @@ what they need. The lower bound on wall time is the slowest model's
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import os
 import random
@@ -35,7 +36,7 @@ import pyarrow as pa
 from batchroute import schemas
 from batchroute.bench import _free_port
 from batchroute.config import DispatchConfig, ModelConfig
-from batchroute.dispatch.dispatcher import ModelDispatcher
+from batchroute.dispatch.dispatcher import ModelDispatcher, tune_gc_for_dispatch
 from batchroute.mock_provider import count_tokens
 from batchroute.route import CHARS_PER_TOKEN, MESSAGE_OVERHEAD_TOKENS
 
@@ -85,7 +86,13 @@ def dispatch(*, rate: float = 1000.0, models: int = 3, latency_ms: float = 300.0
             context_window=8192, timeout_s=30.0) for p in plans]
         server = psutil.Process(mock.pid)
         server_cpu0 = sum(server.cpu_times()[:2])
-        measured = asyncio.run(_drive(configs, [p["table"] for p in plans], key))
+        thresholds = gc.get_threshold()
+        tune_gc_for_dispatch()  # as the dispatch actors do
+        try:
+            measured = asyncio.run(_drive(configs, [p["table"] for p in plans], key))
+        finally:  # the bench may run inside a longer process (a test session)
+            gc.unfreeze()
+            gc.set_threshold(*thresholds)
         # The mock shares the machine: when it runs out of CPU, replies slow down and the
         # run is bound by the server rather than by the limits or the client.
         measured["server_cpu_s"] = sum(server.cpu_times()[:2]) - server_cpu0

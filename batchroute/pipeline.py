@@ -274,6 +274,9 @@ class _DispatchActor:
     """Owns one model's dispatcher inside one async Ray actor: the only copy of its limits."""
 
     def __init__(self, model: ModelConfig, policy: DispatchConfig, run_id: str) -> None:
+        from batchroute.dispatch.dispatcher import tune_gc_for_dispatch
+
+        tune_gc_for_dispatch()  # this process does nothing else
         self._args = (model, policy, run_id)
         self._dispatcher: Any = None
         self._upper: Any = None  # the actor of the next model up the escalation ladder
