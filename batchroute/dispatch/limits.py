@@ -55,10 +55,11 @@ def _shape(per_minute: float, largest: float) -> tuple[float, float]:
 
 
 class _Bucket(AsyncLimiter):
-    """aiolimiter's leaky bucket, plus the two adjustments it has no public API for: taking
-    capacity without waiting (the provider says it has less room than we thought) and giving
-    it back (a call used fewer tokens than estimated). Both go through aiolimiter's own level
-    and waiter wake-up, so its waiting logic stays the one in charge.
+    """aiolimiter's leaky bucket, plus the adjustments it has no public API for: a new refill
+    rate (the provider's limit is lower), taking capacity without waiting (the provider has
+    less room than we thought, or a call used more tokens than estimated) and giving it back
+    (fewer). All go through aiolimiter's own level and waiter wake-up, so its waiting logic
+    stays the one in charge; tests/unit/test_limits.py pins the behaviour they rely on.
     """
 
     __slots__ = ()
