@@ -6,16 +6,20 @@ in the catalog): the same input tokens, and output tokens from the reference mod
 output/input ratio in this run, or the job's ``reference_output_ratio`` when it answered
 nothing (else the run's overall ratio). Rows the reference model did answer count at their
 actual tokens.
+
+The results are read a few shards at a time and summed frame by frame; everything above is
+linear in per-model sums, so only those and the ok rows' latencies (8 bytes a row, for exact
+p50/p95) are kept. One polars query over a dataset of every shard held hundreds of MiB at 2M
+rows (per-file state, and a quantile makes polars collect every input row).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.dataset as ds
-import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from batchroute import schemas
 from batchroute.config import ModelConfig
@@ -24,95 +28,124 @@ from batchroute.sink import RunFolder
 COLUMNS = ["request_id", "model", "status", "input_tokens", "cached_input_tokens",
            "output_tokens", "cost_micro_usd", "latency_ms", "attempts", "escalations"]
 BILLED = ["input_tokens", "cached_input_tokens", "output_tokens", "cost_micro_usd", "attempts"]
+# Result shards are small (one dispatch batch each): frames of about this many rows keep each
+# aggregation cheap without holding much.
+FRAME_ROWS = 65_536
+_COUNTS = ["rows", "ok", "failed", "rejected", "escalated", *BILLED, "failed_cost_micro_usd",
+           "ok_input", "ok_cached", "ok_output"]
 
 
-def read_results(folder: RunFolder) -> pl.LazyFrame:
-    """A lazy scan of the columns rollups need over every committed result shard, so a
-    rollup streams through the results instead of loading them (no shards: empty)."""
-    path = folder.sub("results")
-    if folder.fs.get_file_info(path).type == pafs.FileType.NotFound:
-        empty = pl.from_arrow(schemas.RESULTS.empty_table().select(COLUMNS))
-        assert isinstance(empty, pl.DataFrame)
-        return empty.lazy()
-    dataset = ds.dataset(path, filesystem=folder.fs, format="parquet", schema=schemas.RESULTS)
-    return pl.scan_pyarrow_dataset(dataset).select(COLUMNS)
+def read_results(folder: RunFolder) -> Iterator[pl.DataFrame]:
+    """The columns rollups need from every committed result shard, a few shards per frame
+    (no shards: nothing)."""
+    schema = pa.schema([schemas.RESULTS.field(c) for c in COLUMNS])
+    tables: list[pa.Table] = []
+    rows = 0
+    for path in folder.shards(folder.sub("results")):
+        # By name, and cast: shards written before a column existed read it as nulls.
+        table = pq.read_table(path, filesystem=folder.fs)
+        table = pa.table({c: table.column(c) if c in table.column_names
+                          else pa.nulls(table.num_rows, schema.field(c).type)
+                          for c in COLUMNS}).cast(schema)
+        tables.append(table)
+        rows += table.num_rows
+        if rows >= FRAME_ROWS:
+            yield _frame(tables)
+            tables, rows = [], 0
+    if tables:
+        yield _frame(tables)
 
 
-def output_ratio(results: pl.DataFrame | pl.LazyFrame, reference_model: str,
+def _frame(tables: list[pa.Table]) -> pl.DataFrame:
+    frame = pl.from_arrow(pa.concat_tables(tables))
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+def _sums(frame: pl.DataFrame) -> pl.DataFrame:
+    """Per-model sums of one frame: the answering model's rows and its own part of their
+    cost, plus the escalation attempts, each under the model that made it."""
+    ok, failed = pl.col("status") == "ok", pl.col("status") == "failed"
+    own_cost = pl.col("cost_micro_usd") - pl.col("escalations").list.eval(
+        pl.element().struct.field("cost_micro_usd")).list.sum().fill_null(0)
+    answered = frame.with_columns(cost_micro_usd=own_cost).group_by("model").agg(
+        rows=pl.len(), ok=ok.sum(), failed=failed.sum(),
+        rejected=(pl.col("status") == "rejected").sum(), escalated=pl.lit(0),
+        **{c: pl.col(c).sum() for c in BILLED},
+        failed_cost_micro_usd=pl.col("cost_micro_usd").filter(failed).sum(),
+        ok_input=pl.col("input_tokens").filter(ok).sum(),
+        ok_cached=pl.col("cached_input_tokens").filter(ok).sum(),
+        ok_output=pl.col("output_tokens").filter(ok).sum())
+    attempts = (frame.select("status", e=pl.col("escalations")).explode("e")
+                .filter(pl.col("e").is_not_null())
+                .select("status", pl.col("e").struct.unnest()))
+    escalated = attempts.group_by("model").agg(
+        escalated=pl.len(), **{c: pl.col(c).sum() for c in BILLED},
+        failed_cost_micro_usd=pl.col("cost_micro_usd").filter(
+            pl.col("status") == "failed").sum())
+    parts = [answered, escalated.with_columns(
+        *[pl.lit(0).alias(c) for c in _COUNTS if c not in escalated.columns])]
+    return pl.concat([p.select("model", *[pl.col(c).cast(pl.Int64) for c in _COUNTS])
+                      for p in parts], how="vertical")
+
+
+def output_ratio(totals: pl.DataFrame, reference_model: str,
                  configured: float | None) -> tuple[float, str]:
-    """(output tokens per input token for the counterfactual, where it came from)."""
-    ok = results.lazy().filter(pl.col("status") == "ok")
-    sums = ok.group_by(is_ref=pl.col("model") == reference_model).agg(
-        pl.col("input_tokens").sum(), pl.col("output_tokens").sum()).collect()
-    ref = sums.filter(pl.col("is_ref"))
-    if len(ref) and ref["input_tokens"][0] > 0:
-        return ref["output_tokens"][0] / ref["input_tokens"][0], "reference model"
+    """(output tokens per input token for the counterfactual, where it came from), from the
+    per-model sums of ok rows."""
+    ref = totals.filter(pl.col("model") == reference_model)
+    if len(ref) and ref["ok_input"][0] > 0:
+        return ref["ok_output"][0] / ref["ok_input"][0], "reference model"
     if configured is not None:
         return configured, "job.reference_output_ratio"
-    total_in = int(sums["input_tokens"].sum() or 0)
-    ratio = int(sums["output_tokens"].sum() or 0) / total_in if total_in else 0.0
-    return ratio, "all models"
+    total_in = int(totals["ok_input"].sum() or 0)
+    return (int(totals["ok_output"].sum() or 0) / total_in if total_in else 0.0), "all models"
 
 
-def rollup(results: pl.DataFrame | pl.LazyFrame, *, run_id: str,
+def rollup(results: pl.DataFrame | pl.LazyFrame | Iterable[pl.DataFrame], *, run_id: str,
            models: Mapping[str, ModelConfig], reference_model: str,
            reference_output_ratio: float | None = None) -> pa.Table:
     """One ``rollups`` row per model (model null: rows rejected before routing).
 
-    Rows count under the model that answered them; tokens, cost and attempts under the model
-    that billed them, so an escalated row's first attempt is on the cheap model's bill.
+    ``results`` is one frame or a stream of them (see :func:`read_results`). Rows count under
+    the model that answered them; tokens, cost and attempts under the model that billed them,
+    so an escalated row's first attempt is on the cheap model's bill.
     """
+    frames: Iterable[pl.DataFrame | pl.LazyFrame] = (
+        [results] if isinstance(results, pl.DataFrame | pl.LazyFrame) else results)
+    sums: list[pl.DataFrame] = []
+    latencies: dict[str | None, list[pl.Series]] = {}
+    for raw in frames:
+        frame = raw.collect() if isinstance(raw, pl.LazyFrame) else raw
+        sums.append(_sums(frame))
+        done = frame.filter((pl.col("status") == "ok") & pl.col("latency_ms").is_not_null())
+        for (model,), part in done.partition_by("model", as_dict=True).items():
+            latencies.setdefault(model, []).append(part["latency_ms"].cast(pl.Float64))
+    if not sums:
+        return schemas.ROLLUPS.empty_table()
+    totals = pl.concat(sums).group_by("model").agg(pl.all().sum()).sort("model",
+                                                                         nulls_last=True)
+    ratio, ratio_from = output_ratio(totals, reference_model, reference_output_ratio)
     ref = models[reference_model]
-    ratio, ratio_from = output_ratio(results, reference_model, reference_output_ratio)
-    ok = pl.col("status") == "ok"
-    lazy = results.lazy()
     cached_price = (ref.input_usd_per_mtok if ref.cached_input_usd_per_mtok is None
                     else ref.cached_input_usd_per_mtok)
+    # Linear in the sums: the reference model's own answers at their actual tokens, every
+    # other model's ok rows as the same prompt with output at the ratio.
     as_reference = pl.when(pl.col("model") == reference_model).then(
-        # Its own answers at their actual tokens (not their escalation attempts' cost).
-        (pl.col("input_tokens") - pl.col("cached_input_tokens")) * ref.input_usd_per_mtok
-        + pl.col("cached_input_tokens") * cached_price
-        + pl.col("output_tokens") * ref.output_usd_per_mtok).otherwise(
-        # The same prompt on the reference model, cached part included, at its prices.
-        pl.col("input_tokens") * ref.input_usd_per_mtok
-        + pl.col("input_tokens") * ratio * ref.output_usd_per_mtok) * (1.0 - ref.batch_discount)
-    failed = pl.col("status") == "failed"
-    # A row's cost includes its escalation attempts, which are billed by the model they were
-    # made on: keep only the answering model's own part here.
-    own_cost = pl.col("cost_micro_usd") - pl.col("escalations").list.eval(
-        pl.element().struct.field("cost_micro_usd")).list.sum().fill_null(0)
-    answered = (
-        lazy.with_columns(reference_micro=pl.when(ok).then(as_reference).otherwise(0.0),
-                          cost_micro_usd=own_cost)
-        .group_by("model")
-        .agg(
-            rows=pl.len().cast(pl.Int64),
-            ok=ok.sum().cast(pl.Int64),
-            failed=failed.sum().cast(pl.Int64),
-            rejected=(pl.col("status") == "rejected").sum().cast(pl.Int64),
-            **{c: pl.col(c).sum().cast(pl.Int64) for c in BILLED},
-            failed_cost_micro_usd=pl.col("cost_micro_usd").filter(failed).sum(),
-            reference_micro=pl.col("reference_micro").sum(),
-            latency_p50_ms=pl.col("latency_ms").filter(ok).quantile(0.5, "linear"),
-            latency_p95_ms=pl.col("latency_ms").filter(ok).quantile(0.95, "linear"),
-        )
-    )
-    attempts = (lazy.select("status", e=pl.col("escalations"))
-                .explode("e").filter(pl.col("e").is_not_null())
-                .select("status", pl.col("e").struct.unnest()))
-    billed = attempts.group_by("model").agg(
-        escalated=pl.len().cast(pl.Int64),
-        esc_failed_cost_micro_usd=pl.col("cost_micro_usd").filter(failed).sum(),
-        **{f"esc_{c}": pl.col(c).sum() for c in BILLED})
-    summed = [*BILLED, "failed_cost_micro_usd"]
-    counts = ["rows", "ok", "failed", "rejected", "escalated", *summed,
-              *[f"esc_{c}" for c in summed]]
+        (pl.col("ok_input") - pl.col("ok_cached")) * ref.input_usd_per_mtok
+        + pl.col("ok_cached") * cached_price
+        + pl.col("ok_output") * ref.output_usd_per_mtok).otherwise(
+        pl.col("ok_input") * (ref.input_usd_per_mtok + ratio * ref.output_usd_per_mtok))
+
+    def quantile(q: float) -> pl.Series:
+        return pl.Series([pl.concat(latencies[m]).quantile(q, "linear") if m in latencies
+                          else None for m in totals["model"]], dtype=pl.Float64)
+
     frame = (
-        answered.join(billed, on="model", how="full", coalesce=True, nulls_equal=True)
-        .with_columns(pl.col(counts).fill_null(0), pl.col("reference_micro").fill_null(0.0))
-        .with_columns(
-            **{c: (pl.col(c) + pl.col(f"esc_{c}")).cast(pl.Int64) for c in summed},
-            reference_cost_micro_usd=pl.col("reference_micro").round(0).cast(pl.Int64))
+        totals.with_columns(
+            reference_cost_micro_usd=(as_reference * (1.0 - ref.batch_discount)).round(0)
+            .cast(pl.Int64),
+            latency_p50_ms=quantile(0.5), latency_p95_ms=quantile(0.95))
         .with_columns(
             run_id=pl.lit(run_id),
             reference_model=pl.lit(reference_model),
@@ -125,9 +158,7 @@ def rollup(results: pl.DataFrame | pl.LazyFrame, *, run_id: str,
         )
         .with_columns(savings_pct=pl.when(pl.col("reference_cost_micro_usd") != 0).then(
             100.0 * pl.col("savings_usd") / pl.col("reference_cost_usd")))
-        .sort("model", nulls_last=True)
         .select(schemas.ROLLUPS.names)
-        .collect(engine="streaming")
     )
     return frame.to_arrow().cast(schemas.ROLLUPS)
 
