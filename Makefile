@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 
 ## demo: sample data + bundled mock provider + jobs/demo.toml on local Ray
 # The mock enforces 6,000 RPM per model over 10 s windows, and only 3,000 RPM for gpt-4 whose
-# catalog entry claims 3,600: the demo shows the client limiter pacing every model and 429s
-# with Retry-After being honoured on one.
+# catalog entry claims 3,600: the demo shows the client limiter pacing every model, and gpt-4
+# slowed to the provider's 3,000 from its rate-limit headers before any 429.
 demo: export BATCHROUTE_DEMO_KEY ?= sk-demo-not-a-real-key
 demo: $(STAMP)
 	mkdir -p runs

@@ -153,8 +153,12 @@ def _discover(fs: pafs.FileSystem, base: str, date_from: date | None,
 def _results(fs: pafs.FileSystem, run: Run) -> pl.LazyFrame:
     dataset = ds.dataset(f"{run.path}/results", filesystem=fs, format="parquet",
                          schema=schemas.RESULTS)
-    return pl.scan_pyarrow_dataset(dataset).select(RESULT_COLUMNS).with_columns(
-        run_id=pl.lit(run.run_id), job=pl.lit(run.job), day=pl.lit(run.day))
+    return pl.scan_pyarrow_dataset(dataset).select(*RESULT_COLUMNS, "cost_usd").with_columns(
+        # Runs from before integer money have only cost_usd.
+        cost_micro_usd=pl.coalesce("cost_micro_usd",
+                                   (pl.col("cost_usd") * 1e6).round(0).cast(pl.Int64)),
+        cached_input_tokens=pl.col("cached_input_tokens").fill_null(0),
+        run_id=pl.lit(run.run_id), job=pl.lit(run.job), day=pl.lit(run.day)).drop("cost_usd")
 
 
 def _rollups(fs: pafs.FileSystem, run: Run) -> pl.DataFrame:
@@ -252,9 +256,12 @@ def _forecast(fs: pafs.FileSystem, runs: list[Run], rollups: pl.DataFrame) -> pl
 
 
 def _charts(daily: pl.DataFrame, tags: pl.DataFrame, folder: Path) -> dict[str, Path]:
+    import logging
+
     import matplotlib
 
     matplotlib.use("Agg")  # no display: files only
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # day labels are categories
     import matplotlib.pyplot as plt
 
     days = sorted(daily["day"].unique().to_list())

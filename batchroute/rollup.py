@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchroute import schemas
@@ -44,6 +45,12 @@ def read_results(folder: RunFolder) -> Iterator[pl.DataFrame]:
     for path in folder.shards(folder.sub("results")):
         # By name, and cast: shards written before a column existed read it as nulls.
         table = pq.read_table(path, filesystem=folder.fs)
+        if "cost_micro_usd" not in table.column_names:  # written before integer money
+            micro = pc.round(pc.multiply(table.column("cost_usd"), 1e6))
+            table = table.append_column("cost_micro_usd", pc.cast(micro, pa.int64()))
+        if "cached_input_tokens" not in table.column_names:
+            table = table.append_column("cached_input_tokens", pa.array(
+                [0] * table.num_rows, pa.int64()))
         table = pa.table({c: table.column(c) if c in table.column_names
                           else pa.nulls(table.num_rows, schema.field(c).type)
                           for c in COLUMNS}).cast(schema)

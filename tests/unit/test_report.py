@@ -142,3 +142,17 @@ def test_money_is_shown_to_the_cent() -> None:
     assert report.format_usd(1_234_565_000) == "$1,234.57"
     assert report.format_usd(4_999) == "$0.00" and report.format_usd(5_000) == "$0.01"
     assert report.format_usd(-20_000) == "-$0.02" and report.format_usd(None) == "—"
+
+
+def test_runs_from_before_integer_money_are_counted_from_cost_usd(tmp_path: Path) -> None:
+    results = write_run(tmp_path / "runs", "old", "2026-10-01",
+                        [(0, "ok", 1000, 100, [], False), (2, "ok", 500, 50, [], False)])
+    shard = tmp_path / "runs" / "old" / "results" / "part-0.parquet"
+    pq.write_table(results.drop_columns(["cost_micro_usd", "cached_input_tokens"]), shard)
+    out = report.build(str(tmp_path / "runs"), tmp_path / "out")
+    assert out.total_micro_usd == sum(results.column("cost_micro_usd").to_pylist()) > 0
+
+    from batchroute.sink import RunFolder
+
+    frames = list(rollup.read_results(RunFolder(str(tmp_path / "runs"), "old")))
+    assert frames[0]["cost_micro_usd"].to_list() == results.column("cost_micro_usd").to_pylist()
