@@ -95,12 +95,21 @@ def memory(rows: int, *, workdir: str | None = None) -> dict[str, Any]:
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                text=True)
         peak_pss = peak_rss = peak_driver = 0
+        peak_at, peak_parts = 0.0, {}
         driver = psutil.Process(job.pid)
-        while job.poll() is None:
-            pss, rss, own = _tree_memory(driver)
-            peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
-            peak_driver = max(peak_driver, own)
-            time.sleep(SAMPLE_S)
+        # One line per sample: when the peak happens and which process holds it is what
+        # tells a fix where to look, not the peak alone.
+        with (tmp / "memory-trace.jsonl").open("w") as trace:
+            while job.poll() is None:
+                pss, rss, own, parts = _tree_memory(driver)
+                at = round(time.monotonic() - t0, 1)
+                trace.write(json.dumps({"t": at, "pss_mib": round(pss / 2**20, 1),
+                                        "parts": _mib(parts)}) + "\n")
+                if pss > peak_pss:
+                    peak_pss, peak_at, peak_parts = pss, at, parts
+                peak_rss = max(peak_rss, rss)
+                peak_driver = max(peak_driver, own)
+                time.sleep(SAMPLE_S)
         wall = time.monotonic() - t0
         out = job.stdout.read() if job.stdout else ""
     finally:
@@ -113,30 +122,52 @@ def memory(rows: int, *, workdir: str | None = None) -> dict[str, Any]:
         "rows_per_s": round(rows / wall, 1),
         "peak_pss_mib": round(peak_pss / mib, 1), "peak_rss_sum_mib": round(peak_rss / mib, 1),
         "peak_driver_rss_mib": round(peak_driver / mib, 1),
+        "peak_at_s": peak_at, "peak_pss_by_process_mib": _mib(peak_parts),
         "counts": manifest.get("counts", {}), "workdir": str(tmp),
         "table": out.strip().splitlines()[-12:] if out else [],
     }
 
 
-def _tree_memory(root: Any) -> tuple[int, int, int]:
-    """(sum of PSS, sum of RSS, root's own RSS) over ``root`` and its descendants."""
+def _tree_memory(root: Any) -> tuple[int, int, int, dict[str, int]]:
+    """(sum of PSS, sum of RSS, root's own RSS, PSS per process) over ``root`` and its
+    descendants."""
     import psutil
 
     pss = rss = own = 0
+    parts: dict[str, int] = {}
     try:
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
-        return 0, 0, 0
+        return 0, 0, 0, {}
     for p in procs:
         try:
             info = p.memory_full_info()
+            label = "driver" if p.pid == root.pid else _label(p)
         except psutil.Error:  # exited between listing and reading
             continue
-        pss += getattr(info, "pss", info.rss)
+        one = getattr(info, "pss", info.rss)
+        pss += one
         rss += info.rss
+        parts[f"{label}[{p.pid}]"] = one
         if p.pid == root.pid:
             own = info.rss
-    return pss, rss, own
+    return pss, rss, own, parts
+
+
+def _label(p: Any) -> str:
+    """A short name for a process of the job: Ray names its workers ``ray::<task or actor>``
+    and its daemons by their executable or script."""
+    cmd: list[str] = p.cmdline()
+    if not cmd:
+        return str(p.name())
+    if cmd[0].startswith("ray::"):
+        return cmd[0]
+    scripts = [Path(a).name for a in cmd if a.endswith(".py")]
+    return scripts[0] if scripts else Path(cmd[0]).name
+
+
+def _mib(parts: dict[str, int]) -> dict[str, float]:
+    return {k: round(v / 2**20, 1) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}
 
 
 def _free_port() -> int:
