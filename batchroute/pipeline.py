@@ -20,7 +20,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from batchroute import __version__, plan, rollup, source
 from batchroute import router as rt
@@ -408,16 +407,16 @@ def _ray() -> Any:
 
 def _batches(folder: RunFolder, model: str, rows: int,
              answered: pa.Array | None) -> Iterator[pa.Table]:
-    dataset = ds.dataset(folder.routed_dir(model), filesystem=folder.fs, format="parquet")
-    # One file and one batch ahead: the scanner's default read-ahead holds several whole
-    # files per model in the driver.
-    for batch in dataset.to_batches(batch_size=rows, fragment_readahead=1, batch_readahead=1):
-        table = pa.Table.from_batches([batch])
-        if answered is not None and len(answered):
-            table = table.filter(pc.invert(pc.is_in(table.column("request_id"),
-                                                    value_set=answered)))
-        if table.num_rows:
-            yield table
+    # Shard by shard, a batch at a time: the driver holds one reader per model for the whole
+    # dispatch, and a dataset scanner's read-ahead would hold whole row groups in each.
+    for path in folder.shards(folder.routed_dir(model)):
+        for batch in source.iter_parquet(folder.fs, path, rows):
+            table = pa.Table.from_batches([batch])
+            if answered is not None and len(answered):
+                table = table.filter(pc.invert(pc.is_in(table.column("request_id"),
+                                                        value_set=answered)))
+            if table.num_rows:
+                yield table
 
 
 def _stage(folder: RunFolder, manifest: dict[str, Any], name: str) -> None:

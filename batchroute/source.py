@@ -31,9 +31,12 @@ from batchroute import schemas
 from batchroute.errors import SchemaError
 
 MAX_TOKENS_LIMIT = 2**31 - 1
-# Pre-buffering reads column chunks of many row groups ahead; one at a time keeps memory flat.
-SCAN_FORMAT = ds.ParquetFileFormat(
-    default_fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False))
+# Row groups can be large: the input's are the writer's choice and can hold tens of thousands
+# of long prompts (~90 MiB of text each). Parquet files are read through a buffered stream,
+# which decodes a column chunk page by page, so a batch costs about its own size; without it
+# the whole column chunk is read into memory first, and pyarrow.dataset's scanner decodes
+# whole row groups (several, with its read-ahead) before slicing them into batches.
+READ_BUFFER_BYTES = 2**20
 
 
 @dataclass(frozen=True)
@@ -204,13 +207,19 @@ def read_requests(data: InputDataset, batch_rows: int = 65_536) -> Iterator[pa.T
     duplicates = _duplicates(data.read_column("request_id"))
     row = 0
     for f in data.files:
-        dataset = ds.dataset(f.path, filesystem=data.filesystem, format=SCAN_FORMAT)
-        # No read-ahead beyond one batch: a row group of long documents is already large.
-        for batch in dataset.to_batches(columns=list(f.columns), batch_size=batch_rows,
-                                        batch_readahead=1, fragment_readahead=1):
+        for batch in iter_parquet(data.filesystem, f.path, batch_rows, list(f.columns)):
             if batch.num_rows:
                 yield _canonical(pa.Table.from_batches([batch]), row, duplicates)
                 row += batch.num_rows
+
+
+def iter_parquet(fs: pafs.FileSystem, path: str, batch_rows: int,
+                 columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """The record batches of one Parquet file, read so that memory follows ``batch_rows``
+    and not the file's row groups (see READ_BUFFER_BYTES)."""
+    with fs.open_input_file(path) as handle:
+        reader = pq.ParquetFile(handle, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
+        yield from reader.iter_batches(batch_size=batch_rows, columns=columns)
 
 
 def _duplicates(ids: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
