@@ -128,8 +128,8 @@ class RouterConfig:
     # Rows per onnxruntime call: larger batches amortise call overhead, but the text graph pads
     # every row to the batch's longest prompt, so very large batches waste work on padding.
     batch_size: int = 1024
-    # Routing actors. Each holds one single-threaded onnxruntime session; keep at most
-    # cores - 1 so Ray's read tasks still get a CPU (otherwise the pipeline stalls).
+    # Routing actors. Each holds one single-threaded onnxruntime session and one CPU; more
+    # than the cluster's CPUs are not started.
     actors: int = 1
 
 

@@ -1,6 +1,6 @@
 """The one module that wires the stages into Ray.
 
-    source (driver) ─► route (Ray Data map_batches, actor pool) ─► plan (driver)
+    source (driver) ─► route (a pool of routing actors) ─► plan (driver)
                     ─► dispatch (one async actor per model) ─► sink (driver) ─► rollup
 
 Stage logic lives in plain classes that take Arrow tables (:mod:`batchroute.route`,
@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
@@ -20,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
 from batchroute import __version__, plan, rollup, source
 from batchroute import router as rt
@@ -31,10 +33,9 @@ from batchroute.route import RouteSpec, RouteStage, check_compatible
 from batchroute.sink import ResultSink, RunFolder
 
 log = logging.getLogger("batchroute")
-# Small shards and blocks keep every process's working set flat: a Ray Data block is at most a
-# shard, and prompts can be long documents.
+# Small shards keep every process's working set flat: a routing actor holds one shard (and its
+# routed copy) at a time, and prompts can be long documents.
 SOURCE_SHARD_ROWS = 8_192
-MAX_BLOCK_BYTES = 16 * 2**20
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
 
 
@@ -59,7 +60,6 @@ def new_run_id(job: JobConfig) -> str:
 def start_ray(address: str | None) -> None:
     """Join ``address`` (or RAY_ADDRESS), else start Ray on this machine."""
     import ray
-    import ray.data
 
     if ray.is_initialized():
         return
@@ -70,17 +70,11 @@ def start_ray(address: str | None) -> None:
     if os.environ["ARROW_DEFAULT_MEMORY_POOL"] == "system":
         pa.set_memory_pool(pa.system_memory_pool())
     address = address or os.environ.get("RAY_ADDRESS") or None
-    # A Ray started here gets a bounded object store: by default Ray reserves 30% of RAM and
-    # Ray Data fills what it is given, which would make the job's memory grow with its input.
+    # A Ray started here gets a bounded object store: by default Ray reserves 30% of RAM.
     # Beyond the bound Ray spills to disk. A cluster's own setting is left alone.
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
              configure_logging=True, log_to_driver=True,
              object_store_memory=None if address else LOCAL_OBJECT_STORE_BYTES)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.target_max_block_size = MAX_BLOCK_BYTES
-    ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = None,
@@ -244,29 +238,62 @@ def _plan(job: JobConfig, data: source.InputDataset, router_bytes: bytes, spec: 
 
 def _route(folder: RunFolder, router_bytes: bytes, spec: RouteSpec,
            job: JobConfig) -> Iterator[pa.Table]:
+    """Route every staged source shard on a pool of routing actors; yield routed tables in
+    shard order.
+
+    The actors read the shards themselves instead of going through Ray Data: its Parquet
+    reader starts a pool of footer-reading actors that grows with the number of shards (up
+    to 32 processes of ~100 MiB each), reads in 128 MiB units, and keeps a read worker and
+    its own coordinator actors alive for the rest of the job. Shards are small and already
+    canonical, so one actor call per shard needs none of that.
+    """
     ray = _ray()
+    shards = folder.shards(folder.sub("source"))
     cpus = float(ray.cluster_resources().get("CPU", 1))
-    actors = max(1, min(job.router.actors, int(cpus) - 1))
-    # Each routing actor holds its CPUs for the whole stage; Ray Data's read tasks need one
-    # too, or the pipeline stalls. On a machine too small for both, share fractions.
-    share = 1.0 if cpus >= actors + 1 else cpus / (actors + 1)
-    dataset = ray.data.read_parquet(folder.sub("source"), filesystem=folder.fs,
-                                    num_cpus=share)
+    count = max(1, min(job.router.actors, int(cpus), len(shards)))
+    # Each routing actor holds one CPU for the whole stage; on a machine with less than
+    # that, they share. Routing a shard is idempotent, so a crashed actor is restarted and
+    # its shards retried (a few times, not forever: a shard that kills it every time must
+    # fail the job).
+    remote = ray.remote(num_cpus=min(1.0, cpus / count), max_restarts=3,
+                        max_task_retries=3)(_RouteActor)
     # The router travels through the object store (workers need not share the driver's disk);
     # wrapped in a list so Ray hands the actor the reference rather than inlining the bytes.
     router_ref = [ray.put(router_bytes)]
-    routed = dataset.map_batches(
-        _RayRouteStage, fn_constructor_args=(router_ref, spec, job.router.path),
-        batch_format="pyarrow", batch_size=job.router.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=share, zero_copy_batch=True)
-    yield from routed.iter_batches(batch_format="pyarrow", batch_size=None)
+    actors = [remote.remote(router_ref, spec, job.router.path, folder.fs, job.router.batch_size)
+              for _ in range(count)]
+    # Two shards per actor in flight: one being routed, one queued so the actor never waits
+    # on the driver. Results come back in submission order, so the plan is deterministic.
+    pending: deque[Any] = deque()
+    todo = iter(enumerate(shards))
+    try:
+        while True:
+            while len(pending) < 2 * count and (nxt := next(todo, None)) is not None:
+                i, shard = nxt
+                pending.append(actors[i % count].route.remote(shard))
+            if not pending:
+                return
+            yield ray.get(pending.popleft())
+    finally:
+        # Routing is over (or abandoned): free the actors' memory before dispatch starts.
+        for actor in actors:
+            ray.kill(actor)
 
 
-class _RayRouteStage(RouteStage):
-    def __init__(self, router_ref: list[Any], spec: RouteSpec, path: str) -> None:
+class _RouteActor:
+    """One routing actor: reads a source shard from the run folder and routes it."""
+
+    def __init__(self, router_ref: list[Any], spec: RouteSpec, path: str,
+                 fs: pafs.FileSystem, batch_rows: int) -> None:
         import ray
 
-        super().__init__(ray.get(router_ref[0]), spec, path)
+        self.stage = RouteStage(ray.get(router_ref[0]), spec, path)
+        self.fs = fs
+        self.batch_rows = batch_rows
+
+    def route(self, shard: str) -> pa.Table:
+        return pa.concat_tables([self.stage(pa.Table.from_batches([b]))
+                                 for b in source.iter_parquet(self.fs, shard, self.batch_rows)])
 
 
 class _DispatchActor:

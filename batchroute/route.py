@@ -72,7 +72,7 @@ def check_compatible(info: RouterInfo, spec: RouteSpec, *, path: str) -> None:
 
 
 class RouteStage:
-    """A callable for Ray Data ``map_batches``: loads the router once, routes whole batches."""
+    """A callable for a routing actor: loads the router once, routes whole batches."""
 
     def __init__(self, router_bytes: bytes, spec: RouteSpec, router_path: str = "<router>"):
         self.router = Router(router_bytes, path=router_path)
