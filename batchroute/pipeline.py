@@ -210,6 +210,8 @@ def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes, info: r
                      len(answered))
         manifest["dispatch"] = actors.dispatch(folder, planned, sink, progress, answered)
         _stage(folder, manifest, "dispatch")
+        # The actors' memory (~150-200 MiB each) is not needed for the rollup.
+        actors.kill()
 
         progress.set_phase("rolling up")
         table = rollup.rollup(rollup.read_results(folder), run_id=folder.run_id,
@@ -426,9 +428,11 @@ class _DispatchActors:
         return dict(progress.models)
 
     def kill(self) -> None:
+        """Kill every actor; killing again is a no-op."""
         ray = _ray()
         for a in self.actors.values():
             ray.kill(a)
+        self.actors = {}
 
 
 def _with_escalation_targets(planned: Iterable[str], policy: DispatchConfig) -> list[str]:
