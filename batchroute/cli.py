@@ -179,11 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", required=True, metavar="DIR", help="folder to write into")
     rep.set_defaults(func=_report_cmd)
 
-    bench = sub.add_parser("bench", help="benchmarks: batchroute bench memory --rows N",
+    bench = sub.add_parser("bench", help="benchmarks: memory, dispatch, route",
                            description="Measure the job. `memory` runs the whole job on N "
                            "generated prompts against the mock provider with high limits and "
                            "prints peak memory over every process of the job (driver and Ray "
-                           "workers) and rows per second.")
+                           "workers) and rows per second. `dispatch` measures dispatch against "
+                           "the mock provider's rate limits. `route` measures the router's "
+                           "scoring rate on one core and the Ray route stage for each actor "
+                           "count.")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
     bm = bench_sub.add_parser("memory", help="peak memory and rate of the whole job")
     bm.add_argument("--rows", type=int, default=200_000, help="prompts to generate (200000)")
@@ -203,6 +206,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests in all (default 20000)")
     bd.add_argument("--json", action="store_true", help="print the figures as JSON")
     bd.set_defaults(func=_bench_dispatch)
+    br = bench_sub.add_parser(
+        "route", help="router scoring rate on one core, and the Ray route stage's rows/s and "
+        "efficiency for each actor count")
+    br.add_argument("--n", type=int, default=1_000_000, metavar="N",
+                    help="generated prompts (default 1000000)")
+    br.add_argument("--actors", type=_int_list, default=[1, 2], metavar="K1,K2",
+                    help="routing actor counts to measure (default 1,2)")
+    br.add_argument("--chars", type=int, default=940, metavar="C",
+                    help="characters per prompt, about (default 940)")
+    br.add_argument("--batch-size", type=int, default=4096, metavar="B",
+                    help="rows per onnxruntime call, alone and in the stage (default 4096)")
+    br.add_argument("--router", default=None, metavar="ROUTER.onnx",
+                    help="router file (default: the bundled one)")
+    br.add_argument("--workdir", metavar="DIR", help="keep the generated shards here "
+                    "(default: a temporary folder, removed afterwards)")
+    br.add_argument("--ray-address", metavar="ADDR", help="existing Ray cluster to use "
+                    "(default: $RAY_ADDRESS, else a local Ray started for the bench)")
+    br.add_argument("--json", action="store_true", help="print the figures as JSON")
+    br.set_defaults(func=_bench_route)
 
     mock_provider.register_cli(sub)
     sample.register_cli(sub)
@@ -284,6 +306,32 @@ def _bench_dispatch(args: argparse.Namespace) -> int:
           f"client CPU {result['client_cpu_ms_per_request']} ms/request; "
           f"429s {result['rate_limited_share']:.2%} (last at {result['last_429_s']} s); "
           f"failed {result['failed']}")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,2, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,2, got {text!r}")
+    return values
+
+
+def _bench_route(args: argparse.Namespace) -> int:
+    import json
+
+    from batchroute import bench_route, config
+
+    try:
+        result = bench_route.route(args.n, args.actors, chars=args.chars,
+                                   batch_size=args.batch_size,
+                                   router_path=args.router or config.BUNDLED_ROUTER,
+                                   workdir=args.workdir, ray_address=args.ray_address)
+    except ValueError as exc:
+        raise ConfigError(f"bench route: {exc}") from None
+    print(json.dumps(result, indent=2) if args.json else bench_route.format_table(result))
     return 0
 
 

@@ -57,8 +57,9 @@ def new_run_id(job: JobConfig) -> str:
     return f"{job.name}-{stamp}-{secrets.token_hex(2)}"
 
 
-def start_ray(address: str | None) -> None:
-    """Join ``address`` (or RAY_ADDRESS), else start Ray on this machine."""
+def start_ray(address: str | None, *, num_cpus: int | None = None) -> None:
+    """Join ``address`` (or RAY_ADDRESS), else start Ray on this machine, with ``num_cpus``
+    logical CPUs if given (default: one per core)."""
     import ray
 
     if ray.is_initialized():
@@ -78,7 +79,8 @@ def start_ray(address: str | None) -> None:
     # Beyond the bound Ray spills to disk. A cluster's own setting is left alone.
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
              configure_logging=True, log_to_driver=True,
-             object_store_memory=None if address else LOCAL_OBJECT_STORE_BYTES)
+             object_store_memory=None if address else LOCAL_OBJECT_STORE_BYTES,
+             num_cpus=None if address else num_cpus)
 
 
 _ARROW_POOLS = {"jemalloc": pa.jemalloc_memory_pool, "mimalloc": pa.mimalloc_memory_pool,
@@ -256,8 +258,19 @@ def _plan(job: JobConfig, data: source.InputDataset, router_bytes: bytes, spec: 
 
 def _route(folder: RunFolder, router_bytes: bytes, spec: RouteSpec,
            job: JobConfig) -> Iterator[pa.Table]:
-    """Route every staged source shard on a pool of routing actors; yield routed tables in
-    shard order.
+    shards = folder.shards(folder.sub("source"))
+    cpus = float(_ray().cluster_resources().get("CPU", 1))
+    count = max(1, min(job.router.actors, int(cpus), len(shards)))
+    return route_shards(shards, folder.fs, router_bytes, spec, actors=count,
+                        batch_rows=job.router.batch_size, router_path=job.router.path)
+
+
+def route_shards(shards: list[str], fs: pafs.FileSystem, router_bytes: bytes,
+                 spec: RouteSpec, *, actors: int, batch_rows: int,
+                 router_path: str) -> Iterator[pa.Table]:
+    """Route ``requests`` shards on a pool of exactly ``actors`` routing actors; yield routed
+    tables in shard order. The job sizes the pool from its config (:func:`_route`);
+    ``batchroute bench route`` calls this with each actor count it measures.
 
     The actors read the shards themselves instead of going through Ray Data: its Parquet
     reader starts a pool of footer-reading actors that grows with the number of shards (up
@@ -266,35 +279,33 @@ def _route(folder: RunFolder, router_bytes: bytes, spec: RouteSpec,
     canonical, so one actor call per shard needs none of that.
     """
     ray = _ray()
-    shards = folder.shards(folder.sub("source"))
     cpus = float(ray.cluster_resources().get("CPU", 1))
-    count = max(1, min(job.router.actors, int(cpus), len(shards)))
     # Each routing actor holds one CPU for the whole stage; on a machine with less than
     # that, they share. Routing a shard is idempotent, so a crashed actor is restarted and
     # its shards retried (a few times, not forever: a shard that kills it every time must
     # fail the job).
-    remote = ray.remote(num_cpus=min(1.0, cpus / count), max_restarts=3,
+    remote = ray.remote(num_cpus=min(1.0, cpus / actors), max_restarts=3,
                         max_task_retries=3)(_RouteActor)
     # The router travels through the object store (workers need not share the driver's disk);
     # wrapped in a list so Ray hands the actor the reference rather than inlining the bytes.
     router_ref = [ray.put(router_bytes)]
-    actors = [remote.remote(router_ref, spec, job.router.path, folder.fs, job.router.batch_size)
-              for _ in range(count)]
+    pool = [remote.remote(router_ref, spec, router_path, fs, batch_rows)
+            for _ in range(actors)]
     # Two shards per actor in flight: one being routed, one queued so the actor never waits
     # on the driver. Results come back in submission order, so the plan is deterministic.
     pending: deque[Any] = deque()
     todo = iter(enumerate(shards))
     try:
         while True:
-            while len(pending) < 2 * count and (nxt := next(todo, None)) is not None:
+            while len(pending) < 2 * actors and (nxt := next(todo, None)) is not None:
                 i, shard = nxt
-                pending.append(actors[i % count].route.remote(shard))
+                pending.append(pool[i % actors].route.remote(shard))
             if not pending:
                 return
             yield ray.get(pending.popleft())
     finally:
         # Routing is over (or abandoned): free the actors' memory before dispatch starts.
-        for actor in actors:
+        for actor in pool:
             ray.kill(actor)
 
 
