@@ -178,3 +178,35 @@ def test_every_input_row_comes_out_once(tmp_path_factory: pytest.TempPathFactory
             assert reason is None or reason.startswith("duplicate")
         else:
             assert reason is not None
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.sampled_from(["a", "b", "c", "d", "é", ""])),
+                max_size=60),
+       st.integers(1, 7), st.integers(1, 5))
+def test_duplicate_detection_matches_a_plain_reference(ids: list[str | None], chunk: int,
+                                                       slice_rows: int) -> None:
+    """The stable-sort detection, across chunk and slice boundaries, against a dict."""
+    import numpy as np
+
+    from batchroute import source
+
+    first: dict[str, int] = {}
+    want_rows, want_firsts = [], []
+    for i, rid in enumerate(ids):
+        if rid is None:
+            continue
+        if rid in first:
+            want_rows.append(i)
+            want_firsts.append(first[rid])
+        else:
+            first[rid] = i
+    chunks = [ids[i:i + chunk] for i in range(0, len(ids), chunk)] or [[]]
+    column = pa.chunked_array([pa.array(c, pa.string()) for c in chunks], pa.string())
+    old, source.DUPLICATE_SLICE_ROWS = source.DUPLICATE_SLICE_ROWS, slice_rows
+    try:
+        rows, firsts = source._duplicates(column)
+    finally:
+        source.DUPLICATE_SLICE_ROWS = old
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_array_equal(firsts, want_firsts)
