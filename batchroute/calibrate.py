@@ -32,7 +32,7 @@ import pyarrow as pa
 from batchroute import router as rt
 from batchroute import train
 from batchroute.config import JobConfig
-from batchroute.errors import ConfigError, SchemaError
+from batchroute.errors import ConfigError
 
 TARGETS = ("strong-share", "quality", "budget-usd")
 GRID = 1000  # candidate thresholds: quantiles of the router's scores
@@ -82,6 +82,15 @@ def replay(probs: np.ndarray, scores: np.ndarray, thresholds: np.ndarray,
         usd = None if cost is None else float(cost[np.arange(n), first].mean() * 1000)
         out.append(Outcome(float(t), float((first == m - 1).mean()), float(picked.mean()), usd))
     return out
+
+
+def price_order(models: Sequence[str], job: JobConfig) -> list[str]:
+    """``models`` cheapest first by the job's prices (ConfigError for one it lacks)."""
+    missing = [m for m in models if m not in job.models]
+    if missing:
+        raise ConfigError(f"router model {missing[0]!r} is not in the job's catalog")
+    return sorted(models, key=lambda m: (job.models[m].input_usd_per_mtok
+                                         + job.models[m].output_usd_per_mtok, m))
 
 
 def policy_inputs(router: rt.Router, table: pl.DataFrame, order: Sequence[str],
@@ -143,19 +152,9 @@ def calibrate(model_bytes: bytes, labels_uri: str, target: Target, *,
     """The router file with calibrated thresholds, and a summary of what they achieve."""
     router = rt.Router(model_bytes)
     models = list(router.info.models)
-    table, _ = train.wide(train.read_labels(labels_uri), models)
-    if split == "holdout":
-        table = table.filter(pl.Series(train.is_holdout(table["request_id"].to_list())))
-    elif split != "all":
-        raise SchemaError(f"--split must be holdout or all, got {split!r}")
-    if len(table) == 0:
-        raise SchemaError(f"labels {labels_uri}: no rows in the {split} split")
+    table = train.labelled(labels_uri, models, split)
     if job is not None:
-        missing = [m for m in models if m not in job.models]
-        if missing:
-            raise ConfigError(f"router model {missing[0]!r} is not in the job's catalog")
-        order = sorted(models, key=lambda m: (job.models[m].input_usd_per_mtok
-                                              + job.models[m].output_usd_per_mtok, m))
+        order = price_order(models, job)
     else:
         means = {m: float(table[m].to_numpy().mean()) for m in models}
         order = sorted(models, key=lambda m: (means[m], m))

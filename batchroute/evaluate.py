@@ -113,25 +113,18 @@ def evaluate_router(model_bytes: bytes, labels_uri: str, *, weak: str, strong: s
     """Metrics of a router file on labelled prompts, for each ordering, with the random and
     oracle routers on the same rows as anchors. ``split`` is "holdout" (the rows training
     never saw, see :mod:`batchroute.train`) or "all"."""
-    import polars as pl
     import pyarrow as pa
 
     from batchroute import router as rt
     from batchroute import train
-    from batchroute.errors import RouterError, SchemaError
+    from batchroute.errors import RouterError
 
     router = rt.Router(model_bytes)
     for m in (weak, strong):
         if m not in router.info.models:
             raise RouterError(f"router has no output for model {m!r} "
                               f"(it scores: {', '.join(router.info.models)})")
-    table, _ = train.wide(train.read_labels(labels_uri), [weak, strong])
-    if split == "holdout":
-        table = table.filter(pl.Series(train.is_holdout(table["request_id"].to_list())))
-    elif split != "all":
-        raise SchemaError(f"--split must be holdout or all, got {split!r}")
-    if len(table) == 0:
-        raise SchemaError(f"labels {labels_uri}: no rows in the {split} split")
+    table = train.labelled(labels_uri, [weak, strong], split)
     probs = router.score(pa.array(table["prompt"].to_list(), pa.string()))
     p_weak = probs[:, router.info.models.index(weak)].astype(np.float64)
     p_strong = probs[:, router.info.models.index(strong)].astype(np.float64)
@@ -190,24 +183,12 @@ def frontier_report(model_bytes: bytes, labels_uri: str, job: Any, *,
     """For every model of the router at once (cheapest first by the job's prices): the
     quality/cost frontier of the job's policy over shared thresholds, and, for each model
     alone, its quality and cost beside the cheapest policy point at least as good."""
-    import polars as pl
-
     from batchroute import calibrate, train
     from batchroute import router as rt
-    from batchroute.errors import ConfigError, SchemaError
 
     router = rt.Router(model_bytes)
-    models = list(router.info.models)
-    missing = [m for m in models if m not in job.models]
-    if missing:
-        raise ConfigError(f"router model {missing[0]!r} is not in the job's catalog")
-    order = sorted(models, key=lambda m: (job.models[m].input_usd_per_mtok
-                                          + job.models[m].output_usd_per_mtok, m))
-    table, _ = train.wide(train.read_labels(labels_uri), models)
-    if split == "holdout":
-        table = table.filter(pl.Series(train.is_holdout(table["request_id"].to_list())))
-    if len(table) == 0:
-        raise SchemaError(f"labels {labels_uri}: no rows in the {split} split")
+    order = calibrate.price_order(router.info.models, job)
+    table = train.labelled(labels_uri, order, split)
     probs, scores, cost = calibrate.policy_inputs(router, table, order, job)
     assert cost is not None
     points = calibrate.frontier(calibrate.replay(probs, scores,

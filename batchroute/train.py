@@ -80,6 +80,19 @@ def is_holdout(request_ids: Sequence[str]) -> np.ndarray:
                      for r in request_ids], dtype=bool)
 
 
+def labelled(labels_uri: str, models: Sequence[str], split: str) -> pl.DataFrame:
+    """The wide table (see :func:`wide`) of ``models`` on the ``split`` rows ("holdout": the
+    rows training never saw; "all"). Raises SchemaError for a bad split or an empty one."""
+    table, _ = wide(read_labels(labels_uri), models)
+    if split == "holdout":
+        table = table.filter(pl.Series(is_holdout(table["request_id"].to_list())))
+    elif split != "all":
+        raise SchemaError(f"--split must be holdout or all, got {split!r}")
+    if len(table) == 0:
+        raise SchemaError(f"labels {labels_uri}: no rows in the {split} split")
+    return table
+
+
 def wide(labels: pl.DataFrame, models: Sequence[str] | None = None) -> tuple[pl.DataFrame,
                                                                                tuple[str, ...]]:
     """One row per request with one score column per model; requests missing a model's label
