@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--job", metavar="JOB.toml",
                    help="also report the job policy's quality/cost frontier over every model "
                    "of the router (prices from this job), against each model alone")
+    e.add_argument("--router-config", metavar="JOB.toml", action="append", default=[],
+                   help="evaluate the [router] section of this job file instead of a router "
+                   "file: any stages (rules, similarity, classifier, llm) and cascades, run "
+                   "through the route stage itself; repeat to compare several")
     e.set_defaults(func=_eval)
 
     c = sub.add_parser(
@@ -163,6 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write the calibrated router (default: in place)")
     c.add_argument("--json", action="store_true", help="print the outcome as JSON")
     c.set_defaults(func=_calibrate)
+
+    mem = sub.add_parser("memory", help="the similarity router's memory bank of past prompts")
+    mem_sub = mem.add_subparsers(dest="memory_command", required=True, metavar="COMMAND")
+    ma = mem_sub.add_parser(
+        "add", help="embed prompts with known outcomes and merge them into a bank",
+        description="Grow the bank the similarity router searches. From labelled Parquet "
+        "(request_id, prompt, model, score), a score >= --cut is a success. From a run folder, "
+        "a model a row escalated away from did badly, and the model that answered did well "
+        "unless its answer was cut short or refused, or the row failed.")
+    ma.add_argument("--bank", required=True, metavar="BANK.parquet",
+                    help="the bank file (created if absent)")
+    src = ma.add_mutually_exclusive_group(required=True)
+    src.add_argument("--labels", metavar="URI", help="labelled Parquet, as for train")
+    src.add_argument("--results", metavar="RUN_FOLDER", help="a finished run's folder")
+    ma.add_argument("--cut", type=float, default=0.5, help="score counted as a success")
+    ma.add_argument("--split", default="train", choices=("train", "holdout", "all"),
+                    help="labelled rows to add (default: train, the rows eval never uses)")
+    ma.set_defaults(func=_memory_add)
 
     rep = sub.add_parser(
         "report", help="spend, savings and routing over many runs: Parquet, CSV, charts and "
@@ -447,6 +469,15 @@ def _eval(args: argparse.Namespace) -> int:
 
     from batchroute import evaluate
 
+    if args.router_config:
+        from batchroute import config
+
+        reports = [evaluate.evaluate_config(config.load(p), args.labels, weak=args.weak,
+                                            strong=args.strong, split=args.split,
+                                            price_ratio=args.price_ratio)
+                   for p in args.router_config]
+        print(json.dumps(reports, indent=2) if args.json else evaluate.format_configs(reports))
+        return 0
     report = evaluate.evaluate_router(_router_bytes(args), args.labels, weak=args.weak,
                                       strong=args.strong, split=args.split,
                                       price_ratio=args.price_ratio, plot=args.plot)
@@ -462,6 +493,21 @@ def _eval(args: argparse.Namespace) -> int:
     if args.job:
         print()
         print(evaluate.format_frontier(report["n_models"]))
+    return 0
+
+
+def _memory_add(args: argparse.Namespace) -> int:
+    from batchroute import memory
+
+    if args.labels:
+        outcomes = memory.outcomes_from_labels(args.labels, cut=args.cut, split=args.split)
+        source = args.labels
+    else:
+        outcomes = memory.outcomes_from_run(args.results)
+        source = args.results
+    counts = memory.add(args.bank, outcomes, source=source)
+    print(f"{args.bank}: {counts['prompts']} prompts ({counts['new_prompts']} new), "
+          f"{counts['outcomes']} outcomes added from {source}")
     return 0
 
 

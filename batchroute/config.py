@@ -115,16 +115,60 @@ class Rule:
     contains_code: bool | None = None
     min_chars: int | None = None
     max_chars: int | None = None
+    # Estimated prompt tokens (4 characters per token, as the limits estimate them).
+    min_tokens: int | None = None
+    max_tokens: int | None = None
     regex: str | None = None
     tag: str | None = None
+
+
+ROUTER_STAGES = ("rules", "similarity", "classifier", "llm")
+
+
+@dataclass(frozen=True)
+class SimilarityConfig:
+    """Nearest neighbours in a bank of past prompts with known outcomes (batchroute memory)."""
+
+    bank: str = ""
+    k: int = 16
+    # Neighbours less similar than this (cosine) are ignored; a row with none passes on.
+    min_similarity: float = 0.3
+    # Rows whose predicted success of the cheapest model falls in [low, high] pass on to the
+    # next stage (a cascade's uncertain band); None: this stage decides every row it sees.
+    uncertain: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    uncertain: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class LLMRouterConfig:
+    """Ask a cheap catalog model, through its own dispatcher and limits, how hard a prompt is."""
+
+    model: str = ""
+    # Answer label -> catalog model, in order from easiest to hardest.
+    labels: Mapping[str, str] = field(default_factory=dict)
+    default: str = ""  # where a row goes when the answer cannot be parsed or the call failed
+    cache: str = ""  # a folder of Parquet decisions keyed by prompt hash; "" = no cache
+    max_tokens: int = 16
 
 
 @dataclass(frozen=True)
 class RouterConfig:
     path: str = BUNDLED_ROUTER
-    # Per-model thresholds on predicted success; unset ones come from the router file.
+    # The deciding stages in order: each decides some rows and passes the rest on.
+    stages: tuple[str, ...] = ("rules", "classifier")
+    # Per-model thresholds on predicted success (classifier and similarity); unset ones come
+    # from the router file.
     thresholds: Mapping[str, float] = field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
+    # Where rows no stage decided go; "" = the strongest (dearest) catalog model.
+    fallback: str = ""
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    llm: LLMRouterConfig = field(default_factory=LLMRouterConfig)
     # Rows per onnxruntime call: larger batches amortise call overhead, but the text graph pads
     # every row to the batch's longest prompt, so very large batches waste work on padding.
     batch_size: int = 1024
@@ -359,40 +403,125 @@ def _price_catalog(path: str) -> dict[str, tuple[Price, ...]]:
 
 
 def _router(t: Mapping[str, Any], models: Mapping[str, ModelConfig]) -> RouterConfig:
-    _known(t, "router", {"path", "thresholds", "rules", "batch_size", "actors"})
+    _known(t, "router", {"path", "stages", "thresholds", "rules", "fallback", "classifier",
+                         "similarity", "llm", "batch_size", "actors"})
+    stages = tuple(_str_list(t, "stages", "router.")) if "stages" in t else RouterConfig.stages
+    for s in stages:
+        if s not in ROUTER_STAGES:
+            raise ConfigError(f"router.stages: unknown stage {s!r} (known: "
+                              f"{', '.join(ROUTER_STAGES)})")
+    if len(set(stages)) != len(stages):
+        raise ConfigError(f"router.stages: a stage is listed twice: {list(stages)}")
+    if not stages:
+        raise ConfigError("router.stages: at least one stage is needed")
+    for name in ("classifier", "similarity", "llm"):
+        if name in t and name not in stages:
+            raise ConfigError(f"router.{name}: configured but not in router.stages "
+                              f"{list(stages)}")
     thresholds = dict(t.get("thresholds", {}))
     for k, v in thresholds.items():
         if not isinstance(v, int | float) or not 0.0 <= v <= 1.0:
             raise ConfigError(f"router.thresholds.{k}: must be a number in [0, 1]")
         if k not in models:
             raise ConfigError(f"router.thresholds.{k}: not a model in the catalog")
-    rules = []
-    for i, r in enumerate(t.get("rules", [])):
-        where = f"router.rules[{i}]"
-        _known(r, where, {f.name for f in Rule.__dataclass_fields__.values()})
-        model = _str(r, "model", where + ".")
-        if model not in models:
-            raise ConfigError(f"{where}.model: {model!r} is not in the models catalog")
-        if not set(r) - {"name", "model"}:
-            raise ConfigError(f"{where}: a rule needs at least one condition "
-                              "(contains_code, min_chars, max_chars, regex, tag)")
-        for key, kind in (("contains_code", bool), ("min_chars", int), ("max_chars", int),
-                          ("regex", str), ("tag", str), ("name", str)):
-            value = r.get(key)
-            if value is not None and not _is_kind(value, kind):
-                raise ConfigError(f"{where}.{key}: must be {_KIND_NAMES[kind]}, got {value!r}")
-        if "regex" in r:
-            _check_regex(r["regex"], f"{where}.regex")
-        rules.append(Rule(name=str(r.get("name", f"rule{i}")), model=model,
-                          contains_code=r.get("contains_code"), min_chars=r.get("min_chars"),
-                          max_chars=r.get("max_chars"), regex=r.get("regex"),
-                          tag=r.get("tag")))
+    rules = tuple(_rule(r, i, models) for i, r in enumerate(t.get("rules", [])))
+    fallback = str(t.get("fallback", ""))
+    if fallback and fallback not in models:
+        raise ConfigError(f"router.fallback: {fallback!r} is not in the models catalog")
+    # A stage that decides every row it sees leaves nothing for the stages after it.
+    for i, s in enumerate(stages[:-1]):
+        if s in ("classifier", "similarity") and "uncertain" not in _table(
+                t, s, "router.", required=False):
+            raise ConfigError(f"router.stages: {s!r} decides every row it sees, so "
+                              f"{list(stages[i + 1:])} after it would never run; give "
+                              f"[router.{s}] an uncertain = [low, high] band or drop them")
+        if s == "llm":
+            raise ConfigError(f"router.stages: 'llm' decides every row it sees, so "
+                              f"{list(stages[i + 1:])} after it would never run")
     path = str(t.get("path", BUNDLED_ROUTER))
     return RouterConfig(
-        path=_resolve(path), thresholds=thresholds, rules=tuple(rules),
+        path=_resolve(path), stages=stages, thresholds=thresholds, rules=rules,
+        fallback=fallback,
+        classifier=ClassifierConfig(uncertain=_band(
+            _table(t, "classifier", "router.", required=False), "router.classifier.")),
+        similarity=_similarity(_table(t, "similarity", "router.", required=False),
+                               "similarity" in stages),
+        llm=_llm(_table(t, "llm", "router.", required=False), models, "llm" in stages),
         batch_size=_int(t, "batch_size", "router.", minimum=1, default=1024),
         actors=_int(t, "actors", "router.", minimum=1, default=1),
     )
+
+
+_RULE_CONDITIONS = {"contains_code": bool, "min_chars": int, "max_chars": int,
+                    "min_tokens": int, "max_tokens": int, "regex": str, "tag": str}
+
+
+def _rule(r: Mapping[str, Any], i: int, models: Mapping[str, ModelConfig]) -> Rule:
+    where = f"router.rules[{i}]"
+    _known(r, where, {f.name for f in Rule.__dataclass_fields__.values()})
+    model = _str(r, "model", where + ".")
+    if model not in models:
+        raise ConfigError(f"{where}.model: {model!r} is not in the models catalog")
+    if not set(r) & set(_RULE_CONDITIONS):
+        raise ConfigError(f"{where}: a rule needs at least one condition "
+                          f"({', '.join(_RULE_CONDITIONS)})")
+    for key, kind in (*_RULE_CONDITIONS.items(), ("name", str)):
+        value = r.get(key)
+        if value is not None and not _is_kind(value, kind):
+            raise ConfigError(f"{where}.{key}: must be {_KIND_NAMES[kind]}, got {value!r}")
+    if "regex" in r:
+        _check_regex(r["regex"], f"{where}.regex")
+    return Rule(name=str(r.get("name", f"rule{i}")), model=model,
+                **{k: r.get(k) for k in _RULE_CONDITIONS})
+
+
+def _band(t: Mapping[str, Any], where: str) -> tuple[float, float] | None:
+    _known(t, where.rstrip("."), {"uncertain"} | ({"bank", "k", "min_similarity"}
+                                                  if "similarity" in where else set()))
+    if "uncertain" not in t:
+        return None
+    v = t["uncertain"]
+    if (not isinstance(v, list) or len(v) != 2
+            or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+            or not 0.0 <= v[0] <= v[1] <= 1.0):
+        raise ConfigError(f"{where}uncertain: must be [low, high] with 0 <= low <= high <= 1, "
+                          f"got {v!r}")
+    return float(v[0]), float(v[1])
+
+
+def _similarity(t: Mapping[str, Any], used: bool) -> SimilarityConfig:
+    where = "router.similarity."
+    band = _band(t, where)
+    if not used:
+        return SimilarityConfig()
+    return SimilarityConfig(
+        bank=_resolve(_str(t, "bank", where)), k=_int(t, "k", where, minimum=1, default=16),
+        min_similarity=_num(t, "min_similarity", where, minimum=-1.0, default=0.3),
+        uncertain=band)
+
+
+def _llm(t: Mapping[str, Any], models: Mapping[str, ModelConfig], used: bool) -> LLMRouterConfig:
+    where = "router.llm."
+    _known(t, "router.llm", {f.name for f in LLMRouterConfig.__dataclass_fields__.values()})
+    if not used:
+        return LLMRouterConfig()
+    model = _str(t, "model", where)
+    if model not in models:
+        raise ConfigError(f"{where}model: {model!r} is not in the models catalog")
+    labels = _table(t, "labels", where)
+    if not labels:
+        raise ConfigError(f"{where}labels: map at least one answer label to a catalog model, "
+                          'e.g. {easy = "cheap-model", hard = "strong-model"}')
+    for label, target in labels.items():
+        if not isinstance(target, str) or target not in models:
+            raise ConfigError(f"{where}labels.{label}: {target!r} is not in the models catalog")
+    default = _str(t, "default", where)
+    if default not in models:
+        raise ConfigError(f"{where}default: {default!r} is not in the models catalog")
+    cache = str(t.get("cache", ""))
+    return LLMRouterConfig(model=model, labels=dict(labels), default=default,
+                           cache=_resolve(cache) if cache else "",
+                           max_tokens=_int(t, "max_tokens", where, minimum=1, default=16))
 
 
 ESCALATE_ON = ("length", "refusal", "failed")

@@ -239,3 +239,143 @@ def format_report(r: dict[str, Any]) -> str:
                      f"{m['strong_share_at_95pct_quality']:>12.1%}"
                      f"{m['cost_reduction_at_95pct_quality']:>9.1%}{auc:>7}")
     return "\n".join(lines)
+
+
+def evaluate_config(job: Any, labels_uri: str, *, weak: str, strong: str,
+                    split: str = "holdout", price_ratio: float = 0.024,
+                    embedder: Any = None, ask: Any = None) -> dict[str, Any]:
+    """The same metrics for any ``[router]`` configuration of a job file (rules, similarity,
+    classifier, llm, or a cascade of them), run through the route stage itself on the
+    labelled prompts.
+
+    Kinds that decide in steps still need one score per prompt for RouteLLM's threshold sweep:
+    a scoring stage's rows score 1 - P(weak succeeds); an llm row scores its label's rank
+    (easiest 0, hardest 1); a rule's, forced or fallback row scores 1 if it went to ``strong``
+    else 0. Rows decided after a stage with an uncertain band are ranked inside that band, so
+    the sweep orders them between the rows the earlier stage decided. The ``operating_point``
+    is what the configuration itself does at its own thresholds.
+    """
+    import time
+
+    import pyarrow as pa
+
+    from batchroute import router as rt
+    from batchroute import schemas, train
+    from batchroute.errors import ConfigError
+    from batchroute.route import RouteSpec, RouteStage
+
+    for m in (weak, strong):
+        if m not in job.models:
+            raise ConfigError(f"{job.source}: --{'weak' if m == weak else 'strong'} model {m!r} "
+                              "is not in the job's catalog")
+    spec = RouteSpec.from_job(job)
+    router_bytes = rt.read_bytes(job.router.path) if spec.uses_classifier else None
+    if "llm" in spec.stages and ask is None:
+        from batchroute.llm_route import ask_in_process
+
+        cfg = job.models[spec.llm.model]
+        import os
+
+        ask = ask_in_process(cfg, job.dispatch, os.environ.get(cfg.api_key_env, ""))
+    stage = RouteStage(router_bytes, spec, job.router.path, embedder=embedder, ask=ask)
+    table = train.labelled(labels_uri, [weak, strong], split)
+    n = len(table)
+    prompts = table["prompt"].to_list()
+    requests = pa.table({
+        "request_id": table["request_id"].to_list(), "row": list(range(n)), "prompt": prompts,
+        "messages": [None] * n, "max_tokens": [None] * n, "temperature": [None] * n,
+        "force_model": [None] * n, "tags": [None] * n, "reject_reason": [None] * n},
+        schema=schemas.REQUESTS)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    routed = pa.concat_tables([stage(requests.slice(i, job.router.batch_size))
+                               for i in range(0, n, job.router.batch_size)])
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    w = table[weak].to_numpy().astype(np.float64)
+    s = table[strong].to_numpy().astype(np.float64)
+    model = np.asarray(routed.column("model").to_pylist(), dtype=object)
+    others = sorted({str(m) for m in model if m not in (weak, strong)})
+    if others:
+        raise ConfigError(f"{job.source}: the router sends rows to {others}, which the labels "
+                          f"do not score (they have {weak} and {strong} only)")
+    scores = config_scores(routed, spec, weak=weak, strong=strong)
+    to_strong = model == strong
+    route_micro = int(np.asarray(routed.column("route_cost_micro_usd")).sum())
+    report = evaluate(scores, w, s, price_ratio=price_ratio).as_dict()
+    stages = routed.column("route_stage").to_pylist()
+    llm_model = job.models.get(spec.llm.model) if "llm" in spec.stages else None
+    return {
+        "job": job.source, "stages": list(spec.stages), "rows": n, "split": split,
+        "weak": weak, "strong": strong, "price_ratio": price_ratio, **report,
+        "operating_point": {
+            "strong_share": float(to_strong.mean()),
+            "quality": float(np.where(to_strong, s, w).mean()),
+            "decided_by": {k: stages.count(k) for k in sorted(set(stages), key=str)},
+        },
+        "routing_usd_per_million_prompts": route_micro / n if n else 0.0,
+        "prompts_per_s_per_core": n / cpu if cpu > 0 else None,
+        "prompts_per_s_wall": n / wall if wall > 0 else None,
+        "simulated": bool(llm_model is not None and _loopback(llm_model.base_url)),
+    }
+
+
+def config_scores(routed: Any, spec: Any, *, weak: str, strong: str) -> np.ndarray:
+    """One "needs the strong model" score per routed row (see :func:`evaluate_config`)."""
+    n = routed.num_rows
+    model = np.asarray(routed.column("model").to_pylist(), dtype=object)
+    stage = np.asarray(routed.column("route_stage").to_pylist(), dtype=object)
+    out = (model == strong).astype(np.float64)
+    bands: dict[str, tuple[float, float]] = {}
+    last_band: tuple[float, float] | None = None
+    for name in spec.stages:
+        bands[name] = last_band  # type: ignore[assignment]
+        band = (spec.classifier.uncertain if name == "classifier"
+                else spec.similarity.uncertain if name == "similarity" else None)
+        if band is not None:
+            last_band = band
+    bands["fallback"] = last_band  # type: ignore[assignment]
+    for name, column in (("classifier", "router_scores"), ("similarity", "similarity_scores")):
+        rows = stage == name
+        if rows.any():
+            lists = routed.column(column).to_pylist()
+            p_weak = np.array([next(x["score"] for x in lists[i] if x["model"] == weak)
+                               for i in np.flatnonzero(rows)])
+            out[rows] = 1.0 - p_weak
+    if "llm" in spec.stages:
+        labels = list(spec.llm.labels)
+        rank = {lab: i / max(len(labels) - 1, 1) for i, lab in enumerate(labels)}
+        llm_labels = routed.column("llm_label").to_pylist()
+        rows = np.flatnonzero(stage == "llm")
+        out[rows] = [rank.get(llm_labels[i], float(model[i] == strong)) for i in rows]
+    for name, band in bands.items():
+        if band is None:
+            continue
+        rows = stage == name
+        lo, hi = 1.0 - band[1], 1.0 - band[0]  # the band on P(weak) as a band on 1 - P(weak)
+        out[rows] = lo + (hi - lo) * out[rows]
+    assert len(out) == n
+    scores: np.ndarray = out
+    return scores
+
+
+def _loopback(url: str) -> bool:
+    from urllib.parse import urlparse
+
+    return (urlparse(url).hostname or "") in ("127.0.0.1", "localhost", "::1")
+
+
+def format_configs(reports: list[dict[str, Any]]) -> str:
+    r0 = reports[0]
+    lines = [f"{r0['rows']} labelled prompts ({r0['split']} split), weak {r0['weak']}, "
+             f"strong {r0['strong']}",
+             f"{'router config':<34}{'APGR':>7}{'CPT(50%)':>10}{'AUC':>7}{'strong%':>9}"
+             f"{'quality':>9}{'route $/1M':>12}{'prompts/s/core':>16}"]
+    for r in reports:
+        auc = f"{r['auc']:.3f}" if r["auc"] is not None else "-"
+        rate = (f"{r['prompts_per_s_per_core']:>16,.0f}" if r["prompts_per_s_per_core"]
+                else f"{'-':>16}")
+        name = " > ".join(r["stages"]) + (" (simulated)" if r["simulated"] else "")
+        op = r["operating_point"]
+        lines.append(f"{name:<34}{r['apgr']:>7.3f}{r['cpt50']:>10.1%}{auc:>7}"
+                     f"{op['strong_share']:>9.1%}{op['quality']:>9.3f}"
+                     f"{r['routing_usd_per_million_prompts']:>12.2f}{rate}")
+    return "\n".join(lines)

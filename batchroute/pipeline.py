@@ -27,7 +27,7 @@ from batchroute import __version__, plan, rollup, source
 from batchroute import router as rt
 from batchroute.config import DispatchConfig, JobConfig, ModelConfig
 from batchroute.errors import ConfigError
-from batchroute.plan import failed_results
+from batchroute.plan import failed_results, with_route_cost
 from batchroute.progress import Progress
 from batchroute.route import RouteSpec, RouteStage, check_compatible
 from batchroute.sink import ResultSink, RunFolder
@@ -114,24 +114,29 @@ def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = 
     job = job.priced_on(price_date)
     progress = progress or Progress()
     data = source.open_input(job.input)
-    router_bytes = rt.read_bytes(job.router.path)
-    info = rt.inspect(router_bytes, path=job.router.path)
     spec = RouteSpec.from_job(job)
-    check_compatible(info, spec, path=job.router.path)
+    router_bytes, version = None, "none"
+    if spec.uses_classifier:
+        router_bytes = rt.read_bytes(job.router.path)
+        info = rt.inspect(router_bytes, path=job.router.path)
+        check_compatible(info, spec, path=job.router.path)
+        version = info.version
     run_id = run_id or new_run_id(job)
     folder = RunFolder(job.output, run_id)
     previous = _previous_manifest(folder)
     if previous is not None:
-        _check_resumable(previous, job, info.version, data.fingerprint, force=force,
+        _check_resumable(previous, job, version, data.fingerprint, force=force,
                          uri=folder.uri)
 
     start_ray(ray_address)
     # Dispatch actors start before any work so that a key missing from the workers'
-    # environment (not just the driver's) stops the job before routing is paid for.
-    actors = None if dry_run else _DispatchActors(job, run_id)
+    # environment (not just the driver's) stops the job before routing is paid for. An llm
+    # router asks its model through that model's actor, so a plan with one needs them too.
+    actors = (None if dry_run and "llm" not in spec.stages
+              else _DispatchActors(job, run_id))
     try:
-        return _run(job, data, router_bytes, info, spec, folder, actors, progress, previous,
-                    price_date)
+        return _run(job, data, router_bytes, version, spec, folder, actors, progress,
+                    previous, price_date, dry_run)
     finally:
         if actors is not None:
             actors.kill()
@@ -160,13 +165,16 @@ def _check_resumable(previous: dict[str, Any], job: JobConfig, router_version: s
         log.warning("resuming %s although %s (--force)", uri, "; ".join(changes))
 
 
-def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes, info: rt.RouterInfo,
-         spec: RouteSpec, folder: RunFolder, actors: _DispatchActors | None,
-         progress: Progress, previous: dict[str, Any] | None, price_date: date) -> Outcome:
+def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
+         router_version: str, spec: RouteSpec, folder: RunFolder,
+         actors: _DispatchActors | None, progress: Progress, previous: dict[str, Any] | None,
+         price_date: date, dry_run: bool) -> Outcome:
     manifest: dict[str, Any] = previous or {
         "run_id": folder.run_id, "job": job.name, "job_file": job.source,
         "batchroute_version": __version__, "config_hash": job.config_hash,
-        "router_version": info.version, "router_path": job.router.path,
+        "router_version": router_version,
+        "router_path": job.router.path if router_bytes is not None else None,
+        "router_stages": list(spec.stages),
         "input": job.input, "input_fingerprint": data.fingerprint,
         "input_files": len(data.files), "started_at": _now(),
         "price_date": price_date.isoformat(), "stages": {},
@@ -198,10 +206,10 @@ def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes, info: r
         else:
             sink = ResultSink(folder)
             forecast, planned = _plan(job, data, router_bytes, spec, folder, sink, manifest,
-                                      progress)
+                                      progress, actors)
         progress.planned = planned
 
-        if actors is None:
+        if actors is None or dry_run:
             folder.write_json("manifest.json", manifest)
             return Outcome(folder, manifest, forecast, None)
 
@@ -229,9 +237,10 @@ def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes, info: r
     return Outcome(folder, manifest, forecast, table)
 
 
-def _plan(job: JobConfig, data: source.InputDataset, router_bytes: bytes, spec: RouteSpec,
-          folder: RunFolder, sink: ResultSink, manifest: dict[str, Any],
-          progress: Progress) -> tuple[dict[str, Any], dict[str, int]]:
+def _plan(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
+          spec: RouteSpec, folder: RunFolder, sink: ResultSink, manifest: dict[str, Any],
+          progress: Progress, actors: _DispatchActors | None) -> tuple[dict[str, Any],
+                                                                      dict[str, int]]:
     """Source, route and plan: everything before the first model call."""
     progress.set_phase("reading input")
     rows = 0
@@ -244,7 +253,9 @@ def _plan(job: JobConfig, data: source.InputDataset, router_bytes: bytes, spec: 
 
     progress.set_phase("routing")
     writer = plan.PlanWriter(folder, sink)
-    for routed in (_route(folder, router_bytes, spec, job) if rows else ()):
+    asker = actors.actors[spec.llm.model] if actors is not None and "llm" in spec.stages \
+        else None
+    for routed in (_route(folder, router_bytes, spec, job, asker) if rows else ()):
         writer.add(routed)
         progress.routed += routed.num_rows
         progress.tick()
@@ -256,18 +267,19 @@ def _plan(job: JobConfig, data: source.InputDataset, router_bytes: bytes, spec: 
     return forecast, planned
 
 
-def _route(folder: RunFolder, router_bytes: bytes, spec: RouteSpec,
-           job: JobConfig) -> Iterator[pa.Table]:
+def _route(folder: RunFolder, router_bytes: bytes | None, spec: RouteSpec,
+           job: JobConfig, asker: Any = None) -> Iterator[pa.Table]:
     shards = folder.shards(folder.sub("source"))
     cpus = float(_ray().cluster_resources().get("CPU", 1))
     count = max(1, min(job.router.actors, int(cpus), len(shards)))
     return route_shards(shards, folder.fs, router_bytes, spec, actors=count,
-                        batch_rows=job.router.batch_size, router_path=job.router.path)
+                        batch_rows=job.router.batch_size, router_path=job.router.path,
+                        asker=asker)
 
 
-def route_shards(shards: list[str], fs: pafs.FileSystem, router_bytes: bytes,
+def route_shards(shards: list[str], fs: pafs.FileSystem, router_bytes: bytes | None,
                  spec: RouteSpec, *, actors: int, batch_rows: int,
-                 router_path: str) -> Iterator[pa.Table]:
+                 router_path: str, asker: Any = None) -> Iterator[pa.Table]:
     """Route ``requests`` shards on a pool of exactly ``actors`` routing actors; yield routed
     tables in shard order. The job sizes the pool from its config (:func:`_route`);
     ``batchroute bench route`` calls this with each actor count it measures.
@@ -277,6 +289,9 @@ def route_shards(shards: list[str], fs: pafs.FileSystem, router_bytes: bytes,
     to 32 processes of ~100 MiB each), reads in 128 MiB units, and keeps a read worker and
     its own coordinator actors alive for the rest of the job. Shards are small and already
     canonical, so one actor call per shard needs none of that.
+
+    ``asker`` is the llm router model's dispatch actor: routing calls share that model's
+    limits with its answers.
     """
     ray = _ray()
     cpus = float(ray.cluster_resources().get("CPU", 1))
@@ -289,7 +304,7 @@ def route_shards(shards: list[str], fs: pafs.FileSystem, router_bytes: bytes,
     # The router travels through the object store (workers need not share the driver's disk);
     # wrapped in a list so Ray hands the actor the reference rather than inlining the bytes.
     router_ref = [ray.put(router_bytes)]
-    pool = [remote.remote(router_ref, spec, router_path, fs, batch_rows)
+    pool = [remote.remote(router_ref, spec, router_path, fs, batch_rows, asker)
             for _ in range(actors)]
     # Two shards per actor in flight: one being routed, one queued so the actor never waits
     # on the driver. Results come back in submission order, so the plan is deterministic.
@@ -313,10 +328,15 @@ class _RouteActor:
     """One routing actor: reads a source shard from the run folder and routes it."""
 
     def __init__(self, router_ref: list[Any], spec: RouteSpec, path: str,
-                 fs: pafs.FileSystem, batch_rows: int) -> None:
+                 fs: pafs.FileSystem, batch_rows: int, asker: Any = None) -> None:
         import ray
 
-        self.stage = RouteStage(ray.get(router_ref[0]), spec, path)
+        def ask(routed: pa.Table) -> pa.Table:
+            result: pa.Table = ray.get(asker.ask_route.remote(routed))
+            return result
+
+        self.stage = RouteStage(ray.get(router_ref[0]), spec, path,
+                                ask=ask if asker is not None else None)
         self.fs = fs
         self.batch_rows = batch_rows
 
@@ -424,7 +444,7 @@ class _DispatchActors:
                 m, batch = in_flight.pop(ref)
                 per_model[m] -= 1
                 try:
-                    sink.write(ray.get(ref))
+                    sink.write(with_route_cost(ray.get(ref)))
                 except ray.exceptions.RayError as exc:
                     log.error("dispatch of %d rows to %s failed: %s", batch.num_rows, m,
                               type(exc).__name__)

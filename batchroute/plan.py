@@ -90,7 +90,7 @@ def _unsent(routed: pa.Table, run_id: str, status: str, model: pa.Array | pa.Chu
     n = routed.num_rows
     now = datetime.now(UTC)
     zeros = pa.array(np.zeros(n, np.int64))
-    return pa.table({
+    table = pa.table({
         "request_id": routed.column("request_id"),
         "run_id": pa.array([run_id] * n, pa.string()),
         "model": model,
@@ -113,10 +113,34 @@ def _unsent(routed: pa.Table, run_id: str, status: str, model: pa.Array | pa.Chu
         "router_scores": routed.column("router_scores"),
         "threshold": routed.column("threshold"),
         "router_version": routed.column("router_version"),
+        **route_evidence(routed),
         "tags": routed.column("tags"),
         "started_at": pa.nulls(n, schemas.TIMESTAMP),
         "finished_at": pa.array([now] * n, schemas.TIMESTAMP),
     }, schema=schemas.RESULTS)
+    return with_route_cost(table)
+
+
+def route_evidence(routed: pa.Table) -> dict[str, pa.ChunkedArray | pa.Array]:
+    """The route stage's evidence columns, carried from ``routed`` into ``results``."""
+    n = routed.num_rows
+    return {f.name: (routed.column(f.name) if f.name in routed.column_names
+                     else pa.array(np.zeros(n, np.int64)) if not f.nullable
+                     else pa.nulls(n, f.type)) for f in schemas.ROUTE_EVIDENCE}
+
+
+def with_route_cost(results: pa.Table) -> pa.Table:
+    """``results`` with each row's routing cost added to its ``cost_micro_usd``: the one
+    place it is added, once per row, after any escalation."""
+    route = results.column("route_cost_micro_usd")
+    if not pc.any(pc.not_equal(route, 0)).as_py():
+        return results
+    total = pc.add(results.column("cost_micro_usd"), route)
+    usd = pc.divide(pc.cast(total, pa.float64()), 1e6)
+    return (results.set_column(results.schema.get_field_index("cost_micro_usd"),
+                               schemas.RESULTS.field("cost_micro_usd"), total)
+            .set_column(results.schema.get_field_index("cost_usd"),
+                        schemas.RESULTS.field("cost_usd"), usd))
 
 
 # Declared, not inferred: a model named "7" must come back as the string "7".

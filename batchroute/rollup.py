@@ -27,12 +27,14 @@ from batchroute.config import ModelConfig
 from batchroute.sink import RunFolder
 
 COLUMNS = ["request_id", "model", "status", "input_tokens", "cached_input_tokens",
-           "output_tokens", "cost_micro_usd", "latency_ms", "attempts", "escalations"]
+           "output_tokens", "cost_micro_usd", "latency_ms", "attempts", "escalations",
+           "route_cost_micro_usd"]
 BILLED = ["input_tokens", "cached_input_tokens", "output_tokens", "cost_micro_usd", "attempts"]
 # Result shards are small (one dispatch batch each): frames of about this many rows keep each
 # aggregation cheap without holding much.
 FRAME_ROWS = 65_536
 _COUNTS = ["rows", "ok", "failed", "rejected", "escalated", *BILLED, "failed_cost_micro_usd",
+           "routing_cost_micro_usd",
            "ok_input", "ok_cached", "ok_output"]
 
 
@@ -80,6 +82,7 @@ def _sums(frame: pl.DataFrame) -> pl.DataFrame:
         rejected=(pl.col("status") == "rejected").sum(), escalated=pl.lit(0),
         **{c: pl.col(c).sum() for c in BILLED},
         failed_cost_micro_usd=pl.col("cost_micro_usd").filter(failed).sum(),
+        routing_cost_micro_usd=pl.col("route_cost_micro_usd").fill_null(0).sum(),
         ok_input=pl.col("input_tokens").filter(ok).sum(),
         ok_cached=pl.col("cached_input_tokens").filter(ok).sum(),
         ok_output=pl.col("output_tokens").filter(ok).sum())

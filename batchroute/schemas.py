@@ -60,18 +60,40 @@ REQUESTS = pa.schema([
     _f("reject_reason", pa.string(), "Why the row will not be sent; null for a good row."),
 ])
 
+ROUTE_EVIDENCE = [
+    _f("route_stage", pa.string(),
+       "The router stage that decided: forced, rules, classifier, similarity, llm, or "
+       "fallback (no stage did)."),
+    _f("similarity_scores", pa.list_(ROUTER_SCORE),
+       "Success per model predicted from the nearest prompts in the memory bank; null when the "
+       "similarity stage did not see the row."),
+    _f("neighbour_similarity", pa.float32(),
+       "Cosine similarity of the nearest prompt in the memory bank (null when not looked up)."),
+    _f("llm_label", pa.string(),
+       "The llm router's answer (e.g. easy, hard); null when it was not asked or its answer "
+       "could not be used."),
+    _f("route_cost_micro_usd", pa.int64(),
+       "What routing this row cost (the llm router's call, 0 when answered from its cache or "
+       "decided by another stage); part of the row's cost_micro_usd in results.",
+       nullable=False),
+]
+
 # The route stage's output: requests plus the routing decision and its evidence.
 ROUTED = pa.schema([
     *REQUESTS,
     _f("model", pa.string(), "Target catalog model; null when rejected before routing."),
     _f("route_reason", pa.string(),
-       "What decided: forced, rule:<name>, classifier, fallback (no model cleared its threshold)."),
+       "What decided, in detail: forced, rule:<name>, classifier, similarity, llm:<label>, "
+       "llm:default (the answer could not be used), fallback (no cheaper model cleared its "
+       "threshold, or no stage decided)."),
     _f("router_scores", pa.list_(ROUTER_SCORE),
-       "The classifier's predicted probability of success per router model."),
+       "The classifier's predicted probability of success per router model (null when the "
+       "job's router has no classifier stage)."),
     _f("threshold", pa.float32(), "Threshold the chosen model's score had to clear, if any."),
     _f("router_version", pa.string(), "Version string of the router file that scored the row."),
     _f("est_input_tokens", pa.int64(), "Estimated prompt tokens (4 characters per token)."),
     _f("est_output_tokens", pa.int64(), "Output tokens budgeted: max_tokens or the job default."),
+    *ROUTE_EVIDENCE,
 ])
 
 STATUSES = ("ok", "failed", "rejected")
@@ -92,7 +114,8 @@ RESULTS = pa.schema([
        "What the row cost in all, in whole micro-dollars: the answering model's tokens at the "
        "prices in force on the run's date (uncached input, cached input and output prices per "
        "million, less any batch discount), rounded half to even, plus the cost of its "
-       "escalations. Sum this column for totals: integer sums are exact.", nullable=False),
+       "escalations and of routing it (route_cost_micro_usd). Sum this column for totals: "
+       "integer sums are exact.", nullable=False),
     _f("cost_usd", pa.float64(), "cost_micro_usd / 1,000,000, for reading.", nullable=False),
     _f("latency_ms", pa.float64(), "Wall time of the successful attempt, in milliseconds."),
     _f("attempts", pa.int32(), "HTTP attempts made on this model (0 for rejected rows).",
@@ -111,6 +134,7 @@ RESULTS = pa.schema([
     _f("router_scores", pa.list_(ROUTER_SCORE), "As in routed."),
     _f("threshold", pa.float32(), "As in routed."),
     _f("router_version", pa.string(), "As in routed."),
+    *[_f(f.name, f.type, "As in routed.", f.nullable) for f in ROUTE_EVIDENCE],
     _f("tags", pa.list_(pa.string()), "As in the input."),
     _f("started_at", TIMESTAMP,
        "When the first attempt started; null when none was made (rejected rows, or rows "
@@ -141,6 +165,9 @@ ROLLUPS = pa.schema([
     _f("failed_cost_micro_usd", pa.int64(),
        "The part of cost_micro_usd billed for requests that still ended failed (escalation "
        "attempts before a final failure); the rest paid for ok answers.", nullable=False),
+    _f("routing_cost_micro_usd", pa.int64(),
+       "Routing overhead: what asking the llm router cost for the rows this model answered; "
+       "part of cost_micro_usd.", nullable=False),
     _f("reference_model", pa.string(), "Model the counterfactual sends every request to.",
        nullable=False),
     _f("reference_output_ratio", pa.float64(),

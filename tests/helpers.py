@@ -113,3 +113,25 @@ def quiet_progress() -> Any:
     from batchroute.progress import Progress
 
     return Progress(io.StringIO(), interval_s=3600)
+
+
+class FakeEmbedder:
+    """A deterministic stand-in for the sentence embedder: hashed bag of words, L2-normalised.
+    Prompts sharing words are close; prompts sharing none are orthogonal."""
+
+    name = "fake-bow-32"
+    dim = 32
+
+    def embed(self, texts: Any, batch_size: int = 64) -> Any:
+        import zlib
+
+        import numpy as np
+        import pyarrow as pa
+
+        items = texts.to_pylist() if isinstance(texts, pa.Array | pa.ChunkedArray) else texts
+        out = np.zeros((len(items), self.dim), np.float32)
+        for i, t in enumerate(items):
+            for word in (t or "").lower().split():
+                out[i, zlib.crc32(word.encode()) % self.dim] += 1.0
+        norm = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.where(norm == 0, 1.0, norm)

@@ -43,6 +43,7 @@ from batchroute.errors import (
     TerminalDispatchError,
     TransientDispatchError,
 )
+from batchroute.plan import route_evidence
 
 # Python's cyclic collector runs a generation-0 pass every 700 net allocations and a full pass
 # every hundred or so of those; a dispatcher with hundreds of calls in flight allocates tens of
@@ -341,6 +342,7 @@ class ModelDispatcher:
             "router_scores": routed.column("router_scores"),
             "threshold": routed.column("threshold"),
             "router_version": routed.column("router_version"),
+            **route_evidence(routed),
             "tags": routed.column("tags"),
             "started_at": pa.array([o.started_at for o in outcomes], schemas.TIMESTAMP),
             "finished_at": pa.array([o.finished_at for o in outcomes], schemas.TIMESTAMP),

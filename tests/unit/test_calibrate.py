@@ -97,11 +97,11 @@ def test_the_cli_writes_the_router_and_a_job_uses_its_thresholds(tmp_path: Path)
     threshold = rt.inspect(data).thresholds[CHEAP]
     job = config.parse(job_doc())
     stage = RouteStage(data, RouteSpec.from_job(job))
-    assert stage._thresholds[0] == pytest.approx(threshold)
+    assert stage._policy.thresholds[0] == pytest.approx(threshold)
     doc = job_doc()
     doc["router"]["thresholds"] = {CHEAP: 0.5}  # the job file still has the last word
     stage = RouteStage(data, RouteSpec.from_job(config.parse(doc)))
-    assert stage._thresholds[0] == pytest.approx(0.5)
+    assert stage._policy.thresholds[0] == pytest.approx(0.5)
 
 
 def test_the_policy_frontier_against_each_model_alone(tmp_path: Path) -> None:

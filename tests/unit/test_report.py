@@ -54,6 +54,7 @@ def write_run(base: Path, run_id: str, day: str, rows: list[Row], *, job: str = 
                   "cost_micro_usd": total, "cost_usd": total / 1e6,
                   "latency_ms": 100.0 + i if billed else None, "attempts": int(billed),
                   "escalations": esc, "escalated_from": CHEAP if esc else None, "tags": tags,
+                  "route_cost_micro_usd": 0,
                   "finished_at": pa.scalar(0, schemas.TIMESTAMP).as_py()}
         for name in cols:
             cols[name].append(values.get(name))

@@ -27,9 +27,10 @@ def _micro(model: str, i: int, o: int, cached: int = 0) -> int:
 
 
 def _results(rows: list[Row], escalations: list[list[Escalation]] | None = None, *,
-             cached: list[int] | None = None) -> pl.DataFrame:
+             cached: list[int] | None = None, routing: list[int] | None = None) -> pl.DataFrame:
     escalations = escalations or [[] for _ in rows]
     cached = cached or [0] * len(rows)
+    routing = routing or [0] * len(rows)
     own = [_micro(m, i, o, c) if m and s == "ok" else 0
            for (m, s, i, o), c in zip(rows, cached, strict=True)]
     earlier = [[{"model": m, "reason": "length", "input_tokens": i, "cached_input_tokens": 0,
@@ -40,10 +41,10 @@ def _results(rows: list[Row], escalations: list[list[Escalation]] | None = None,
         "model": [r[0] for r in rows], "status": [r[1] for r in rows],
         "input_tokens": [r[2] for r in rows], "cached_input_tokens": cached,
         "output_tokens": [r[3] for r in rows],
-        "cost_micro_usd": [c + sum(e["cost_micro_usd"] for e in esc or []) for c, esc in
-                           zip(own, earlier, strict=True)],
+        "cost_micro_usd": [c + r + sum(e["cost_micro_usd"] for e in esc or [])
+                           for c, r, esc in zip(own, routing, earlier, strict=True)],
         "latency_ms": [100.0 + i for i in range(len(rows))],
-        "attempts": [1] * len(rows), "escalations": earlier,
+        "attempts": [1] * len(rows), "escalations": earlier, "route_cost_micro_usd": routing,
     }, schema=pa.schema([schemas.RESULTS.field(c) for c in rollup.COLUMNS]))
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
@@ -58,11 +59,12 @@ escalation = st.lists(st.tuples(st.sampled_from([CHEAP, MID]), st.integers(0, 50
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(row, escalation), max_size=40))
-def test_rollup_totals_equal_row_sums(cases: list[tuple[Row, list[Escalation]]]) -> None:
-    rows = [r for r, _ in cases]
-    escalations = [e if r[0] and r[1] != "rejected" else [] for r, e in cases]
-    res = _results(rows, escalations)
+@given(st.lists(st.tuples(row, escalation, st.integers(0, 300)), max_size=40))
+def test_rollup_totals_equal_row_sums(cases: list[tuple[Row, list[Escalation], int]]) -> None:
+    rows = [r for r, _, _ in cases]
+    escalations = [e if r[0] and r[1] != "rejected" else [] for r, e, _ in cases]
+    routing = [c for _, _, c in cases]
+    res = _results(rows, escalations, routing=routing)
     t = rollup.rollup(res, run_id="r", models=JOB.models, reference_model=STRONG)
     assert t.schema == schemas.ROLLUPS
     r = pl.from_arrow(t)
@@ -73,6 +75,10 @@ def test_rollup_totals_equal_row_sums(cases: list[tuple[Row, list[Escalation]]])
     assert r["cost_micro_usd"].sum() == res["cost_micro_usd"].sum()  # exact, in integers
     assert r["failed_cost_micro_usd"].sum() == res.filter(
         pl.col("status") == "failed")["cost_micro_usd"].sum()
+    # Routing overhead is billed with the rows it routed, and is part of their cost.
+    for m in r["model"].to_list():
+        mine = [c for (model, *_), c in zip(rows, routing, strict=True) if model == m]
+        assert r.filter(pl.col("model").eq_missing(m))["routing_cost_micro_usd"][0] == sum(mine)
     assert r["ok"].sum() + r["failed"].sum() + r["rejected"].sum() == len(rows)
     assert r["escalated"].sum() == sum(len(esc) for esc in escalations)
     if rows:
@@ -86,6 +92,7 @@ def test_rollup_totals_equal_row_sums(cases: list[tuple[Row, list[Escalation]]])
                      if x is not None and x == m["model"] and s == "ok")
         billed += sum(_micro(x, i, o) for esc in escalations for x, i, o in esc
                       if x == m["model"])
+        billed += sum(c for (x, *_), c in zip(rows, routing, strict=True) if x == m["model"])
         assert m["cost_micro_usd"] == billed
         assert m["cost_usd"] == pytest.approx(m["cost_micro_usd"] / 1e6)
 
@@ -140,7 +147,7 @@ def _routed(models: list[str | None], reasons: list[str | None]) -> pa.Table:
     cols: dict[str, object] = {name: [None] * n for name in schemas.ROUTED.names}
     cols.update(request_id=[f"r{i}" for i in range(n)], row=list(range(n)), model=models,
                 reject_reason=reasons, prompt=["p"] * n, est_input_tokens=[1000] * n,
-                est_output_tokens=[100] * n)
+                est_output_tokens=[100] * n, route_cost_micro_usd=[0] * n)
     return pa.table(cols, schema=schemas.ROUTED)
 
 

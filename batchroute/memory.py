@@ -1,0 +1,307 @@
+"""The similarity router's memory: a bank of past prompts with known outcomes, and k-NN over it.
+
+A bank is one Parquet file, one row per distinct prompt:
+
+    key         sha256 of the prompt text (the same prompt is stored once)
+    request_id  where the prompt came from (a labels file's or a run's request_id)
+    embedding   fixed_size_list<float32>[dim], L2-normalised by the embedder named in the
+                file's metadata
+    outcomes    list<struct<model, score>>: per model, how well it did (1 = good, 0 = bad)
+    source      the labels URI or run id the outcomes came from
+
+``batchroute memory add`` grows it from labelled Parquet (score >= cut is a success) or from a
+run folder: a model that a row escalated away from did badly on it, and the model that
+answered did well unless its answer was cut short or refused (or the row failed).
+
+Prediction is exact: embeddings of a batch times the bank (one matrix product per chunk of
+the bank), top k by cosine similarity, then per model a similarity-weighted mean of the
+neighbours' outcomes, shrunk towards the bank's own success rate for that model by one
+pseudo-neighbour. Neighbours less similar than ``min_similarity`` do not vote; a row with no
+voter is not decided here. Exact search costs O(bank) per prompt: fine for a few hundred
+thousand entries (200,000 x 384 floats is 300 MiB and ~0.1 GFLOP a prompt).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batchroute import schemas
+from batchroute.errors import ConfigError, SchemaError
+
+log = logging.getLogger("batchroute")
+
+EXACT_SEARCH_WARN_ROWS = 500_000
+BANK_CHUNK_ROWS = 65_536
+PRIOR_WEIGHT = 1.0
+OUTCOME = schemas.ROUTER_SCORE  # struct<model, score>
+META_EMBEDDER = b"batchroute.embedder"
+
+
+def bank_schema(dim: int) -> pa.Schema:
+    return pa.schema([
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("request_id", pa.string()),
+        pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
+        pa.field("outcomes", pa.list_(OUTCOME), nullable=False),
+        pa.field("source", pa.string()),
+    ])
+
+
+def prompt_keys(texts: pa.Array | pa.ChunkedArray) -> list[str]:
+    import hashlib
+
+    return [hashlib.sha256((t or "").encode()).hexdigest()
+            for t in texts.to_pylist()]
+
+
+def _default_embedder() -> Any:
+    from batchroute.embed import Embedder
+
+    return Embedder.load()
+
+
+@dataclass
+class Bank:
+    keys: np.ndarray          # object [B]
+    embeddings: np.ndarray    # float32 [B, dim]
+    models: tuple[str, ...]
+    outcomes: np.ndarray      # float32 [B, m], NaN where a model has no outcome
+    embedder: str
+
+    @classmethod
+    def read(cls, path: str) -> Bank:
+        try:
+            table = pq.read_table(path)
+        except FileNotFoundError:
+            raise ConfigError(f"memory bank {path}: not found (build it with `batchroute "
+                              "memory add --bank PATH --labels URI | --results RUN`)") from None
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise SchemaError(f"memory bank {path}: not a readable Parquet file: {exc}") from None
+        missing = [c for c in ("key", "embedding", "outcomes") if c not in table.column_names]
+        if missing:
+            raise SchemaError(f"memory bank {path}: column {missing[0]!r} is missing; not a "
+                              "batchroute memory bank")
+        meta = table.schema.metadata or {}
+        embedder = meta.get(META_EMBEDDER, b"").decode()
+        emb = table.column("embedding").combine_chunks()
+        dim = emb.type.list_size if pa.types.is_fixed_size_list(emb.type) else 0
+        vectors = (emb.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
+                   if len(emb) else np.zeros((0, dim), np.float32))
+        flat = _frame(pa.table({
+            "row": pc.list_parent_indices(table.column("outcomes")),
+            "o": pc.list_flatten(table.column("outcomes"))})).unnest("o")
+        models = tuple(sorted(flat["model"].unique().to_list()))
+        outcomes = np.full((table.num_rows, len(models)), np.nan, np.float32)
+        if len(flat):
+            col = flat["model"].replace_strict(models, list(range(len(models)))).to_numpy()
+            outcomes[flat["row"].to_numpy(), col] = flat["score"].to_numpy()
+        return cls(np.asarray(table.column("key").to_pylist(), dtype=object), vectors, models,
+                   outcomes, embedder)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class Neighbours:
+    """k-NN success prediction over a bank, for the route stage's similarity step."""
+
+    def __init__(self, bank: Bank, embedder: Any, *, k: int, min_similarity: float,
+                 models: Sequence[str]) -> None:
+        if bank.embedder and bank.embedder != embedder.name:
+            raise ConfigError(f"memory bank was embedded with {bank.embedder!r}, but the "
+                              f"router embeds with {embedder.name!r}; rebuild the bank")
+        if len(bank) and bank.embeddings.shape[1] != embedder.dim:
+            raise ConfigError(f"memory bank embeddings have {bank.embeddings.shape[1]} "
+                              f"dimensions, the embedder gives {embedder.dim}")
+        if len(bank) > EXACT_SEARCH_WARN_ROWS:
+            log.warning("memory bank has %d entries: exact search costs O(bank) per prompt",
+                        len(bank))
+        self.models = tuple(m for m in bank.models if m in set(models))
+        if not self.models:
+            raise ConfigError(f"memory bank has outcomes for {list(bank.models)}, none of "
+                              f"which is in the job's catalog {sorted(models)}")
+        cols = [bank.models.index(m) for m in self.models]
+        self.bank = bank
+        self.outcomes = bank.outcomes[:, cols]
+        self.embedder = embedder
+        self.k = min(k, max(len(bank), 1))
+        self.min_similarity = min_similarity
+        with np.errstate(invalid="ignore"):
+            prior = np.nanmean(self.outcomes, axis=0) if len(bank) else np.full(
+                len(self.models), 0.5)
+        self.prior = np.nan_to_num(prior, nan=0.5).astype(np.float32)
+
+    @classmethod
+    def open(cls, cfg: Any, spec: Any, *, embedder: Any = None) -> Neighbours:
+        return cls(Bank.read(cfg.bank), embedder or _default_embedder(), k=cfg.k,
+                   min_similarity=cfg.min_similarity, models=[t.name for t in spec.targets])
+
+    def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(similarity, bank index) of the k nearest entries per query, most similar first."""
+        n, k = len(queries), self.k
+        best_s = np.full((n, k), -np.inf, np.float32)
+        best_i = np.zeros((n, k), np.int64)
+        for start in range(0, len(self.bank), BANK_CHUNK_ROWS):
+            block = self.bank.embeddings[start:start + BANK_CHUNK_ROWS]
+            sims = queries @ block.T
+            kk = min(k, block.shape[0])
+            part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk] if kk < block.shape[0] \
+                else np.broadcast_to(np.arange(block.shape[0]), (n, block.shape[0]))
+            s = np.take_along_axis(sims, part, axis=1)
+            both_s = np.concatenate([best_s, s], axis=1)
+            both_i = np.concatenate([best_i, part + start], axis=1)
+            keep = np.argsort(-both_s, axis=1, kind="stable")[:, :k]
+            best_s = np.take_along_axis(both_s, keep, axis=1)
+            best_i = np.take_along_axis(both_i, keep, axis=1)
+        return best_s, best_i
+
+    def predict_embedded(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(success [n, m], nearest similarity [n], has a voter [n]) for embedded queries."""
+        n = len(queries)
+        if not n or not len(self.bank):
+            return (np.tile(self.prior, (n, 1)), np.full(n, np.nan, np.float32),
+                    np.zeros(n, bool))
+        sims, idx = self.nearest(queries.astype(np.float32, copy=False))
+        w = np.where(sims >= self.min_similarity, sims, 0.0).astype(np.float32)  # [n, k]
+        y = self.outcomes[idx]                                                   # [n, k, m]
+        has = ~np.isnan(y)
+        num = np.einsum("nk,nkm->nm", w, np.where(has, y, 0.0))
+        den = np.einsum("nk,nkm->nm", w, has.astype(np.float32))
+        scores = (num + PRIOR_WEIGHT * self.prior) / (den + PRIOR_WEIGHT)
+        found = np.asarray((w > 0).any(axis=1), bool)
+        return scores.astype(np.float32), sims[:, 0], found
+
+    def predict(self, texts: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray,
+                                                                  np.ndarray]:
+        return self.predict_embedded(self.embedder.embed(texts))
+
+
+# --------------------------------------------------------------------------- growing a bank
+
+
+def outcomes_from_labels(labels_uri: str, *, cut: float = 0.5,
+                         split: str = "all") -> pl.DataFrame:
+    """(request_id, prompt, model, score) from labelled Parquet: success is score >= cut."""
+    from batchroute import train
+
+    if split not in ("train", "holdout", "all"):
+        raise ConfigError(f"split must be train, holdout or all, got {split!r}")
+    frame = train.read_labels(labels_uri)
+    if split != "all":
+        ids = frame["request_id"].unique()
+        hold = pl.Series(ids.to_list())[train.is_holdout(ids.to_list())]
+        keep = hold if split == "holdout" else ids.filter(~ids.is_in(hold.implode()))
+        frame = frame.filter(pl.col("request_id").is_in(keep.implode()))
+    return frame.select("request_id", "prompt", "model",
+                        score=(pl.col("score") >= cut).cast(pl.Float32))
+
+
+def outcomes_from_run(run_folder: str) -> pl.DataFrame:
+    """(request_id, prompt, model, score) from a run: 0 for every model a row escalated away
+    from, and for the answering model 1 unless its answer was cut short, refused, or failed."""
+    from batchroute.sink import RunFolder
+    from batchroute.source import request_text
+
+    path = Path(run_folder)
+    folder = RunFolder(str(path.parent), path.name)
+    if not folder.has("manifest.json"):
+        raise ConfigError(f"{run_folder}: not a batchroute run folder (no manifest.json)")
+    results = pl.concat([_frame(pq.read_table(
+        p, filesystem=folder.fs,
+        columns=["request_id", "model", "status", "finish_reason", "escalations"]))
+        for p in folder.shards(folder.sub("results"))])
+    prompts = []
+    for p in folder.shards(folder.sub("source")):
+        t = pq.read_table(p, filesystem=folder.fs)
+        prompts.append(pl.DataFrame({"request_id": t.column("request_id").to_pylist(),
+                                     "prompt": request_text(t).to_pylist()}))
+    if not prompts or results.is_empty():
+        raise ConfigError(f"{run_folder}: the run has no results to learn from yet")
+    sent = results.filter(pl.col("status") != "rejected")
+    good = ((pl.col("status") == "ok")
+            & ~pl.col("finish_reason").is_in(["length", "refusal"]).fill_null(False))
+    final = sent.select("request_id", "model", score=good.cast(pl.Float32))
+    earlier = (sent.select("request_id", e="escalations").explode("e")
+               .filter(pl.col("e").is_not_null())
+               .select("request_id", model=pl.col("e").struct.field("model"),
+                       score=pl.lit(0.0, pl.Float32)))
+    return (pl.concat([earlier, final]).join(pl.concat(prompts), on="request_id", how="inner")
+            .select("request_id", "prompt", "model", "score"))
+
+
+def add(bank_path: str, outcomes: pl.DataFrame, *, source: str, embedder: Any = None,
+        batch_size: int = 256) -> dict[str, int]:
+    """Embed the new prompts and merge their outcomes into the bank at ``bank_path`` (created
+    if absent). A prompt already in the bank keeps its embedding; a newer outcome for the same
+    (prompt, model) replaces the older one. Returns counts."""
+    embedder = embedder or _default_embedder()
+    texts = pa.array(outcomes["prompt"].to_list(), pa.string())
+    frame = outcomes.with_columns(key=pl.Series(prompt_keys(texts)))
+    old = None
+    if Path(bank_path).exists():
+        old = pq.read_table(bank_path)
+        was = (old.schema.metadata or {}).get(META_EMBEDDER, b"").decode()
+        if was and was != embedder.name:
+            raise ConfigError(f"memory bank {bank_path} was embedded with {was!r}, not "
+                              f"{embedder.name!r}")
+    known = set(old.column("key").to_pylist()) if old is not None else set()
+    fresh = frame.unique("key", keep="first", maintain_order=True).filter(
+        ~pl.col("key").is_in(list(known)))
+    vectors = _embed_all(embedder, fresh["prompt"].to_list(), batch_size)
+    dim = embedder.dim
+    new_rows = pa.table({
+        "key": fresh["key"].to_arrow(), "request_id": fresh["request_id"].to_arrow(),
+        "embedding": pa.FixedSizeListArray.from_arrays(
+            pa.array(vectors.ravel(), pa.float32()), dim),
+    })
+    new_outcomes = frame.select("key", "model", pl.col("score").cast(pl.Float32),
+                                source=pl.lit(source))
+    if old is not None:
+        old_outcomes = _frame(pa.table({
+            "key": pc.take(old.column("key"), pc.list_parent_indices(old.column("outcomes"))),
+            "o": pc.list_flatten(old.column("outcomes")),
+            "source": pc.take(old.column("source"),
+                              pc.list_parent_indices(old.column("outcomes")))})).unnest("o")
+        merged_outcomes = pl.concat([old_outcomes.select("key", "model", "score", "source"),
+                                     new_outcomes])
+        vectors_table = pa.concat_tables([old.select(["key", "request_id", "embedding"]),
+                                          new_rows.cast(old.select(["key", "request_id",
+                                                                    "embedding"]).schema)])
+    else:
+        merged_outcomes = new_outcomes
+        vectors_table = new_rows
+    per_key = (merged_outcomes.unique(["key", "model"], keep="last", maintain_order=True)
+               .group_by("key", maintain_order=True)
+               .agg(outcomes=pl.struct("model", "score"), source=pl.col("source").last()))
+    table = _frame(vectors_table).join(per_key, on="key", how="inner", maintain_order="left").to_arrow()
+    schema = bank_schema(dim).with_metadata({META_EMBEDDER: embedder.name.encode()})
+    table = table.select(schema.names).cast(schema)
+    tmp = f"{bank_path}.tmp"
+    Path(bank_path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, tmp, compression="zstd")
+    Path(tmp).replace(bank_path)
+    return {"prompts": table.num_rows, "new_prompts": fresh.height,
+            "outcomes": new_outcomes.height}
+
+
+def _embed_all(embedder: Any, texts: list[str], batch_size: int) -> np.ndarray:
+    if not texts:
+        return np.zeros((0, embedder.dim), np.float32)
+    return np.concatenate([embedder.embed(texts[i:i + batch_size])
+                           for i in range(0, len(texts), batch_size)]).astype(np.float32)
+
+
+def _frame(table: pa.Table) -> pl.DataFrame:
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    return frame

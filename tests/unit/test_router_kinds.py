@@ -1,0 +1,190 @@
+"""Router kinds beyond the classifier: rules on estimated tokens, the similarity memory bank,
+cascades through an uncertain band, and one decision with evidence for every row."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from batchroute import config, memory, schemas
+from batchroute.config import Rule, SimilarityConfig
+from batchroute.errors import ConfigError
+from batchroute.route import RouteSpec, RouteStage
+from tests.helpers import CHEAP, MID, STRONG, FakeEmbedder, job_doc, tiny_router
+from tests.unit.test_route import _col, _requests
+
+EMB = FakeEmbedder()
+
+
+def _bank(tmp_path: Path, rows: list[tuple[str, dict[str, float]]]) -> str:
+    path = str(tmp_path / "bank.parquet")
+    frame = pl.DataFrame(
+        [{"request_id": f"b{i}", "prompt": p, "model": m, "score": s}
+         for i, (p, outcomes) in enumerate(rows) for m, s in outcomes.items()],
+        schema={"request_id": pl.String, "prompt": pl.String, "model": pl.String,
+                "score": pl.Float32})
+    memory.add(path, frame, source="test", embedder=EMB)
+    return path
+
+
+def _spec(**overrides: object) -> RouteSpec:
+    return dataclasses.replace(RouteSpec.from_job(config.parse(job_doc())), **overrides)  # type: ignore[arg-type]
+
+
+BANK_ROWS = [
+    ("capital of france paris", {CHEAP: 1.0, STRONG: 1.0}),
+    ("capital of spain madrid", {CHEAP: 1.0, STRONG: 1.0}),
+    ("prove the riemann hypothesis zeta", {CHEAP: 0.0, STRONG: 1.0}),
+    ("riemann zeta zeros proof", {CHEAP: 0.0, STRONG: 0.0}),
+]
+
+
+def test_nearest_neighbours_on_a_tiny_hand_made_bank(tmp_path: Path) -> None:
+    bank = memory.Bank.read(_bank(tmp_path, BANK_ROWS))
+    assert bank.models == (CHEAP, STRONG) and bank.embedder == EMB.name
+    nn = memory.Neighbours(bank, EMB, k=2, min_similarity=0.1, models=[CHEAP, STRONG])
+    queries = EMB.embed(["capital of france paris", "riemann zeta", "banana"])
+    sims, idx = nn.nearest(queries)
+    brute = queries @ bank.embeddings.T
+    np.testing.assert_allclose(sims, -np.sort(-brute, axis=1)[:, :2], rtol=1e-6)
+    assert idx[0, 0] == 0 and sims[0, 0] == pytest.approx(1.0)
+    assert set(idx[1]) == {2, 3}
+    scores, top, found = nn.predict_embedded(queries)
+    assert found.tolist() == [True, True, False]  # "banana" shares no word with the bank
+    assert np.isnan(top).sum() == 0 and top[2] == pytest.approx(0.0)
+    # france: both voters succeeded on cheap; riemann: both failed on cheap
+    assert scores[0, 0] > 0.75 and scores[1, 0] < 0.35
+    # one pseudo-neighbour at the bank's own rate keeps predictions off 0 and 1
+    assert scores[1, 0] > 0.0 and scores[0, 0] < 1.0
+
+
+def test_search_across_bank_chunks_equals_brute_force(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(40)]
+    rows = [(" ".join(rng.choice(words, 5)), {CHEAP: float(rng.integers(0, 2))})
+            for _ in range(60)]
+    bank = memory.Bank.read(_bank(tmp_path, rows))
+    monkeypatch.setattr(memory, "BANK_CHUNK_ROWS", 7)
+    nn = memory.Neighbours(bank, EMB, k=5, min_similarity=0.0, models=[CHEAP])
+    q = EMB.embed([" ".join(rng.choice(words, 4)) for _ in range(20)])
+    sims, idx = nn.nearest(q)
+    brute = q @ bank.embeddings.T
+    np.testing.assert_allclose(sims, -np.sort(-brute, axis=1)[:, :5], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.take_along_axis(brute, idx, axis=1), sims, atol=1e-6)
+
+
+def test_adding_merges_outcomes_and_keeps_one_row_per_prompt(tmp_path: Path) -> None:
+    path = _bank(tmp_path, BANK_ROWS)
+    again = pl.DataFrame({"request_id": ["x", "y"], "prompt": ["capital of france paris", "new one"],
+                          "model": [CHEAP, MID], "score": [0.0, 1.0]})
+    counts = memory.add(path, again, source="later", embedder=EMB)
+    assert counts == {"prompts": 5, "new_prompts": 1, "outcomes": 2}
+    bank = memory.Bank.read(path)
+    assert bank.models == (CHEAP, MID, STRONG)
+    row = list(bank.keys).index(memory.prompt_keys(pa.array(["capital of france paris"]))[0])
+    assert bank.outcomes[row].tolist() == [0.0, pytest.approx(np.nan, nan_ok=True), 1.0]
+    with pytest.raises(ConfigError, match="embedded with 'fake-bow-32'"):
+        memory.add(path, again, source="x", embedder=type("E", (), {"name": "other", "dim": 32})())
+
+
+def test_similarity_stage_decides_with_evidence_and_passes_strangers_on(tmp_path: Path) -> None:
+    spec = _spec(stages=("rules", "similarity"), rules=(Rule("code", MID, contains_code=True),),
+                 similarity=SimilarityConfig(bank=_bank(tmp_path, BANK_ROWS), k=2,
+                                             min_similarity=0.2))
+    stage = RouteStage(None, spec, embedder=EMB)
+    out = stage(_requests(["capital of spain madrid", "riemann zeta proof", "banana split",
+                           "```\nx = 1\n```"]))
+    assert out.schema == schemas.ROUTED
+    assert _col(out, "model") == [CHEAP, STRONG, STRONG, MID]
+    assert _col(out, "route_stage") == ["similarity", "similarity", "fallback", "rules"]
+    assert _col(out, "route_reason") == ["similarity", "fallback", "fallback", "rule:code"]
+    sims = _col(out, "neighbour_similarity")
+    assert sims[0] == pytest.approx(1.0) and sims[2] == pytest.approx(0.0) and sims[3] is None
+    ev = _col(out, "similarity_scores")
+    assert [s["model"] for s in ev[0]] == [CHEAP, STRONG] and ev[3] is None
+    assert _col(out, "router_scores") == [None] * 4  # no classifier stage, no classifier
+    assert _col(out, "route_cost_micro_usd") == [0] * 4
+
+
+def test_a_cascade_sends_only_the_uncertain_band_on(tmp_path: Path) -> None:
+    # tiny_router: "easy" -> cheap 0.98, "hard" -> 0.02, other words -> 0.5 (uncertain)
+    spec = _spec(stages=("classifier", "similarity"),
+                 classifier=config.ClassifierConfig(uncertain=(0.4, 0.6)),
+                 similarity=SimilarityConfig(bank=_bank(tmp_path, BANK_ROWS), k=2,
+                                             min_similarity=0.2))
+    stage = RouteStage(tiny_router(), spec, embedder=EMB)
+    out = stage(_requests(["easy", "hard", "capital of spain madrid", "riemann zeta proof",
+                           "banana split"]))
+    assert _col(out, "route_stage") == ["classifier", "classifier", "similarity", "similarity",
+                                        "fallback"]
+    assert _col(out, "model") == [CHEAP, STRONG, CHEAP, STRONG, STRONG]
+    # Only the band's rows were looked up in the bank.
+    assert [x is not None for x in _col(out, "similarity_scores")] == [False, False, True,
+                                                                        True, True]
+    # The classifier's scores are evidence on every row.
+    assert all(s is not None for s in _col(out, "router_scores"))
+
+
+def test_fallback_model_takes_rows_no_stage_decided() -> None:
+    spec = _spec(stages=("rules",), rules=(Rule("long", STRONG, min_tokens=10),),
+                 fallback=CHEAP)
+    out = RouteStage(None, spec)(_requests(["short", "x" * 100]))
+    assert _col(out, "model") == [CHEAP, STRONG]
+    assert _col(out, "route_stage") == ["fallback", "rules"]
+
+
+def test_rules_on_estimated_tokens() -> None:
+    spec = _spec(stages=("rules",), rules=(Rule("small", CHEAP, max_tokens=5),
+                                           Rule("big", STRONG, min_tokens=6)))
+    # 4 characters a token plus 4 for the message: 4 chars -> 5 tokens, 8 chars -> 6
+    out = RouteStage(None, spec)(_requests(["abcd", "abcdefgh"]))
+    assert _col(out, "route_reason") == ["rule:small", "rule:big"]
+
+
+def test_job_file_router_sections() -> None:
+    doc = job_doc()
+    doc["router"].update(stages=["rules", "classifier", "similarity"],
+                         classifier={"uncertain": [0.3, 0.7]},
+                         similarity={"bank": "bank.parquet", "k": 8}, fallback=CHEAP)
+    job = config.parse(doc)
+    assert job.router.stages == ("rules", "classifier", "similarity")
+    assert job.router.classifier.uncertain == (0.3, 0.7)
+    assert job.router.similarity.k == 8 and job.router.similarity.bank.endswith("bank.parquet")
+    for change, message in [
+        ({"stages": ["rules", "oracle"]}, "unknown stage 'oracle'"),
+        ({"stages": ["classifier", "similarity"], "classifier": {}},
+         "'classifier' decides every row it sees"),
+        ({"classifier": {"uncertain": [0.8, 0.2]}}, r"uncertain: must be \[low, high\]"),
+        ({"similarity": {"k": 8}}, "router.similarity.bank: missing"),
+        ({"stages": ["rules"], "similarity": {"bank": "b"}}, "configured but not in"),
+        ({"fallback": "ghost"}, "router.fallback: 'ghost' is not in the models catalog"),
+        ({"stages": ["classifier", "similarity", "llm"],
+          "llm": {"model": CHEAP, "labels": {"easy": "ghost"}, "default": STRONG},
+          "similarity": {"bank": "b", "uncertain": [0.4, 0.6]}}, "labels.easy: 'ghost'"),
+        ({"stages": ["classifier", "similarity", "llm"],
+          "llm": {"model": CHEAP, "labels": {"easy": CHEAP}, "default": STRONG}},
+         "'similarity' decides every row it sees"),
+    ]:
+        bad = job_doc()
+        bad["router"].update({"stages": ["rules", "classifier", "similarity"],
+                              "classifier": {"uncertain": [0.3, 0.7]},
+                              "similarity": {"bank": "bank.parquet"}})
+        bad["router"].update(change)
+        with pytest.raises(ConfigError, match=message):
+            config.parse(bad)
+
+
+def test_a_bank_missing_or_malformed_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"memory bank .*nope\.parquet: not found"):
+        memory.Bank.read(str(tmp_path / "nope.parquet"))
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"key": ["a"]}), tmp_path / "bad.parquet")
+    with pytest.raises(Exception, match="column 'embedding' is missing"):
+        memory.Bank.read(str(tmp_path / "bad.parquet"))
