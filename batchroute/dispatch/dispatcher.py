@@ -2,8 +2,8 @@
 
 Every request ends as exactly one result row, ``ok`` or ``failed`` with its error; nothing a
 provider does (and no unforeseen exception while handling a reply) raises out of
-:meth:`ModelDispatcher.dispatch`. Retries use exponential backoff
-with full jitter, and a 429's ``Retry-After`` pauses new calls to this model only.
+:meth:`ModelDispatcher.dispatch` or :meth:`ModelDispatcher.ask`. Retries use exponential
+backoff with full jitter, and a 429's ``Retry-After`` pauses new calls to this model only.
 
 Seams for tests: the httpx transport, the sleep function, the clock and the random source.
 """
@@ -30,6 +30,7 @@ from batchroute.dispatch.limits import ModelLimits
 from batchroute.dispatch.providers import (
     PROVIDERS,
     Answer,
+    OutputSchema,
     Request,
     dumps,
     raise_for_response,
@@ -83,6 +84,12 @@ class Stats:
     retries: int = 0
     escalated: int = 0  # rows passed up the ladder (dispatch.escalate_on)
     cost_usd: float = 0.0
+    # Calls made through ask() (the llm router's decisions) are counted here instead of in
+    # done/ok/failed/cost_usd, which progress compares with the planned rows. Attempts,
+    # retries and 429s above include them: they share this model's limits.
+    asked: int = 0
+    asked_failed: int = 0
+    asked_cost_usd: float = 0.0
     paused_s: float = 0.0  # wall time this model was paused honouring Retry-After
     # Lowest share of the catalog RPM it was paced down to (by 429s or the provider's headers).
     min_rate_factor: float = 1.0
@@ -158,19 +165,30 @@ class ModelDispatcher:
 
     async def dispatch(self, routed: pa.Table) -> pa.Table:
         """Call the model for every row of a ``routed`` table; return its ``results`` rows."""
-        cols = {name: routed.column(name).to_pylist() for name in (
-            "prompt", "messages", "max_tokens", "temperature", "est_input_tokens",
-            "est_output_tokens")}
-        outcomes = await asyncio.gather(*(
-            self._one(Request(messages=_messages(cols["prompt"][i], cols["messages"][i]),
-                              max_tokens=int(cols["est_output_tokens"][i]),
-                              temperature=cols["temperature"][i]),
-                      int(cols["est_input_tokens"][i]))
-            for i in range(routed.num_rows)))
+        outcomes = await self._call_all(routed, None)
         results = self._results(routed, outcomes)
         if self._up is None:
             return results
         return await self._escalated(routed, results, outcomes, self._up)
+
+    async def ask(self, routed: pa.Table, output: OutputSchema) -> pa.Table:
+        """Like :meth:`dispatch`, but every call asks for structured ``output`` and nothing
+        escalates: for calls that serve the job rather than answer its rows (the llm
+        router's decisions). Same limits, retries, transport and prices; one ``results`` row
+        per ``routed`` row, whose ``response`` is the structured answer as JSON text. Counted
+        in ``stats.asked*``, not in ``done``/``ok``/``failed``/``cost_usd``."""
+        return self._results(routed, await self._call_all(routed, output))
+
+    async def _call_all(self, routed: pa.Table, output: OutputSchema | None) -> list[_Outcome]:
+        cols = {name: routed.column(name).to_pylist() for name in (
+            "prompt", "messages", "max_tokens", "temperature", "est_input_tokens",
+            "est_output_tokens")}
+        return await asyncio.gather(*(
+            self._one(Request(messages=_messages(cols["prompt"][i], cols["messages"][i]),
+                              max_tokens=int(cols["est_output_tokens"][i]),
+                              temperature=cols["temperature"][i], output=output),
+                      int(cols["est_input_tokens"][i]))
+            for i in range(routed.num_rows)))
 
     async def _escalated(self, routed: pa.Table, results: pa.Table, outcomes: list[_Outcome],
                          up: str) -> pa.Table:
@@ -221,16 +239,18 @@ class ModelDispatcher:
         tokens = est_input + req.max_tokens
         attempt = 0
         body = dumps(self._provider.body(req))
+        asked = req.output is not None
         while True:
             if self._auth_failure is not None:  # fast path: no need to queue for admission
-                return self._finish("failed", None, attempt, None, self._auth_failure, started)
+                return self._finish("failed", None, attempt, None, self._auth_failure, started,
+                                    asked)
             await self._limits.acquire(tokens)
             try:
                 # Checked again after admission: hundreds of rows queue at the limiter, and
                 # a 401 or a Retry-After may have arrived while they waited.
                 if self._auth_failure is not None:
                     return self._finish("failed", None, attempt, None, self._auth_failure,
-                                        started)
+                                        started, asked)
                 await self._wait_for_pause()
                 attempt += 1
                 self.stats.attempts += 1
@@ -240,21 +260,21 @@ class ModelDispatcher:
                 self._limits.observe(rate_limit_state(resp.headers))
                 self.stats.min_rate_factor = min(self.stats.min_rate_factor,
                                                  self._limits.factor)
-                answer = raise_for_response(resp, self._provider)
+                answer = raise_for_response(resp, self._provider, req.output)
                 self._limits.reconcile(est_input, answer.input_tokens)
                 self._limits.speed_up()
                 latency = (self._clock() - t0) * 1000.0
-                return self._finish("ok", answer, attempt, latency, None, started)
+                return self._finish("ok", answer, attempt, latency, None, started, asked)
             except AuthError as exc:
                 self._auth_failure = exc
-                return self._finish("failed", None, attempt, None, exc, started)
+                return self._finish("failed", None, attempt, None, exc, started, asked)
             except TerminalDispatchError as exc:
-                return self._finish("failed", None, attempt, None, exc, started)
+                return self._finish("failed", None, attempt, None, exc, started, asked)
             except (TransientDispatchError, httpx.HTTPError) as exc:
                 err = _transient(exc)
             except Exception as exc:  # a bug or an unforeseen reply must not end the job
                 return self._finish("failed", None, attempt, None, InternalDispatchError(
-                    f"{type(exc).__name__}: {exc}"), started)
+                    f"{type(exc).__name__}: {exc}"), started, asked)
             finally:
                 self._limits.release()  # never hold a connection slot through a backoff
             if isinstance(err, RateLimited):
@@ -266,7 +286,7 @@ class ModelDispatcher:
                 if err.retry_after_s is not None:
                     self._pause(err.retry_after_s)
             if attempt >= self.policy.max_attempts:
-                return self._finish("failed", None, attempt, None, err, started)
+                return self._finish("failed", None, attempt, None, err, started, asked)
             self.stats.retries += 1
             await self._sleep(self._backoff(attempt, err))
 
@@ -295,15 +315,23 @@ class ModelDispatcher:
 
     def _finish(self, status: str, answer: Answer | None, attempts: int,
                 latency_ms: float | None, error: DispatchError | None,
-                started: datetime | None) -> _Outcome:
+                started: datetime | None, asked: bool) -> _Outcome:
         s = self.stats
-        s.done += 1
-        if status == "ok" and answer is not None:
+        cost = 0.0 if answer is None else self.model.cost_micro_usd(
+            answer.input_tokens, answer.output_tokens, answer.cached_input_tokens) / 1e6
+        if asked:
+            s.asked += 1
+            s.asked_cost_usd += cost
+            if status != "ok":
+                s.asked_failed += 1
+        elif status == "ok" and answer is not None:
+            s.done += 1
             s.ok += 1
-            s.cost_usd += self.model.cost_micro_usd(
-                answer.input_tokens, answer.output_tokens, answer.cached_input_tokens) / 1e6
+            s.cost_usd += cost
         else:
+            s.done += 1
             s.failed += 1
+        if status != "ok":
             kind = error.error_type if error else "unknown"
             s.errors[kind] = s.errors.get(kind, 0) + 1
         return _Outcome(status, answer, attempts, latency_ms, error, started,

@@ -6,6 +6,12 @@ convention: OpenAI's includes ``/v1``, Anthropic's does not.
 
 HTTP outcomes become exceptions in exactly one place, :func:`raise_for_response`, most specific
 first; the dispatcher turns them into retries or result rows.
+
+A request may carry an :class:`OutputSchema` (structured output, used by the llm router's
+difficulty call). OpenAI takes it as ``response_format`` and answers with the JSON text as the
+message content; Anthropic has no such field, so it becomes one tool the model is forced to call,
+and the tool call's ``input`` object, serialised to JSON, is the answer text. Requests without
+one build exactly the bodies they always did.
 """
 
 from __future__ import annotations
@@ -39,12 +45,24 @@ class Answer:
 
 
 @dataclass(frozen=True)
+class OutputSchema:
+    """Structured output: the answer must be a JSON object matching ``schema`` (a JSON
+    schema written for OpenAI's strict mode: every property required, no others allowed).
+    ``name`` names it on the wire (the response format's name, or Anthropic's tool name)."""
+
+    name: str
+    schema: dict[str, Any]
+    description: str = ""
+
+
+@dataclass(frozen=True)
 class Request:
     """One row's call, independent of the wire format."""
 
     messages: list[dict[str, str]]
     max_tokens: int
     temperature: float | None
+    output: OutputSchema | None = None
 
 
 class Provider:
@@ -63,7 +81,8 @@ class Provider:
     def body(self, req: Request) -> dict[str, Any]:
         raise NotImplementedError
 
-    def parse(self, payload: Any) -> Answer:
+    def parse(self, payload: Any, output: OutputSchema | None = None) -> Answer:
+        """The answer in a 2xx body. Raises KeyError/TypeError/... on a malformed one."""
         raise NotImplementedError
 
 
@@ -78,9 +97,13 @@ class OpenAIChat(Provider):
                                 "max_tokens": req.max_tokens}
         if req.temperature is not None:
             body["temperature"] = req.temperature
+        if req.output is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": req.output.name, "strict": True, "schema": req.output.schema}}
         return body
 
-    def parse(self, payload: Any) -> Answer:
+    def parse(self, payload: Any, output: OutputSchema | None = None) -> Answer:
+        # Structured output arrives as the JSON text in the content, like any answer.
         choice = payload["choices"][0]
         usage = payload["usage"]
         details = usage.get("prompt_tokens_details") or {}
@@ -114,11 +137,27 @@ class AnthropicMessages(Provider):
             body["system"] = system
         if req.temperature is not None:
             body["temperature"] = req.temperature
+        if req.output is not None:
+            tool: dict[str, Any] = {"name": req.output.name,
+                                    "input_schema": req.output.schema}
+            if req.output.description:
+                tool["description"] = req.output.description
+            body["tools"] = [tool]
+            body["tool_choice"] = {"type": "tool", "name": req.output.name}
         return body
 
-    def parse(self, payload: Any) -> Answer:
-        text = "".join(_str(part.get("text", "")) for part in payload["content"]
-                       if part.get("type") == "text")
+    def parse(self, payload: Any, output: OutputSchema | None = None) -> Answer:
+        parts = payload["content"]
+        call = None if output is None else next(
+            (p for p in parts if p.get("type") == "tool_use" and p.get("name") == output.name),
+            None)
+        if call is not None:
+            if not isinstance(call["input"], dict):
+                raise TypeError("tool_use input is not an object")
+            text = json.dumps(call["input"], ensure_ascii=False, separators=(",", ":"))
+        else:  # a plain answer, or a model that ignored the forced tool: its text, if any
+            text = "".join(_str(part.get("text", "")) for part in parts
+                           if part.get("type") == "text")
         usage = payload["usage"]
         stop = str(payload.get("stop_reason") or "end_turn")
         # Anthropic's input_tokens leaves out the prompt read from or written to its cache.
@@ -220,8 +259,10 @@ def rate_limit_state(headers: httpx.Headers) -> RateLimitState:
         remaining_tokens=found.get(("remaining", "tokens")))
 
 
-def raise_for_response(resp: httpx.Response, provider: Provider) -> Answer:
-    """The answer in a 2xx response, or the exception that classifies the failure.
+def raise_for_response(resp: httpx.Response, provider: Provider,
+                       output: OutputSchema | None = None) -> Answer:
+    """The answer in a 2xx response (read as ``output`` asked, if given), or the exception
+    that classifies the failure.
 
     Raises AuthError (401/403), RateLimited (429), TransientDispatchError (408, 409, 5xx,
     malformed bodies) and TerminalDispatchError (any other status).
@@ -229,7 +270,7 @@ def raise_for_response(resp: httpx.Response, provider: Provider) -> Answer:
     status = resp.status_code
     if 200 <= status < 300:
         try:
-            return provider.parse(resp.json())
+            return provider.parse(resp.json(), output)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise TransientDispatchError(
                 f"malformed response body from provider ({type(exc).__name__})",

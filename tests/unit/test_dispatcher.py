@@ -17,6 +17,7 @@ import pytest
 
 from batchroute import config, schemas
 from batchroute.dispatch.dispatcher import ModelDispatcher
+from batchroute.dispatch.providers import OutputSchema
 from tests.helpers import CHEAP, MID, job_doc
 
 KEY = "sk-unit-test-secret-4242"
@@ -401,3 +402,113 @@ def test_cached_prompt_tokens_are_read_from_both_wire_formats() -> None:
 
     row = _rows(Harness(anthropic, MID).run(_routed(1))[0])[0]
     assert (row["input_tokens"], row["cached_input_tokens"]) == (1000, 900)
+
+
+SCHEMA = OutputSchema("route_decision", {
+    "type": "object", "properties": {"difficulty": {"type": "string", "enum": ["easy", "hard"]}},
+    "required": ["difficulty"], "additionalProperties": False})
+
+
+def _ask(handler: Handler, model: str = CHEAP, **dispatch: Any
+         ) -> tuple[list[dict[str, Any]], Harness, ModelDispatcher]:
+    h = Harness(handler, model, **dispatch)
+
+    async def go() -> tuple[pa.Table, ModelDispatcher]:
+        d = h.make()
+        try:
+            return await d.ask(_routed(2), SCHEMA), d
+        finally:
+            await d.aclose()
+
+    out, d = asyncio.run(go())
+    return _rows(out), h, d
+
+
+def test_ask_sends_openai_response_format_and_reads_the_json_content() -> None:
+    def handler(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={
+            "choices": [{"message": {"content": '{"difficulty":"hard"}'},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 40, "completion_tokens": 6}})
+
+    rows, h, d = _ask(handler)
+    body = json.loads(h.calls[0].content)
+    assert body == {"model": CHEAP, "max_tokens": 16,
+                    "messages": [{"role": "user", "content": "question 0"}],
+                    "response_format": {"type": "json_schema", "json_schema": {
+                        "name": "route_decision", "strict": True, "schema": SCHEMA.schema}}}
+    assert [r["response"] for r in rows] == ['{"difficulty":"hard"}'] * 2
+    assert rows[0]["cost_micro_usd"] == config.parse(job_doc()).models[CHEAP].cost_micro_usd(40, 6)
+    # counted apart from the answered rows that progress compares with the plan
+    assert (d.stats.asked, d.stats.asked_failed, d.stats.done, d.stats.ok) == (2, 0, 0, 0)
+    assert d.stats.asked_cost_usd == pytest.approx(sum(r["cost_usd"] for r in rows))
+    assert d.stats.cost_usd == 0.0
+
+
+def test_ask_forces_the_anthropic_tool_and_serialises_its_input() -> None:
+    def handler(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={
+            "content": [{"type": "tool_use", "id": "toolu_1", "name": "route_decision",
+                         "input": {"difficulty": "easy"}}],
+            "stop_reason": "tool_use", "usage": {"input_tokens": 50, "output_tokens": 9}})
+
+    rows, h, _ = _ask(handler, MID)
+    body = json.loads(h.calls[0].content)
+    assert body["tools"] == [{"name": "route_decision", "input_schema": SCHEMA.schema}]
+    assert body["tool_choice"] == {"type": "tool", "name": "route_decision"}
+    assert "response_format" not in body
+    assert rows[0]["response"] == '{"difficulty":"easy"}'
+    assert rows[0]["finish_reason"] == "tool_calls" and rows[0]["input_tokens"] == 50
+
+
+def test_ask_with_an_ignored_tool_keeps_the_text() -> None:
+    def handler(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={
+            "content": [{"type": "text", "text": "It is hard."}], "stop_reason": "end_turn",
+            "usage": {"input_tokens": 50, "output_tokens": 4}})
+
+    rows, _, _ = _ask(handler, MID)
+    assert rows[0]["status"] == "ok" and rows[0]["response"] == "It is hard."
+
+
+def test_ask_retries_like_dispatch_but_never_escalates() -> None:
+    replies = iter([httpx.Response(500, json={"error": {"message": "boom"}})] * 2
+                   + [httpx.Response(200, json={
+                       "choices": [{"message": {"content": "x"}, "finish_reason": "length"}],
+                       "usage": {"prompt_tokens": 1, "completion_tokens": 16}})] * 9)
+    escalated: list[str] = []
+
+    async def escalate(model: str, table: pa.Table) -> pa.Table:
+        escalated.append(model)
+        raise AssertionError("routing calls must not escalate")
+
+    doc = job_doc("http://provider.test/v1")
+    doc["dispatch"].update(escalate_on=["length", "failed"], max_attempts=2)
+    job = config.parse(doc)
+
+    async def go() -> pa.Table:
+        async def no_sleep(s: float) -> None:
+            return None
+        d = ModelDispatcher(job.models[CHEAP], job.dispatch, run_id="run-1", api_key=KEY,
+                            transport=httpx.MockTransport(lambda r: next(replies)),
+                            sleep=no_sleep, escalate=escalate)
+        try:
+            return await d.ask(_routed(3), SCHEMA)
+        finally:
+            await d.aclose()
+
+    rows = _rows(asyncio.run(go()))
+    assert escalated == []
+    assert sorted((r["status"], r["finish_reason"]) for r in rows) == [
+        ("failed", None), ("ok", "length"), ("ok", "length")]
+
+
+def test_plain_bodies_carry_no_structured_output_fields() -> None:
+    h = Harness(_openai_ok)
+    h.run(_routed(1))
+    assert "response_format" not in json.loads(h.calls[0].content)
+    h = Harness(lambda r: httpx.Response(200, json={
+        "content": [{"type": "text", "text": "a"}], "stop_reason": "end_turn",
+        "usage": {"input_tokens": 1, "output_tokens": 1}}), MID)
+    h.run(_routed(1))
+    assert not {"tools", "tool_choice"} & set(json.loads(h.calls[0].content))
