@@ -48,6 +48,33 @@ When the natural answer is longer than ``max_tokens`` it is cut to exactly ``max
 and the finish reason is ``length`` (OpenAI) / ``max_tokens`` (Anthropic). Without
 ``max_tokens`` (OpenAI only) nothing is cut.
 
+Difficulty answers (the llm router's call)
+------------------------------------------
+A request that asks for the structured output named ``route_decision`` (OpenAI:
+``response_format: {"type": "json_schema", "json_schema": {"name": "route_decision",
+"schema"}}``; Anthropic: a tool ``route_decision`` in ``tools`` and ``tool_choice: {"type":
+"tool", "name": "route_decision"}``) is answered with ``{"difficulty": LABEL}``: as the JSON
+text of the message content (OpenAI, finish reason ``stop``), or as a ``tool_use`` block whose
+``input`` is that object with ``stop_reason: "tool_use"`` (Anthropic). LABEL is taken from the
+schema's ``properties.difficulty.enum`` (read as easiest to hardest; default ``easy, medium,
+hard``) by a simulated judgement of the last user message alone, so both wires and every
+model give the same label for the same prompt::
+
+    score = 0.35 * min(1, chars / 1200) + 0.35 * min(1, maths / 16) + 0.3 * u
+
+where ``maths`` counts digits and the characters ``+-*/=^%<>``, and ``u`` in [0, 1) comes
+from a BLAKE2 digest of the text. LABEL is ``enum[floor(score * len(enum))]``. This is a
+stand-in for a model's judgement, deterministic so the plumbing can be tested: its routing
+quality is simulated and says nothing about a real model's.
+
+``route_garbage_rate`` makes that share of prompts (chosen by the same digest, so the same
+prompts every time) get a malformed decision instead, in one of three forms picked by the
+digest: prose instead of JSON (Anthropic: a text block and ``end_turn``, the tool ignored),
+cut-off JSON (Anthropic: a tool input without ``difficulty``), or a label outside the enum.
+The schema is counted as prompt tokens (both providers bill for it) and the answer as
+completion tokens, as for any call; ``max_tokens`` cuts the JSON text like any answer
+(Anthropic then answers the cut text in a text block).
+
 Latency
 -------
 Each answer waits ``latency_ms`` scaled by a log-normal factor (sigma 0.4, capped at 4x) drawn
@@ -99,6 +126,9 @@ and falls into at most one band, in this order (the rates must sum to at most 1)
 ``burst_429_rate``  a spurious 429 with ``retry-after: 1`` although the buckets have room
 ==================  ================================================================
 
+``route_garbage_rate`` (above) is not one of these bands: it draws nothing, it changes only the
+content of a well-formed 200 reply, and it applies to difficulty answers only.
+
 The draws follow arrival order, so a run with the same seed and the same request order sees
 the same faults. A retried request draws again, so a fault is never sticky.
 
@@ -143,9 +173,11 @@ if TYPE_CHECKING:
     from aiohttp import web
 
 __all__ = [
+    "DEFAULT_ROUTE_LABELS",
     "FAULTS",
     "MAX_ANSWER_TOKENS",
     "MIN_ANSWER_TOKENS",
+    "ROUTE_DECISION",
     "MockProvider",
     "MockProviderConfig",
     "ProviderStats",
@@ -156,6 +188,9 @@ __all__ = [
 
 MIN_ANSWER_TOKENS: Final = 20
 MAX_ANSWER_TOKENS: Final = 400
+ROUTE_DECISION: Final = "route_decision"
+"""Name of the structured output (OpenAI) or forced tool (Anthropic) answered with a difficulty."""
+DEFAULT_ROUTE_LABELS: Final = ("easy", "medium", "hard")
 FAULTS: Final = ("500", "503", "timeout", "drop", "malformed", "429", "401")
 """Values accepted by the ``x-mock-fault`` header; also the keys of ``stats()["faults"]``."""
 
@@ -255,7 +290,9 @@ class MockProviderConfig:
     seconds of quota a bucket holds, i.e. the largest burst. The six fault rates are
     probabilities that
     together must not exceed 1 (one draw decides at most one fault). ``seed`` fixes the fault
-    draws. Raises :class:`ConfigError` naming the offending field.
+    draws. ``route_garbage_rate`` in [0, 1] is the share of prompts whose difficulty answer is
+    malformed (chosen by prompt digest, not drawn). Raises :class:`ConfigError` naming the
+    offending field.
     """
 
     host: str = "127.0.0.1"
@@ -272,6 +309,7 @@ class MockProviderConfig:
     drop_rate: float = 0.0
     malformed_rate: float = 0.0
     burst_429_rate: float = 0.0
+    route_garbage_rate: float = 0.0
     hang_s: float = 30.0
     api_key: str | None = field(default=None, repr=False)
     expired_keys: frozenset[str] = field(default=frozenset(), repr=False)
@@ -301,6 +339,10 @@ class MockProviderConfig:
         for name, rate in self._fault_rates():
             if not (isinstance(rate, int | float) and 0.0 <= rate <= 1.0):
                 raise ConfigError(f"mock provider {name} must be in [0, 1], got {rate!r}")
+        garbage = self.route_garbage_rate
+        if not (isinstance(garbage, int | float) and 0.0 <= garbage <= 1.0):
+            raise ConfigError(f"mock provider route_garbage_rate must be in [0, 1], "
+                              f"got {garbage!r}")
         total = sum(rate for _, rate in self._fault_rates())
         if total > 1.0 + 1e-9:
             raise ConfigError(f"mock provider fault rates sum to {total:g}; they must be <= 1")
@@ -466,6 +508,10 @@ class _Call:
     max_tokens: int | None
     digest: bytes
     mmlu: bool
+    # The labels (easiest first) when the request asks for a route_decision, else None;
+    # route_text is the last user message the difficulty is judged from.
+    route: tuple[str, ...] | None = None
+    route_text: str = ""
 
     @property
     def token_cost(self) -> int:
@@ -491,6 +537,74 @@ def _answer(call: _Call) -> tuple[str, bool]:
     if call.max_tokens is not None and count_tokens(full) > call.max_tokens:
         return full[: call.max_tokens * _CHARS_PER_TOKEN], True
     return full, False
+
+
+_MATHS: Final = frozenset("0123456789+-*/=^%<>")
+_GARBAGE: Final = 3
+
+
+@dataclass(frozen=True, slots=True)
+class _Decision:
+    """A difficulty answer: ``tool_input`` is the structured object the model returned
+    (None when it answered ``text`` instead, ignoring the schema); ``text`` is what an OpenAI
+    client reads as the content."""
+
+    tool_input: dict[str, str] | None
+    text: str
+
+
+def _decide(call: _Call, garbage_rate: float) -> _Decision:
+    """The simulated difficulty judgement of ``call.route_text`` (see the module docstring)."""
+    labels = call.route or DEFAULT_ROUTE_LABELS
+    text = call.route_text
+    digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+    if int.from_bytes(digest[4:8], "big") / 2**32 < garbage_rate:
+        kind = digest[8] % _GARBAGE
+        if kind == 0:
+            return _Decision(None, f"This looks {labels[-1]} to me.")
+        if kind == 1:
+            return (_Decision({}, "{}") if call.wire == "anthropic"
+                    else _Decision(None, '{"difficulty": "'))
+        return _Decision({"difficulty": "unsure"}, '{"difficulty":"unsure"}')
+    maths = sum(1 for c in text if c in _MATHS)
+    u = int.from_bytes(digest[:4], "big") / 2**32
+    score = 0.35 * min(1.0, len(text) / 1200) + 0.35 * min(1.0, maths / 16) + 0.3 * u
+    label = labels[min(len(labels) - 1, int(score * len(labels)))]
+    obj = {"difficulty": label}
+    return _Decision(obj, json.dumps(obj, separators=(",", ":")))
+
+
+def _route_labels(schema: object) -> tuple[str, ...]:
+    """The difficulty enum of a route_decision schema, or the default labels."""
+    try:
+        enum = schema["properties"]["difficulty"]["enum"]  # type: ignore[index]
+    except (KeyError, TypeError):
+        return DEFAULT_ROUTE_LABELS
+    if isinstance(enum, list) and enum and all(isinstance(e, str) for e in enum):
+        return tuple(enum)
+    return DEFAULT_ROUTE_LABELS
+
+
+def _route_schema(wire: Wire, body: dict[str, Any]) -> object | None:
+    """The schema of a route_decision request (``{}`` if it gave none), or None when the
+    request does not ask for one. Raises :class:`_BadRequest` for a forced tool that is
+    not defined, as the real API does."""
+    if wire == "openai":
+        fmt = body.get("response_format")
+        if not (isinstance(fmt, dict) and fmt.get("type") == "json_schema"
+                and isinstance(fmt.get("json_schema"), dict)
+                and fmt["json_schema"].get("name") == ROUTE_DECISION):
+            return None
+        return fmt["json_schema"].get("schema") or {}
+    choice = body.get("tool_choice")
+    if not (isinstance(choice, dict) and choice.get("type") == "tool"
+            and choice.get("name") == ROUTE_DECISION):
+        return None
+    tools = body.get("tools")
+    for tool in tools if isinstance(tools, list) else ():
+        if isinstance(tool, dict) and tool.get("name") == ROUTE_DECISION:
+            return tool.get("input_schema") or {}
+    raise _BadRequest(f"tool_choice names '{ROUTE_DECISION}', which is not in 'tools'")
 
 
 def _latency_s(call: _Call, median_ms: float) -> float:
@@ -536,6 +650,9 @@ def _parse_call(wire: Wire, body: object) -> _Call:
         max_tokens = _positive_int(body["max_tokens"], "max_tokens")
         system = _text_of(body.get("system"))
     prompt_tokens = count_tokens(system) + sum(count_tokens(t) for t in texts)
+    schema = _route_schema(wire, body)
+    if schema is not None:  # providers bill the schema (or tool definition) as prompt
+        prompt_tokens += count_tokens(json.dumps(schema, separators=(",", ":")))
     # Hash what defines the answer. max_tokens is left out on purpose: it only truncates,
     # so a smaller cap yields a prefix of the same answer.
     key = json.dumps([model, system, messages], sort_keys=True, separators=(",", ":"))
@@ -547,6 +664,8 @@ def _parse_call(wire: Wire, body: object) -> _Call:
         max_tokens=max_tokens,
         digest=digest,
         mmlu=last_user.rstrip().endswith("Answer:"),
+        route=None if schema is None else _route_labels(schema),
+        route_text=last_user,
     )
 
 
@@ -830,7 +949,16 @@ class _MockServer:
 
     def _reply(self, call: _Call) -> tuple[bytes, int]:
         """The JSON body of a successful reply, and its completion tokens."""
-        text, truncated = _answer(call)
+        tool_input: dict[str, str] | None = None
+        if call.route is not None:
+            decision = _decide(call, self.config.route_garbage_rate)
+            text, tool_input = decision.text, decision.tool_input
+            cap = call.max_tokens
+            truncated = cap is not None and count_tokens(text) > cap
+            if cap is not None and truncated:
+                text, tool_input = text[: cap * _CHARS_PER_TOKEN], None
+        else:
+            text, truncated = _answer(call)
         completion_tokens = count_tokens(text)
         self._seq += 1
         suffix = f"{self._seq:08x}{call.digest.hex()[:16]}"
@@ -855,13 +983,19 @@ class _MockServer:
                 },
             }
         else:
+            content: list[dict[str, Any]] = [{"type": "text", "text": text}]
+            stop = "max_tokens" if truncated else "end_turn"
+            if call.route is not None and tool_input is not None:
+                content = [{"type": "tool_use", "id": f"toolu_mock{suffix}",
+                            "name": ROUTE_DECISION, "input": tool_input}]
+                stop = "tool_use"
             body = {
                 "id": f"msg_mock{suffix}",
                 "type": "message",
                 "role": "assistant",
                 "model": call.model,
-                "content": [{"type": "text", "text": text}],
-                "stop_reason": "max_tokens" if truncated else "end_turn",
+                "content": content,
+                "stop_reason": stop,
                 "stop_sequence": None,
                 "usage": {"input_tokens": call.prompt_tokens, "output_tokens": completion_tokens},
             }
@@ -1203,6 +1337,10 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     add("--burst-429-rate", type=_probability, default=0.0, metavar="P",
         help="share of requests that get a surprise 429 with Retry-After: 1 even under the "
              "limits (default 0)")
+    add("--route-garbage-rate", type=_probability, default=0.0, metavar="P",
+        help="share of prompts, from 0 to 1, whose route_decision (difficulty) answer is "
+             "malformed: prose, cut-off JSON or an unknown label; the same prompts every "
+             "time (default 0)")
     add("--hang-s", type=_non_negative_float, default=30.0, metavar="S",
         help="seconds a --timeout-rate request hangs (default 30)")
     add("--api-key-env", default=None, metavar="NAME",
@@ -1242,7 +1380,8 @@ def _run_cli(args: argparse.Namespace) -> int:
             window_s=args.window_s, latency_ms=args.latency_ms,
             fail_rate=args.fail_rate, rate_503=args.rate_503, timeout_rate=args.timeout_rate,
             drop_rate=args.drop_rate, malformed_rate=args.malformed_rate,
-            burst_429_rate=args.burst_429_rate, hang_s=args.hang_s, api_key=api_key,
+            burst_429_rate=args.burst_429_rate, route_garbage_rate=args.route_garbage_rate,
+            hang_s=args.hang_s, api_key=api_key,
             seed=args.seed,
         )
     except ConfigError as exc:

@@ -228,6 +228,145 @@ def test_health(client: httpx.Client) -> None:
     assert response.json() == {"ok": True}
 
 
+# -- difficulty answers (route_decision) ------------------------------------------------------
+
+ROUTE_SCHEMA = {"type": "object",
+                "properties": {"difficulty": {"type": "string",
+                                              "enum": ["easy", "medium", "hard"]}},
+                "required": ["difficulty"], "additionalProperties": False}
+
+
+def ask_openai(client: httpx.Client, content: str, schema: dict[str, Any] = ROUTE_SCHEMA,
+               max_tokens: int = 16, model: str = "small") -> dict[str, Any]:
+    reply = openai(client, content, model=model, max_tokens=max_tokens, response_format={
+        "type": "json_schema",
+        "json_schema": {"name": "route_decision", "strict": True, "schema": schema}})
+    assert reply.status_code == 200
+    body: dict[str, Any] = reply.json()
+    return body
+
+
+def ask_anthropic(client: httpx.Client, content: str, schema: dict[str, Any] = ROUTE_SCHEMA,
+                  max_tokens: int = 16) -> dict[str, Any]:
+    reply = anthropic(client, content, max_tokens=max_tokens,
+                      tools=[{"name": "route_decision", "input_schema": schema}],
+                      tool_choice={"type": "tool", "name": "route_decision"})
+    assert reply.status_code == 200
+    body: dict[str, Any] = reply.json()
+    return body
+
+
+ROUTE_PROMPTS = [f"Question {i}: " + "explain the trade-off of cost and quality " * (i % 9 * 3)
+                 + "12+34=" * (i % 4 * 3) for i in range(60)]
+
+
+def test_difficulty_answer_has_each_wire_shape_and_the_same_label(client: httpx.Client) -> None:
+    prompt = "What is the capital of France?"
+    o = ask_openai(client, prompt)
+    choice = o["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    decision = json.loads(choice["message"]["content"])
+    assert set(decision) == {"difficulty"} and decision["difficulty"] in {"easy", "medium", "hard"}
+    a = ask_anthropic(client, prompt)
+    assert a["stop_reason"] == "tool_use"
+    [block] = a["content"]
+    assert (block["type"], block["name"]) == ("tool_use", "route_decision")
+    assert block["id"].startswith("toolu_")
+    assert block["input"] == decision
+    # Usage as for any call: the schema is billed as prompt, the JSON as completion.
+    schema_tokens = count_tokens(json.dumps(ROUTE_SCHEMA, separators=(",", ":")))
+    assert o["usage"]["prompt_tokens"] == count_tokens(prompt) + schema_tokens
+    assert o["usage"]["completion_tokens"] == count_tokens(choice["message"]["content"]) > 0
+    assert a["usage"]["input_tokens"] == count_tokens(prompt) + schema_tokens
+
+
+def test_difficulty_is_a_deterministic_function_of_the_user_prompt() -> None:
+    def labels(client: httpx.Client, model: str) -> list[str]:
+        return [json.loads(ask_openai(client, p, model=model)["choices"][0]["message"][
+            "content"])["difficulty"] for p in ROUTE_PROMPTS]
+
+    with serve() as first, serve(seed=9) as second:
+        a, b = labels(first, "small"), labels(second, "other-model")
+        c = [ask_anthropic(first, p)["content"][0]["input"]["difficulty"] for p in ROUTE_PROMPTS]
+    assert a == b == c
+    assert set(a) == {"easy", "medium", "hard"}  # the simulated judgement spreads out
+    with serve() as client:
+        # length and maths push up, short plain prose stays down
+        assert json.loads(ask_openai(client, "Hi there.")["choices"][0]["message"][
+            "content"]) == {"difficulty": "easy"}
+        heavy = "Integrate 3x^2+5x-7 from 0 to 12 and solve 4y/9=17. " * 30
+        assert json.loads(ask_openai(client, heavy)["choices"][0]["message"][
+            "content"]) == {"difficulty": "hard"}
+
+
+def test_difficulty_labels_come_from_the_schema_enum(client: httpx.Client) -> None:
+    schema = json.loads(json.dumps(ROUTE_SCHEMA))
+    schema["properties"]["difficulty"]["enum"] = ["simple", "complex"]
+    got = {json.loads(ask_openai(client, p, schema)["choices"][0]["message"]["content"])[
+        "difficulty"] for p in ROUTE_PROMPTS}
+    assert got == {"simple", "complex"}
+
+
+def test_plain_mmlu_prompt_still_gets_a_letter_without_the_schema(client: httpx.Client) -> None:
+    text = openai(client, "Q?\nA. x\nB. y\nAnswer:", max_tokens=50).json()[
+        "choices"][0]["message"]["content"]
+    assert text[0] in "ABCD"
+    assert "difficulty" not in text
+
+
+def test_an_undefined_forced_tool_is_a_400(client: httpx.Client) -> None:
+    reply = anthropic(client, "x", tool_choice={"type": "tool", "name": "route_decision"})
+    assert reply.status_code == 400 and "tools" in reply.json()["error"]["message"]
+
+
+def _malformed(body: dict[str, Any]) -> bool:
+    """Whether a reply (either wire) fails to carry a valid easy/medium/hard decision."""
+    if "choices" in body:
+        try:
+            obj = json.loads(body["choices"][0]["message"]["content"])
+        except ValueError:
+            return True
+    else:
+        blocks = [b for b in body["content"] if b["type"] == "tool_use"]
+        if not blocks:
+            return True
+        obj = blocks[0]["input"]
+    return not (isinstance(obj, dict) and obj.get("difficulty") in ("easy", "medium", "hard"))
+
+
+def test_route_garbage_rate_spoils_a_fixed_share_of_prompts_on_both_wires() -> None:
+    prompts = [f"Prompt number {i} about data." for i in range(400)]
+    with serve(route_garbage_rate=0.25) as client, serve(route_garbage_rate=0.25,
+                                                         seed=3) as again:
+        o = [ask_openai(client, p) for p in prompts]
+        a = [ask_anthropic(client, p) for p in prompts]
+        o2 = [ask_openai(again, p) for p in prompts]
+        usage = [b["usage"] for b in o]
+    bad_o = [_malformed(b) for b in o]
+    assert bad_o == [_malformed(b) for b in a] == [_malformed(b) for b in o2]
+    assert 0.18 < sum(bad_o) / len(prompts) < 0.32
+    assert all(u["completion_tokens"] > 0 and u["prompt_tokens"] > 0 for u in usage)
+    # all three kinds of garbage occur, and a spoiled answer is still a 200 with usage
+    kinds = {("prose" if not b["choices"][0]["message"]["content"].startswith("{") else
+              "cut" if not b["choices"][0]["message"]["content"].endswith("}") else "label")
+             for b, bad in zip(o, bad_o, strict=True) if bad}
+    assert kinds == {"prose", "cut", "label"}
+    assert {a[i]["stop_reason"] for i, bad in enumerate(bad_o) if bad} == {"tool_use", "end_turn"}
+    with serve(route_garbage_rate=1.0) as client:
+        assert all(_malformed(ask_openai(client, p)) for p in prompts[:20])
+    with serve() as client:
+        assert not any(_malformed(ask_anthropic(client, p)) for p in prompts[:50])
+
+
+def test_a_cap_below_the_decision_cuts_it_like_any_answer(client: httpx.Client) -> None:
+    o = ask_openai(client, "hello", max_tokens=2)
+    assert o["choices"][0]["finish_reason"] == "length"
+    assert o["choices"][0]["message"]["content"] == '{"diffic'
+    a = ask_anthropic(client, "hello", max_tokens=2)
+    assert a["stop_reason"] == "max_tokens"
+    assert a["content"] == [{"type": "text", "text": '{"diffic'}]
+
+
 # -- latency ----------------------------------------------------------------------------------
 
 
@@ -622,6 +761,13 @@ def test_cli_flags_and_wait_ready() -> None:
     assert args.window_s == 1.0
     with pytest.raises(SystemExit):
         parser.parse_args(["mock-provider", "--window-s", "0"])
+    assert args.route_garbage_rate == 0.0
+    args = parser.parse_args(["mock-provider", "--route-garbage-rate", "0.2"])
+    assert args.route_garbage_rate == 0.2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["mock-provider", "--route-garbage-rate", "1.5"])
+    with pytest.raises(ConfigError, match="route_garbage_rate"):
+        MockProviderConfig(route_garbage_rate=-0.1)
 
 
 @pytest.mark.parametrize("value", ["gpt-4", "=600", "m=", "m=fast", "m=600:", "m=600:1:2",
