@@ -362,7 +362,7 @@ class _DispatchActor:
     def connect(self, upper: Any) -> None:
         self._upper = upper
 
-    async def dispatch(self, routed: pa.Table) -> pa.Table:
+    def _get(self) -> Any:
         if self._dispatcher is None:  # created inside the actor's event loop
             from batchroute.dispatch.dispatcher import ModelDispatcher
 
@@ -370,7 +370,18 @@ class _DispatchActor:
             self._dispatcher = ModelDispatcher(
                 model, policy, run_id=run_id, api_key=os.environ.get(model.api_key_env),
                 escalate=self._escalate if self._upper is not None else None)
-        result: pa.Table = await self._dispatcher.dispatch(routed)
+        return self._dispatcher
+
+    async def dispatch(self, routed: pa.Table) -> pa.Table:
+        result: pa.Table = await self._get().dispatch(routed)
+        return result
+
+    async def ask_route(self, routed: pa.Table) -> pa.Table:
+        """The llm router's ``ask`` (see :mod:`batchroute.llm_route`): its decision calls
+        share this model's limits with the rows it answers, and never escalate."""
+        from batchroute.llm_route import routing_output
+
+        result: pa.Table = await self._get().ask(routed, routing_output(routed))
         return result
 
     async def _escalate(self, model: str, routed: pa.Table) -> pa.Table:
