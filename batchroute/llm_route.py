@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +40,11 @@ from batchroute import schemas
 from batchroute.config import DispatchConfig, ModelConfig
 from batchroute.dispatch.providers import OutputSchema
 from batchroute.errors import ConfigError
+
+if TYPE_CHECKING:
+    import httpx
+
+    from batchroute.dispatch.dispatcher import ModelDispatcher, Stats
 
 __all__ = [
     "CACHE_SCHEMA",
@@ -543,11 +548,12 @@ class InProcessAsk:
     limits) lives as long as this object; :meth:`close` ends it."""
 
     def __init__(self, model: ModelConfig, policy: DispatchConfig, api_key: str | None, *,
-                 run_id: str = "llm-route", transport: Any = None) -> None:
+                 run_id: str = "llm-route",
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._args = (model, policy, run_id, api_key, transport)
         self._loop = asyncio.new_event_loop()
-        self._dispatcher: Any = None
-        self.stats: Any = None
+        self._dispatcher: ModelDispatcher | None = None
+        self.stats: Stats | None = None  # the dispatcher's counters, once it exists
 
     def __call__(self, routed: pa.Table) -> pa.Table:
         result: pa.Table = self._loop.run_until_complete(self._ask(routed))
@@ -561,8 +567,7 @@ class InProcessAsk:
             self._dispatcher = ModelDispatcher(model, policy, run_id=run_id, api_key=api_key,
                                                transport=transport)
             self.stats = self._dispatcher.stats
-        result: pa.Table = await self._dispatcher.ask(routed, routing_output(routed))
-        return result
+        return await self._dispatcher.ask(routed, routing_output(routed))
 
     def close(self) -> None:
         if self._loop.is_closed():
@@ -579,7 +584,8 @@ class InProcessAsk:
 
 
 def ask_in_process(model_cfg: ModelConfig, policy: DispatchConfig, api_key: str | None, *,
-                   run_id: str = "llm-route", transport: Any = None) -> InProcessAsk:
+                   run_id: str = "llm-route",
+                   transport: httpx.AsyncBaseTransport | None = None) -> InProcessAsk:
     """An ``ask`` for :class:`LLMRouter` that calls ``model_cfg`` from this thread (see
     :class:`InProcessAsk`); ``transport`` is the dispatcher's HTTP seam (None: aiohttp).
     Close it when done."""
