@@ -412,6 +412,12 @@ def _report(job: JobConfig, out: Outcome, *, dry_run: bool) -> int:
 
     print(f"\nforecast (run {out.folder.run_id}):")
     print(plan.format_forecast(out.forecast))
+    routing = out.manifest.get("routing")
+    if routing:
+        by = ", ".join(f"{k} {v:,}" for k, v in routing["decided_by"].items())
+        cost = (f"; routing calls cost ${routing['route_cost_usd']:.4f}"
+                if routing["route_cost_usd"] else "")
+        print(f"routed by: {by}{cost}")
     if out.rollups is not None:
         print(f"\nresults by model (reference: {job.reference_model}):")
         print(rollup.format_table(out.rollups))

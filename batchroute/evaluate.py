@@ -270,13 +270,14 @@ def evaluate_config(job: Any, labels_uri: str, *, weak: str, strong: str,
                               "is not in the job's catalog")
     spec = RouteSpec.from_job(job)
     router_bytes = rt.read_bytes(job.router.path) if spec.uses_classifier else None
+    owned_ask = None
     if "llm" in spec.stages and ask is None:
+        import os
+
         from batchroute.llm_route import ask_in_process
 
         cfg = job.models[spec.llm.model]
-        import os
-
-        ask = ask_in_process(cfg, job.dispatch, os.environ.get(cfg.api_key_env, ""))
+        ask = owned_ask = ask_in_process(cfg, job.dispatch, os.environ.get(cfg.api_key_env))
     stage = RouteStage(router_bytes, spec, job.router.path, embedder=embedder, ask=ask)
     table = train.labelled(labels_uri, [weak, strong], split)
     n = len(table)
@@ -287,8 +288,13 @@ def evaluate_config(job: Any, labels_uri: str, *, weak: str, strong: str,
         "force_model": [None] * n, "tags": [None] * n, "reject_reason": [None] * n},
         schema=schemas.REQUESTS)
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    routed = pa.concat_tables([stage(requests.slice(i, job.router.batch_size))
-                               for i in range(0, n, job.router.batch_size)])
+    try:
+        routed = pa.concat_tables([stage(requests.slice(i, job.router.batch_size))
+                                   for i in range(0, n, job.router.batch_size)])
+    finally:
+        stage.flush()
+        if owned_ask is not None:
+            owned_ask.close()
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     w = table[weak].to_numpy().astype(np.float64)
     s = table[strong].to_numpy().astype(np.float64)

@@ -255,7 +255,13 @@ def _plan(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
     writer = plan.PlanWriter(folder, sink)
     asker = actors.actors[spec.llm.model] if actors is not None and "llm" in spec.stages \
         else None
+    decided: dict[str, int] = {}
+    route_micro = 0
     for routed in (_route(folder, router_bytes, spec, job, asker) if rows else ()):
+        for item in pc.value_counts(routed.column("route_reason")).to_pylist():
+            if item["values"] is not None:
+                decided[item["values"]] = decided.get(item["values"], 0) + item["counts"]
+        route_micro += pc.sum(routed.column("route_cost_micro_usd")).as_py() or 0
         writer.add(routed)
         progress.routed += routed.num_rows
         progress.tick()
@@ -263,6 +269,10 @@ def _plan(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
     forecast = plan.forecast(folder, job, writer.rejected)
     folder.write_json("forecast.json", forecast)
     manifest["counts"] = dict(sink.counts)
+    # What decided each routed row (rule:<name>, classifier, llm:<label>, llm:default, ...)
+    # and what routing itself cost (the llm router's calls).
+    manifest["routing"] = {"decided_by": dict(sorted(decided.items())),
+                           "route_cost_usd": route_micro / 1e6}
     _stage(folder, manifest, "plan")
     return forecast, planned
 
@@ -341,8 +351,10 @@ class _RouteActor:
         self.batch_rows = batch_rows
 
     def route(self, shard: str) -> pa.Table:
-        return pa.concat_tables([self.stage(pa.Table.from_batches([b]))
-                                 for b in source.iter_parquet(self.fs, shard, self.batch_rows)])
+        routed = pa.concat_tables([self.stage(pa.Table.from_batches([b]))
+                                   for b in source.iter_parquet(self.fs, shard, self.batch_rows)])
+        self.stage.flush()  # a shard's llm decisions reach the cache before it is returned
+        return routed
 
 
 class _DispatchActor:

@@ -189,6 +189,11 @@ class RouteStage:
         self._context_kind = {t.name: ("context window" if t.context_window <= t.tpm
                                        else "tokens-per-minute limit") for t in spec.targets}
 
+    def flush(self) -> None:
+        """Write what the stages buffer (the llm router's cache of decisions)."""
+        if self._llm is not None:
+            self._llm.close()
+
     @property
     def version(self) -> str:
         return self.router.info.version if self.router is not None else ""

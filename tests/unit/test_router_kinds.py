@@ -10,6 +10,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from batchroute import config, memory, schemas
 from batchroute.config import Rule, SimilarityConfig
@@ -188,3 +190,77 @@ def test_a_bank_missing_or_malformed_is_a_clear_error(tmp_path: Path) -> None:
     pq.write_table(pa.table({"key": ["a"]}), tmp_path / "bad.parquet")
     with pytest.raises(Exception, match="column 'embedding' is missing"):
         memory.Bank.read(str(tmp_path / "bad.parquet"))
+
+
+# -- the llm kind in the route stage, through the ask seam -----------------------------------
+
+def _llm_spec(**overrides: object) -> RouteSpec:
+    llm = config.LLMRouterConfig(model=CHEAP, labels={"easy": CHEAP, "medium": MID,
+                                                      "hard": STRONG}, default=STRONG)
+    return _spec(**{"stages": ("rules", "llm"), "llm": llm, **overrides})
+
+
+def test_llm_stage_decides_counts_fallbacks_and_records_its_cost() -> None:
+    from tests.unit.test_llm_route import FakeAsk, by_word
+
+    ask = FakeAsk(by_word, cost=7)
+    stage = RouteStage(None, _llm_spec(), ask=ask)
+    out = stage(_requests(["a hard one", "plain", "garbage please", "service down",
+                           "```\ncode\n```", "plain"]))
+    assert _col(out, "model") == [STRONG, CHEAP, STRONG, STRONG, MID, CHEAP]
+    assert _col(out, "route_stage") == ["llm", "llm", "llm", "llm", "rules", "llm"]
+    assert _col(out, "route_reason") == ["llm:hard", "llm:easy", "llm:default", "llm:default",
+                                         "rule:code", "llm:easy"]
+    assert _col(out, "llm_label") == ["hard", "easy", None, None, None, "easy"]
+    # Four distinct prompts asked once each; the failed call cost nothing; the duplicate
+    # "plain" is paid once; the rule's row was never asked.
+    assert len(ask.asked) == 4
+    assert _col(out, "route_cost_micro_usd") == [7, 7, 7, 0, 0, 0]
+
+
+def test_a_cascade_asks_the_llm_only_inside_the_classifiers_band() -> None:
+    from tests.unit.test_llm_route import FakeAsk, by_word
+
+    ask = FakeAsk(by_word)
+    spec = _llm_spec(stages=("classifier", "llm"),
+                     classifier=config.ClassifierConfig(uncertain=(0.4, 0.6)))
+    out = RouteStage(tiny_router(), spec, ask=ask)(
+        _requests(["easy", "hard", "medium rare", "something else"]))
+    assert sorted(ask.asked) == ["medium rare", "something else"]
+    assert _col(out, "route_stage") == ["classifier", "classifier", "llm", "llm"]
+    assert _col(out, "model") == [CHEAP, STRONG, MID, CHEAP]
+
+
+@settings(max_examples=25, deadline=None)
+@given(prompts=st.lists(st.sampled_from(["easy", "hard", "capital of spain madrid",
+                                         "riemann zeta", "banana", "", "```\nx\n```",
+                                         "garbage", "x" * 300]), max_size=12),
+       stages=st.permutations(["rules", "classifier", "similarity", "llm"]),
+       take=st.integers(1, 4))
+def test_every_kind_emits_one_decision_per_row_with_its_evidence(
+        tmp_path_factory: pytest.TempPathFactory, prompts: list[str], stages: list[str],
+        take: int) -> None:
+    from tests.unit.test_llm_route import FakeAsk, by_word
+
+    chosen = tuple(stages[:take])
+    bank = _bank(tmp_path_factory.mktemp("bank"), BANK_ROWS)
+    band = (0.0, 1.0)  # every stage but the last passes everything on: the longest cascade
+    spec = _llm_spec(
+        stages=chosen, classifier=config.ClassifierConfig(uncertain=band),
+        similarity=SimilarityConfig(bank=bank, k=2, min_similarity=0.2, uncertain=band))
+    out = RouteStage(tiny_router(), spec, embedder=EMB, ask=FakeAsk(by_word))(
+        _requests(prompts))
+    assert out.num_rows == len(prompts) and out.schema == schemas.ROUTED
+    stage_col = _col(out, "route_stage")
+    assert all(m is not None for m in _col(out, "model"))
+    assert set(stage_col) <= {*chosen, "fallback"}
+    for i, s in enumerate(stage_col):
+        if s == "similarity":
+            assert _col(out, "similarity_scores")[i] is not None
+        if s == "llm":
+            assert (_col(out, "llm_label")[i] is not None) == (
+                _col(out, "route_reason")[i] != "llm:default")
+        if s == "rules":
+            assert str(_col(out, "route_reason")[i]).startswith("rule:")
+    if "classifier" in chosen:
+        assert all(x is not None for x in _col(out, "router_scores"))
