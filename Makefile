@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_PORT ?= 8765
 
-.PHONY: venv demo test test-fast test-integration lint router browser clean
+.PHONY: venv demo test test-fast test-integration lint router router-kinds browser clean
 
 venv: $(STAMP)
 
@@ -53,6 +53,23 @@ lint: $(STAMP)
 ## router: retrain the bundled router from ../shared/data (deterministic)
 router: $(STAMP)
 	$(BIN)/batchroute train --labels ../shared/data/mmlu_labels.parquet --out batchroute/assets/router.onnx
+
+## router-kinds: the README's comparison of router kinds on the held-out MMLU labels. Builds
+# the similarity router's memory bank from the training split (minutes: MiniLM on the CPU),
+# starts the mock provider for the llm kind (its quality is simulated), evaluates every file
+# of jobs/router-kinds/.
+router-kinds: export BATCHROUTE_DEMO_KEY ?= sk-demo-not-a-real-key
+router-kinds: $(STAMP)
+	mkdir -p runs/memory
+	test -f runs/memory/mmlu-bank.parquet || $(BIN)/batchroute memory add \
+	    --bank runs/memory/mmlu-bank.parquet --labels ../shared/data/mmlu_labels.parquet --split train
+	@set -e; \
+	$(BIN)/batchroute mock-provider --port $(DEMO_PORT) --rpm 60000 --tpm 50000000 --latency-ms 50 \
+	    --api-key-env BATCHROUTE_DEMO_KEY > runs/mock-provider-kinds.log 2>&1 & \
+	mock=$$!; trap 'kill $$mock 2>/dev/null' EXIT; \
+	$(BIN)/batchroute mock-provider --wait-ready --port $(DEMO_PORT); \
+	$(BIN)/batchroute eval --labels ../shared/data/mmlu_labels.parquet \
+	    $(foreach f,$(sort $(wildcard jobs/router-kinds/*.toml)),--router-config $(f)) $(EVAL_FLAGS)
 
 clean:
 	rm -rf $(VENV) runs test-artifacts

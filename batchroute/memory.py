@@ -198,9 +198,9 @@ def outcomes_from_labels(labels_uri: str, *, cut: float = 0.5,
         raise ConfigError(f"split must be train, holdout or all, got {split!r}")
     frame = train.read_labels(labels_uri)
     if split != "all":
-        ids = frame["request_id"].unique()
-        hold = pl.Series(ids.to_list())[train.is_holdout(ids.to_list())]
-        keep = hold if split == "holdout" else ids.filter(~ids.is_in(hold.implode()))
+        ids = frame["request_id"].unique(maintain_order=True)
+        held = pl.Series(train.is_holdout(ids.to_list()))
+        keep = ids.filter(held if split == "holdout" else ~held)
         frame = frame.filter(pl.col("request_id").is_in(keep.implode()))
     return frame.select("request_id", "prompt", "model",
                         score=(pl.col("score") >= cut).cast(pl.Float32))

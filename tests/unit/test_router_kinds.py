@@ -264,3 +264,22 @@ def test_every_kind_emits_one_decision_per_row_with_its_evidence(
             assert str(_col(out, "route_reason")[i]).startswith("rule:")
     if "classifier" in chosen:
         assert all(x is not None for x in _col(out, "router_scores"))
+
+
+def test_bank_outcomes_from_labels_split_like_training(tmp_path: Path) -> None:
+    from batchroute import train
+
+    rows = [{"request_id": f"q{i}", "prompt": f"question {i}", "model": m,
+             "score": float((i + j) % 3 == 0)} for i in range(60) for j, m in enumerate(
+                 [CHEAP, STRONG])]
+    path = tmp_path / "labels.parquet"
+    pl.DataFrame(rows).write_parquet(path)
+    parts = {s: memory.outcomes_from_labels(str(path), split=s, cut=0.5)
+             for s in ("train", "holdout", "all")}
+    ids = {s: set(f["request_id"].to_list()) for s, f in parts.items()}
+    assert ids["train"] | ids["holdout"] == ids["all"] and not ids["train"] & ids["holdout"]
+    held = {r for r in ids["all"] if train.is_holdout([r])[0]}
+    assert ids["holdout"] == held and held  # the same rows training holds out
+    assert parts["all"].height == 120 and set(parts["all"]["score"].to_list()) == {0.0, 1.0}
+    with pytest.raises(ConfigError, match="split must be train, holdout or all"):
+        memory.outcomes_from_labels(str(path), split="test")
