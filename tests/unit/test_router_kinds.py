@@ -283,3 +283,30 @@ def test_bank_outcomes_from_labels_split_like_training(tmp_path: Path) -> None:
     assert parts["all"].height == 120 and set(parts["all"]["score"].to_list()) == {0.0, 1.0}
     with pytest.raises(ConfigError, match="split must be train, holdout or all"):
         memory.outcomes_from_labels(str(path), split="test")
+
+
+def test_rules_are_vectorised_and_their_order_is_respected(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow.compute as pc
+
+    from batchroute import route
+
+    calls: list[int] = []
+    real = pc.match_substring_regex
+
+    def counting(values: object, pattern: str, **kw: object) -> object:
+        calls.append(len(values))  # type: ignore[arg-type]
+        return real(values, pattern, **kw)
+
+    monkeypatch.setattr(route.pc, "match_substring_regex", counting)
+    # Both rules match "join tables"; the first listed wins. One regex call per rule for the
+    # whole batch, however many rows.
+    rules = (Rule("first", MID, regex="join"), Rule("second", STRONG, regex="tables"))
+    prompts = ["join tables", "tables only", "nothing"] * 400
+    out = RouteStage(None, _spec(stages=("rules",), rules=rules, fallback=CHEAP))(
+        _requests(prompts))
+    assert calls == [1200, 1200]
+    assert _col(out, "route_reason")[:3] == ["rule:first", "rule:second", "fallback"]
+    swapped = RouteStage(None, _spec(stages=("rules",), rules=rules[::-1], fallback=CHEAP))(
+        _requests(prompts[:3]))
+    assert _col(swapped, "route_reason") == ["rule:second", "rule:second", "fallback"]
