@@ -14,7 +14,7 @@ thresholds. At each threshold a prompt goes strong when its score is >= the thre
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -268,7 +268,8 @@ def evaluate_config(job: Any, labels_uri: str, *, weak: str, strong: str,
         if m not in job.models:
             raise ConfigError(f"{job.source}: --{'weak' if m == weak else 'strong'} model {m!r} "
                               "is not in the job's catalog")
-    spec = RouteSpec.from_job(job)
+    # Eval measures what routing costs: the llm router's cache is neither read nor written.
+    spec = replace(RouteSpec.from_job(job), llm=replace(job.router.llm, cache=""))
     router_bytes = rt.read_bytes(job.router.path) if spec.uses_classifier else None
     owned_ask = None
     if "llm" in spec.stages and ask is None:
