@@ -133,6 +133,8 @@ class SimilarityConfig:
     k: int = 16
     # Neighbours less similar than this (cosine) are ignored; a row with none passes on.
     min_similarity: float = 0.3
+    # exact (matrix product), hnsw (faiss), or auto: hnsw from 200,000 bank entries.
+    index: str = "auto"
     # Rows whose predicted success of the cheapest model falls in [low, high] pass on to the
     # next stage (a cascade's uncertain band); None: this stage decides every row it sees.
     uncertain: tuple[float, float] | None = None
@@ -476,7 +478,7 @@ def _rule(r: Mapping[str, Any], i: int, models: Mapping[str, ModelConfig]) -> Ru
 
 
 def _band(t: Mapping[str, Any], where: str) -> tuple[float, float] | None:
-    _known(t, where.rstrip("."), {"uncertain"} | ({"bank", "k", "min_similarity"}
+    _known(t, where.rstrip("."), {"uncertain"} | ({"bank", "k", "min_similarity", "index"}
                                                   if "similarity" in where else set()))
     if "uncertain" not in t:
         return None
@@ -497,7 +499,16 @@ def _similarity(t: Mapping[str, Any], used: bool) -> SimilarityConfig:
     return SimilarityConfig(
         bank=_resolve(_str(t, "bank", where)), k=_int(t, "k", where, minimum=1, default=16),
         min_similarity=_num(t, "min_similarity", where, minimum=-1.0, default=0.3),
+        index=_choice(t, "index", where, ("auto", "exact", "hnsw"), "auto"),
         uncertain=band)
+
+
+def _choice(t: Mapping[str, Any], key: str, where: str, allowed: tuple[str, ...],
+            default: str) -> str:
+    v = t.get(key, default)
+    if v not in allowed:
+        raise ConfigError(f"{where}{key}: must be one of {', '.join(allowed)}, got {v!r}")
+    return str(v)
 
 
 def _llm(t: Mapping[str, Any], models: Mapping[str, ModelConfig], used: bool) -> LLMRouterConfig:

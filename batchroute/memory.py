@@ -17,8 +17,14 @@ Prediction is exact: embeddings of a batch times the bank (one matrix product pe
 the bank), top k by cosine similarity, then per model a similarity-weighted mean of the
 neighbours' outcomes, shrunk towards the bank's own success rate for that model by one
 pseudo-neighbour. Neighbours less similar than ``min_similarity`` do not vote; a row with no
-voter is not decided here. Exact search costs O(bank) per prompt: fine for a few hundred
-thousand entries (200,000 x 384 floats is 300 MiB and ~0.1 GFLOP a prompt).
+voter is not decided here.
+
+Search is exact (a matrix product per chunk of the bank) below ``ANN_MIN_ROWS`` entries: it
+costs O(bank) per prompt, fine for a few hundred thousand entries (200,000 x 384 floats is
+300 MiB and ~0.1 GFLOP a prompt). From there on, or with ``index = "hnsw"``, an HNSW graph
+from faiss (faiss-cpu, Meta's similarity-search library) answers instead: inner product on
+the normalised embeddings, M = 32, efSearch = 128. The graph is built once per bank file and
+kept beside it as ``BANK.parquet.hnsw`` (rebuilt when the bank changes).
 """
 
 from __future__ import annotations
@@ -40,7 +46,10 @@ from batchroute.errors import ConfigError, SchemaError
 
 log = logging.getLogger("batchroute")
 
-EXACT_SEARCH_WARN_ROWS = 500_000
+ANN_MIN_ROWS = 200_000
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 128
 BANK_CHUNK_ROWS = 65_536
 PRIOR_WEIGHT = 1.0
 OUTCOME = schemas.ROUTER_SCORE  # struct<model, score>
@@ -116,16 +125,13 @@ class Neighbours:
     """k-NN success prediction over a bank, for the route stage's similarity step."""
 
     def __init__(self, bank: Bank, embedder: Any, *, k: int, min_similarity: float,
-                 models: Sequence[str]) -> None:
+                 models: Sequence[str], ann: Any = None) -> None:
         if bank.embedder and bank.embedder != embedder.name:
             raise ConfigError(f"memory bank was embedded with {bank.embedder!r}, but the "
                               f"router embeds with {embedder.name!r}; rebuild the bank")
         if len(bank) and bank.embeddings.shape[1] != embedder.dim:
             raise ConfigError(f"memory bank embeddings have {bank.embeddings.shape[1]} "
                               f"dimensions, the embedder gives {embedder.dim}")
-        if len(bank) > EXACT_SEARCH_WARN_ROWS:
-            log.warning("memory bank has %d entries: exact search costs O(bank) per prompt",
-                        len(bank))
         self.models = tuple(m for m in bank.models if m in set(models))
         if not self.models:
             raise ConfigError(f"memory bank has outcomes for {list(bank.models)}, none of "
@@ -134,6 +140,7 @@ class Neighbours:
         self.bank = bank
         self.outcomes = bank.outcomes[:, cols]
         self.embedder = embedder
+        self.ann = ann
         self.k = min(k, max(len(bank), 1))
         self.min_similarity = min_similarity
         with np.errstate(invalid="ignore"):
@@ -143,11 +150,19 @@ class Neighbours:
 
     @classmethod
     def open(cls, cfg: Any, spec: Any, *, embedder: Any = None) -> Neighbours:
-        return cls(Bank.read(cfg.bank), embedder or _default_embedder(), k=cfg.k,
-                   min_similarity=cfg.min_similarity, models=[t.name for t in spec.targets])
+        bank = Bank.read(cfg.bank)
+        use_ann = cfg.index == "hnsw" or (cfg.index == "auto" and len(bank) >= ANN_MIN_ROWS)
+        return cls(bank, embedder or _default_embedder(), k=cfg.k,
+                   min_similarity=cfg.min_similarity, models=[t.name for t in spec.targets],
+                   ann=hnsw_index(bank, cfg.bank) if use_ann and len(bank) else None)
 
     def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(similarity, bank index) of the k nearest entries per query, most similar first."""
+        if self.ann is not None:
+            sims, idx = self.ann.search(np.ascontiguousarray(queries, np.float32), self.k)
+            missing = idx < 0  # fewer than k found: no vote
+            return (np.where(missing, -np.inf, sims).astype(np.float32),
+                    np.where(missing, 0, idx).astype(np.int64))
         n, k = len(queries), self.k
         best_s = np.full((n, k), -np.inf, np.float32)
         best_i = np.zeros((n, k), np.int64)
@@ -184,6 +199,38 @@ class Neighbours:
     def predict(self, texts: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray,
                                                                   np.ndarray]:
         return self.predict_embedded(self.embedder.embed(texts))
+
+
+def hnsw_index(bank: Bank, bank_path: str) -> Any:
+    """The bank's faiss HNSW graph: read from ``BANK.hnsw`` when it was built from this very
+    bank file, else built and saved there (temp file, then rename)."""
+    import hashlib
+    import os
+
+    import faiss
+
+    stat = os.stat(bank_path)
+    stamp = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:{len(bank)}:{HNSW_M}".encode()
+                           ).hexdigest()[:16]
+    path = Path(f"{bank_path}.hnsw")
+    stamp_path = Path(f"{bank_path}.hnsw.stamp")
+    index: Any
+    if path.exists() and stamp_path.exists() and stamp_path.read_text() == stamp:
+        index = faiss.read_index(str(path))
+    else:
+        log.info("building the HNSW index of %s (%d entries)", bank_path, len(bank))
+        index = faiss.IndexHNSWFlat(bank.embeddings.shape[1], HNSW_M,
+                                    faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.add(np.ascontiguousarray(bank.embeddings, np.float32))
+        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+        faiss.write_index(index, str(tmp))
+        tmp.replace(path)
+        stamp_path.write_text(stamp)
+    index.hnsw.efSearch = HNSW_EF_SEARCH
+    # A routing actor holds one CPU: search single-threaded, as onnxruntime does there.
+    faiss.omp_set_num_threads(1)
+    return index
 
 
 # --------------------------------------------------------------------------- growing a bank

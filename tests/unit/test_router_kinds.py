@@ -164,6 +164,8 @@ def test_job_file_router_sections() -> None:
          "'classifier' decides every row it sees"),
         ({"classifier": {"uncertain": [0.8, 0.2]}}, r"uncertain: must be \[low, high\]"),
         ({"similarity": {"k": 8}}, "router.similarity.bank: missing"),
+        ({"similarity": {"bank": "b", "index": "lsh"}},
+         "router.similarity.index: must be one of auto, exact, hnsw"),
         ({"stages": ["rules"], "similarity": {"bank": "b"}}, "configured but not in"),
         ({"fallback": "ghost"}, "router.fallback: 'ghost' is not in the models catalog"),
         ({"stages": ["classifier", "similarity", "llm"],
@@ -310,3 +312,32 @@ def test_rules_are_vectorised_and_their_order_is_respected(
     swapped = RouteStage(None, _spec(stages=("rules",), rules=rules[::-1], fallback=CHEAP))(
         _requests(prompts[:3]))
     assert _col(swapped, "route_reason") == ["rule:second", "rule:second", "fallback"]
+
+
+def test_a_large_bank_is_searched_through_a_cached_hnsw_index(tmp_path: Path) -> None:
+    import faiss
+
+    rng = np.random.default_rng(1)
+    n, dim = 3000, 32
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    bank = memory.Bank(np.array([f"k{i}" for i in range(n)], dtype=object), vectors,
+                       (CHEAP,), rng.integers(0, 2, (n, 1)).astype(np.float32), EMB.name)
+    path = tmp_path / "bank.parquet"
+    path.write_bytes(b"stand-in: the stamp reads the file's size and time")
+    index = memory.hnsw_index(bank, str(path))
+    assert isinstance(index, faiss.IndexHNSWFlat)
+    stamp = (tmp_path / "bank.parquet.hnsw").stat().st_mtime_ns
+    assert memory.hnsw_index(bank, str(path)).ntotal == n  # read back, not rebuilt
+    assert (tmp_path / "bank.parquet.hnsw").stat().st_mtime_ns == stamp
+    exact = memory.Neighbours(bank, EMB, k=10, min_similarity=0.0, models=[CHEAP])
+    approx = memory.Neighbours(bank, EMB, k=10, min_similarity=0.0, models=[CHEAP], ann=index)
+    queries = vectors[:200] + 0.3 * rng.standard_normal((200, dim)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    (es, ei), (as_, ai) = exact.nearest(queries), approx.nearest(queries)
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(ai, ei, strict=True)])
+    assert recall >= 0.95
+    np.testing.assert_allclose(as_[:, 0], es[:, 0], atol=1e-5)  # the nearest is found
+    # Scores from either search agree closely.
+    np.testing.assert_allclose(approx.predict_embedded(queries)[0],
+                               exact.predict_embedded(queries)[0], atol=0.05)
