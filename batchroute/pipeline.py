@@ -37,6 +37,7 @@ log = logging.getLogger("batchroute")
 # routed copy) at a time, and prompts can be long documents.
 SOURCE_SHARD_ROWS = 8_192
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
+START_ATTEMPTS = 4
 
 
 @dataclass
@@ -415,6 +416,32 @@ class _DispatchActors:
     def __init__(self, job: JobConfig, run_id: str) -> None:
         ray = _ray()
         self.job = job
+        self.actors: dict[str, Any] = {}
+        # A node that has just died can still be offered for new actors until Ray's health
+        # check gives up on it (seconds): an actor placed there dies before it runs. Nothing
+        # has been sent yet, so start the set again, a few times.
+        for attempt in range(START_ATTEMPTS):
+            try:
+                have = self._start(run_id)
+                break
+            except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as exc:
+                self.kill()
+                if attempt == START_ATTEMPTS - 1:
+                    raise
+                log.warning("a dispatch actor died while starting (%s); starting again",
+                            type(exc).__name__)
+                time.sleep(2.0 * (attempt + 1))
+        missing = [m for m, ok in zip(self.actors, have, strict=True) if not ok]
+        if missing:
+            self.kill()
+            m = job.models[missing[0]]
+            raise ConfigError(f"models.{m.name}.api_key_env: environment variable "
+                              f"{m.api_key_env} is not set where Ray's workers run")
+
+    def _start(self, run_id: str) -> list[bool]:
+        """Start one actor per model, connect the escalation ladder; return who has a key."""
+        ray = _ray()
+        job = self.job
         remote = ray.remote(num_cpus=0, max_concurrency=10_000)(_DispatchActor)
         # Unnamed on purpose: a resumed run must not collide with the actors of a killed
         # driver that Ray has not reaped yet.
@@ -422,13 +449,8 @@ class _DispatchActors:
                        for m, cfg in job.models.items()}
         ray.get([self.actors[m].connect.remote(self.actors[up]) for m in job.models
                  if (up := job.dispatch.escalates_to(m)) is not None])
-        have = ray.get([a.has_key.remote() for a in self.actors.values()])
-        missing = [m for m, ok in zip(self.actors, have, strict=True) if not ok]
-        if missing:
-            self.kill()
-            m = job.models[missing[0]]
-            raise ConfigError(f"models.{m.name}.api_key_env: environment variable "
-                              f"{m.api_key_env} is not set where Ray's workers run")
+        have: list[bool] = ray.get([a.has_key.remote() for a in self.actors.values()])
+        return have
 
     def dispatch(self, folder: RunFolder, planned: dict[str, int], sink: ResultSink,
                  progress: Progress, answered: pa.Array | None = None) -> dict[str, Any]:
