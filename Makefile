@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_PORT ?= 8765
 
-.PHONY: venv demo test test-fast test-integration lint router router-kinds browser clean
+.PHONY: venv demo test test-fast test-integration lint router router-embed router-kinds browser clean
 
 venv: $(STAMP)
 
@@ -53,6 +53,11 @@ lint: $(STAMP)
 ## router: retrain the bundled router from ../shared/data (deterministic)
 router: $(STAMP)
 	$(BIN)/batchroute train --labels ../shared/data/mmlu_labels.parquet --out batchroute/assets/router.onnx
+
+## router-embed: the MiniLM-embedding router for comparison (~90 MB, never committed: runs/)
+router-embed: $(STAMP)
+	$(BIN)/batchroute train --features embed --labels ../shared/data/mmlu_labels.parquet \
+	    --out runs/router-embed.onnx
 
 ## router-kinds: the README's comparison of router kinds on the held-out MMLU labels. Builds
 # the similarity router's memory bank from the training split (minutes: MiniLM on the CPU),
