@@ -149,6 +149,26 @@ def test_score_command_and_route_stage_take_either_kind(router_file: Path, label
     expected = rt.Router(router_file.read_bytes()).score(first.column("prompt"))
     assert t.column(CHEAP)[0].as_py() == pytest.approx(float(expected[0, 0]), abs=1e-6)
 
+    # The job's route stage: geography goes to the cheap model, arithmetic to the strong one.
+    from batchroute import config, schemas
+    from batchroute.route import RouteSpec, RouteStage
+    from tests.helpers import job_doc, model_table
+
+    doc = job_doc()
+    doc["models"] = {name: model_table(name, p, p * 4, base_url="http://127.0.0.1:1/v1")
+                     for name, p in ((CHEAP, 0.1), (STRONG, 10.0))}
+    doc["router"] = {"thresholds": {CHEAP: 0.5}}
+    doc["job"]["reference_model"] = STRONG
+    stage = RouteStage(router_file.read_bytes(), RouteSpec.from_job(config.parse(doc)))
+    prompts = {"geo": "What is the capital of Norway?", "math": "Solve 5x + 7 = 22 for x."}
+    cols = {"request_id": list(prompts), "row": [0, 1], "prompt": list(prompts.values())}
+    batch = pa.table({name: pa.array(cols[name], schemas.REQUESTS.field(name).type)
+                      if name in cols else pa.nulls(2, schemas.REQUESTS.field(name).type)
+                      for name in schemas.REQUESTS.names}, schema=schemas.REQUESTS)
+    routed = stage(batch)
+    assert dict(zip(routed.column("request_id").to_pylist(), routed.column("model").to_pylist(),
+                    strict=True)) == {"geo": CHEAP, "math": STRONG}
+
 
 def test_bad_tokenizer_metadata_is_refused(router_file: Path) -> None:
     bad = rt.with_metadata(router_file.read_bytes(), {"tokenizer_json": "{not json"})
