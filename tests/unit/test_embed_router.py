@@ -181,3 +181,18 @@ def test_unknown_featurisation_is_refused(labels: Path, tmp_path: Path) -> None:
 
     with pytest.raises(SchemaError, match="--features must be one of"):
         train.train(str(labels), str(tmp_path / "r.onnx"), features="tfidf")
+
+
+def test_calibrate_and_eval_take_an_embedding_router(router_file: Path, labels: Path) -> None:
+    from batchroute import calibrate, evaluate
+
+    data, summary = calibrate.calibrate(router_file.read_bytes(), str(labels),
+                                        calibrate.Target.parse("strong-share=0.5"))
+    info = rt.inspect(data)
+    assert info.version.startswith(train.EMBED_KIND) and "+cal-" in info.version
+    assert info.thresholds[CHEAP] == summary["thresholds"][CHEAP]
+    texts = pa.array(["What is the capital of Japan?", ""])
+    np.testing.assert_array_equal(rt.Router(data).score(texts),
+                                  rt.Router(router_file.read_bytes()).score(texts))
+    report = evaluate.evaluate_router(data, str(labels), weak=CHEAP, strong=STRONG)
+    assert report["router"]["weak-failure"]["auc"] > 0.8
