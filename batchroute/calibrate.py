@@ -148,8 +148,14 @@ def choose(outcomes: Sequence[Outcome], target: Target, strong_quality: float) -
 
 
 def calibrate(model_bytes: bytes, labels_uri: str, target: Target, *,
-              job: JobConfig | None = None, split: str = "all") -> tuple[bytes, dict[str, Any]]:
-    """The router file with calibrated thresholds, and a summary of what they achieve."""
+              job: JobConfig | None = None, split: str = "all",
+              policy: str | None = None) -> tuple[bytes, dict[str, Any]]:
+    """The router file with calibrated thresholds, and a summary of what they achieve.
+    ``policy`` is what the thresholds apply to ("success" or "relative", see
+    :class:`batchroute.config.RouterConfig`); default: the job's, else "success"."""
+    from batchroute.route import relative
+
+    policy = policy or (job.router.policy if job is not None else "success")
     router = rt.Router(model_bytes)
     models = list(router.info.models)
     table = train.labelled(labels_uri, models, split)
@@ -162,12 +168,15 @@ def calibrate(model_bytes: bytes, labels_uri: str, target: Target, *,
         raise ConfigError("--target budget-usd needs --job JOB.toml for the models' prices")
 
     probs, scores, cost = policy_inputs(router, table, order, job)
+    if policy == "relative":
+        probs = relative(probs)
     outcomes = replay(probs, scores, threshold_grid(probs), cost)
     strong_quality = float(scores[:, -1].mean())
     best = choose(outcomes, target, strong_quality)
     thresholds = dict.fromkeys(order[:-1], best.threshold) | {order[-1]: 0.0}
     summary = {
-        "target": f"{target.kind}={target.value}", "rows": len(table), "split": split,
+        "target": f"{target.kind}={target.value}", "policy": policy, "rows": len(table),
+        "split": split,
         "order": order, "thresholds": thresholds, "strong_share": best.strong_share,
         "quality": best.quality, "strong_quality": strong_quality,
         "quality_vs_strong": best.quality / strong_quality if strong_quality else None,

@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="job whose prices order the models (cheapest first) and price budgets")
     c.add_argument("--split", default="all", choices=("holdout", "all"),
                    help="labelled rows to calibrate on (default: all)")
+    c.add_argument("--policy", choices=("success", "relative"), default=None,
+                   help="what the thresholds apply to, as the job's [router] policy "
+                   "(default: the --job's, else success)")
     c.add_argument("--out", metavar="ROUTER.onnx",
                    help="where to write the calibrated router (default: in place)")
     c.add_argument("--json", action="store_true", help="print the outcome as JSON")
@@ -452,6 +455,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     job = config.load(args.job) if args.job else None
     data, out = calibrate.calibrate(rt.read_bytes(args.router), args.labels,
                                     calibrate.Target.parse(args.target), job=job,
+                                    policy=args.policy,
                                     split=args.split)
     train.write_atomic(args.out or args.router, data)
     if args.json:

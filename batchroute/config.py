@@ -123,6 +123,7 @@ class Rule:
 
 
 ROUTER_STAGES = ("rules", "similarity", "classifier", "llm")
+POLICIES = ("success", "relative")
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,11 @@ class RouterConfig:
     # Per-model thresholds on predicted success (classifier and similarity); unset ones come
     # from the router file.
     thresholds: Mapping[str, float] = field(default_factory=dict)
+    # What the thresholds apply to. "success": each model's predicted success (the cheapest
+    # model whose P(success) >= its threshold). "relative": its predicted success relative to
+    # the strongest model's, 1 - (P(strongest) - P(model)), so a prompt both would fail
+    # stays cheap.
+    policy: str = "success"
     rules: tuple[Rule, ...] = ()
     # Where rows no stage decided go; "" = the strongest (dearest) catalog model.
     fallback: str = ""
@@ -405,7 +411,8 @@ def _price_catalog(path: str) -> dict[str, tuple[Price, ...]]:
 
 
 def _router(t: Mapping[str, Any], models: Mapping[str, ModelConfig]) -> RouterConfig:
-    _known(t, "router", {"path", "stages", "thresholds", "rules", "fallback", "classifier",
+    _known(t, "router", {"path", "stages", "thresholds", "policy", "rules", "fallback",
+                         "classifier",
                          "similarity", "llm", "batch_size", "actors"})
     stages = tuple(_str_list(t, "stages", "router.")) if "stages" in t else RouterConfig.stages
     for s in stages:
@@ -443,6 +450,7 @@ def _router(t: Mapping[str, Any], models: Mapping[str, ModelConfig]) -> RouterCo
     path = str(t.get("path", BUNDLED_ROUTER))
     return RouterConfig(
         path=_resolve(path), stages=stages, thresholds=thresholds, rules=rules,
+        policy=_choice(t, "policy", "router.", POLICIES, "success"),
         fallback=fallback,
         classifier=ClassifierConfig(uncertain=_band(
             _table(t, "classifier", "router.", required=False), "router.classifier.")),

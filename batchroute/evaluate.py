@@ -249,7 +249,8 @@ def evaluate_config(job: Any, labels_uri: str, *, weak: str, strong: str,
     labelled prompts.
 
     Kinds that decide in steps still need one score per prompt for RouteLLM's threshold sweep:
-    a scoring stage's rows score 1 - P(weak succeeds); an llm row scores its label's rank
+    a scoring stage's rows score 1 - P(weak succeeds) (with ``policy = "relative"``,
+    P(strong succeeds) - P(weak succeeds)); an llm row scores its label's rank
     (easiest 0, hardest 1); a rule's, forced or fallback row scores 1 if it went to ``strong``
     else 0. Rows decided after a stage with an uncertain band are ranked inside that band, so
     the sweep orders them between the rows the earlier stage decided. The ``operating_point``
@@ -311,7 +312,8 @@ def evaluate_config(job: Any, labels_uri: str, *, weak: str, strong: str,
     stages = routed.column("route_stage").to_pylist()
     llm_model = job.models.get(spec.llm.model) if "llm" in spec.stages else None
     return {
-        "job": job.source, "stages": list(spec.stages), "rows": n, "split": split,
+        "job": job.source, "stages": list(spec.stages), "policy": spec.policy, "rows": n,
+        "split": split,
         "weak": weak, "strong": strong, "price_ratio": price_ratio, **report,
         "operating_point": {
             "strong_share": float(to_strong.mean()),
@@ -344,9 +346,11 @@ def config_scores(routed: Any, spec: Any, *, weak: str, strong: str) -> np.ndarr
         rows = stage == name
         if rows.any():
             lists = routed.column(column).to_pylist()
-            p_weak = np.array([next(x["score"] for x in lists[i] if x["model"] == weak)
-                               for i in np.flatnonzero(rows)])
-            out[rows] = 1.0 - p_weak
+            p = {m: np.array([next(x["score"] for x in lists[i] if x["model"] == m)
+                              for i in np.flatnonzero(rows)]) for m in (weak, strong)}
+            # 1 - what the cheap model's threshold applies to (unclipped, to keep the order)
+            out[rows] = (p[strong] - p[weak] if spec.policy == "relative"
+                         else 1.0 - p[weak])
     if "llm" in spec.stages:
         labels = list(spec.llm.labels)
         rank = {lab: i / max(len(labels) - 1, 1) for i, lab in enumerate(labels)}
@@ -380,7 +384,8 @@ def format_configs(reports: list[dict[str, Any]]) -> str:
         auc = f"{r['auc']:.3f}" if r["auc"] is not None else "-"
         rate = (f"{r['prompts_per_s_per_core']:>16,.0f}" if r["prompts_per_s_per_core"]
                 else f"{'-':>16}")
-        name = " > ".join(r["stages"]) + (" (simulated)" if r["simulated"] else "")
+        name = (" > ".join(r["stages"]) + (" (relative)" if r["policy"] == "relative" else "")
+                + (" (simulated)" if r["simulated"] else ""))
         op = r["operating_point"]
         lines.append(f"{name:<34}{r['apgr']:>7.3f}{r['cpt50']:>10.1%}{auc:>7}"
                      f"{op['strong_share']:>9.1%}{op['quality']:>9.3f}"

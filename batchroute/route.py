@@ -68,6 +68,7 @@ class RouteSpec:
     thresholds: Mapping[str, float]  # job overrides; router defaults fill the rest
     default_max_tokens: int
     stages: tuple[str, ...] = ("rules", "classifier")
+    policy: str = "success"  # or "relative": see RouterConfig.policy
     fallback: str = ""  # "" = the strongest (dearest) target
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
@@ -79,7 +80,8 @@ class RouteSpec:
                                m.context_window, m.tpm) for m in job.models.values())
         r = job.router
         return cls(targets, r.rules, dict(r.thresholds), job.dispatch.default_max_tokens,
-                   stages=r.stages, fallback=r.fallback, classifier=r.classifier,
+                   stages=r.stages, policy=r.policy, fallback=r.fallback,
+                   classifier=r.classifier,
                    similarity=r.similarity, llm=r.llm)
 
     @property
@@ -98,6 +100,12 @@ def check_compatible(info: RouterInfo, spec: RouteSpec, *, path: str) -> None:
     if missing:
         raise RouterError(f"router file {path}: model {missing[0]!r} is not in the job's "
                           f"catalog (catalog: {', '.join(sorted(known))})")
+    calibrated = _calibrated_policy(info)
+    if calibrated and calibrated != spec.policy:
+        raise RouterError(
+            f"router file {path}: its thresholds were calibrated for router policy "
+            f"{calibrated!r} but the job uses {spec.policy!r}; set [router] policy = "
+            f"{calibrated!r} or recalibrate with --policy {spec.policy}")
 
 
 @dataclass
@@ -119,8 +127,18 @@ class _Open:
         self.decided |= rows
 
 
+def relative(scores: np.ndarray) -> np.ndarray:
+    """Predicted success relative to the last column's (the strongest model's):
+    1 - (P(strongest) - P(model)), clipped to [0, 1]; ``scores`` ordered cheapest first."""
+    if not len(scores):
+        return scores
+    rel: np.ndarray = np.clip(1.0 - (scores[:, -1:] - scores), 0.0, 1.0)
+    return rel
+
+
 class _Policy:
-    """Cheapest model whose predicted success clears its threshold, else the strongest."""
+    """Cheapest model whose predicted success (or, with ``policy = "relative"``, success
+    relative to the strongest model's) clears its threshold, else the strongest."""
 
     def __init__(self, models: tuple[str, ...], spec: RouteSpec,
                  defaults: Mapping[str, float]) -> None:
@@ -131,16 +149,32 @@ class _Policy:
         thresholds = {**defaults, **spec.thresholds}
         self.thresholds = np.array([thresholds.get(n, 0.5) for n in self.names], np.float32)
         self.thresholds[-1] = 0.0  # the strongest (dearest) model always clears
+        self.relative = spec.policy == "relative"
+
+    def ordered(self, scores: np.ndarray) -> np.ndarray:
+        """``scores`` cheapest first, as the thresholds apply to them."""
+        out = scores[:, self.order] if len(scores) else scores
+        return relative(out) if self.relative else out
 
     def choose(self, scores: np.ndarray) -> np.ndarray:
         """Index into ``names`` of the chosen model for each row of ``scores``."""
         if not len(scores):
             return np.zeros(0, np.int64)
-        first: np.ndarray = np.argmax(scores[:, self.order] >= self.thresholds, axis=1)
+        first: np.ndarray = np.argmax(self.ordered(scores) >= self.thresholds, axis=1)
         return first
 
     def cheapest(self, scores: np.ndarray) -> np.ndarray:
-        return scores[:, self.order[0]] if len(scores) else np.zeros(0, np.float32)
+        """What the cheapest model's threshold applies to (for uncertain bands)."""
+        return self.ordered(scores)[:, 0] if len(scores) else np.zeros(0, np.float32)
+
+
+def _calibrated_policy(info: RouterInfo) -> str:
+    """The policy a router file's thresholds were calibrated for ("" when never calibrated;
+    files calibrated before policies existed used "success")."""
+    import json
+
+    raw = info.metadata.get("calibration")
+    return str(json.loads(raw).get("policy", "success")) if raw else ""
 
 
 def _band_mask(values: np.ndarray, band: tuple[float, float] | None) -> np.ndarray:
@@ -168,6 +202,7 @@ class RouteStage:
             self.router = Router(router_bytes, path=router_path)
             check_compatible(self.router.info, spec, path=router_path)
             self._policy = _Policy(self.router.info.models, spec, self.router.info.thresholds)
+
         self._similarity: Any = None
         if "similarity" in spec.stages:
             from batchroute.memory import Neighbours

@@ -341,3 +341,47 @@ def test_a_large_bank_is_searched_through_a_cached_hnsw_index(tmp_path: Path) ->
     # Scores from either search agree closely.
     np.testing.assert_allclose(approx.predict_embedded(queries)[0],
                                exact.predict_embedded(queries)[0], atol=0.05)
+
+
+# -- policy = "relative" ---------------------------------------------------------------------
+
+def test_relative_policy_keeps_prompts_both_models_would_fail_on_the_cheap_one() -> None:
+    from batchroute.route import _Policy, relative
+
+    # columns: cheap, mid, strong (cheapest first); rows: both fail, only strong succeeds,
+    # all succeed
+    scores = np.array([[0.1, 0.1, 0.15], [0.1, 0.2, 0.9], [0.9, 0.9, 0.95]], np.float32)
+    np.testing.assert_allclose(relative(scores)[:, 0], [0.95, 0.2, 0.95], rtol=1e-6)
+    spec = _spec(thresholds={CHEAP: 0.8, MID: 0.8})
+    models = (STRONG, CHEAP, MID)  # the router's output order need not be the price order
+    cols = scores[:, [2, 0, 1]]
+    success = _Policy(models, spec, {})
+    rel = _Policy(models, dataclasses.replace(spec, policy="relative"), {})
+    assert list(success.names[success.choose(cols)]) == [STRONG, STRONG, CHEAP]
+    assert list(rel.names[rel.choose(cols)]) == [CHEAP, STRONG, CHEAP]
+
+
+def test_thresholds_calibrated_for_one_policy_are_refused_under_the_other(
+        tmp_path: Path) -> None:
+    from batchroute import calibrate
+    from batchroute import router as rt
+    from batchroute.errors import RouterError
+    from batchroute.route import check_compatible
+
+    labels = tmp_path / "labels.parquet"
+    pl.DataFrame([{"request_id": f"q{i}", "prompt": ("easy " if i % 2 else "hard ") + str(i),
+                   "model": m, "score": float(m == STRONG or i % 2)}
+                  for i in range(40) for m in (CHEAP, STRONG)]).write_parquet(labels)
+    data, out = calibrate.calibrate(tiny_router(), str(labels),
+                                    calibrate.Target.parse("strong-share=0.5"),
+                                    policy="relative")
+    assert out["policy"] == "relative"
+    info = rt.inspect(data)
+    check_compatible(info, _spec(policy="relative"), path="r.onnx")
+    with pytest.raises(RouterError, match="calibrated for router policy 'relative' but the "
+                                          "job uses 'success'"):
+        check_compatible(info, _spec(), path="r.onnx")
+    doc = job_doc()
+    doc["router"]["policy"] = "best"
+    with pytest.raises(ConfigError, match=r"router\.policy: must be one of success, relative"):
+        config.parse(doc)
