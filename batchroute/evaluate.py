@@ -100,9 +100,11 @@ def evaluate(scores: np.ndarray, weak: np.ndarray, strong: np.ndarray, *,
 
 Ordering = Callable[[np.ndarray, np.ndarray], np.ndarray]
 ORDERINGS: dict[str, Ordering] = {
-    # What the job's policy does today: send up when the weak model is unlikely to succeed.
+    # The job's default [router] policy = "success": send up when the weak model is unlikely
+    # to succeed.
     "weak-failure": lambda p_weak, p_strong: 1.0 - p_weak,
-    # Expected gain from sending up: the strong model's success minus the weak model's.
+    # policy = "relative": the expected gain from sending up, the strong model's success
+    # minus the weak model's.
     "gain": lambda p_weak, p_strong: p_strong - p_weak,
 }
 
@@ -229,13 +231,14 @@ def format_frontier(r: dict[str, Any]) -> str:
 def format_report(r: dict[str, Any]) -> str:
     lines = [f"{r['rows']} labelled prompts ({r['split']} split), weak {r['weak']}, "
              f"strong {r['strong']}, router {r['router_version']}",
-             f"{'router':<24}{'APGR':>7}{'CPT(50%)':>10}{'CPT(80%)':>10}"
+             f"{'router':<32}{'APGR':>7}{'CPT(50%)':>10}{'CPT(80%)':>10}"
              f"{'strong@95%':>12}{'cost -%':>9}{'AUC':>7}"]
-    rows = {**{f"ordering: {k}": v for k, v in r["router"].items()},
+    policies = {"weak-failure": "success", "gain": "relative"}
+    rows = {**{f"policy {policies.get(k, k)} ({k})": v for k, v in r["router"].items()},
             "random": r["random"], "oracle": r["oracle"]}
     for name, m in rows.items():
         auc = f"{m['auc']:.3f}" if m["auc"] is not None else "-"
-        lines.append(f"{name:<24}{m['apgr']:>7.3f}{m['cpt50']:>10.1%}{m['cpt80']:>10.1%}"
+        lines.append(f"{name:<32}{m['apgr']:>7.3f}{m['cpt50']:>10.1%}{m['cpt80']:>10.1%}"
                      f"{m['strong_share_at_95pct_quality']:>12.1%}"
                      f"{m['cost_reduction_at_95pct_quality']:>9.1%}{auc:>7}")
     return "\n".join(lines)
