@@ -23,7 +23,7 @@ Search is exact (a matrix product per chunk of the bank) below ``ANN_MIN_ROWS`` 
 costs O(bank) per prompt, fine for a few hundred thousand entries (200,000 x 384 floats is
 300 MiB and ~0.1 GFLOP a prompt). From there on, or with ``index = "hnsw"``, an HNSW graph
 from faiss (faiss-cpu, Meta's similarity-search library) answers instead: inner product on
-the normalised embeddings, M = 32, efSearch = 128. The graph is built once per bank file and
+the normalised embeddings, M = 32, efSearch = 512. The graph is built once per bank file and
 kept beside it as ``BANK.parquet.hnsw`` (rebuilt when the bank changes).
 """
 
@@ -49,7 +49,7 @@ log = logging.getLogger("batchroute")
 ANN_MIN_ROWS = 200_000
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 128
+HNSW_EF_SEARCH = 512
 BANK_CHUNK_ROWS = 65_536
 PRIOR_WEIGHT = 1.0
 OUTCOME = schemas.ROUTER_SCORE  # struct<model, score>
