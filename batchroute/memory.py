@@ -66,7 +66,9 @@ def bank_schema(dim: int) -> pa.Schema:
     ])
 
 
-def prompt_keys(texts: pa.Array | pa.ChunkedArray) -> list[str]:
+def text_keys(texts: pa.Array | pa.ChunkedArray) -> list[str]:
+    """sha256 of each prompt's text (null as empty): a bank holds a prompt once. Unlike the
+    llm router's cache keys, nothing but the text goes in."""
     import hashlib
 
     return [hashlib.sha256((t or "").encode()).hexdigest()
@@ -293,7 +295,7 @@ def add(bank_path: str, outcomes: pl.DataFrame, *, source: str, embedder: Any = 
     (prompt, model) replaces the older one. Returns counts."""
     embedder = embedder or _default_embedder()
     texts = pa.array(outcomes["prompt"].to_list(), pa.string())
-    frame = outcomes.with_columns(key=pl.Series(prompt_keys(texts)))
+    frame = outcomes.with_columns(key=pl.Series(text_keys(texts)))
     old = None
     if Path(bank_path).exists():
         old = pq.read_table(bank_path)

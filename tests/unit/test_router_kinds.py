@@ -89,7 +89,7 @@ def test_adding_merges_outcomes_and_keeps_one_row_per_prompt(tmp_path: Path) -> 
     assert counts == {"prompts": 5, "new_prompts": 1, "outcomes": 2}
     bank = memory.Bank.read(path)
     assert bank.models == (CHEAP, MID, STRONG)
-    row = list(bank.keys).index(memory.prompt_keys(pa.array(["capital of france paris"]))[0])
+    row = list(bank.keys).index(memory.text_keys(pa.array(["capital of france paris"]))[0])
     assert bank.outcomes[row].tolist() == [0.0, pytest.approx(np.nan, nan_ok=True), 1.0]
     with pytest.raises(ConfigError, match="embedded with 'fake-bow-32'"):
         memory.add(path, again, source="x", embedder=type("E", (), {"name": "other", "dim": 32})())
