@@ -52,18 +52,28 @@ WORKER_RESOURCE = "batchroute_test_worker_node"
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: every socket stays bound until all are chosen, since a port
+    released at once can be handed out again by the next bind (Ray refuses a port given to
+    two of its components)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return _free_ports(1)[0]
 
 
 def _node_ports() -> list[str]:
     # Fixed defaults (dashboard agent 52365, ...) would collide with the other node and with
     # the test session's own Ray.
-    return [f"--{flag}={_free_port()}" for flag in (
-        "node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")]
+    flags = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+             "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")
+    return [f"--{flag}={port}" for flag, port in zip(flags, _free_ports(len(flags)),
+                                                      strict=True)]
 
 
 @dataclass
