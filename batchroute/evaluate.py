@@ -332,6 +332,9 @@ def evaluate_config(job: Any, labels_uri: str, *, weak: str, strong: str,
 
 def config_scores(routed: Any, spec: Any, *, weak: str, strong: str) -> np.ndarray:
     """One "needs the strong model" score per routed row (see :func:`evaluate_config`)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     n = routed.num_rows
     model = np.asarray(routed.column("model").to_pylist(), dtype=object)
     stage = np.asarray(routed.column("route_stage").to_pylist(), dtype=object)
@@ -348,9 +351,12 @@ def config_scores(routed: Any, spec: Any, *, weak: str, strong: str) -> np.ndarr
     for name, column in (("classifier", "router_scores"), ("similarity", "similarity_scores")):
         rows = stage == name
         if rows.any():
-            lists = routed.column(column).to_pylist()
-            p = {m: np.array([next(x["score"] for x in lists[i] if x["model"] == m)
-                              for i in np.flatnonzero(rows)]) for m in (weak, strong)}
+            # Every scored row lists each model once, so the flattened entries of one model
+            # come out in row order.
+            flat = pc.list_flatten(routed.column(column).take(pa.array(np.flatnonzero(rows)))
+                                   .combine_chunks())
+            p = {m: pc.filter(flat.field("score"), pc.equal(flat.field("model"), m))
+                 .to_numpy(zero_copy_only=False).astype(np.float64) for m in (weak, strong)}
             # 1 - what the cheap model's threshold applies to (unclipped, to keep the order)
             out[rows] = (p[strong] - p[weak] if spec.policy == "relative"
                          else 1.0 - p[weak])

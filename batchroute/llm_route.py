@@ -533,6 +533,7 @@ class LLMRouter:
                                                pa.string()), k),
             est_input_tokens=pa.array(est_in, pa.int64()),
             est_output_tokens=pa.repeat(pa.scalar(self.max_tokens, pa.int64()), k),
+            route_cost_micro_usd=pa.array(np.zeros(k, np.int64)),  # non-null: nothing paid yet
         )
         table = pa.table(cols, schema=schemas.ROUTED)
         return table.replace_schema_metadata({**(table.schema.metadata or {}), **self._meta})

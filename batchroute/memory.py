@@ -272,8 +272,8 @@ def outcomes_from_run(run_folder: str) -> pl.DataFrame:
     prompts = []
     for p in folder.shards(folder.sub("source")):
         t = pq.read_table(p, filesystem=folder.fs)
-        prompts.append(pl.DataFrame({"request_id": t.column("request_id").to_pylist(),
-                                     "prompt": request_text(t).to_pylist()}))
+        prompts.append(_frame(pa.table({"request_id": t.column("request_id"),
+                                        "prompt": request_text(t)})))
     if not prompts or results.is_empty():
         raise ConfigError(f"{run_folder}: the run has no results to learn from yet")
     sent = results.filter(pl.col("status") != "rejected")
@@ -288,8 +288,8 @@ def outcomes_from_run(run_folder: str) -> pl.DataFrame:
             .select("request_id", "prompt", "model", "score"))
 
 
-def add(bank_path: str, outcomes: pl.DataFrame, *, source: str, embedder: Any = None,
-        batch_size: int = 256) -> dict[str, int]:
+def add(bank_path: str, outcomes: pl.DataFrame, *, source: str,
+        embedder: Any = None) -> dict[str, int]:
     """Embed the new prompts and merge their outcomes into the bank at ``bank_path`` (created
     if absent). A prompt already in the bank keeps its embedding; a newer outcome for the same
     (prompt, model) replaces the older one. Returns counts."""
@@ -306,7 +306,7 @@ def add(bank_path: str, outcomes: pl.DataFrame, *, source: str, embedder: Any = 
     known = set(old.column("key").to_pylist()) if old is not None else set()
     fresh = frame.unique("key", keep="first", maintain_order=True).filter(
         ~pl.col("key").is_in(list(known)))
-    vectors = _embed_all(embedder, fresh["prompt"].to_list(), batch_size)
+    vectors = np.asarray(embedder.embed(fresh["prompt"].to_list()), np.float32)
     dim = embedder.dim
     new_rows = pa.table({
         "key": fresh["key"].to_arrow(), "request_id": fresh["request_id"].to_arrow(),
@@ -341,13 +341,6 @@ def add(bank_path: str, outcomes: pl.DataFrame, *, source: str, embedder: Any = 
     Path(tmp).replace(bank_path)
     return {"prompts": table.num_rows, "new_prompts": fresh.height,
             "outcomes": new_outcomes.height}
-
-
-def _embed_all(embedder: Any, texts: list[str], batch_size: int) -> np.ndarray:
-    if not texts:
-        return np.zeros((0, embedder.dim), np.float32)
-    return np.concatenate([embedder.embed(texts[i:i + batch_size])
-                           for i in range(0, len(texts), batch_size)]).astype(np.float32)
 
 
 def _frame(table: pa.Table) -> pl.DataFrame:

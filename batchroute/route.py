@@ -331,8 +331,9 @@ class RouteStage:
         st.evidence["route_cost_micro_usd"] = cost
         mask = np.zeros(st.n, bool)
         mask[idx] = True
+        labelled = pc.binary_join_element_wise("llm:", pa.array(d.label, pa.string()), "")
         reason = np.where(d.fallback, "llm:default",
-                          np.array([f"llm:{x}" for x in d.label], dtype=object))
+                          labelled.to_numpy(zero_copy_only=False).astype(object))
         st.decide(mask, d.model, "llm", reason)
 
     def _assemble(self, batch: pa.Table, reject: np.ndarray, st: _Open, est_in: np.ndarray,

@@ -385,3 +385,52 @@ def test_thresholds_calibrated_for_one_policy_are_refused_under_the_other(
     doc["router"]["policy"] = "best"
     with pytest.raises(ConfigError, match=r"router\.policy: must be one of success, relative"):
         config.parse(doc)
+
+
+# -- batchroute eval --router-config ----------------------------------------------------------
+
+def test_eval_runs_a_router_config_through_the_route_stage(tmp_path: Path) -> None:
+    from batchroute import evaluate
+
+    # "easy" prompts: both succeed; "hard": only the strong model; "plain": both fail.
+    kinds = ["easy", "hard", "plain"] * 20
+    labels = tmp_path / "labels.parquet"
+    pl.DataFrame([{"request_id": f"q{i}", "prompt": f"{k} question {i}", "model": m,
+                   "score": float(k == "easy" or (k == "hard" and m == STRONG))}
+                  for i, k in enumerate(kinds) for m in (CHEAP, STRONG)]).write_parquet(labels)
+    router = tmp_path / "r.onnx"
+    router.write_bytes(tiny_router())
+    doc = job_doc(router_path=str(router))
+    doc["router"]["rules"] = []
+    job = config.parse(doc)
+    r = evaluate.evaluate_config(job, str(labels), weak=CHEAP, strong=STRONG, split="all")
+    # tiny_router: easy -> cheap 0.98, hard -> 0.02, plain -> 0.5 (clears the default 0.5)
+    assert r["operating_point"]["strong_share"] == pytest.approx(1 / 3)
+    assert r["operating_point"]["quality"] == pytest.approx(2 / 3)  # every prompt it can win
+    assert r["operating_point"]["decided_by"] == {"classifier": 60}
+    # Three score levels give the curve (0, 1/3) (1/3, 2/3) (2/3, 2/3) (1, 2/3): by hand,
+    # (area 11/18 - weak 1/3) / (strong 2/3 - weak 1/3) = 5/6.
+    assert r["apgr"] == pytest.approx(5 / 6)
+    assert r["rows"] == 60 and r["routing_usd_per_million_prompts"] == 0
+    doc["router"]["rules"] = [{"name": "all-plain", "regex": "plain", "model": "mid-model"}]
+    with pytest.raises(ConfigError, match="sends rows to \\['mid-model'\\]"):
+        evaluate.evaluate_config(config.parse(doc), str(labels), weak=CHEAP, strong=STRONG,
+                                 split="all")
+
+
+def test_eval_scores_a_cascade_inside_the_band_of_the_stage_before() -> None:
+    from batchroute import evaluate
+
+    spec = _llm_spec(stages=("rules", "classifier", "llm"),
+                     classifier=config.ClassifierConfig(uncertain=(0.4, 0.6)))
+    scores = [[{"model": CHEAP, "score": p}, {"model": STRONG, "score": 0.9}]
+              for p in (0.9, 0.1, 0.5, 0.5, 0.5)]
+    routed = pa.table({
+        "model": [CHEAP, STRONG, CHEAP, STRONG, STRONG],
+        "route_stage": ["classifier", "classifier", "llm", "llm", "rules"],
+        "router_scores": pa.array(scores, pa.list_(schemas.ROUTER_SCORE)),
+        "llm_label": [None, None, "easy", "hard", None]})
+    out = evaluate.config_scores(routed, spec, weak=CHEAP, strong=STRONG)
+    # classifier rows: 1 - P(cheap); llm rows: the label's rank mapped into the band on
+    # 1 - P(cheap), [0.4, 0.6]; a rule's row: 1 when it went to the strong model.
+    np.testing.assert_allclose(out, [0.1, 0.9, 0.4, 0.6, 1.0], rtol=1e-6)
