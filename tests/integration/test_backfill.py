@@ -13,9 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchroute import backfill, cli, config
+from batchroute import cli, config
+from batchroute.devtools.mock_provider import MockProvider
 from batchroute.errors import ConfigError
-from batchroute.mock_provider import MockProvider
+from batchroute.job import backfill
 from tests.helpers import demo_job_doc, quiet_progress, to_toml
 
 pytestmark = pytest.mark.integration

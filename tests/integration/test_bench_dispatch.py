@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from batchroute import bench_dispatch
+from batchroute.devtools.bench import dispatch as bench_dispatch
 
 pytestmark = pytest.mark.integration
 

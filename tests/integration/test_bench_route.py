@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from batchroute import bench_route
+from batchroute.devtools.bench import route as bench_route
 
 pytestmark = pytest.mark.integration
 N = 3000

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pytest
 
 from batchroute import config, schemas
-from batchroute.dispatch.dispatcher import ModelDispatcher
-from batchroute.mock_provider import MockProvider, MockProviderConfig
+from batchroute.devtools.mock_provider import MockProvider, MockProviderConfig
+from batchroute.stages.dispatch.dispatcher import ModelDispatcher
 from tests.helpers import CHEAP, MID, job_doc
 
 pytestmark = pytest.mark.integration

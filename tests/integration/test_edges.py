@@ -11,9 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchroute import config, pipeline
+from batchroute import config
+from batchroute.devtools.mock_provider import MockProvider, MockProviderConfig
 from batchroute.errors import ConfigError
-from batchroute.mock_provider import MockProvider, MockProviderConfig
+from batchroute.job import runner
 from tests.helpers import demo_job_doc, quiet_progress
 
 pytestmark = pytest.mark.integration
@@ -44,7 +45,7 @@ def test_provider_limit_below_the_catalog_gives_429s_that_are_honoured(
         job = _job(tmp_path, tmp_path / "in.parquet", dict.fromkeys(
             ("mixtral-8x7b-instruct", "claude-3-5-sonnet", "gpt-4-1106-preview"), p.url),
             rpm=2400)
-        out = pipeline.run(job, run_id="tight", progress=quiet_progress())
+        out = runner.run(job, run_id="tight", progress=quiet_progress())
         served = p.stats()
     results = pl.read_parquet(out.folder.sub("results"))
     assert out.exit_code == 0 and len(results) == n
@@ -64,13 +65,13 @@ def test_empty_and_all_rejected_inputs_finish_cleanly(tmp_path: Path, provider: 
     empty = tmp_path / "empty.parquet"
     pq.write_table(pa.table({"request_id": pa.array([], pa.string()),
                              "prompt": pa.array([], pa.string())}), empty)
-    out = pipeline.run(_job(tmp_path, empty, urls), run_id="empty", progress=quiet_progress())
+    out = runner.run(_job(tmp_path, empty, urls), run_id="empty", progress=quiet_progress())
     assert out.exit_code == 0 and out.manifest["input_rows"] == 0
     assert out.rollups is not None and out.rollups.num_rows == 0
 
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"request_id": ["a", "a", "b"], "prompt": ["", "x", None]}), bad)
-    out = pipeline.run(_job(tmp_path, bad, urls), run_id="bad", progress=quiet_progress())
+    out = runner.run(_job(tmp_path, bad, urls), run_id="bad", progress=quiet_progress())
     results = pl.read_parquet(out.folder.sub("results"))
     assert sorted(results["reject_reason"].to_list()) == [
         "duplicate request_id (first at input row 0)", "empty prompt", "null prompt"]
@@ -85,5 +86,5 @@ def test_key_missing_in_the_workers_stops_before_any_work(
     job = _job(tmp_path, tmp_path / "in.parquet", urls,
                api_key_env="BATCHROUTE_KEY_NOBODY_SET")
     with pytest.raises(ConfigError, match="BATCHROUTE_KEY_NOBODY_SET is not set"):
-        pipeline.run(job, run_id="nokey", progress=quiet_progress())
+        runner.run(job, run_id="nokey", progress=quiet_progress())
     assert not (tmp_path / "runs" / "nokey").exists()

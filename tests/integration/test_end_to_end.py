@@ -13,12 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchroute import cli, config, sample
-from batchroute.mock_provider import MockProvider
-from tests.helpers import MMLU, demo_job_doc, to_toml
+from batchroute import cli, config
+from batchroute.devtools import sample
+from batchroute.devtools.mock_provider import MockProvider
+from tests.helpers import demo_job_doc, to_toml
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(not MMLU.is_file(), reason="shared labels not checked out")]
+pytestmark = [pytest.mark.integration]
 
 ROWS = 3000
 

@@ -8,12 +8,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from batchroute import config, pipeline, rollup, sample
-from batchroute.mock_provider import MockProvider
-from tests.helpers import MMLU, demo_job_doc, quiet_progress
+from batchroute import config
+from batchroute.devtools import sample
+from batchroute.devtools.mock_provider import MockProvider
+from batchroute.job import runner
+from batchroute.stages import rollup
+from tests.helpers import demo_job_doc, quiet_progress
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(not MMLU.is_file(), reason="shared labels not checked out")]
+pytestmark = [pytest.mark.integration]
 
 
 def test_truncated_answers_escalate_up_the_ladder_with_every_attempt_billed(
@@ -26,7 +28,7 @@ def test_truncated_answers_escalate_up_the_ladder_with_every_attempt_billed(
                   "escalate_on": ["length"]}))
     ladder = list(job.dispatch.escalation_ladder)
     assert ladder == ["mixtral-8x7b-instruct", "claude-3-5-sonnet", "gpt-4-1106-preview"]
-    out = pipeline.run(job, run_id="esc", progress=quiet_progress())
+    out = runner.run(job, run_id="esc", progress=quiet_progress())
     results = pl.read_parquet(out.folder.sub("results"))
     assert out.exit_code == 0
     assert len(results) == 300  # the sample's planted duplicate id is one rejected row

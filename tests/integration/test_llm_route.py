@@ -15,8 +15,8 @@ import pytest
 
 from batchroute import config
 from batchroute.config import JobConfig
-from batchroute.llm_route import DecisionCache, LLMDecisions, LLMRouter, ask_in_process
-from batchroute.mock_provider import MockProvider, MockProviderConfig
+from batchroute.devtools.mock_provider import MockProvider, MockProviderConfig
+from batchroute.routers.llm import DecisionCache, LLMDecisions, LLMRouter, ask_in_process
 from tests.helpers import CHEAP, MID, STRONG, job_doc
 
 pytestmark = pytest.mark.integration
@@ -110,7 +110,7 @@ def test_the_dispatch_actor_answers_routing_calls(
         provider: MockProvider, ray_session: None) -> None:
     import ray
 
-    from batchroute.pipeline import _DispatchActor
+    from batchroute.job.runner import _DispatchActor
 
     job = config.parse(job_doc(provider.url + "/v1"))
     actor = ray.remote(num_cpus=0)(_DispatchActor).remote(job.models[MID], job.dispatch, "r")

@@ -23,8 +23,7 @@ import httpx
 import pytest
 
 import batchroute
-from batchroute.errors import ConfigError
-from batchroute.mock_provider import (
+from batchroute.devtools.mock_provider import (
     FAULTS,
     MAX_ANSWER_TOKENS,
     MIN_ANSWER_TOKENS,
@@ -33,6 +32,7 @@ from batchroute.mock_provider import (
     count_tokens,
     register_cli,
 )
+from batchroute.errors import ConfigError
 
 pytestmark = pytest.mark.integration
 
@@ -789,7 +789,7 @@ def test_cli_model_limit_syntax_errors_name_the_value(
 
 
 def test_start_up_line_keeps_its_default_format() -> None:
-    from batchroute.mock_provider import _describe
+    from batchroute.devtools.mock_provider import _describe
 
     assert _describe(MockProviderConfig(rpm=100, latency_ms=1), 80) == (
         "mock provider listening on http://127.0.0.1:80 (rpm=100, tpm=unlimited, latency=1ms)")
@@ -797,7 +797,7 @@ def test_start_up_line_keeps_its_default_format() -> None:
 
 _CLI = """
 import argparse, sys
-from batchroute.mock_provider import register_cli
+from batchroute.devtools.mock_provider import register_cli
 parser = argparse.ArgumentParser()
 register_cli(parser.add_subparsers())
 args = parser.parse_args(sys.argv[1:])

@@ -9,9 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchroute import config, pipeline
+from batchroute import config
+from batchroute.devtools.mock_provider import MockProvider, MockProviderConfig
 from batchroute.errors import ConfigError
-from batchroute.mock_provider import MockProvider, MockProviderConfig
+from batchroute.job import runner
 from tests.helpers import demo_job_doc, quiet_progress
 
 pytestmark = pytest.mark.integration
@@ -39,7 +40,7 @@ def test_resume_retries_failed_rows_and_never_resends_ok_ones(
         tmp_path: Path, inputs: Path, provider: MockProvider, ray_session: None) -> None:
     with MockProvider(MockProviderConfig(api_key="sk-not-the-right-one")) as wrong:
         urls = dict.fromkeys(MODELS, provider.url) | {"gpt-4-1106-preview": wrong.url}
-        first = pipeline.run(_job(tmp_path, urls), run_id="r", progress=quiet_progress())
+        first = runner.run(_job(tmp_path, urls), run_id="r", progress=quiet_progress())
     assert first.exit_code == 1
     before = pl.read_parquet(first.folder.sub("results"))
     failed = before.filter(pl.col("status") == "failed")
@@ -51,8 +52,8 @@ def test_resume_retries_failed_rows_and_never_resends_ok_ones(
     # The key is fixed by pointing gpt-4 at the right provider: a config change, so --force.
     fixed = _job(tmp_path, dict.fromkeys(MODELS, provider.url))
     with pytest.raises(ConfigError, match="the job configuration changed"):
-        pipeline.run(fixed, run_id="r", progress=quiet_progress())
-    second = pipeline.run(fixed, run_id="r", force=True, progress=quiet_progress())
+        runner.run(fixed, run_id="r", progress=quiet_progress())
+    second = runner.run(fixed, run_id="r", force=True, progress=quiet_progress())
 
     after = pl.read_parquet(second.folder.sub("results"))
     assert second.exit_code == 0
@@ -75,17 +76,17 @@ def test_resume_retries_failed_rows_and_never_resends_ok_ones(
 def test_a_planned_run_resumes_without_routing_again(
         tmp_path: Path, inputs: Path, provider: MockProvider, ray_session: None) -> None:
     job = _job(tmp_path, dict.fromkeys(MODELS, provider.url))
-    planned = pipeline.run(job, run_id="p", dry_run=True, progress=quiet_progress())
+    planned = runner.run(job, run_id="p", dry_run=True, progress=quiet_progress())
     routed_files = sorted(Path(planned.folder.sub("routed")).rglob("*.parquet"))
     stamps = [p.stat().st_mtime_ns for p in routed_files]
-    done = pipeline.run(job, run_id="p", progress=quiet_progress())
+    done = runner.run(job, run_id="p", progress=quiet_progress())
     assert [p.stat().st_mtime_ns for p in routed_files] == stamps
     assert done.manifest["stages"]["plan"] == planned.manifest["stages"]["plan"]
     assert len(pl.read_parquet(done.folder.sub("results"))) == N
 
     # Resuming a finished run sends nothing and changes nothing.
     sent = provider.stats()["requests"]
-    again = pipeline.run(job, run_id="p", progress=quiet_progress())
+    again = runner.run(job, run_id="p", progress=quiet_progress())
     assert provider.stats()["requests"] == sent
     assert len(pl.read_parquet(again.folder.sub("results"))) == N
 
@@ -93,16 +94,16 @@ def test_a_planned_run_resumes_without_routing_again(
 def test_changed_input_is_refused_and_half_written_shards_are_ignored(
         tmp_path: Path, inputs: Path, provider: MockProvider, ray_session: None) -> None:
     job = _job(tmp_path, dict.fromkeys(MODELS, provider.url))
-    out = pipeline.run(job, run_id="c", progress=quiet_progress())
+    out = runner.run(job, run_id="c", progress=quiet_progress())
     results = Path(out.folder.sub("results"))
     # What a kill during a shard commit leaves: a partial file in _tmp/, never in results/.
     (Path(out.folder.sub("_tmp")) / "0123-part-000999.parquet").write_bytes(b"PAR1 half")
     assert len(pl.read_parquet(results)) == N
 
-    again = pipeline.run(job, run_id="c", progress=quiet_progress())
+    again = runner.run(job, run_id="c", progress=quiet_progress())
     assert again.manifest["resumes"][-1]["temp_files_discarded"] == 1
     assert not list(Path(out.folder.sub("_tmp")).iterdir())
 
     pq.write_table(pa.table({"request_id": ["new"], "prompt": ["changed"]}), inputs)
     with pytest.raises(ConfigError, match="the input changed"):
-        pipeline.run(job, run_id="c", progress=quiet_progress())
+        runner.run(job, run_id="c", progress=quiet_progress())

@@ -15,12 +15,13 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from batchroute import cli, memory, sample
-from batchroute.mock_provider import MockProvider
-from tests.helpers import MMLU, demo_job_doc, to_toml
+from batchroute import cli
+from batchroute.devtools import sample
+from batchroute.devtools.mock_provider import MockProvider
+from batchroute.routers import similarity as memory
+from tests.helpers import demo_job_doc, to_toml
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(not MMLU.is_file(), reason="shared labels not checked out")]
+pytestmark = [pytest.mark.integration]
 
 ROWS = 240
 CHEAP = "mixtral-8x7b-instruct"

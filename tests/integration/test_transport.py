@@ -11,7 +11,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from batchroute.dispatch.transport import AiohttpTransport
+from batchroute.stages.dispatch.transport import AiohttpTransport
 
 pytestmark = pytest.mark.integration
 

@@ -14,12 +14,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from batchroute import sample
-from batchroute.mock_provider import MockProvider, MockProviderConfig
-from tests.helpers import MMLU, demo_job_doc, to_toml
+from batchroute.devtools import sample
+from batchroute.devtools.mock_provider import MockProvider, MockProviderConfig
+from tests.helpers import demo_job_doc, to_toml
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not MMLU.is_file(), reason="shared labels not checked out")]
+pytestmark = [pytest.mark.slow]
 
 
 def test_cli_subprocess_with_a_rejected_key(tmp_path: Path, provider: MockProvider,

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchroute import cli
-from batchroute.mock_provider import MockProvider, MockProviderConfig
+from batchroute.devtools.mock_provider import MockProvider, MockProviderConfig
 from tests.helpers import demo_job_doc, to_toml
 
 pytestmark = pytest.mark.slow

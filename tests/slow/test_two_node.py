@@ -38,12 +38,13 @@ from typing import Any
 import polars as pl
 import pytest
 
-from batchroute import config, pipeline, sample
-from batchroute.mock_provider import MockProvider, MockProviderConfig
-from tests.helpers import MMLU, demo_job_doc, quiet_progress, to_toml
+from batchroute import config
+from batchroute.devtools import sample
+from batchroute.devtools.mock_provider import MockProvider, MockProviderConfig
+from batchroute.job import runner
+from tests.helpers import demo_job_doc, quiet_progress, to_toml
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not MMLU.is_file(), reason="shared labels not checked out")]
+pytestmark = [pytest.mark.slow]
 # Three source shards of 8,192 rows: one per routing actor, and three actors of one CPU each
 # do not fit on the two-CPU head.
 ROWS = 20_000
@@ -201,7 +202,7 @@ def test_the_job_on_two_nodes_equals_a_single_node_run(
             env=cluster.env, capture_output=True, text=True, timeout=300, check=False)
         assert proc.returncode == 0, proc.stderr[-3000:]
         # The same job on the test session's single-node Ray.
-        single = pipeline.run(config.load(job), run_id="one-node", progress=quiet_progress())
+        single = runner.run(config.load(job), run_id="one-node", progress=quiet_progress())
         assert single.exit_code == 0
 
     found = cluster.query(

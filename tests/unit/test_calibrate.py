@@ -12,9 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchroute import calibrate, cli, config
-from batchroute import router as rt
+from batchroute import cli, config
 from batchroute.errors import ConfigError
+from batchroute.routers import classifier as rt
+from batchroute.training import calibrate
 from tests.helpers import CHEAP, STRONG, job_doc, tiny_router
 
 
@@ -40,7 +41,7 @@ def test_strong_share_lands_within_one_bin(tmp_path: Path) -> None:
     labels = _labels(tmp_path / "labels.parquet")
     for share in (0.1, 0.3, 0.6):
         data, out = calibrate.calibrate(tiny_router(), str(labels),
-                                        calibrate.Target.parse(f"strong-share={share}"))
+                                        calibrate.CalibrationTarget.parse(f"strong-share={share}"))
         assert out["order"] == [CHEAP, STRONG]
         assert abs(out["strong_share"] - share) <= 0.1  # one of ten quantile bins
         info = rt.inspect(data)
@@ -58,35 +59,35 @@ def test_strong_share_lands_within_one_bin(tmp_path: Path) -> None:
 def test_quality_and_budget_targets(tmp_path: Path) -> None:
     labels = _labels(tmp_path / "labels.parquet")
     _, q = calibrate.calibrate(tiny_router(), str(labels),
-                               calibrate.Target.parse("quality=0.95"))
+                               calibrate.CalibrationTarget.parse("quality=0.95"))
     assert q["quality"] >= 0.95 * q["strong_quality"]
     _, lower = calibrate.calibrate(tiny_router(), str(labels),
-                                   calibrate.Target.parse("quality=0.85"))
+                                   calibrate.CalibrationTarget.parse("quality=0.85"))
     assert lower["strong_share"] <= q["strong_share"]  # a lower bar costs less
 
     job = config.parse(job_doc())
     _, b = calibrate.calibrate(tiny_router(), str(labels),
-                               calibrate.Target.parse("budget-usd=1.0"), job=job)
+                               calibrate.CalibrationTarget.parse("budget-usd=1.0"), job=job)
     assert b["usd_per_1k_prompts"] <= 1.0
     _, rich = calibrate.calibrate(tiny_router(), str(labels),
-                                  calibrate.Target.parse("budget-usd=1000"), job=job)
+                                  calibrate.CalibrationTarget.parse("budget-usd=1000"), job=job)
     assert rich["quality"] >= b["quality"]
     with pytest.raises(ConfigError, match="needs --job"):
-        calibrate.calibrate(tiny_router(), str(labels), calibrate.Target.parse("budget-usd=1"))
+        calibrate.calibrate(tiny_router(), str(labels), calibrate.CalibrationTarget.parse("budget-usd=1"))
     with pytest.raises(ConfigError, match="even the cheapest policy costs"):
         calibrate.calibrate(tiny_router(), str(labels),
-                            calibrate.Target.parse("budget-usd=0.000001"), job=job)
+                            calibrate.CalibrationTarget.parse("budget-usd=0.000001"), job=job)
 
 
 @pytest.mark.parametrize("text", ["share=0.3", "strong-share", "quality=1.5", "budget-usd=-1",
                                   "strong-share=lots"])
 def test_bad_targets_are_refused(text: str) -> None:
     with pytest.raises(ConfigError, match="--target"):
-        calibrate.Target.parse(text)
+        calibrate.CalibrationTarget.parse(text)
 
 
 def test_the_cli_writes_the_router_and_a_job_uses_its_thresholds(tmp_path: Path) -> None:
-    from batchroute.route import RouteSpec, RouteStage
+    from batchroute.stages.route import RouteSpec, RouteStage
 
     labels = _labels(tmp_path / "labels.parquet")
     (tmp_path / "r.onnx").write_bytes(tiny_router())
@@ -105,7 +106,7 @@ def test_the_cli_writes_the_router_and_a_job_uses_its_thresholds(tmp_path: Path)
 
 
 def test_the_policy_frontier_against_each_model_alone(tmp_path: Path) -> None:
-    from batchroute import evaluate
+    from batchroute.training import evaluate
 
     labels = _labels(tmp_path / "labels.parquet")
     r = evaluate.frontier_report(tiny_router(), str(labels), config.parse(job_doc()),

@@ -114,8 +114,8 @@ def test_cost_is_tokens_times_prices() -> None:
 
 @pytest.mark.parametrize("path", sorted((REPO / "jobs").glob("*.toml")), ids=lambda p: p.name)
 def test_every_example_job_loads_and_fits_the_bundled_router(path: Path) -> None:
-    from batchroute import router as rt
-    from batchroute.route import RouteSpec, check_compatible
+    from batchroute.routers import classifier as rt
+    from batchroute.stages.route import RouteSpec, check_compatible
 
     job = config.load(path)
     info = rt.inspect(rt.read_bytes(job.router.path))

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pytest
 
 from batchroute import config, schemas
-from batchroute.dispatch.dispatcher import ModelDispatcher
-from batchroute.dispatch.providers import OutputSchema
+from batchroute.stages.dispatch.dispatcher import ModelDispatcher
+from batchroute.stages.dispatch.providers import OutputSchema
 from tests.helpers import CHEAP, MID, job_doc
 
 KEY = "sk-unit-test-secret-4242"

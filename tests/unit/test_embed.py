@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchroute import embed
+from batchroute.routers import embed
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchroute import embed, train
-from batchroute import router as rt
 from batchroute.errors import RouterError
+from batchroute.routers import classifier as rt
+from batchroute.routers import embed
+from batchroute.training import train
 
 CHEAP, STRONG = "cheap", "strong"
 TOPICS = {
@@ -151,7 +152,7 @@ def test_score_command_and_route_stage_take_either_kind(router_file: Path, label
 
     # The job's route stage: geography goes to the cheap model, arithmetic to the strong one.
     from batchroute import config, schemas
-    from batchroute.route import RouteSpec, RouteStage
+    from batchroute.stages.route import RouteSpec, RouteStage
     from tests.helpers import job_doc, model_table
 
     doc = job_doc()
@@ -184,10 +185,10 @@ def test_unknown_featurisation_is_refused(labels: Path, tmp_path: Path) -> None:
 
 
 def test_calibrate_and_eval_take_an_embedding_router(router_file: Path, labels: Path) -> None:
-    from batchroute import calibrate, evaluate
+    from batchroute.training import calibrate, evaluate
 
     data, summary = calibrate.calibrate(router_file.read_bytes(), str(labels),
-                                        calibrate.Target.parse("strong-share=0.5"))
+                                        calibrate.CalibrationTarget.parse("strong-share=0.5"))
     info = rt.inspect(data)
     assert info.version.startswith(train.EMBED_KIND) and "+cal-" in info.version
     assert info.thresholds[CHEAP] == summary["thresholds"][CHEAP]

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batchroute import cli, evaluate
+from batchroute import cli
+from batchroute.training import evaluate
 from tests.helpers import MMLU
 
 
@@ -55,7 +56,6 @@ def test_cpt_interpolates_linearly_and_apgr_by_hand() -> None:
     assert evaluate.apgr(c, 0.6, 1.0) == pytest.approx((0.85 - 0.6) / 0.4)
 
 
-@pytest.mark.skipif(not MMLU.is_file(), reason="shared labels not checked out")
 def test_eval_command_on_the_bundled_router(capsys: pytest.CaptureFixture[str],
                                             tmp_path: Path) -> None:
     plot = tmp_path / "curve.png"

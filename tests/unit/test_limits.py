@@ -9,8 +9,8 @@ from collections.abc import Awaitable, Callable
 import httpx
 import pytest
 
-from batchroute.dispatch.limits import MIN_FACTOR, ModelLimits
-from batchroute.dispatch.providers import RateLimitState, rate_limit_state
+from batchroute.stages.dispatch.limits import MIN_FACTOR, ModelLimits
+from batchroute.stages.dispatch.providers import RateLimitState, rate_limit_state
 
 
 def test_openai_and_anthropic_headers_parse_to_the_most_restrictive_bucket() -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from batchroute import config, schemas
 from batchroute.errors import ConfigError
-from batchroute.llm_route import (
+from batchroute.routers.llm import (
     DEFAULT_LABELS,
     SYSTEM_PROMPT,
     DecisionCache,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from batchroute.progress import Progress
+from batchroute.job.progress import Progress
 
 
 def _feed(p: Progress) -> None:

@@ -14,8 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchroute import config, report, rollup, schemas
+from batchroute import config, schemas
 from batchroute.errors import ConfigError
+from batchroute.stages import report, rollup
 from tests.helpers import CHEAP, MID, STRONG, job_doc
 
 JOB = config.parse(job_doc())
@@ -153,7 +154,7 @@ def test_runs_from_before_integer_money_are_counted_from_cost_usd(tmp_path: Path
     out = report.build(str(tmp_path / "runs"), tmp_path / "out")
     assert out.total_micro_usd == sum(results.column("cost_micro_usd").to_pylist()) > 0
 
-    from batchroute.sink import RunFolder
+    from batchroute.stages.sink import RunFolder
 
     frames = list(rollup.read_results(RunFolder(str(tmp_path / "runs"), "old")))
     assert frames[0]["cost_micro_usd"].to_list() == results.column("cost_micro_usd").to_pylist()

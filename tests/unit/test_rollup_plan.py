@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchroute import config, plan, rollup, schemas
-from batchroute.sink import ResultSink, RunFolder
+from batchroute import config, schemas
+from batchroute.stages import plan, rollup
+from batchroute.stages.sink import ResultSink, RunFolder
 from tests.helpers import CHEAP, MID, STRONG, job_doc
 
 JOB = config.parse(job_doc())

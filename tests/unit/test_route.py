@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from batchroute import config, schemas
 from batchroute.config import Rule
 from batchroute.errors import RouterError
-from batchroute.route import RouteSpec, RouteStage
+from batchroute.stages.route import RouteSpec, RouteStage
 from tests.helpers import CHEAP, MID, STRONG, job_doc, tiny_router
 
 
@@ -111,7 +111,7 @@ def test_raising_a_threshold_never_sends_more_rows_to_that_model(
 
 
 def test_policy_over_three_router_models() -> None:
-    from batchroute import router as rt
+    from batchroute.routers import classifier as rt
 
     # output order is strong, cheap, mid (not price order); rows: easy, medium, hard, unknown
     w = np.array([[4, 4, 4], [4, -4, 4], [4, -4, -4], [0, 0, 0]], np.float32)

@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
 
-from batchroute import config, train
-from batchroute import router as rt
+from batchroute import config
 from batchroute.errors import RouterError, SchemaError
+from batchroute.routers import classifier as rt
+from batchroute.training import train
 from tests.helpers import MMLU
 
 BUNDLED = rt.read_bytes(config.BUNDLED_ROUTER)
@@ -88,7 +89,6 @@ def test_corrupt_or_foreign_router_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not MMLU.is_file(), reason="shared labels not checked out")
 def test_training_is_deterministic_and_matches_the_bundled_router(tmp_path: Path) -> None:
     out = tmp_path / "r.onnx"
     report = train.train(str(MMLU), str(out))
@@ -155,7 +155,7 @@ def test_training_and_policy_for_three_models_on_synthetic_labels(tmp_path: Path
     import pyarrow.parquet as pq
 
     from batchroute import config
-    from batchroute.route import RouteSpec, RouteStage
+    from batchroute.stages.route import RouteSpec, RouteStage
     from tests.helpers import job_doc, model_table
 
     rng = np.random.default_rng(0)

@@ -13,10 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchroute import config, memory, schemas
+from batchroute import config, schemas
 from batchroute.config import Rule, SimilarityConfig
 from batchroute.errors import ConfigError
-from batchroute.route import RouteSpec, RouteStage
+from batchroute.routers import similarity as memory
+from batchroute.stages.route import RouteSpec, RouteStage
+from batchroute.training import bank as bank_tools
 from tests.helpers import CHEAP, MID, STRONG, FakeEmbedder, job_doc, tiny_router
 from tests.unit.test_route import _col, _requests
 
@@ -30,7 +32,7 @@ def _bank(tmp_path: Path, rows: list[tuple[str, dict[str, float]]]) -> str:
          for i, (p, outcomes) in enumerate(rows) for m, s in outcomes.items()],
         schema={"request_id": pl.String, "prompt": pl.String, "model": pl.String,
                 "score": pl.Float32})
-    memory.add(path, frame, source="test", embedder=EMB)
+    bank_tools.add(path, frame, source="test", embedder=EMB)
     return path
 
 
@@ -85,14 +87,14 @@ def test_adding_merges_outcomes_and_keeps_one_row_per_prompt(tmp_path: Path) -> 
     path = _bank(tmp_path, BANK_ROWS)
     again = pl.DataFrame({"request_id": ["x", "y"], "prompt": ["capital of france paris", "new one"],
                           "model": [CHEAP, MID], "score": [0.0, 1.0]})
-    counts = memory.add(path, again, source="later", embedder=EMB)
+    counts = bank_tools.add(path, again, source="later", embedder=EMB)
     assert counts == {"prompts": 5, "new_prompts": 1, "outcomes": 2}
     bank = memory.Bank.read(path)
     assert bank.models == (CHEAP, MID, STRONG)
     row = list(bank.keys).index(memory.text_keys(pa.array(["capital of france paris"]))[0])
     assert bank.outcomes[row].tolist() == [0.0, pytest.approx(np.nan, nan_ok=True), 1.0]
     with pytest.raises(ConfigError, match="embedded with 'fake-bow-32'"):
-        memory.add(path, again, source="x", embedder=type("E", (), {"name": "other", "dim": 32})())
+        bank_tools.add(path, again, source="x", embedder=type("E", (), {"name": "other", "dim": 32})())
 
 
 def test_similarity_stage_decides_with_evidence_and_passes_strangers_on(tmp_path: Path) -> None:
@@ -269,14 +271,14 @@ def test_every_kind_emits_one_decision_per_row_with_its_evidence(
 
 
 def test_bank_outcomes_from_labels_split_like_training(tmp_path: Path) -> None:
-    from batchroute import train
+    from batchroute.training import train
 
     rows = [{"request_id": f"q{i}", "prompt": f"question {i}", "model": m,
              "score": float((i + j) % 3 == 0)} for i in range(60) for j, m in enumerate(
                  [CHEAP, STRONG])]
     path = tmp_path / "labels.parquet"
     pl.DataFrame(rows).write_parquet(path)
-    parts = {s: memory.outcomes_from_labels(str(path), split=s, cut=0.5)
+    parts = {s: bank_tools.outcomes_from_labels(str(path), split=s, cut=0.5)
              for s in ("train", "holdout", "all")}
     ids = {s: set(f["request_id"].to_list()) for s, f in parts.items()}
     assert ids["train"] | ids["holdout"] == ids["all"] and not ids["train"] & ids["holdout"]
@@ -284,14 +286,14 @@ def test_bank_outcomes_from_labels_split_like_training(tmp_path: Path) -> None:
     assert ids["holdout"] == held and held  # the same rows training holds out
     assert parts["all"].height == 120 and set(parts["all"]["score"].to_list()) == {0.0, 1.0}
     with pytest.raises(ConfigError, match="split must be train, holdout or all"):
-        memory.outcomes_from_labels(str(path), split="test")
+        bank_tools.outcomes_from_labels(str(path), split="test")
 
 
 def test_rules_are_vectorised_and_their_order_is_respected(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import pyarrow.compute as pc
 
-    from batchroute import route
+    from batchroute.stages import route
 
     calls: list[int] = []
     real = pc.match_substring_regex
@@ -346,7 +348,7 @@ def test_a_large_bank_is_searched_through_a_cached_hnsw_index(tmp_path: Path) ->
 # -- policy = "relative" ---------------------------------------------------------------------
 
 def test_relative_policy_keeps_prompts_both_models_would_fail_on_the_cheap_one() -> None:
-    from batchroute.route import _Policy, relative
+    from batchroute.stages.route import _Policy, relative
 
     # columns: cheap, mid, strong (cheapest first); rows: both fail, only strong succeeds,
     # all succeed
@@ -363,17 +365,17 @@ def test_relative_policy_keeps_prompts_both_models_would_fail_on_the_cheap_one()
 
 def test_thresholds_calibrated_for_one_policy_are_refused_under_the_other(
         tmp_path: Path) -> None:
-    from batchroute import calibrate
-    from batchroute import router as rt
     from batchroute.errors import RouterError
-    from batchroute.route import check_compatible
+    from batchroute.routers import classifier as rt
+    from batchroute.stages.route import check_compatible
+    from batchroute.training import calibrate
 
     labels = tmp_path / "labels.parquet"
     pl.DataFrame([{"request_id": f"q{i}", "prompt": ("easy " if i % 2 else "hard ") + str(i),
                    "model": m, "score": float(m == STRONG or i % 2)}
                   for i in range(40) for m in (CHEAP, STRONG)]).write_parquet(labels)
     data, out = calibrate.calibrate(tiny_router(), str(labels),
-                                    calibrate.Target.parse("strong-share=0.5"),
+                                    calibrate.CalibrationTarget.parse("strong-share=0.5"),
                                     policy="relative")
     assert out["policy"] == "relative"
     info = rt.inspect(data)
@@ -390,7 +392,7 @@ def test_thresholds_calibrated_for_one_policy_are_refused_under_the_other(
 # -- batchroute eval --router-config ----------------------------------------------------------
 
 def test_eval_runs_a_router_config_through_the_route_stage(tmp_path: Path) -> None:
-    from batchroute import evaluate
+    from batchroute.training import evaluate
 
     # "easy" prompts: both succeed; "hard": only the strong model; "plain": both fail.
     kinds = ["easy", "hard", "plain"] * 20
@@ -419,7 +421,7 @@ def test_eval_runs_a_router_config_through_the_route_stage(tmp_path: Path) -> No
 
 
 def test_eval_scores_a_cascade_inside_the_band_of_the_stage_before() -> None:
-    from batchroute import evaluate
+    from batchroute.training import evaluate
 
     spec = _llm_spec(stages=("rules", "classifier", "llm"),
                      classifier=config.ClassifierConfig(uncertain=(0.4, 0.6)))

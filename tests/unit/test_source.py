@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchroute import schemas, source
+from batchroute import schemas
 from batchroute.errors import SchemaError
+from batchroute.stages import source
 
 
 def _read(uri: str | Path) -> pa.Table:
@@ -189,7 +190,7 @@ def test_duplicate_detection_matches_a_plain_reference(ids: list[str | None], ch
     """The stable-sort detection, across chunk and slice boundaries, against a dict."""
     import numpy as np
 
-    from batchroute import source
+    from batchroute.stages import source
 
     first: dict[str, int] = {}
     want_rows, want_firsts = [], []

@@ -15,9 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # imported where used: eval of a router file needs none of them
+    import pyarrow as pa
+
+    from batchroute.config import JobConfig
+    from batchroute.routers.similarity import TextEmbedder
+    from batchroute.stages.route import RouteSpec
 
 BINS = 10
 
@@ -114,12 +121,12 @@ def evaluate_router(model_bytes: bytes, labels_uri: str, *, weak: str, strong: s
                     seed: int = 0, plot: str | None = None) -> dict[str, Any]:
     """Metrics of a router file on labelled prompts, for each ordering, with the random and
     oracle routers on the same rows as anchors. ``split`` is "holdout" (the rows training
-    never saw, see :mod:`batchroute.train`) or "all"."""
+    never saw, see :mod:`batchroute.training.train`) or "all"."""
     import pyarrow as pa
 
-    from batchroute import router as rt
-    from batchroute import train
     from batchroute.errors import RouterError
+    from batchroute.routers import classifier as rt
+    from batchroute.training import train
 
     router = rt.Router(model_bytes)
     for m in (weak, strong):
@@ -180,13 +187,13 @@ def plot_curves(curves: dict[str, Curve], path: str, *, weak_quality: float,
     plt.close(fig)
 
 
-def frontier_report(model_bytes: bytes, labels_uri: str, job: Any, *,
+def frontier_report(model_bytes: bytes, labels_uri: str, job: JobConfig, *,
                     split: str = "holdout") -> dict[str, Any]:
     """For every model of the router at once (cheapest first by the job's prices): the
     quality/cost frontier of the job's policy over shared thresholds, and, for each model
     alone, its quality and cost beside the cheapest policy point at least as good."""
-    from batchroute import calibrate, train
-    from batchroute import router as rt
+    from batchroute.routers import classifier as rt
+    from batchroute.training import calibrate, train
 
     router = rt.Router(model_bytes)
     order = calibrate.price_order(router.info.models, job)
@@ -244,9 +251,10 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_config(job: Any, labels_uri: str, *, weak: str, strong: str,
+def evaluate_config(job: JobConfig, labels_uri: str, *, weak: str, strong: str,
                     split: str = "holdout", price_ratio: float = 0.024,
-                    embedder: Any = None, ask: Any = None) -> dict[str, Any]:
+                    embedder: TextEmbedder | None = None,
+                    ask: Callable[[pa.Table], pa.Table] | None = None) -> dict[str, Any]:
     """The same metrics for any ``[router]`` configuration of a job file (rules, similarity,
     classifier, llm, or a cascade of them), run through the route stage itself on the
     labelled prompts.
@@ -263,10 +271,11 @@ def evaluate_config(job: Any, labels_uri: str, *, weak: str, strong: str,
 
     import pyarrow as pa
 
-    from batchroute import router as rt
-    from batchroute import schemas, train
+    from batchroute import schemas
     from batchroute.errors import ConfigError
-    from batchroute.route import RouteSpec, RouteStage
+    from batchroute.routers import classifier as rt
+    from batchroute.stages.route import RouteSpec, RouteStage
+    from batchroute.training import train
 
     for m in (weak, strong):
         if m not in job.models:
@@ -279,7 +288,7 @@ def evaluate_config(job: Any, labels_uri: str, *, weak: str, strong: str,
     if "llm" in spec.stages and ask is None:
         import os
 
-        from batchroute.llm_route import ask_in_process
+        from batchroute.routers.llm import ask_in_process
 
         cfg = job.models[spec.llm.model]
         ask = owned_ask = ask_in_process(cfg, job.dispatch, os.environ.get(cfg.api_key_env))
@@ -326,11 +335,11 @@ def evaluate_config(job: Any, labels_uri: str, *, weak: str, strong: str,
         "routing_usd_per_million_prompts": route_micro / n if n else 0.0,
         "prompts_per_s_per_core": n / cpu if cpu > 0 else None,
         "prompts_per_s_wall": n / wall if wall > 0 else None,
-        "simulated": bool(llm_model is not None and _loopback(llm_model.base_url)),
+        "simulated": bool(llm_model is not None and is_bundled_mock(llm_model.base_url)),
     }
 
 
-def config_scores(routed: Any, spec: Any, *, weak: str, strong: str) -> np.ndarray:
+def config_scores(routed: pa.Table, spec: RouteSpec, *, weak: str, strong: str) -> np.ndarray:
     """One "needs the strong model" score per routed row (see :func:`evaluate_config`)."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -377,10 +386,27 @@ def config_scores(routed: Any, spec: Any, *, weak: str, strong: str) -> np.ndarr
     return scores
 
 
-def _loopback(url: str) -> bool:
+MOCK_SERVER_NAME = "batchroute-mock-provider"  # what the bundled mock's /health says
+
+
+def is_bundled_mock(base_url: str, *, timeout_s: float = 2.0) -> bool:
+    """Whether ``base_url`` is served by batchroute's own mock provider, whose answers are
+    simulated: a loopback address whose ``GET /health`` names the mock. A real model server
+    on loopback (vLLM, llama.cpp, Ollama) is not simulated; nothing off loopback is asked."""
+    import json
+    import urllib.request
     from urllib.parse import urlparse
 
-    return (urlparse(url).hostname or "") in ("127.0.0.1", "localhost", "::1")
+    url = urlparse(base_url)
+    if (url.hostname or "") not in ("127.0.0.1", "localhost", "::1"):
+        return False
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"{url.scheme}://{url.netloc}/health", timeout=timeout_s) as reply:
+            doc = json.loads(reply.read())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("server") == MOCK_SERVER_NAME
 
 
 def format_configs(reports: list[dict[str, Any]]) -> str:

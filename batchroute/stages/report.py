@@ -37,12 +37,18 @@ import pyarrow.fs as pafs
 
 from batchroute import schemas
 from batchroute.errors import ConfigError
+from batchroute.stages import rollup
+from batchroute.stages.manifest import NAME as MANIFEST
+from batchroute.stages.manifest import Manifest
+from batchroute.stages.results import BILLED
+from batchroute.stages.sink import RunFolder
 
 DIMENSIONS = ("day", "job", "model", "tag")
 NO_TAG = "(none)"
 RESULT_COLUMNS = ["request_id", "model", "status", "input_tokens", "cached_input_tokens",
-                  "output_tokens", "cost_micro_usd", "latency_ms", "tags", "escalations"]
-BILLED = ["input_tokens", "cached_input_tokens", "output_tokens", "cost_micro_usd"]
+                  "output_tokens", "cost_micro_usd", "attempts", "latency_ms", "tags", "escalations"]
+# The billed amounts the report sums (the rollups also count HTTP attempts).
+AMOUNTS = [c for c in BILLED if c != "attempts"]
 CHARTS = ("spend_by_day", "savings_by_day", "routing_mix", "failure_rate", "top_tags")
 
 
@@ -130,23 +136,24 @@ def _discover(fs: pafs.FileSystem, base: str, date_from: date | None,
     for info in sorted(fs.get_file_info(pafs.FileSelector(base)), key=lambda i: i.path):
         if info.type != pafs.FileType.Directory:
             continue
-        try:
-            with fs.open_input_stream(f"{info.path}/manifest.json") as f:
-                manifest = json.loads(f.read())
-        except (FileNotFoundError, OSError):
+        folder = RunFolder.on(fs, info.path)
+        if not folder.has(MANIFEST):
             continue  # not a run folder (a backfill's input copy, notes, ...)
-        except json.JSONDecodeError as exc:
-            skipped.append((info.path, f"manifest.json is not valid JSON: {exc}"))
+        try:
+            manifest = Manifest.read(folder)
+        except ConfigError as exc:
+            skipped.append((info.path, str(exc)))
             continue
-        if "rollup" not in manifest.get("stages", {}):
+        if manifest is None:
+            continue
+        if not manifest.finished:
             skipped.append((info.path, "not finished (no rollup yet)"))
             continue
-        day = str(manifest.get("price_date") or manifest.get("started_at", "")[:10])
+        day = manifest.day
         if (date_from and day < date_from.isoformat()) or (date_to and day > date_to.isoformat()):
             continue
-        counts = manifest.get("counts", {})
-        runs.append(Run(run_id=str(manifest["run_id"]), job=str(manifest.get("job", "")),
-                        day=day, path=info.path, rows=int(sum(counts.values()))))
+        runs.append(Run(run_id=manifest.run_id, job=manifest.job, day=day, path=info.path,
+                        rows=int(sum(manifest.counts.values()))))
     return runs, skipped
 
 
@@ -172,19 +179,8 @@ def _rollups(fs: pafs.FileSystem, run: Run) -> pl.DataFrame:
 
 
 def _charges(rows: pl.LazyFrame) -> pl.LazyFrame:
-    """One row per billed call group: each result row's own answer, and each escalation
-    attempt on the model that made it. Its cost column sums to the results' exactly."""
-    keys = ["run_id", "job", "day", "tags", "status"]
-    attempts = (rows.select(*keys, e=pl.col("escalations")).explode("e")
-                .filter(pl.col("e").is_not_null())
-                .select(*keys, pl.col("e").struct.field("model"),
-                        *[pl.col("e").struct.field(c) for c in BILLED]))
-    moved = pl.col("escalations").list.eval(
-        pl.element().struct.field("cost_micro_usd")).list.sum().fill_null(0)
-    columns = [*keys, "model", *BILLED]
-    own = rows.select(*keys, "model", "input_tokens", "cached_input_tokens", "output_tokens",
-                      cost_micro_usd=pl.col("cost_micro_usd") - moved)
-    return pl.concat([own, attempts.select(columns)], how="vertical_relaxed")
+    """One row per billed call group (see :func:`rollup.charges`)."""
+    return rollup.charges(rows, ["run_id", "job", "day", "tags", "status"])
 
 
 def _with_tag(frame: pl.LazyFrame) -> pl.LazyFrame:
@@ -205,11 +201,11 @@ def _grouped(rows: pl.LazyFrame, charges: pl.LazyFrame, rollups: pl.DataFrame,
         latency_p50_ms=pl.col("latency_ms").filter(ok).quantile(0.5, "linear"),
         latency_p95_ms=pl.col("latency_ms").filter(ok).quantile(0.95, "linear"))
     billed = charges.group_by(by).agg(
-        *[pl.col(c).sum().cast(pl.Int64) for c in BILLED],
+        *[pl.col(c).sum().cast(pl.Int64) for c in AMOUNTS],
         failed_cost_micro_usd=pl.col("cost_micro_usd").filter(
             pl.col("status") == "failed").sum().cast(pl.Int64))
     table = requests.join(billed, on=by, how="full", coalesce=True, nulls_equal=True)
-    counts = ["rows", "ok", "failed", "rejected", *BILLED, "failed_cost_micro_usd"]
+    counts = ["rows", "ok", "failed", "rejected", *AMOUNTS, "failed_cost_micro_usd"]
     table = table.with_columns(pl.col(counts).fill_null(0))
     if "tag" not in by:
         reference = rollups.lazy().group_by(by).agg(

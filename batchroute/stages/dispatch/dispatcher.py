@@ -26,16 +26,6 @@ import pyarrow.compute as pc
 
 from batchroute import schemas
 from batchroute.config import DispatchConfig, ModelConfig
-from batchroute.dispatch.limits import ModelLimits
-from batchroute.dispatch.providers import (
-    PROVIDERS,
-    Answer,
-    OutputSchema,
-    Request,
-    dumps,
-    raise_for_response,
-    rate_limit_state,
-)
 from batchroute.errors import (
     AuthError,
     DispatchError,
@@ -44,7 +34,17 @@ from batchroute.errors import (
     TerminalDispatchError,
     TransientDispatchError,
 )
-from batchroute.plan import route_evidence
+from batchroute.stages import results as rows
+from batchroute.stages.dispatch.limits import ModelLimits
+from batchroute.stages.dispatch.providers import (
+    PROVIDERS,
+    Answer,
+    OutputSchema,
+    Request,
+    dumps,
+    raise_for_response,
+    rate_limit_state,
+)
 
 # Python's cyclic collector runs a generation-0 pass every 700 net allocations and a full pass
 # every hundred or so of those; a dispatcher with hundreds of calls in flight allocates tens of
@@ -97,7 +97,9 @@ class Stats:
 
 
 @dataclass(frozen=True)
-class _Outcome:
+class _CallOutcome:
+    """How one row's calls to this model ended."""
+
     status: str
     answer: Answer | None
     attempts: int
@@ -105,6 +107,7 @@ class _Outcome:
     error: DispatchError | None
     started_at: datetime | None  # None when no attempt was made
     finished_at: datetime
+    cost_micro_usd: int  # what this model billed for the answer (0 without one)
 
 
 class ModelDispatcher:
@@ -123,7 +126,7 @@ class ModelDispatcher:
         self._provider = PROVIDERS[model.provider](model.base_url, self._api_key,
                                                    model.wire_name)
         if transport is None:
-            from batchroute.dispatch.transport import AiohttpTransport
+            from batchroute.stages.dispatch.transport import AiohttpTransport
 
             transport = AiohttpTransport(model.concurrency, model.timeout_s)
         # The transport is called directly, not through httpx.AsyncClient: a batch job needs
@@ -179,7 +182,7 @@ class ModelDispatcher:
         in ``stats.asked*``, not in ``done``/``ok``/``failed``/``cost_usd``."""
         return self._results(routed, await self._call_all(routed, output))
 
-    async def _call_all(self, routed: pa.Table, output: OutputSchema | None) -> list[_Outcome]:
+    async def _call_all(self, routed: pa.Table, output: OutputSchema | None) -> list[_CallOutcome]:
         cols = {name: routed.column(name).to_pylist() for name in (
             "prompt", "messages", "max_tokens", "temperature", "est_input_tokens",
             "est_output_tokens")}
@@ -190,7 +193,7 @@ class ModelDispatcher:
                       int(cols["est_input_tokens"][i]))
             for i in range(routed.num_rows)))
 
-    async def _escalated(self, routed: pa.Table, results: pa.Table, outcomes: list[_Outcome],
+    async def _escalated(self, routed: pa.Table, results: pa.Table, outcomes: list[_CallOutcome],
                          up: str) -> pa.Table:
         """Send the rows that ``escalate_on`` names to model ``up``; each comes back as one
         row carrying this attempt in ``escalations`` and its cost in ``cost_micro_usd``."""
@@ -211,20 +214,14 @@ class ModelDispatcher:
         where = {rid: i for i, rid in zip(picked, sub.column("request_id").to_pylist(),
                                           strict=True)}
         own = [where[rid] for rid in upper.column("request_id").to_pylist()]
-        fields = ["input_tokens", "cached_input_tokens", "output_tokens", "cost_micro_usd",
-                  "attempts"]
+        fields = rows.BILLED
         mine = results.select(fields).take(pa.array(own, pa.int64())).to_pydict()
         earlier = upper.column("escalations").to_pylist()
         escalations = [[{"model": self.model.name, "reason": reasons[i],
                          **{f: mine[f][k] for f in fields}},
                         *(earlier[k] or [])] for k, i in enumerate(own)]
-        total = pc.add(upper.column("cost_micro_usd"), pa.array(mine["cost_micro_usd"],
-                                                               pa.int64()))
+        upper = rows.add_cost(upper, pa.array(mine["cost_micro_usd"], pa.int64()))
         upper = (upper
-                 .set_column(upper.schema.get_field_index("cost_micro_usd"),
-                             schemas.RESULTS.field("cost_micro_usd"), total)
-                 .set_column(upper.schema.get_field_index("cost_usd"),
-                             schemas.RESULTS.field("cost_usd"), _usd(total))
                  .set_column(upper.schema.get_field_index("escalated_from"),
                              schemas.RESULTS.field("escalated_from"),
                              pa.repeat(pa.scalar(self.model.name, pa.string()), len(own)))
@@ -234,7 +231,7 @@ class ModelDispatcher:
         keep = pc.invert(pc.is_in(pa.array(range(results.num_rows), pa.int64()), value_set=take))
         return pa.concat_tables([results.filter(keep), upper])
 
-    async def _one(self, req: Request, est_input: int) -> _Outcome:
+    async def _one(self, req: Request, est_input: int) -> _CallOutcome:
         started: datetime | None = None
         tokens = est_input + req.max_tokens
         attempt = 0
@@ -315,10 +312,11 @@ class ModelDispatcher:
 
     def _finish(self, status: str, answer: Answer | None, attempts: int,
                 latency_ms: float | None, error: DispatchError | None,
-                started: datetime | None, asked: bool) -> _Outcome:
+                started: datetime | None, asked: bool) -> _CallOutcome:
         s = self.stats
-        cost = 0.0 if answer is None else self.model.cost_micro_usd(
-            answer.input_tokens, answer.output_tokens, answer.cached_input_tokens) / 1e6
+        micro = 0 if answer is None else self.model.cost_micro_usd(
+            answer.input_tokens, answer.output_tokens, answer.cached_input_tokens)
+        cost = micro / 1e6
         if asked:
             s.asked += 1
             s.asked_cost_usd += cost
@@ -334,47 +332,26 @@ class ModelDispatcher:
         if status != "ok":
             kind = error.error_type if error else "unknown"
             s.errors[kind] = s.errors.get(kind, 0) + 1
-        return _Outcome(status, answer, attempts, latency_ms, error, started,
-                        datetime.now(UTC))
+        return _CallOutcome(status, answer, attempts, latency_ms, error, started,
+                            datetime.now(UTC), micro)
 
-    def _results(self, routed: pa.Table, outcomes: list[_Outcome]) -> pa.Table:
-        n = routed.num_rows
-        ok = [o.answer for o in outcomes]
-        in_tok = [a.input_tokens if a else 0 for a in ok]
-        cached = [a.cached_input_tokens if a else 0 for a in ok]
-        out_tok = [a.output_tokens if a else 0 for a in ok]
-        micro = pa.array([self.model.cost_micro_usd(i, o, c) for i, o, c in
-                          zip(in_tok, out_tok, cached, strict=True)], pa.int64())
-        return pa.table({
-            "request_id": routed.column("request_id"),
-            "run_id": pa.array([self.run_id] * n, pa.string()),
-            "model": pa.array([self.model.name] * n, pa.string()),
-            "status": pa.array([o.status for o in outcomes], pa.string()),
-            "response": pa.array([a.text if a else None for a in ok], pa.string()),
-            "finish_reason": pa.array([a.finish_reason if a else None for a in ok], pa.string()),
-            "input_tokens": pa.array(in_tok, pa.int64()),
-            "cached_input_tokens": pa.array(cached, pa.int64()),
-            "output_tokens": pa.array(out_tok, pa.int64()),
-            "cost_micro_usd": micro,
-            "cost_usd": _usd(micro),
-            "latency_ms": pa.array([o.latency_ms for o in outcomes], pa.float64()),
-            "attempts": pa.array([o.attempts for o in outcomes], pa.int32()),
-            "escalated_from": pa.nulls(n, pa.string()),
-            "escalations": pa.nulls(n, pa.list_(schemas.ESCALATION)),
-            "error_type": pa.array([o.error.error_type if o.error else None
-                                    for o in outcomes], pa.string()),
-            "error_message": pa.array([self._scrub(str(o.error)) if o.error else None
-                                       for o in outcomes], pa.string()),
-            "reject_reason": pa.nulls(n, pa.string()),
-            "route_reason": routed.column("route_reason"),
-            "router_scores": routed.column("router_scores"),
-            "threshold": routed.column("threshold"),
-            "router_version": routed.column("router_version"),
-            **route_evidence(routed),
-            "tags": routed.column("tags"),
-            "started_at": pa.array([o.started_at for o in outcomes], schemas.TIMESTAMP),
-            "finished_at": pa.array([o.finished_at for o in outcomes], schemas.TIMESTAMP),
-        }, schema=schemas.RESULTS)
+    def _results(self, routed: pa.Table, outcomes: list[_CallOutcome]) -> pa.Table:
+        answers = [o.answer for o in outcomes]
+        return rows.build(
+            routed, run_id=self.run_id, model=self.model.name,
+            status=[o.status for o in outcomes],
+            response=[a.text if a else None for a in answers],
+            finish_reason=[a.finish_reason if a else None for a in answers],
+            input_tokens=[a.input_tokens if a else 0 for a in answers],
+            cached_input_tokens=[a.cached_input_tokens if a else 0 for a in answers],
+            output_tokens=[a.output_tokens if a else 0 for a in answers],
+            cost_micro_usd=[o.cost_micro_usd for o in outcomes],
+            latency_ms=[o.latency_ms for o in outcomes],
+            attempts=[o.attempts for o in outcomes],
+            error_type=[o.error.error_type if o.error else None for o in outcomes],
+            error_message=[self._scrub(str(o.error)) if o.error else None for o in outcomes],
+            started_at=[o.started_at for o in outcomes],
+            finished_at=[o.finished_at for o in outcomes])
 
     def _scrub(self, text: str) -> str:
         # Some providers echo part or all of a rejected key; never let it reach a result row.
@@ -383,11 +360,7 @@ class ModelDispatcher:
         return text.replace(self._api_key, "***")
 
 
-def _usd(micro: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
-    return pc.divide(pc.cast(micro, pa.float64()), 1e6)
-
-
-def _escalation_reason(o: _Outcome, escalate_on: tuple[str, ...]) -> str | None:
+def _escalation_reason(o: _CallOutcome, escalate_on: tuple[str, ...]) -> str | None:
     """Why this outcome goes up the ladder, or None. A refused key is a job problem, not the
     row's: escalating it would quietly send the whole night to the dearest model."""
     if o.status == "ok" and o.answer is not None:

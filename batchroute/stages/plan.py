@@ -9,19 +9,17 @@ at each model's catalog prices and limits before a cent is spent.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from batchroute import schemas
 from batchroute.config import JobConfig
-from batchroute.sink import ResultSink, RunFolder
+from batchroute.stages import results
+from batchroute.stages.sink import ResultSink, RunFolder
 
 
 class PlanWriter:
@@ -44,7 +42,7 @@ class PlanWriter:
         rejected = pc.is_valid(routed.column("reject_reason"))
         if pc.any(rejected).as_py():
             bad = routed.filter(rejected)
-            self.sink.write(rejected_results(bad, self.folder.run_id))
+            self.sink.write(results.rejected(bad, self.folder.run_id))
             self.rejected += bad.num_rows
             routed = routed.filter(pc.invert(rejected))
         if routed.num_rows == 0:
@@ -72,75 +70,6 @@ class PlanWriter:
         self._seq[model] = seq + 1
         table = pa.concat_tables(buf).drop_columns(["model"])
         self.folder.write_table(self.folder.routed_dir(model), f"part-{seq:06d}.parquet", table)
-
-
-def rejected_results(routed: pa.Table, run_id: str) -> pa.Table:
-    """Final ``results`` rows for rows that will not be sent."""
-    return _unsent(routed, run_id, "rejected", routed.column("model"), None, None)
-
-
-def failed_results(routed: pa.Table, run_id: str, model: str, exc: BaseException) -> pa.Table:
-    """``failed`` rows for a batch whose dispatch call itself failed (e.g. the actor died)."""
-    return _unsent(routed, run_id, "failed", pa.array([model] * routed.num_rows, pa.string()),
-                   "internal", f"dispatch call failed: {type(exc).__name__}")
-
-
-def _unsent(routed: pa.Table, run_id: str, status: str, model: pa.Array | pa.ChunkedArray,
-            error_type: str | None, error_message: str | None) -> pa.Table:
-    n = routed.num_rows
-    now = datetime.now(UTC)
-    zeros = pa.array(np.zeros(n, np.int64))
-    table = pa.table({
-        "request_id": routed.column("request_id"),
-        "run_id": pa.array([run_id] * n, pa.string()),
-        "model": model,
-        "status": pa.array([status] * n, pa.string()),
-        "response": pa.nulls(n, pa.string()),
-        "finish_reason": pa.nulls(n, pa.string()),
-        "input_tokens": zeros,
-        "cached_input_tokens": zeros,
-        "output_tokens": zeros,
-        "cost_micro_usd": zeros,
-        "cost_usd": pa.array(np.zeros(n, np.float64)),
-        "latency_ms": pa.nulls(n, pa.float64()),
-        "attempts": pa.array(np.zeros(n, np.int32)),
-        "escalated_from": pa.nulls(n, pa.string()),
-        "escalations": pa.nulls(n, pa.list_(schemas.ESCALATION)),
-        "error_type": pa.array([error_type] * n, pa.string()),
-        "error_message": pa.array([error_message] * n, pa.string()),
-        "reject_reason": routed.column("reject_reason"),
-        "route_reason": routed.column("route_reason"),
-        "router_scores": routed.column("router_scores"),
-        "threshold": routed.column("threshold"),
-        "router_version": routed.column("router_version"),
-        **route_evidence(routed),
-        "tags": routed.column("tags"),
-        "started_at": pa.nulls(n, schemas.TIMESTAMP),
-        "finished_at": pa.array([now] * n, schemas.TIMESTAMP),
-    }, schema=schemas.RESULTS)
-    return with_route_cost(table)
-
-
-def route_evidence(routed: pa.Table) -> dict[str, pa.ChunkedArray | pa.Array]:
-    """The route stage's evidence columns, carried from ``routed`` into ``results``."""
-    n = routed.num_rows
-    return {f.name: (routed.column(f.name) if f.name in routed.column_names
-                     else pa.array(np.zeros(n, np.int64)) if not f.nullable
-                     else pa.nulls(n, f.type)) for f in schemas.ROUTE_EVIDENCE}
-
-
-def with_route_cost(results: pa.Table) -> pa.Table:
-    """``results`` with each row's routing cost added to its ``cost_micro_usd``: the one
-    place it is added, once per row, after any escalation."""
-    route = results.column("route_cost_micro_usd")
-    if not pc.any(pc.not_equal(route, 0)).as_py():
-        return results
-    total = pc.add(results.column("cost_micro_usd"), route)
-    usd = pc.divide(pc.cast(total, pa.float64()), 1e6)
-    return (results.set_column(results.schema.get_field_index("cost_micro_usd"),
-                               schemas.RESULTS.field("cost_micro_usd"), total)
-            .set_column(results.schema.get_field_index("cost_usd"),
-                        schemas.RESULTS.field("cost_usd"), usd))
 
 
 # Declared, not inferred: a model named "7" must come back as the string "7".

@@ -9,7 +9,7 @@ A bank is one Parquet file, one row per distinct prompt:
     outcomes    list<struct<model, score>>: per model, how well it did (1 = good, 0 = bad)
     source      the labels URI or run id the outcomes came from
 
-``batchroute memory add`` grows it from labelled Parquet (score >= cut is a success) or from a
+``batchroute memory add`` (:mod:`batchroute.training.bank`) grows it from labelled Parquet (score >= cut is a success) or from a
 run folder: a model that a row escalated away from did badly on it, and the model that
 answered did well unless its answer was cut short or refused (or the row failed).
 
@@ -33,7 +33,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import polars as pl
@@ -42,7 +42,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchroute import schemas
+from batchroute.config import SimilarityConfig
 from batchroute.errors import ConfigError, SchemaError
+
+
+class TextEmbedder(Protocol):
+    """What the bank needs of a sentence embedder (:class:`batchroute.routers.embed.Embedder`,
+    or a test's stand-in): L2-normalised vectors of ``dim`` floats, and a name the bank records
+    so that a bank is never searched with another embedder's vectors."""
+
+    name: str
+    dim: int
+
+    def embed(self, texts: Sequence[str] | pa.Array | pa.ChunkedArray) -> np.ndarray: ...
 
 log = logging.getLogger("batchroute")
 
@@ -75,8 +87,8 @@ def text_keys(texts: pa.Array | pa.ChunkedArray) -> list[str]:
             for t in texts.to_pylist()]
 
 
-def _default_embedder() -> Any:
-    from batchroute.embed import Embedder
+def default_embedder() -> TextEmbedder:
+    from batchroute.routers.embed import Embedder
 
     return Embedder.load()
 
@@ -126,7 +138,7 @@ class Bank:
 class Neighbours:
     """k-NN success prediction over a bank, for the route stage's similarity step."""
 
-    def __init__(self, bank: Bank, embedder: Any, *, k: int, min_similarity: float,
+    def __init__(self, bank: Bank, embedder: TextEmbedder, *, k: int, min_similarity: float,
                  models: Sequence[str], ann: Any = None) -> None:
         if bank.embedder and bank.embedder != embedder.name:
             raise ConfigError(f"memory bank was embedded with {bank.embedder!r}, but the "
@@ -151,11 +163,13 @@ class Neighbours:
         self.prior = np.nan_to_num(prior, nan=0.5).astype(np.float32)
 
     @classmethod
-    def open(cls, cfg: Any, spec: Any, *, embedder: Any = None) -> Neighbours:
+    def open(cls, cfg: SimilarityConfig, models: Sequence[str], *,
+             embedder: TextEmbedder | None = None) -> Neighbours:
+        """The bank of ``cfg``, for a job whose catalog is ``models``."""
         bank = Bank.read(cfg.bank)
         use_ann = cfg.index == "hnsw" or (cfg.index == "auto" and len(bank) >= ANN_MIN_ROWS)
-        return cls(bank, embedder or _default_embedder(), k=cfg.k,
-                   min_similarity=cfg.min_similarity, models=[t.name for t in spec.targets],
+        return cls(bank, embedder or default_embedder(), k=cfg.k,
+                   min_similarity=cfg.min_similarity, models=models,
                    ann=hnsw_index(bank, cfg.bank) if use_ann and len(bank) else None)
 
     def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -233,114 +247,6 @@ def hnsw_index(bank: Bank, bank_path: str) -> Any:
     # A routing actor holds one CPU: search single-threaded, as onnxruntime does there.
     faiss.omp_set_num_threads(1)
     return index
-
-
-# --------------------------------------------------------------------------- growing a bank
-
-
-def outcomes_from_labels(labels_uri: str, *, cut: float = 0.5,
-                         split: str = "all") -> pl.DataFrame:
-    """(request_id, prompt, model, score) from labelled Parquet: success is score >= cut."""
-    from batchroute import train
-
-    if split not in ("train", "holdout", "all"):
-        raise ConfigError(f"split must be train, holdout or all, got {split!r}")
-    frame = train.read_labels(labels_uri)
-    if split != "all":
-        ids = frame["request_id"].unique(maintain_order=True)
-        held = pl.Series(train.is_holdout(ids.to_list()))
-        keep = ids.filter(held if split == "holdout" else ~held)
-        frame = frame.filter(pl.col("request_id").is_in(keep.implode()))
-    return frame.select("request_id", "prompt", "model",
-                        score=(pl.col("score") >= cut).cast(pl.Float32))
-
-
-def outcomes_from_run(run_folder: str) -> pl.DataFrame:
-    """(request_id, prompt, model, score) from a run: 0 for every model a row escalated away
-    from, and for the answering model 1 unless its answer was cut short, refused, or failed."""
-    from batchroute.sink import RunFolder
-    from batchroute.source import request_text
-
-    path = Path(run_folder)
-    folder = RunFolder(str(path.parent), path.name)
-    if not folder.has("manifest.json"):
-        raise ConfigError(f"{run_folder}: not a batchroute run folder (no manifest.json)")
-    results = pl.concat([_frame(pq.read_table(
-        p, filesystem=folder.fs,
-        columns=["request_id", "model", "status", "finish_reason", "escalations"]))
-        for p in folder.shards(folder.sub("results"))])
-    prompts = []
-    for p in folder.shards(folder.sub("source")):
-        t = pq.read_table(p, filesystem=folder.fs)
-        prompts.append(_frame(pa.table({"request_id": t.column("request_id"),
-                                        "prompt": request_text(t)})))
-    if not prompts or results.is_empty():
-        raise ConfigError(f"{run_folder}: the run has no results to learn from yet")
-    sent = results.filter(pl.col("status") != "rejected")
-    good = ((pl.col("status") == "ok")
-            & ~pl.col("finish_reason").is_in(["length", "refusal"]).fill_null(False))
-    final = sent.select("request_id", "model", score=good.cast(pl.Float32))
-    earlier = (sent.select("request_id", e="escalations").explode("e")
-               .filter(pl.col("e").is_not_null())
-               .select("request_id", model=pl.col("e").struct.field("model"),
-                       score=pl.lit(0.0, pl.Float32)))
-    return (pl.concat([earlier, final]).join(pl.concat(prompts), on="request_id", how="inner")
-            .select("request_id", "prompt", "model", "score"))
-
-
-def add(bank_path: str, outcomes: pl.DataFrame, *, source: str,
-        embedder: Any = None) -> dict[str, int]:
-    """Embed the new prompts and merge their outcomes into the bank at ``bank_path`` (created
-    if absent). A prompt already in the bank keeps its embedding; a newer outcome for the same
-    (prompt, model) replaces the older one. Returns counts."""
-    embedder = embedder or _default_embedder()
-    texts = pa.array(outcomes["prompt"].to_list(), pa.string())
-    frame = outcomes.with_columns(key=pl.Series(text_keys(texts)))
-    old = None
-    if Path(bank_path).exists():
-        old = pq.read_table(bank_path)
-        was = (old.schema.metadata or {}).get(META_EMBEDDER, b"").decode()
-        if was and was != embedder.name:
-            raise ConfigError(f"memory bank {bank_path} was embedded with {was!r}, not "
-                              f"{embedder.name!r}")
-    known = set(old.column("key").to_pylist()) if old is not None else set()
-    fresh = frame.unique("key", keep="first", maintain_order=True).filter(
-        ~pl.col("key").is_in(list(known)))
-    vectors = np.asarray(embedder.embed(fresh["prompt"].to_list()), np.float32)
-    dim = embedder.dim
-    new_rows = pa.table({
-        "key": fresh["key"].to_arrow(), "request_id": fresh["request_id"].to_arrow(),
-        "embedding": pa.FixedSizeListArray.from_arrays(
-            pa.array(vectors.ravel(), pa.float32()), dim),
-    })
-    new_outcomes = frame.select("key", "model", pl.col("score").cast(pl.Float32),
-                                source=pl.lit(source))
-    if old is not None:
-        old_outcomes = _frame(pa.table({
-            "key": pc.take(old.column("key"), pc.list_parent_indices(old.column("outcomes"))),
-            "o": pc.list_flatten(old.column("outcomes")),
-            "source": pc.take(old.column("source"),
-                              pc.list_parent_indices(old.column("outcomes")))})).unnest("o")
-        merged_outcomes = pl.concat([old_outcomes.select("key", "model", "score", "source"),
-                                     new_outcomes])
-        vectors_table = pa.concat_tables([old.select(["key", "request_id", "embedding"]),
-                                          new_rows.cast(old.select(["key", "request_id",
-                                                                    "embedding"]).schema)])
-    else:
-        merged_outcomes = new_outcomes
-        vectors_table = new_rows
-    per_key = (merged_outcomes.unique(["key", "model"], keep="last", maintain_order=True)
-               .group_by("key", maintain_order=True)
-               .agg(outcomes=pl.struct("model", "score"), source=pl.col("source").last()))
-    table = _frame(vectors_table).join(per_key, on="key", how="inner", maintain_order="left").to_arrow()
-    schema = bank_schema(dim).with_metadata({META_EMBEDDER: embedder.name.encode()})
-    table = table.select(schema.names).cast(schema)
-    tmp = f"{bank_path}.tmp"
-    Path(bank_path).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, tmp, compression="zstd")
-    Path(tmp).replace(bank_path)
-    return {"prompts": table.num_rows, "new_prompts": fresh.height,
-            "outcomes": new_outcomes.height}
 
 
 def _frame(table: pa.Table) -> pl.DataFrame:

@@ -53,6 +53,15 @@ class RunFolder:
         self.path = f"{base.rstrip('/')}/{run_id}"
         self.uri = output.rstrip("/") + "/" + run_id
 
+    @classmethod
+    def on(cls, fs: pafs.FileSystem, path: str) -> RunFolder:
+        """The run folder at ``path`` on an already opened ``fs``."""
+        folder = cls.__new__(cls)
+        folder.fs, folder.path = fs, path.rstrip("/")
+        folder.run_id = folder.path.rpartition("/")[2]
+        folder.uri = folder.path
+        return folder
+
     def sub(self, *parts: str) -> str:
         return "/".join([self.path, *parts])
 

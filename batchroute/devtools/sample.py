@@ -34,11 +34,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from batchroute.config import MMLU_LABELS
 from batchroute.errors import ConfigError, SchemaError
 
-__all__ = ["DEFAULT_MMLU_PATH", "KINDS", "MIX", "SCHEMA", "generate", "register_cli", "write"]
+__all__ = ["DEFAULT_MMLU_PATH", "KINDS", "MIX", "SCHEMA", "generate", "run_cli", "write"]
 
-DEFAULT_MMLU_PATH = Path(__file__).resolve().parents[2] / "shared/data/mmlu_labels.parquet"
+DEFAULT_MMLU_PATH = Path(MMLU_LABELS)
 
 # A subset of schemas.PROMPTS (request_id is required there too), plus `kind` for the demo's
 # own statistics; the source stage reads only the columns it knows.
@@ -151,27 +152,8 @@ def write(table: pa.Table, out: str | os.PathLike[str]) -> None:
         raise
 
 
-def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the `sample` subcommand; its `func` default returns the process exit code."""
-    parser = subparsers.add_parser(
-        "sample", help="write a deterministic demo file of queued prompts",
-        description="Write a demo Parquet file of queued prompts (FAQ, MMLU, code, long "
-                    "reports and a few bad rows) for trying the router. Same seed, same file.")
-    parser.add_argument("--out", required=True, metavar="PATH",
-                        help="Parquet file to write (parent directories are created)")
-    parser.add_argument("--rows", type=_non_negative_int, default=20000, metavar="N",
-                        help="number of rows (default: 20000)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0,
-                        help="random seed; the same seed gives the same file (default: 0)")
-    parser.add_argument("--mmlu", default=str(DEFAULT_MMLU_PATH), metavar="PATH",
-                        help="MMLU labels Parquet to draw questions from "
-                             "(default: ../shared/data/mmlu_labels.parquet)")
-    parser.add_argument("--force-model", action="append", dest="force_models", metavar="NAME",
-                        help="model name to force on ~0.5%% of rows; repeat for several")
-    parser.set_defaults(func=_run_cli)
-
-
-def _run_cli(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
+    """``batchroute sample``: write the file, print what it holds (its parser: devtools)."""
     table = generate(args.rows, seed=args.seed, mmlu_path=args.mmlu,
                      force_models=args.force_models or ())
     write(table, args.out)
@@ -179,13 +161,6 @@ def _run_cli(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{kind} {by_kind.get(kind, 0):,}" for kind in KINDS)
     print(f"sample: wrote {table.num_rows:,} rows to {args.out} ({summary})")
     return 0
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def _count_by_kind(table: pa.Table) -> dict[str, int]:

@@ -11,7 +11,7 @@ training metrics. :func:`build_graph` is the single place the graph is written, 
 computes its features with the same tokenizer subgraph, so serving equals training exactly.
 
 A second kind of file (``batchroute train --features embed``, written by
-:func:`build_embed_graph`) is the MiniLM sentence encoder of :mod:`batchroute.embed` followed
+:func:`build_embed_graph`) is the MiniLM sentence encoder of :mod:`batchroute.routers.embed` followed
 by one logistic head per model:
 
     token ids, attention mask ─► encoder ─► unit embedding [N, 384] ─► · W + b ─► sigmoid
@@ -137,7 +137,7 @@ def build_graph(vocab: Sequence[str], token_weights: np.ndarray, length_weights:
 
 def build_embed_graph(encoder: bytes, weights: np.ndarray, bias: np.ndarray,
                       models: Sequence[str], metadata: Mapping[str, str]) -> bytes:
-    """Serialise an embedding router: ``encoder`` (an :mod:`batchroute.embed` graph with
+    """Serialise an embedding router: ``encoder`` (an :mod:`batchroute.routers.embed` graph with
     output ``embeddings`` [N, D]) then ``probs = sigmoid(embeddings @ weights + bias)``, with
     ``weights`` [D, M] in the order of ``models``. ``metadata`` must carry ``tokenizer_json``
     and ``max_tokens``. Raises RouterError for mismatched shapes or missing keys."""
@@ -252,7 +252,7 @@ class Router:
         self._tokenizer: Any = None
         self._embed_batch = embed_batch
         if "tokenizer_json" in self.info.metadata:
-            from batchroute import embed
+            from batchroute.routers import embed
 
             try:
                 self._tokenizer = embed.load_tokenizer(self.info.metadata["tokenizer_json"],
@@ -270,7 +270,7 @@ class Router:
         if len(texts) == 0:
             return np.zeros((0, len(self.info.models)), np.float32)
         if self._tokenizer is not None:
-            from batchroute import embed
+            from batchroute.routers import embed
 
             return embed.run_sorted(self._session, self._tokenizer, clip(texts).tolist(),
                                     len(self.info.models), self._embed_batch)
@@ -290,7 +290,7 @@ def score_file(model_bytes: bytes, input_uri: str, out: str, *, batch_rows: int 
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from batchroute import source
+    from batchroute.stages import source
 
     router = Router(model_bytes)
     data = source.open_input(input_uri)

@@ -2,11 +2,11 @@
 
 Two figures, on N generated prompts of about ``chars`` characters:
 
-- ``prompts_per_s_per_core``: the bundled router (:class:`batchroute.router.Router`, one
+- ``prompts_per_s_per_core``: the bundled router (:class:`batchroute.routers.classifier.Router`, one
   single-threaded onnxruntime session) scoring whole batches in this process. Only the
   ``score`` calls are timed: no reading, no policy.
 - for each actor count k, the Ray route stage exactly as a job runs it
-  (:func:`batchroute.pipeline.route_shards`: a pool of k routing actors reads the ``requests``
+  (:func:`batchroute.job.runner.route_shards`: a pool of k routing actors reads the ``requests``
   shards, scores them and applies the policy), timed from the first read to the last routed
   row reaching the driver. ``efficiency`` is rate(k) / (k x rate(1)), the share of
   linear scaling; ``ray_efficiency`` is rate(k) / (k x the single-core rate), what the stage
@@ -35,10 +35,12 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from batchroute import config, pipeline, source
-from batchroute import router as rt
-from batchroute.route import RouteSpec, Target
-from batchroute.sink import RunFolder
+from batchroute import config
+from batchroute.job import cluster, runner
+from batchroute.routers import classifier as rt
+from batchroute.stages import source
+from batchroute.stages.route import Candidate, RouteSpec
+from batchroute.stages.sink import RunFolder
 
 DEFAULT_CHARS = 940
 DEFAULT_BATCH = 4096
@@ -93,7 +95,7 @@ def route(n: int, actors: Sequence[int] = (1, 2), *, chars: int = DEFAULT_CHARS,
     router_bytes = rt.read_bytes(router_path)
     info = rt.inspect(router_bytes, path=router_path)
     # Rules are left out: this measures the classifier and the policy, which every row pays.
-    spec = RouteSpec(tuple(Target(m, float(i + 1), 10**9, 10**12)
+    spec = RouteSpec(tuple(Candidate(m, float(i + 1), 10**9, 10**12)
                            for i, m in enumerate(info.models)), (), {}, 512)
     tmp = Path(workdir or tempfile.mkdtemp(prefix="batchroute-bench-route-"))
     load_before = os.getloadavg()
@@ -102,10 +104,10 @@ def route(n: int, actors: Sequence[int] = (1, 2), *, chars: int = DEFAULT_CHARS,
         single = _score_alone(router_bytes, shards, batch_size)
         # A local Ray gets one logical CPU per routing actor, as the job's own sizing (one
         # actor per CPU, up to router.actors) would give it.
-        pipeline.start_ray(ray_address, num_cpus=max(counts))
-        cpus = float(pipeline._ray().cluster_resources().get("CPU", 0))
+        cluster.start_ray(ray_address, num_cpus=max(counts))
+        cpus = cluster.cpus()
         if cpus < max(counts):
-            raise ValueError(f"the Ray cluster has {cpus:g} CPUs; {max(counts)} routing actors "
+            raise ValueError(f"the Ray cluster has {cpus} CPUs; {max(counts)} routing actors "
                              f"need {max(counts)}")
         stages = _ray_stages(shards, router_bytes, spec, counts, batch_size, router_path, n)
     finally:
@@ -138,7 +140,7 @@ def _write_requests(table: pa.Table, tmp: Path) -> list[str]:
     folder = RunFolder(str(tmp), "run")
     data = source.open_input(str(tmp / "prompts.parquet"))
     return [folder.write_table(folder.sub("source"), f"part-{i:06d}.parquet", batch)
-            for i, batch in enumerate(source.read_requests(data, pipeline.SOURCE_SHARD_ROWS))]
+            for i, batch in enumerate(source.read_requests(data, runner.SOURCE_SHARD_ROWS))]
 
 
 def _score_alone(router_bytes: bytes, shards: list[str], batch_size: int) -> dict[str, float]:
@@ -164,7 +166,7 @@ def _ray_stages(shards: list[str], router_bytes: bytes, spec: RouteSpec, counts:
     fs = pafs.LocalFileSystem()
 
     def run(paths: list[str], k: int) -> int:
-        return sum(t.num_rows for t in pipeline.route_shards(
+        return sum(t.num_rows for t in cluster.route_shards(
             paths, fs, router_bytes, spec, actors=k, batch_rows=batch_size,
             router_path=router_path))
 

@@ -3,7 +3,7 @@
 The mock provider runs in a process of its own, enforcing per-model limits over one-second
 windows (real providers enforce per-minute limits over short windows) and answering after a
 log-normal latency around ``latency_ms``. The client is the job's own
-:class:`~batchroute.dispatch.dispatcher.ModelDispatcher`, one per model, fed in batches of the
+:class:`~batchroute.stages.dispatch.dispatcher.ModelDispatcher`, one per model, fed in batches of the
 job's default size and depth as the dispatch actors are, all in this process's event loop and
 with the actors' garbage-collector settings; so ``client_cpu_ms_per_request`` is this
 process's CPU time over the requests sent, all models on one core.
@@ -30,15 +30,15 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import psutil
 import pyarrow as pa
 
-from batchroute import schemas
-from batchroute.bench import _free_port
+from batchroute import schemas, tokens
 from batchroute.config import DispatchConfig, ModelConfig
-from batchroute.dispatch.dispatcher import ModelDispatcher, tune_gc_for_dispatch
-from batchroute.mock_provider import count_tokens
-from batchroute.route import CHARS_PER_TOKEN, MESSAGE_OVERHEAD_TOKENS
+from batchroute.devtools.bench.memory import _free_port
+from batchroute.devtools.mock_provider import count_tokens
+from batchroute.stages.dispatch.dispatcher import ModelDispatcher, tune_gc_for_dispatch
 
 KEY_ENV = "BATCHROUTE_BENCH_KEY"
 MAX_TOKENS = 64
@@ -120,8 +120,7 @@ def _requests(prefix: str, count: int, rng: random.Random) -> tuple[pa.Table, in
         request_id=pa.array([f"{prefix}-{i}" for i in range(count)]),
         row=pa.array(range(count), pa.int64()), prompt=pa.array(prompts),
         route_reason=pa.repeat(pa.scalar("bench"), count),
-        est_input_tokens=pa.array([-(-c // CHARS_PER_TOKEN) + MESSAGE_OVERHEAD_TOKENS
-                                   for c in chars], pa.int64()),
+        est_input_tokens=pa.array(tokens.input_estimate(np.array(chars, np.int64)), pa.int64()),
         est_output_tokens=pa.repeat(pa.scalar(MAX_TOKENS, pa.int64()), count))
     table = pa.table(cols, schema=schemas.ROUTED)
     return table, sum(count_tokens(p) for p in prompts) + MAX_TOKENS * count

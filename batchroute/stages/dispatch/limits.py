@@ -35,7 +35,7 @@ import asyncio
 
 from aiolimiter import AsyncLimiter
 
-from batchroute.dispatch.providers import RateLimitState
+from batchroute.stages.dispatch.providers import RateLimitState
 
 MIN_WINDOW_S = 1.0
 SLOW_DOWN = 0.5  # rate multiplier applied on a 429 (halve, as AIMD does)

@@ -23,7 +23,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,15 +35,15 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from batchroute import schemas
+from batchroute import schemas, tokens
 from batchroute.config import DispatchConfig, ModelConfig
-from batchroute.dispatch.providers import OutputSchema
 from batchroute.errors import ConfigError
+from batchroute.stages.dispatch.providers import OutputSchema
 
 if TYPE_CHECKING:
     import httpx
 
-    from batchroute.dispatch.dispatcher import ModelDispatcher, Stats
+    from batchroute.stages.dispatch.dispatcher import ModelDispatcher, Stats
 
 __all__ = [
     "CACHE_SCHEMA",
@@ -76,8 +75,6 @@ SYSTEM_PROMPT = (
     "difficult it is for a language model to answer correctly and reply only with the JSON "
     "object the schema asks for; the allowed labels are listed from easiest to hardest.")
 _OUTPUT_META = b"batchroute.output_schema"
-_CHARS_PER_TOKEN = 4
-_MESSAGE_OVERHEAD_TOKENS = 4  # per message, as the route stage estimates
 _ERROR_SNIPPET = 60
 _NONE = np.array(None, dtype=object)  # compared element-wise with object arrays
 
@@ -393,8 +390,9 @@ class LLMRouter:
         self._ask = ask
         self.cache = cache if cache is not None else DecisionCache(None)
         schema_json = json.dumps(self._output.schema, separators=(",", ":"))
-        self._fixed_tokens = (math.ceil((len(SYSTEM_PROMPT) + len(schema_json))
-                                        / _CHARS_PER_TOKEN) + 2 * _MESSAGE_OVERHEAD_TOKENS)
+        # The system prompt and schema, and both messages' overhead; the user text is added
+        # per row.
+        self._fixed_tokens = tokens.input_estimate(len(SYSTEM_PROMPT) + len(schema_json), 2)
         self._meta = {_OUTPUT_META: json.dumps({
             "name": self._output.name, "schema": self._output.schema,
             "description": self._output.description}).encode()}
@@ -519,7 +517,7 @@ class LLMRouter:
             pa.StructArray.from_arrays([roles, contents.take(pa.array(order))],
                                        fields=list(schemas.MESSAGE)))
         chars = pc.fill_null(pc.utf8_length(user), 0).to_numpy(zero_copy_only=False)
-        est_in = -(-chars.astype(np.int64) // _CHARS_PER_TOKEN) + self._fixed_tokens
+        est_in = tokens.from_chars(chars.astype(np.int64)) + self._fixed_tokens
         cols: dict[str, Any] = {name: pa.nulls(k, f.type) for name, f in
                                 zip(schemas.ROUTED.names, schemas.ROUTED, strict=True)}
         cols.update(
@@ -562,7 +560,7 @@ class InProcessAsk:
 
     async def _ask(self, routed: pa.Table) -> pa.Table:
         if self._dispatcher is None:  # created inside the loop that will use it
-            from batchroute.dispatch.dispatcher import ModelDispatcher
+            from batchroute.stages.dispatch.dispatcher import ModelDispatcher
 
             model, policy, run_id, api_key, transport = self._args
             self._dispatcher = ModelDispatcher(model, policy, run_id=run_id, api_key=api_key,

@@ -17,12 +17,13 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from batchroute import pipeline
-from batchroute import router as rt
 from batchroute.config import JobConfig
 from batchroute.errors import BatchrouteError, ConfigError
-from batchroute.progress import Progress
-from batchroute.sink import RunFolder
+from batchroute.job import runner
+from batchroute.job.progress import Progress
+from batchroute.routers import classifier as rt
+from batchroute.stages.manifest import Manifest
+from batchroute.stages.sink import RunFolder
 
 log = logging.getLogger("batchroute")
 
@@ -55,8 +56,8 @@ def run_id_for(job: JobConfig, key: str, day: str, router_version: str) -> str:
 
 
 def backfill(job: JobConfig, start: str, end: str, *, key: str = "date",
-             ray_address: str | None = None, progress: Progress | None = None,
-             force: bool = False) -> list[DayOutcome]:
+             ray_address: str | None = None, num_cpus: int | None = None,
+             progress: Progress | None = None, force: bool = False) -> list[DayOutcome]:
     """Run (or resume, or skip) one run per day; never raises for a single day's failure."""
     version = rt.inspect(rt.read_bytes(job.router.path), path=job.router.path).version
     root = job.input.rstrip("/")
@@ -65,17 +66,18 @@ def backfill(job: JobConfig, start: str, end: str, *, key: str = "date",
         run_id = run_id_for(job, key, day, version)
         partition = f"{root}/{key}={day}"
         folder = RunFolder(job.output, run_id)
-        if _complete(folder):
-            outcomes.append(_summary(day, run_id, "skipped", folder.read_json("manifest.json")))
+        manifest = Manifest.read(folder) if folder.has("manifest.json") else None
+        if manifest is not None and manifest.finished and not manifest.counts.get("failed"):
+            outcomes.append(_summary(day, run_id, "skipped", manifest))
             continue
         if not _exists(partition):
             outcomes.append(DayOutcome(day, run_id, "no-input",
                                        message=f"no partition {partition}"))
             continue
         try:
-            out = pipeline.run(replace(job, input=partition), run_id=run_id,
-                               ray_address=ray_address, force=force,
-                               progress=progress or Progress())
+            out = runner.run(replace(job, input=partition), run_id=run_id,
+                             ray_address=ray_address, num_cpus=num_cpus, force=force,
+                             progress=progress or Progress())
             outcomes.append(_summary(day, run_id, "done", out.manifest))
         except BatchrouteError as exc:
             log.error("backfill %s failed: %s", day, exc)
@@ -87,22 +89,15 @@ def backfill(job: JobConfig, start: str, end: str, *, key: str = "date",
     return outcomes
 
 
-def _complete(folder: RunFolder) -> bool:
-    if not folder.has("manifest.json"):
-        return False
-    m = folder.read_json("manifest.json")
-    return "rollup" in m.get("stages", {}) and not m.get("counts", {}).get("failed", 0)
-
-
 def _exists(uri: str) -> bool:
     fs, path = (pafs.FileSystem.from_uri(uri) if "://" in uri
                 else (pafs.LocalFileSystem(), uri))
     return bool(fs.get_file_info(path).type != pafs.FileType.NotFound)
 
 
-def _summary(day: str, run_id: str, status: str, manifest: dict[str, Any]) -> DayOutcome:
-    counts = manifest.get("counts", {})
-    cost = float(manifest.get("cost_usd", 0.0))
+def _summary(day: str, run_id: str, status: str, manifest: Manifest) -> DayOutcome:
+    counts = manifest.counts
+    cost = float(manifest.cost_usd or 0.0)
     return DayOutcome(day, run_id, status, ok=int(counts.get("ok", 0)),
                       failed=int(counts.get("failed", 0)),
                       rejected=int(counts.get("rejected", 0)), cost_usd=cost)

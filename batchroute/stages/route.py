@@ -9,7 +9,7 @@ Order of decision for each row, first match wins:
    - ``classifier``: the ONNX router's predicted success per model, and the policy: the
      cheapest model whose predicted success clears its threshold, else the strongest;
    - ``similarity``: the same policy on success predicted from the nearest past prompts in a
-     memory bank (:mod:`batchroute.memory`); rows with no close neighbour pass on;
+     memory bank (:mod:`batchroute.routers.similarity`); rows with no close neighbour pass on;
    - ``llm``: a cheap model asked, through its own dispatcher, how hard the prompt is;
    a classifier or similarity stage with an ``uncertain = [low, high]`` band passes on the rows
    whose predicted success of the cheapest model falls in the band;
@@ -30,27 +30,28 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batchroute import schemas
+from batchroute import schemas, tokens
 from batchroute.config import ClassifierConfig, JobConfig, LLMRouterConfig, Rule, SimilarityConfig
 from batchroute.errors import RouterError
-from batchroute.router import Router, RouterInfo
-from batchroute.source import request_text
+from batchroute.routers.classifier import Router, RouterInfo
+from batchroute.stages.source import request_text
 
-CHARS_PER_TOKEN = 4
-MESSAGE_OVERHEAD_TOKENS = 4
+if TYPE_CHECKING:
+    from batchroute.routers.similarity import TextEmbedder
+
 # Fenced blocks or a language keyword at a line start: cheap and precise enough for routing.
 CODE_PATTERN = (r"```|^\s*(def |class |import |from \S+ import|#include|public static|"
                 r"func |fn |let |const |function |SELECT |CREATE TABLE|package )")
 
 
 @dataclass(frozen=True)
-class Target:
+class Candidate:
     """What routing needs to know about one catalog model."""
 
     name: str
@@ -63,7 +64,7 @@ class Target:
 class RouteSpec:
     """The route stage's own configuration, small and picklable for Ray actors."""
 
-    targets: tuple[Target, ...]
+    targets: tuple[Candidate, ...]
     rules: tuple[Rule, ...]
     thresholds: Mapping[str, float]  # job overrides; router defaults fill the rest
     default_max_tokens: int
@@ -76,7 +77,7 @@ class RouteSpec:
 
     @classmethod
     def from_job(cls, job: JobConfig) -> RouteSpec:
-        targets = tuple(Target(m.name, m.input_usd_per_mtok + m.output_usd_per_mtok,
+        targets = tuple(Candidate(m.name, m.input_usd_per_mtok + m.output_usd_per_mtok,
                                m.context_window, m.tpm) for m in job.models.values())
         r = job.router
         return cls(targets, r.rules, dict(r.thresholds), job.dispatch.default_max_tokens,
@@ -109,7 +110,7 @@ def check_compatible(info: RouterInfo, spec: RouteSpec, *, path: str) -> None:
 
 
 @dataclass
-class _Open:
+class _Decisions:
     """One batch's decisions so far, filled in stage by stage."""
 
     n: int
@@ -192,7 +193,7 @@ class RouteStage:
     """
 
     def __init__(self, router_bytes: bytes | None, spec: RouteSpec,
-                 router_path: str = "<router>", *, embedder: Any = None,
+                 router_path: str = "<router>", *, embedder: TextEmbedder | None = None,
                  ask: Callable[[pa.Table], pa.Table] | None = None) -> None:
         self.spec = spec
         self.router: Router | None = None
@@ -205,13 +206,14 @@ class RouteStage:
 
         self._similarity: Any = None
         if "similarity" in spec.stages:
-            from batchroute.memory import Neighbours
+            from batchroute.routers.similarity import Neighbours
 
-            self._similarity = Neighbours.open(spec.similarity, spec, embedder=embedder)
+            self._similarity = Neighbours.open(
+                spec.similarity, [t.name for t in spec.targets], embedder=embedder)
             self._sim_policy = _Policy(self._similarity.models, spec, {})
         self._llm: Any = None
         if "llm" in spec.stages:
-            from batchroute.llm_route import DecisionCache, LLMRouter
+            from batchroute.routers.llm import DecisionCache, LLMRouter
 
             if ask is None:
                 raise RouterError("router.stages has 'llm' but nothing to ask it with")
@@ -238,8 +240,8 @@ class RouteStage:
         text = request_text(batch)
         reject = batch.column("reject_reason").to_numpy(zero_copy_only=False).astype(object)
         rejected = pc.is_valid(batch.column("reject_reason")).to_numpy(zero_copy_only=False)
-        st = _Open(n, rejected.copy(), np.full(n, None, object), np.full(n, None, object),
-                   np.full(n, None, object), np.full(n, np.nan, np.float32))
+        st = _Decisions(n, rejected.copy(), np.full(n, None, object), np.full(n, None, object),
+                        np.full(n, None, object), np.full(n, np.nan, np.float32))
         est_in, est_out = estimate_tokens(batch, text, self.spec.default_max_tokens)
 
         forced = batch.column("force_model").to_numpy(zero_copy_only=False)
@@ -284,7 +286,7 @@ class RouteStage:
         st.stage[rejected] = None
         return self._assemble(batch, reject, st, est_in, est_out)
 
-    def _apply_policy(self, st: _Open, stage: str, scores: np.ndarray, rows: np.ndarray,
+    def _apply_policy(self, st: _Decisions, stage: str, scores: np.ndarray, rows: np.ndarray,
                       policy: _Policy, band: tuple[float, float] | None) -> None:
         idx = np.flatnonzero(rows)
         if not len(idx):
@@ -301,7 +303,7 @@ class RouteStage:
                   np.where(first == last, "fallback", stage))
         st.threshold[idx] = policy.thresholds[first]
 
-    def _similar(self, st: _Open, text: pa.Array) -> None:
+    def _similar(self, st: _Decisions, text: pa.Array) -> None:
         idx = np.flatnonzero(~st.decided)
         if not len(idx):
             return
@@ -318,7 +320,7 @@ class RouteStage:
         self._apply_policy(st, "similarity", full, rows, self._sim_policy,
                            self.spec.similarity.uncertain)
 
-    def _ask(self, st: _Open, text: pa.Array) -> None:
+    def _ask(self, st: _Decisions, text: pa.Array) -> None:
         idx = np.flatnonzero(~st.decided)
         if not len(idx):
             return
@@ -336,7 +338,7 @@ class RouteStage:
                           labelled.to_numpy(zero_copy_only=False).astype(object))
         st.decide(mask, d.model, "llm", reason)
 
-    def _assemble(self, batch: pa.Table, reject: np.ndarray, st: _Open, est_in: np.ndarray,
+    def _assemble(self, batch: pa.Table, reject: np.ndarray, st: _Decisions, est_in: np.ndarray,
                   est_out: np.ndarray) -> pa.Table:
         n = st.n
         cols = {name: batch.column(name) for name in schemas.REQUESTS.names}
@@ -421,12 +423,12 @@ def rule_mask(rule: Rule, text: pa.Array, batch: pa.Table,
 
 def estimate_tokens(batch: pa.Table, text: pa.Array,
                     default_max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """(input, output) token estimates: 4 characters per token plus a few per message, and
-    the row's max_tokens or the job default."""
+    """(input, output) token estimates (:mod:`batchroute.tokens`), and the row's max_tokens or
+    the job default."""
     chars = pc.fill_null(pc.utf8_length(text), 0).to_numpy(zero_copy_only=False)
     n_msgs = pc.fill_null(pc.list_value_length(batch.column("messages")), 1).to_numpy(
         zero_copy_only=False)
-    est_in = -(-chars.astype(np.int64) // CHARS_PER_TOKEN) + MESSAGE_OVERHEAD_TOKENS * n_msgs
+    est_in = tokens.input_estimate(chars.astype(np.int64), n_msgs.astype(np.int64))
     est_out = pc.fill_null(batch.column("max_tokens"), default_max_tokens).to_numpy(
         zero_copy_only=False).astype(np.int64)
     return est_in.astype(np.int64), est_out

@@ -24,7 +24,7 @@ Endpoints
          "stop_sequence": null, "usage": {"input_tokens", "output_tokens"}}
 
     Errors: ``{"type": "error", "error": {"type", "message"}}``.
-``GET /health`` → ``{"ok": true}``; ``GET /stats`` → the counters of :meth:`MockProvider.stats`.
+``GET /health`` → ``{"ok": true, "server": "batchroute-mock-provider"}``; ``GET /stats`` → the counters of :meth:`MockProvider.stats`.
 
 Message ``content`` may be a string or a list of ``{"type": "text", "text"}`` parts (both APIs
 accept either); non-text parts count as empty. ``temperature`` is accepted and ignored, and
@@ -167,6 +167,7 @@ from statistics import NormalDist
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypedDict
 
+from batchroute import tokens
 from batchroute.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -201,7 +202,11 @@ _LATENCY_CAP: Final = 4.0
 # A stop() must not wait for hung requests (timeout faults sleep hang_s): give in-flight
 # handlers this long, then cancel them.
 _SHUTDOWN_GRACE_S: Final = 0.5
-_CHARS_PER_TOKEN: Final = 4
+_CHARS_PER_TOKEN: Final = tokens.CHARS_PER_TOKEN  # the client's estimate is exact here
+
+# /health names the server, so a tool can tell the bundled mock (whose answers are simulated)
+# from a real model server that happens to listen on loopback too.
+SERVER_NAME: Final = "batchroute-mock-provider"
 
 Wire = Literal["openai", "anthropic"]
 
@@ -210,7 +215,7 @@ def count_tokens(text: str) -> int:
     """The mock's token count: 0 for ``""``, else ``max(1, ceil(len(text) / 4))``."""
     if not text:
         return 0
-    return max(1, -(-len(text) // _CHARS_PER_TOKEN))
+    return max(1, tokens.from_chars(len(text)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -781,7 +786,7 @@ class _MockServer:
     # -- small endpoints ------------------------------------------------------------------
 
     async def _health(self, request: web.Request) -> web.StreamResponse:
-        return _json_response(200, {"ok": True})
+        return _json_response(200, {"ok": True, "server": SERVER_NAME})
 
     async def _stats(self, request: web.Request) -> web.StreamResponse:
         return _json_response(200, self.counters)

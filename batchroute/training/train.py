@@ -5,10 +5,10 @@ Labels are long-form Parquet (``request_id, prompt, model, score``, see
 one of two featurisations (``--features``):
 
 - ``words`` (default): a bag of words over the router graph's own tokens (see
-  :mod:`batchroute.router`), so the exported ONNX file reproduces training-time probabilities
+  :mod:`batchroute.routers.classifier`), so the exported ONNX file reproduces training-time probabilities
   exactly; a few hundred KB, tens of thousands of prompts/s per core.
 - ``embed``: the unit-length all-MiniLM-L6-v2 sentence embedding of the prompt's first
-  MAX_CHARS characters, 128 tokens at most (see :mod:`batchroute.embed`); the file holds the
+  MAX_CHARS characters, 128 tokens at most (see :mod:`batchroute.routers.embed`); the file holds the
   encoder, so it is about 90 MB and scores a few hundred prompts/s per core.
 
 Held-out split: a question is held out when ``int(sha256(request_id)[:8], 16) % 5 == 0``
@@ -29,8 +29,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from batchroute import router as rt
 from batchroute.errors import RouterError, SchemaError
+from batchroute.routers import classifier as rt
 
 LABEL_COLUMNS = {"request_id": pl.String, "prompt": pl.String, "model": pl.String,
                  "score": pl.Float64}
@@ -190,7 +190,7 @@ def words_features(prompts: np.ndarray, hold: np.ndarray) -> Features:
 
 def embed_features(prompts: np.ndarray, *, threads: int = 1) -> Features:
     """MiniLM embeddings of what the router graph sees (the first MAX_CHARS characters)."""
-    from batchroute import embed
+    from batchroute.routers import embed
 
     embedder = embed.Embedder.load(threads=threads)
     x = embedder.embed(rt.clip(pa.array(prompts.tolist(), pa.string())).tolist())

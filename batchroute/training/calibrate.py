@@ -29,23 +29,23 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from batchroute import router as rt
-from batchroute import train
+from batchroute import tokens
 from batchroute.config import JobConfig
 from batchroute.errors import ConfigError
+from batchroute.routers import classifier as rt
+from batchroute.training import train
 
 TARGETS = ("strong-share", "quality", "budget-usd")
 GRID = 1000  # candidate thresholds: quantiles of the router's scores
-CHARS_PER_TOKEN = 4
 
 
 @dataclass(frozen=True)
-class Target:
+class CalibrationTarget:
     kind: str
     value: float
 
     @classmethod
-    def parse(cls, text: str) -> Target:
+    def parse(cls, text: str) -> CalibrationTarget:
         kind, sep, value = text.partition("=")
         try:
             number = float(value)
@@ -60,7 +60,7 @@ class Target:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class OperatingPoint:
     """What the policy does at one shared threshold."""
 
     threshold: float
@@ -70,7 +70,7 @@ class Outcome:
 
 
 def replay(probs: np.ndarray, scores: np.ndarray, thresholds: np.ndarray,
-           cost: np.ndarray | None = None) -> list[Outcome]:
+           cost: np.ndarray | None = None) -> list[OperatingPoint]:
     """The policy at each shared threshold. ``probs``/``scores`` are (rows, models) with the
     models cheapest first (the last is the strongest); ``cost`` the same shape in dollars."""
     n, m = probs.shape
@@ -80,7 +80,7 @@ def replay(probs: np.ndarray, scores: np.ndarray, thresholds: np.ndarray,
         first = np.where(clears.any(axis=1), clears.argmax(axis=1), m - 1)
         picked = scores[np.arange(n), first]
         usd = None if cost is None else float(cost[np.arange(n), first].mean() * 1000)
-        out.append(Outcome(float(t), float((first == m - 1).mean()), float(picked.mean()), usd))
+        out.append(OperatingPoint(float(t), float((first == m - 1).mean()), float(picked.mean()), usd))
     return out
 
 
@@ -104,8 +104,8 @@ def policy_inputs(router: rt.Router, table: pl.DataFrame, order: Sequence[str],
     scores = table.select(order).to_numpy().astype(np.float64)
     if job is None:
         return probs, scores, None
-    chars = np.array([len(p) for p in table["prompt"].to_list()], np.float64)
-    est_in = np.ceil(chars / CHARS_PER_TOKEN)
+    chars = np.array([len(p) for p in table["prompt"].to_list()], np.int64)
+    est_in = tokens.from_chars(chars)
     est_out = job.dispatch.default_max_tokens
     cost = np.stack([np.array([job.models[m].cost_usd(i, est_out) for i in est_in])
                      for m in order], axis=1)
@@ -119,16 +119,16 @@ def threshold_grid(probs: np.ndarray) -> np.ndarray:
     return np.concatenate([[0.0], grid, [np.nextafter(1.0, 2.0)]])
 
 
-def frontier(outcomes: Sequence[Outcome]) -> list[Outcome]:
+def frontier(outcomes: Sequence[OperatingPoint]) -> list[OperatingPoint]:
     """The outcomes no other beats on both cost and quality, cheapest first."""
-    best: list[Outcome] = []
+    best: list[OperatingPoint] = []
     for o in sorted(outcomes, key=lambda o: (o.usd_per_1k or 0.0, -o.quality)):
         if not best or o.quality > best[-1].quality:
             best.append(o)
     return best
 
 
-def choose(outcomes: Sequence[Outcome], target: Target, strong_quality: float) -> Outcome:
+def choose(outcomes: Sequence[OperatingPoint], target: CalibrationTarget, strong_quality: float) -> OperatingPoint:
     """The outcome that meets ``target`` (ConfigError when none can)."""
     if target.kind == "strong-share":
         return min(outcomes, key=lambda o: (abs(o.strong_share - target.value), -o.quality))
@@ -147,13 +147,13 @@ def choose(outcomes: Sequence[Outcome], target: Target, strong_quality: float) -
     return max(within, key=lambda o: (o.quality, -(o.usd_per_1k or 0.0)))
 
 
-def calibrate(model_bytes: bytes, labels_uri: str, target: Target, *,
+def calibrate(model_bytes: bytes, labels_uri: str, target: CalibrationTarget, *,
               job: JobConfig | None = None, split: str = "all",
               policy: str | None = None) -> tuple[bytes, dict[str, Any]]:
     """The router file with calibrated thresholds, and a summary of what they achieve.
     ``policy`` is what the thresholds apply to ("success" or "relative", see
     :class:`batchroute.config.RouterConfig`); default: the job's, else "success"."""
-    from batchroute.route import relative
+    from batchroute.stages.route import relative
 
     policy = policy or (job.router.policy if job is not None else "success")
     router = rt.Router(model_bytes)

@@ -15,7 +15,8 @@ rows (per-file state, and a quantile makes polars collect every input row).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TypeVar
 
 import polars as pl
 import pyarrow as pa
@@ -24,12 +25,14 @@ import pyarrow.parquet as pq
 
 from batchroute import schemas
 from batchroute.config import ModelConfig
-from batchroute.sink import RunFolder
+from batchroute.stages.results import BILLED
+from batchroute.stages.sink import RunFolder
+
+FrameT = TypeVar("FrameT", pl.DataFrame, pl.LazyFrame)
 
 COLUMNS = ["request_id", "model", "status", "input_tokens", "cached_input_tokens",
            "output_tokens", "cost_micro_usd", "latency_ms", "attempts", "escalations",
            "route_cost_micro_usd"]
-BILLED = ["input_tokens", "cached_input_tokens", "output_tokens", "cost_micro_usd", "attempts"]
 # Result shards are small (one dispatch batch each): frames of about this many rows keep each
 # aggregation cheap without holding much.
 FRAME_ROWS = 65_536
@@ -71,32 +74,43 @@ def _frame(tables: list[pa.Table]) -> pl.DataFrame:
     return frame
 
 
-def _sums(frame: pl.DataFrame) -> pl.DataFrame:
-    """Per-model sums of one frame: the answering model's rows and its own part of their
-    cost, plus the escalation attempts, each under the model that made it."""
-    ok, failed = pl.col("status") == "ok", pl.col("status") == "failed"
-    own_cost = pl.col("cost_micro_usd") - pl.col("escalations").list.eval(
+def charges(frame: FrameT, keys: Sequence[str] = ()) -> FrameT:
+    """One row per bill: each results row's own call, and each of its escalation attempts,
+    under the model that made it; columns ``keys``, ``model``, :data:`BILLED` and
+    ``passed_up`` (true for an attempt that escalated). The one place escalation billing is
+    worked out: its ``cost_micro_usd`` sums to the results' exactly, because a row's cost
+    already includes its attempts' and its own share is the rest."""
+    moved = pl.col("escalations").list.eval(
         pl.element().struct.field("cost_micro_usd")).list.sum().fill_null(0)
-    answered = frame.with_columns(cost_micro_usd=own_cost).group_by("model").agg(
+    own = frame.select(*keys, "model", *[c for c in BILLED if c != "cost_micro_usd"],
+                       cost_micro_usd=pl.col("cost_micro_usd") - moved,
+                       passed_up=pl.lit(False))
+    attempts = (frame.select(*keys, e=pl.col("escalations")).explode("e")
+                .filter(pl.col("e").is_not_null())
+                .select(*keys, pl.col("e").struct.field("model"),
+                        *[pl.col("e").struct.field(c) for c in BILLED],
+                        passed_up=pl.lit(True)))
+    columns = [*keys, "model", *BILLED, "passed_up"]
+    return pl.concat([own.select(columns), attempts.select(columns)], how="vertical_relaxed")
+
+
+def _sums(frame: pl.DataFrame) -> pl.DataFrame:
+    """Per-model sums of one frame: requests under the model that answered them, bills
+    (:func:`charges`) under the model that made each call."""
+    ok, failed = pl.col("status") == "ok", pl.col("status") == "failed"
+    requests = frame.group_by("model").agg(
         rows=pl.len(), ok=ok.sum(), failed=failed.sum(),
-        rejected=(pl.col("status") == "rejected").sum(), escalated=pl.lit(0),
-        **{c: pl.col(c).sum() for c in BILLED},
-        failed_cost_micro_usd=pl.col("cost_micro_usd").filter(failed).sum(),
+        rejected=(pl.col("status") == "rejected").sum(),
         routing_cost_micro_usd=pl.col("route_cost_micro_usd").fill_null(0).sum(),
         ok_input=pl.col("input_tokens").filter(ok).sum(),
         ok_cached=pl.col("cached_input_tokens").filter(ok).sum(),
         ok_output=pl.col("output_tokens").filter(ok).sum())
-    attempts = (frame.select("status", e=pl.col("escalations")).explode("e")
-                .filter(pl.col("e").is_not_null())
-                .select("status", pl.col("e").struct.unnest()))
-    escalated = attempts.group_by("model").agg(
-        escalated=pl.len(), **{c: pl.col(c).sum() for c in BILLED},
+    billed = charges(frame, ["status"]).group_by("model").agg(
+        escalated=pl.col("passed_up").sum(), **{c: pl.col(c).sum() for c in BILLED},
         failed_cost_micro_usd=pl.col("cost_micro_usd").filter(
             pl.col("status") == "failed").sum())
-    parts = [answered, escalated.with_columns(
-        *[pl.lit(0).alias(c) for c in _COUNTS if c not in escalated.columns])]
-    return pl.concat([p.select("model", *[pl.col(c).cast(pl.Int64) for c in _COUNTS])
-                      for p in parts], how="vertical")
+    table = requests.join(billed, on="model", how="full", coalesce=True, nulls_equal=True)
+    return table.select("model", *[pl.col(c).fill_null(0).cast(pl.Int64) for c in _COUNTS])
 
 
 def output_ratio(totals: pl.DataFrame, reference_model: str,

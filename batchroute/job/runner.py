@@ -1,0 +1,214 @@
+"""A run from start to end: the stages in order, the run folder, the manifest, resuming.
+
+    source ─► route ─► plan ─► dispatch ─► sink ─► rollup
+
+Where each stage runs (the driver, routing actors, dispatch actors) is
+:mod:`batchroute.job.cluster`'s business, the only module that imports Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from batchroute import __version__
+from batchroute.config import JobConfig
+from batchroute.job import cluster
+from batchroute.job.progress import Progress
+from batchroute.routers import classifier as rt
+from batchroute.stages import plan, rollup, source
+from batchroute.stages.manifest import Manifest, now
+from batchroute.stages.route import RouteSpec, check_compatible
+from batchroute.stages.sink import ResultSink, RunFolder
+
+log = logging.getLogger("batchroute")
+# Small shards keep every process's working set flat: a routing actor holds one shard (and its
+# routed copy) at a time, and prompts can be long documents.
+SOURCE_SHARD_ROWS = 8_192
+
+
+@dataclass
+class RunResult:
+    """What a run (or a dry run, or a resume) left: its folder, manifest, forecast and
+    rollups (None for a dry run)."""
+
+    folder: RunFolder
+    manifest: Manifest
+    forecast: dict[str, Any]
+    rollups: pa.Table | None
+
+    @property
+    def exit_code(self) -> int:
+        """0 when no row failed, 1 when some did (rejected rows are data, not failures)."""
+        return 1 if self.manifest.counts.get("failed", 0) else 0
+
+
+def new_run_id(job: JobConfig) -> str:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{job.name}-{stamp}-{secrets.token_hex(2)}"
+
+
+def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = None,
+        num_cpus: int | None = None, dry_run: bool = False, force: bool = False,
+        progress: Progress | None = None, price_date: date | None = None) -> RunResult:
+    """Run a job end to end (or up to the plan with ``dry_run``), or resume the run folder
+    ``run_id`` if it exists.
+
+    Resuming skips finished stages, never re-sends or re-writes ``ok`` rows, retries
+    ``failed`` ones and keeps ``rejected`` ones. A run whose config, router or input changed
+    is refused unless ``force``.
+
+    Calls are priced at the prices in force on ``price_date`` (default: today, UTC). A Ray
+    started here (no ``ray_address``) gets ``num_cpus`` CPUs (default: one per core).
+
+    Raises SchemaError/ConfigError/RouterError before anything is written; once the run folder
+    exists, per-row problems become result rows and never exceptions.
+    """
+    price_date = price_date or datetime.now(UTC).date()
+    job = job.priced_on(price_date)
+    progress = progress or Progress()
+    data = source.open_input(job.input)
+    spec = RouteSpec.from_job(job)
+    router_bytes, version = None, "none"
+    if spec.uses_classifier:
+        router_bytes = rt.read_bytes(job.router.path)
+        info = rt.inspect(router_bytes, path=job.router.path)
+        check_compatible(info, spec, path=job.router.path)
+        version = info.version
+    run_id = run_id or new_run_id(job)
+    folder = RunFolder(job.output, run_id)
+    previous = Manifest.read(folder)
+    if previous is not None:
+        previous.check_resumable(config_hash=job.config_hash, router_version=version,
+                                 fingerprint=data.fingerprint, force=force, uri=folder.uri)
+    manifest = previous or Manifest.new(
+        folder, job=job.name, job_file=job.source, batchroute_version=__version__,
+        config_hash=job.config_hash, router_version=version,
+        router_path=job.router.path if router_bytes is not None else None,
+        router_stages=list(spec.stages), input=job.input,
+        input_fingerprint=data.fingerprint, input_files=len(data.files),
+        price_date=price_date.isoformat())
+
+    cluster.start_ray(ray_address, num_cpus=num_cpus)
+    # Dispatch actors start before any work so that a key missing from the workers'
+    # environment (not just the driver's) stops the job before routing is paid for. An llm
+    # router asks its model through that model's actor, so a plan with one needs them too.
+    actors = (None if dry_run and "llm" not in spec.stages
+              else cluster.DispatchActors(job, run_id))
+    try:
+        return _run(job, data, router_bytes, spec, folder, actors, progress, manifest,
+                    resumed=previous is not None, dry_run=dry_run, price_date=price_date)
+    finally:
+        if actors is not None:
+            actors.kill()
+
+
+def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
+         spec: RouteSpec, folder: RunFolder, actors: cluster.DispatchActors | None,
+         progress: Progress, manifest: Manifest, *, resumed: bool, dry_run: bool,
+         price_date: date) -> RunResult:
+    if resumed:
+        manifest.resumes.append({"at": now(), "price_date": price_date.isoformat(),
+                                 "temp_files_discarded": folder.discard_temp_files()})
+        if not manifest.done("plan"):
+            # The cheap stages redo from scratch: nothing was sent before the plan was done.
+            for part in ("source", "routed", "results"):
+                folder.remove(part)
+            manifest.stages.clear()
+    elif job.text:
+        folder.write_text("job.toml", job.text)
+    manifest.write(folder)
+
+    with progress:
+        sink = ResultSink(folder)
+        if manifest.done("plan"):
+            forecast = folder.read_json("forecast.json")
+            planned = {m: int(v["rows"]) for m, v in forecast["models"].items()}
+            progress.total_rows = progress.routed = int(manifest.input_rows or 0)
+        else:
+            forecast, planned = _plan(job, data, router_bytes, spec, folder, sink, manifest,
+                                      progress, actors)
+        progress.planned = planned
+
+        if actors is None or dry_run:
+            manifest.write(folder)
+            return RunResult(folder, manifest, forecast, None)
+
+        progress.set_phase("dispatching")
+        answered = sink.settle_for_resume() if resumed else None
+        if answered is not None:
+            log.info("resuming %s: %d rows already answered ok are skipped", folder.uri,
+                     len(answered))
+        manifest.dispatch = actors.dispatch(folder, planned, sink, progress, answered)
+        manifest.mark_done("dispatch", folder)
+        # The actors' memory (~150-200 MiB each) is not needed for the rollup.
+        actors.kill()
+
+        progress.set_phase("rolling up")
+        table = rollup.rollup(rollup.read_results(folder), run_id=folder.run_id,
+                              models=job.models, reference_model=job.reference_model,
+                              reference_output_ratio=job.reference_output_ratio)
+        folder.write_table(folder.sub("rollups"), "rollups.parquet", table)
+        manifest.counts = {s: int(pc.sum(table.column(s)).as_py() or 0)
+                           for s in ("ok", "failed", "rejected")}
+        manifest.cost_usd = int(pc.sum(table.column("cost_micro_usd")).as_py() or 0) / 1e6
+        manifest.finished_at = now()
+        manifest.mark_done("rollup", folder)
+        progress.set_phase("done")
+    return RunResult(folder, manifest, forecast, table)
+
+
+def _plan(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
+          spec: RouteSpec, folder: RunFolder, sink: ResultSink, manifest: Manifest,
+          progress: Progress, actors: cluster.DispatchActors | None
+          ) -> tuple[dict[str, Any], dict[str, int]]:
+    """Source, route and plan: everything before the first model call."""
+    progress.set_phase("reading input")
+    rows = 0
+    for i, batch in enumerate(source.read_requests(data, SOURCE_SHARD_ROWS)):
+        folder.write_table(folder.sub("source"), f"part-{i:06d}.parquet", batch)
+        rows += batch.num_rows
+    progress.total_rows = rows
+    manifest.input_rows = rows
+    manifest.mark_done("source", folder)
+
+    progress.set_phase("routing")
+    writer = plan.PlanWriter(folder, sink)
+    asker = actors.actors[spec.llm.model] if actors is not None and "llm" in spec.stages \
+        else None
+    decided: dict[str, int] = {}
+    route_micro = 0
+    for routed in (_route(folder, router_bytes, spec, job, asker) if rows else ()):
+        for item in pc.value_counts(routed.column("route_reason")).to_pylist():
+            if item["values"] is not None:
+                decided[item["values"]] = decided.get(item["values"], 0) + item["counts"]
+        route_micro += pc.sum(routed.column("route_cost_micro_usd")).as_py() or 0
+        writer.add(routed)
+        progress.routed += routed.num_rows
+        progress.tick()
+    planned = writer.close()
+    forecast = plan.forecast(folder, job, writer.rejected)
+    folder.write_json("forecast.json", forecast)
+    manifest.counts = dict(sink.counts)
+    # What decided each routed row (rule:<name>, classifier, llm:<label>, llm:default, ...)
+    # and what routing itself cost (the llm router's calls).
+    manifest.routing = {"decided_by": dict(sorted(decided.items())),
+                        "route_cost_usd": route_micro / 1e6}
+    manifest.mark_done("plan", folder)
+    return forecast, planned
+
+
+def _route(folder: RunFolder, router_bytes: bytes | None, spec: RouteSpec,
+           job: JobConfig, asker: Any = None) -> Iterator[pa.Table]:
+    shards = folder.shards(folder.sub("source"))
+    count = max(1, min(job.router.actors, cluster.cpus(), len(shards)))
+    return cluster.route_shards(shards, folder.fs, router_bytes, spec, actors=count,
+                                batch_rows=job.router.batch_size,
+                                router_path=job.router.path, asker=asker)
