@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import selectors
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -14,6 +17,7 @@ from batchroute.routers import classifier as rt
 REPO = Path(__file__).resolve().parent.parent
 MMLU = Path(MMLU_LABELS)
 CHEAP, MID, STRONG = "cheap-model", "mid-model", "strong-model"
+T = TypeVar("T")
 
 
 def tiny_router(thresholds: dict[str, float] | None = None) -> bytes:
@@ -136,3 +140,40 @@ class FakeEmbedder:
                 out[i, zlib.crc32(word.encode()) % self.dim] += 1.0
         norm = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.where(norm == 0, 1.0, norm)
+
+
+class _VirtualClockSelector(selectors.DefaultSelector):
+    """Never waits: a select that would block for ``timeout`` seconds moves the loop's clock
+    on by that much instead (only when nothing is ready, which is when the loop would sleep)."""
+
+    def __init__(self, clock: list[float]) -> None:
+        super().__init__()
+        self._clock = clock
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        ready = super().select(0)
+        if not ready and timeout is not None and timeout > 0:
+            self._clock[0] += timeout
+        return ready
+
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop on a fake clock, as aiolimiter's own tests use: ``loop.time()`` starts at
+    0 and jumps straight to the next timer whenever every task is waiting, so a test of
+    waits and pacing asserts exact times and never sleeps."""
+
+    def __init__(self) -> None:
+        self._now = [0.0]
+        super().__init__(_VirtualClockSelector(self._now))
+
+    def time(self) -> float:
+        return self._now[0]
+
+
+def run_on_virtual_clock(coro: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on a :class:`VirtualClockLoop`."""
+    loop = VirtualClockLoop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()

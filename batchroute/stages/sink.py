@@ -19,12 +19,10 @@ partial object under the final name. A resumed run deletes whatever ``_tmp/`` st
 from __future__ import annotations
 
 import json
-import os
-import time
 import urllib.parse
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,16 +34,21 @@ from batchroute.errors import SinkError
 TMP = "_tmp"
 # Readers hold a whole row group; small ones keep a reader's memory flat with long prompts.
 ROW_GROUP_ROWS = 4096
-# Fault-injection seam for the kill tests: hold every commit between writing the temp file
-# and moving it into place, so a test can SIGKILL a run exactly mid-commit. Unset in real use.
-COMMIT_PAUSE_S = float(os.environ.get("BATCHROUTE_TEST_COMMIT_PAUSE_S", "0") or 0)
 
 
 class RunFolder:
-    """Paths and atomic writes inside one run's folder, on any pyarrow filesystem."""
+    """Paths and atomic writes inside one run's folder, on any pyarrow filesystem (``output``
+    is a URI or local path, or a path on ``fs`` when one is given)."""
 
-    def __init__(self, output: str, run_id: str) -> None:
-        if "://" in output:
+    # A seam for fault injection, None in real use: called with (temp path, final path) after
+    # a table is written and before it is moved into place, e.g. to hold a commit open so that
+    # a test can kill the run exactly mid-commit.
+    before_commit: ClassVar[Callable[[str, str], None] | None] = None
+
+    def __init__(self, output: str, run_id: str, *, fs: pafs.FileSystem | None = None) -> None:
+        if fs is not None:
+            self.fs, base = fs, output
+        elif "://" in output:
             self.fs, base = pafs.FileSystem.from_uri(output)
         else:
             self.fs, base = pafs.LocalFileSystem(), output
@@ -80,8 +83,8 @@ class RunFolder:
         try:
             pq.write_table(table, tmp, filesystem=self.fs, compression="zstd",
                            row_group_size=ROW_GROUP_ROWS)
-            if COMMIT_PAUSE_S:
-                time.sleep(COMMIT_PAUSE_S)
+            if RunFolder.before_commit is not None:
+                RunFolder.before_commit(tmp, final)
             self.fs.move(tmp, final)
         except OSError as exc:
             raise SinkError(f"cannot write {final}: {exc}") from None

@@ -23,6 +23,13 @@ from tests.helpers import demo_job_doc, to_toml
 
 pytestmark = pytest.mark.slow
 N = 600
+# `batchroute ...` with every commit held open for 0.2 s between writing the temp file and
+# moving it into place (RunFolder.before_commit), so that a kill can land mid-commit.
+PAUSED_COMMITS = ("import sys, time\n"
+                  "from batchroute.stages.sink import RunFolder\n"
+                  "RunFolder.before_commit = lambda tmp, final: time.sleep(0.2)\n"
+                  "from batchroute.cli import main\n"
+                  "sys.exit(main(sys.argv[1:]))\n")
 BATCH_ROWS, IN_FLIGHT = 16, 2
 
 
@@ -68,10 +75,9 @@ def test_kill_anywhere_then_resume(tmp_path: Path, stage: str, seed: int, api_ke
         job = _job(tmp_path, provider.url)
         folder = tmp_path / "runs" / "k"
         env = {**os.environ, "BATCHROUTE_TEST_KEY": api_key}
-        if stage == "commit":
-            env["BATCHROUTE_TEST_COMMIT_PAUSE_S"] = "0.2"
+        command = ["-c", PAUSED_COMMITS] if stage == "commit" else ["-m", "batchroute"]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "batchroute", "run", str(job), "--run-id", "k",
+            [sys.executable, *command, "run", str(job), "--run-id", "k",
              "--ray-address", ray.get_runtime_context().gcs_address],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
         try:

@@ -20,7 +20,7 @@ from batchroute.routers import similarity as memory
 from batchroute.stages.route import RouteSpec, RouteStage
 from batchroute.training import bank as bank_tools
 from tests.helpers import CHEAP, MID, STRONG, FakeEmbedder, job_doc, tiny_router
-from tests.unit.test_route import _col, _requests
+from tests.unit.stages.test_route import _col, _requests
 
 EMB = FakeEmbedder()
 
@@ -205,7 +205,7 @@ def _llm_spec(**overrides: object) -> RouteSpec:
 
 
 def test_llm_stage_decides_counts_fallbacks_and_records_its_cost() -> None:
-    from tests.unit.test_llm_route import FakeAsk, by_word
+    from tests.unit.routers.test_llm import FakeAsk, by_word
 
     ask = FakeAsk(by_word, cost=7)
     stage = RouteStage(None, _llm_spec(), ask=ask)
@@ -223,7 +223,7 @@ def test_llm_stage_decides_counts_fallbacks_and_records_its_cost() -> None:
 
 
 def test_a_cascade_asks_the_llm_only_inside_the_classifiers_band() -> None:
-    from tests.unit.test_llm_route import FakeAsk, by_word
+    from tests.unit.routers.test_llm import FakeAsk, by_word
 
     ask = FakeAsk(by_word)
     spec = _llm_spec(stages=("classifier", "llm"),
@@ -244,7 +244,7 @@ def test_a_cascade_asks_the_llm_only_inside_the_classifiers_band() -> None:
 def test_every_kind_emits_one_decision_per_row_with_its_evidence(
         tmp_path_factory: pytest.TempPathFactory, prompts: list[str], stages: list[str],
         take: int) -> None:
-    from tests.unit.test_llm_route import FakeAsk, by_word
+    from tests.unit.routers.test_llm import FakeAsk, by_word
 
     chosen = tuple(stages[:take])
     bank = _bank(tmp_path_factory.mktemp("bank"), BANK_ROWS)

@@ -58,6 +58,6 @@ def test_truncated_answers_escalate_up_the_ladder_with_every_attempt_billed(
     esc_in = sum(e["input_tokens"] for r in escalated for e in r["escalations"])
     assert rollups["input_tokens"].sum() == results["input_tokens"].sum() + esc_in
     assert "passed up the escalation ladder" in rollup.format_table(out.rollups)
-    stats = out.manifest["dispatch"]
+    stats = out.manifest.dispatch
     assert stats[ladder[0]]["escalated"] == rollups.filter(
         pl.col("model") == ladder[0])["escalated"].item()

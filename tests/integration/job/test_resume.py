@@ -67,8 +67,8 @@ def test_resume_retries_failed_rows_and_never_resends_ok_ones(
     assert kept.join(after.select("request_id", "response"), on="request_id").filter(
         pl.col("response") != pl.col("response_right")).is_empty()
     assert after.filter(pl.col("request_id") == "r5")["status"].to_list() == ["rejected"]
-    assert second.manifest["counts"] == {"ok": N - 1, "failed": 0, "rejected": 1}
-    assert len(second.manifest["resumes"]) == 1
+    assert second.manifest.counts == {"ok": N - 1, "failed": 0, "rejected": 1}
+    assert len(second.manifest.resumes) == 1
     rollups = pl.read_parquet(second.folder.sub("rollups"))
     assert rollups["rows"].sum() == N and rollups["failed"].sum() == 0
 
@@ -81,7 +81,7 @@ def test_a_planned_run_resumes_without_routing_again(
     stamps = [p.stat().st_mtime_ns for p in routed_files]
     done = runner.run(job, run_id="p", progress=quiet_progress())
     assert [p.stat().st_mtime_ns for p in routed_files] == stamps
-    assert done.manifest["stages"]["plan"] == planned.manifest["stages"]["plan"]
+    assert done.manifest.stages["plan"] == planned.manifest.stages["plan"]
     assert len(pl.read_parquet(done.folder.sub("results"))) == N
 
     # Resuming a finished run sends nothing and changes nothing.
@@ -101,7 +101,7 @@ def test_changed_input_is_refused_and_half_written_shards_are_ignored(
     assert len(pl.read_parquet(results)) == N
 
     again = runner.run(job, run_id="c", progress=quiet_progress())
-    assert again.manifest["resumes"][-1]["temp_files_discarded"] == 1
+    assert again.manifest.resumes[-1]["temp_files_discarded"] == 1
     assert not list(Path(out.folder.sub("_tmp")).iterdir())
 
     pq.write_table(pa.table({"request_id": ["new"], "prompt": ["changed"]}), inputs)

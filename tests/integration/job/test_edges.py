@@ -50,7 +50,7 @@ def test_provider_limit_below_the_catalog_gives_429s_that_are_honoured(
     results = pl.read_parquet(out.folder.sub("results"))
     assert out.exit_code == 0 and len(results) == n
     assert set(results["status"]) == {"ok"}
-    stats = out.manifest["dispatch"]["mixtral-8x7b-instruct"]
+    stats = out.manifest.dispatch["mixtral-8x7b-instruct"]
     assert stats["rate_limited"] == served["rate_limited"] > 0
     # Paced down instead of hammering: fewer 429s than rows (about half here, most of them
     # from the first second's burst), and the model was slowed below its catalog rate.
@@ -66,7 +66,7 @@ def test_empty_and_all_rejected_inputs_finish_cleanly(tmp_path: Path, provider: 
     pq.write_table(pa.table({"request_id": pa.array([], pa.string()),
                              "prompt": pa.array([], pa.string())}), empty)
     out = runner.run(_job(tmp_path, empty, urls), run_id="empty", progress=quiet_progress())
-    assert out.exit_code == 0 and out.manifest["input_rows"] == 0
+    assert out.exit_code == 0 and out.manifest.input_rows == 0
     assert out.rollups is not None and out.rollups.num_rows == 0
 
     bad = tmp_path / "bad.parquet"

@@ -110,7 +110,7 @@ def test_the_dispatch_actor_answers_routing_calls(
         provider: MockProvider, ray_session: None) -> None:
     import ray
 
-    from batchroute.job.runner import _DispatchActor
+    from batchroute.job.cluster import _DispatchActor
 
     job = config.parse(job_doc(provider.url + "/v1"))
     actor = ray.remote(num_cpus=0)(_DispatchActor).remote(job.models[MID], job.dispatch, "r")

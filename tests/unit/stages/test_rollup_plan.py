@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
@@ -193,12 +195,82 @@ def test_forecast_with_nothing_routed_and_numeric_model_names(tmp_path: Path) ->
     assert plan.forecast(folder, job, rejected=0)["models"]["7"]["rows"] == 2
 
 
-def test_shards_are_committed_atomically(tmp_path: Path) -> None:
-    folder = RunFolder(str(tmp_path), "r")
-    folder.write_table(folder.sub("results"), "part-000000.parquet", pa.table({"a": [1]}))
-    names = [p.name for p in (tmp_path / "r" / "results").iterdir()]
-    assert names == ["part-000000.parquet"]  # written elsewhere, then moved in
-    assert list((tmp_path / "r" / "_tmp").iterdir()) == []
+class _RecordingFS(pafs.FileSystemHandler):
+    """The local filesystem, recording every file opened for writing and every move."""
+
+    def __init__(self) -> None:
+        self.fs = pafs.LocalFileSystem()
+        self.writes: list[str] = []
+        self.moves: list[tuple[str, str]] = []
+
+    def get_type_name(self) -> str:
+        return "recording"
+
+    def normalize_path(self, path: str) -> str:
+        return path
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        raise NotImplementedError
+
+    def delete_file(self, path: str) -> None:
+        self.fs.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self.moves.append((src, dest))
+        self.fs.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self.writes.append(dest)
+        self.fs.copy_file(src, dest)
+
+    def open_input_stream(self, path: str) -> Any:
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path: str) -> Any:
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata: Any) -> Any:
+        self.writes.append(path)
+        return self.fs.open_output_stream(path)
+
+    def open_append_stream(self, path: str, metadata: Any) -> Any:
+        self.writes.append(path)
+        return self.fs.open_append_stream(path)
+
+
+def test_a_reader_never_meets_a_half_written_file(tmp_path: Path) -> None:
+    """Every file a run folder holds under its final name got there by one move of a file
+    written completely elsewhere: a reader listing results/ (or the manifest) never opens a
+    file that is still being written."""
+    recorder = _RecordingFS()
+    folder = RunFolder(str(tmp_path), "r", fs=pafs.PyFileSystem(recorder))
+    sink = ResultSink(folder)
+    for i in range(3):
+        sink.write(pa.table({"request_id": [f"r{i}"], "status": ["ok"], "cost_usd": [0.0]}))
+    folder.write_json("manifest.json", {"run_id": "r"})
+    folder.write_text("job.toml", "[job]\n")
+
+    final = {str(p) for p in (tmp_path / "r").rglob("*") if p.is_file()}
+    assert len(final) == 5
+    tmp_dir = str(tmp_path / "r" / "_tmp") + "/"
+    assert recorder.writes and all(w.startswith(tmp_dir) for w in recorder.writes)
+    assert {dest for _, dest in recorder.moves} == final
+    assert all(src in recorder.writes for src, _ in recorder.moves)
 
 
 def test_result_sink_settles_failed_rows_for_a_resume(tmp_path: Path) -> None:

@@ -1,9 +1,11 @@
 """One model's limiter: buckets, AIMD pacing, the provider's rate-limit headers, and token
-reconciliation. Waits are real but short (tens of milliseconds)."""
+reconciliation. Every test runs on a virtual clock (tests.helpers.VirtualClockLoop): the waits
+are exact and nothing sleeps."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Callable
 
 import httpx
@@ -11,6 +13,7 @@ import pytest
 
 from batchroute.stages.dispatch.limits import MIN_FACTOR, ModelLimits
 from batchroute.stages.dispatch.providers import RateLimitState, rate_limit_state
+from tests.helpers import run_on_virtual_clock
 
 
 def test_openai_and_anthropic_headers_parse_to_the_most_restrictive_bucket() -> None:
@@ -37,7 +40,7 @@ def _elapsed(calls: Callable[[], Awaitable[None]]) -> float:
         t0 = loop.time()
         await calls()
         return loop.time() - t0
-    return asyncio.run(go())
+    return run_on_virtual_clock(go())
 
 
 def test_a_provider_bucket_with_less_room_makes_the_next_call_wait_for_its_refill() -> None:
@@ -51,9 +54,9 @@ def test_a_provider_bucket_with_less_room_makes_the_next_call_wait_for_its_refil
         await limits.acquire(1)
         limits.release()
 
-    assert _elapsed(lambda: calls(None)) < 0.05
-    assert _elapsed(lambda: calls(9)) < 0.05  # the provider has as much room as we do
-    assert _elapsed(lambda: calls(0)) == pytest.approx(0.1, abs=0.03)  # one refill interval
+    assert _elapsed(lambda: calls(None)) == 0.0
+    assert _elapsed(lambda: calls(9)) == 0.0  # the provider has as much room as we do
+    assert _elapsed(lambda: calls(0)) == pytest.approx(0.1, abs=1e-6)  # one refill interval
 
 
 def test_a_provider_limit_below_the_catalog_caps_the_pace() -> None:
@@ -74,10 +77,9 @@ def test_a_provider_limit_below_the_catalog_caps_the_pace() -> None:
             limits.release()
         return starts
 
-    starts = asyncio.run(go())
-    # 1,500 RPM: starts 40 ms apart instead of 10 ms (judged over the span: a loaded machine
-    # can delay one reading of the clock and shorten the next gap)
-    assert starts[-1] - starts[0] > 0.11
+    starts = run_on_virtual_clock(go())
+    # 1,500 RPM: starts 40 ms apart instead of 10 ms
+    assert [round(b - a, 6) for a, b in itertools.pairwise(starts)] == [0.04] * 3
 
 
 def test_a_provider_token_limit_below_the_catalog_slows_the_token_bucket_only() -> None:
@@ -106,8 +108,8 @@ def test_a_provider_token_limit_below_the_catalog_slows_the_token_bucket_only() 
             limits.release()
         return half, loop.time() - t0
 
-    half, full = asyncio.run(go())
-    assert half == pytest.approx(1.0, abs=0.15) and full == pytest.approx(0.5, abs=0.15)
+    half, full = run_on_virtual_clock(go())
+    assert half == pytest.approx(1.0, abs=1e-6) and full == pytest.approx(0.5, abs=1e-6)
 
 
 def test_reported_prompt_tokens_settle_the_estimate() -> None:
@@ -123,9 +125,9 @@ def test_reported_prompt_tokens_settle_the_estimate() -> None:
         limits.release()
         return loop.time() - t0
 
-    assert asyncio.run(after(10, 10)) == pytest.approx(0.6, abs=0.05)
-    assert asyncio.run(after(10, 4)) < 0.03  # 6 tokens came back: no wait
-    assert asyncio.run(after(10, 14)) == pytest.approx(1.0, abs=0.05)  # 4 tokens of debt
+    assert run_on_virtual_clock(after(10, 10)) == pytest.approx(0.6, abs=1e-6)
+    assert run_on_virtual_clock(after(10, 4)) == 0.0  # 6 tokens came back: no wait
+    assert run_on_virtual_clock(after(10, 14)) == pytest.approx(1.0, abs=1e-6)  # 4 of debt
 
 
 def test_token_bucket_admits_the_largest_request_despite_rounding() -> None:
@@ -138,7 +140,7 @@ def test_token_bucket_admits_the_largest_request_despite_rounding() -> None:
         with pytest.raises(ValueError, match="exceeds the largest admissible"):
             await limits.acquire(4097)
 
-    asyncio.run(go())
+    run_on_virtual_clock(go())
 
 
 def test_429_paces_the_model_down_and_success_brings_it_back() -> None:
@@ -163,6 +165,6 @@ def test_429_paces_the_model_down_and_success_brings_it_back() -> None:
         assert limits.factor == MIN_FACTOR
         return starts
 
-    starts = asyncio.run(go())
+    starts = run_on_virtual_clock(go())
     # 6,000 RPM x 0.125 = 12.5 requests/s: starts 80 ms apart instead of 10 ms
-    assert starts[-1] - starts[0] > 0.22
+    assert [round(b - a, 6) for a, b in itertools.pairwise(starts)] == [0.08] * 3
