@@ -23,6 +23,7 @@ from batchroute.config import JobConfig
 from batchroute.job import cluster
 from batchroute.job.progress import Progress
 from batchroute.routers import classifier as rt
+from batchroute.routers import embed
 from batchroute.stages import plan, rollup, source
 from batchroute.stages.manifest import Manifest, now
 from batchroute.stages.route import RouteSpec, check_compatible
@@ -82,6 +83,8 @@ def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = 
         info = rt.inspect(router_bytes, path=job.router.path)
         check_compatible(info, spec, path=job.router.path)
         version = info.version
+    if "similarity" in spec.stages:  # refused now, not in a routing actor after Ray started
+        embed.model_dir()
     run_id = run_id or new_run_id(job)
     folder = RunFolder(job.output, run_id)
     previous = Manifest.read(folder)

