@@ -49,9 +49,13 @@ browser:
 	  >/dev/null; } || { echo "chromium is needed by the report's browser test: install it" \
 	  "(apt-get install chromium) and run make test again" >&2; exit 1; }
 
-## test-fast: unit tests only, no Ray, no network (seconds)
+## test-fast: unit tests only, no Ray, no network (about a minute)
 test-fast: $(STAMP)
 	$(BIN)/pytest -q tests/unit -m "not slow"
+
+## test-integration: the integration tier alone (one local Ray session, the mock on loopback)
+test-integration: $(STAMP)
+	$(BIN)/pytest -q tests/integration
 
 lint: $(STAMP)
 	$(BIN)/ruff check batchroute tests

@@ -61,8 +61,8 @@ def test_errors_pickle_across_process_boundaries(err: errors.BatchrouteError) ->
         assert (back.status, back.retry_after_s) == (err.status, err.retry_after_s)
 
 
-@pytest.mark.parametrize("command", ["run", "plan", "resume", "train", "score", "eval",
-                                     "mock-provider", "sample"])
+@pytest.mark.parametrize("command", ["run", "plan", "resume", "backfill", "train", "score",
+                                     "eval", "calibrate", "report", "mock-provider", "sample"])
 def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         cli.main([command, "--help"])
