@@ -2,6 +2,7 @@
 
     BatchrouteError              base of everything the job raises on purpose
     ├── ConfigError              the job file is wrong; raised before any work starts
+    │   └── RunFolderLocked      another process is writing the run folder
     ├── SchemaError              input or labels do not match schemas/
     ├── RouterError              router file missing, corrupt, or incompatible with the job
     ├── DispatchError            a model call went wrong
@@ -9,8 +10,10 @@
     │   │   └── RateLimited          429, with the provider's Retry-After
     │   └── TerminalDispatchError    not worth retrying: other 4xx, bad payloads, bad keys
     │       ├── AuthError            401/403 or no key: stops calls to that model
+    │       ├── Abandoned            not sent: the run that asked for it is gone
     │       └── InternalDispatchError   an unforeseen exception, recorded on the row
-    └── SinkError                results could not be committed
+    ├── SinkError                results could not be committed
+    └── Interrupted              SIGINT/SIGTERM: answered rows committed, then exit 130/143
 
 A request's outcome is data (a result row with status, error type and message); dispatch
 errors only travel inside the dispatcher and end as such rows, never as a crash of the job.
@@ -90,6 +93,29 @@ class InternalDispatchError(TerminalDispatchError):
     """An unforeseen exception while making or reading a call; recorded, not retried."""
 
     error_type = "internal"
+
+
+class Abandoned(TerminalDispatchError):
+    """A row a dispatch actor did not send because its driver is gone (killed, or lost):
+    nobody would commit the answer."""
+
+    error_type = "abandoned"
+
+
+class Interrupted(BatchrouteError):
+    """The run was stopped by a signal after committing what had been answered. The exit
+    code is the shell's convention for that signal: 128 + its number (130, 143)."""
+
+    def __init__(self, message: str, *, signum: int = 2) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:  # type: ignore[override]
+        return 128 + self.signum
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self),), {"signum": self.signum})
 
 
 class AuthError(TerminalDispatchError):

@@ -168,6 +168,11 @@ ROLLUPS = pa.schema([
     _f("routing_cost_micro_usd", pa.int64(),
        "Routing overhead: what asking the llm router cost for the rows this model answered; "
        "part of cost_micro_usd.", nullable=False),
+    _f("unrecovered_cost_micro_usd", pa.int64(),
+       "Calls to this model the provider billed but whose answer was never used, estimated "
+       "from the request at its full max_tokens (an upper bound): answers lost in flight when "
+       "a run crashed, and malformed 2xx replies. Not part of cost_micro_usd, which sums the "
+       "result rows; add it for what the provider will invoice.", nullable=False),
     _f("reference_model", pa.string(), "Model the counterfactual sends every request to.",
        nullable=False),
     _f("reference_output_ratio", pa.float64(),

@@ -1,7 +1,8 @@
 """Command line: ``batchroute COMMAND ...``; ``batchroute COMMAND --help`` explains each.
 
 Exit codes: 0 success; 1 the run finished but some rows failed; 2 bad job file, input, router
-or arguments (nothing was written); 3 any other error.
+or arguments, or a run folder another process is writing (nothing was written); 3 any other
+error; 130/143 interrupted by SIGINT/SIGTERM after committing what had been answered.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 
 from batchroute.cli import jobs, reports, routers
 from batchroute.devtools import register as register_devtools
-from batchroute.errors import BatchrouteError
+from batchroute.errors import BatchrouteError, Interrupted
 
 # Each command group registers its own commands and imports the heavy modules (pyarrow, numpy,
 # Ray, ...) only inside the command that runs: `batchroute --help` imports none of them.
@@ -25,7 +26,9 @@ typical use:
   batchroute train --labels L.parquet --out router.onnx
   batchroute mock-provider --port 8765      a local OpenAI/Anthropic-compatible test server
 
-exit codes: 0 ok, 1 some rows failed, 2 bad job/input/router/arguments, 3 other error
+exit codes: 0 ok, 1 some rows failed, 2 bad job/input/router/arguments or a run folder
+            another process is writing, 3 other error, 130/143 stopped by SIGINT/SIGTERM
+            after committing what was answered (resume it)
 """
 
 
@@ -50,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         code: int = args.func(args)
+    except Interrupted as exc:
+        print(f"batchroute: {exc}", file=sys.stderr)
+        return exc.exit_code
     except BatchrouteError as exc:
         print(f"batchroute: error: {exc}", file=sys.stderr)
         return exc.exit_code

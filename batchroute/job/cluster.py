@@ -10,8 +10,10 @@ and :mod:`batchroute.job.runner` the order they run in.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -35,6 +37,9 @@ ray: Any = _ray
 log = logging.getLogger("batchroute")
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
 START_ATTEMPTS = 4
+HEARTBEAT_S = 1.0
+# A dispatch actor that has not heard from its driver for this long sends nothing more.
+DRIVER_TIMEOUT_S = 5.0
 
 
 def start_ray(address: str | None, *, num_cpus: int | None = None) -> None:
@@ -146,15 +151,23 @@ class _RouteActor:
 
 
 class _DispatchActor:
-    """Owns one model's dispatcher inside one async Ray actor: the only copy of its limits."""
+    """Owns one model's dispatcher inside one async Ray actor: the only copy of its limits.
 
-    def __init__(self, model: ModelConfig, policy: DispatchConfig, run_id: str) -> None:
+    It journals its answers into the run folder as they arrive (:mod:`batchroute.stages.
+    journal`), and stops sending once its driver has not been heard from for
+    ``DRIVER_TIMEOUT_S``: a driver killed with ``kill -9`` cannot tell its actors, and Ray
+    takes a while to reap them.
+    """
+
+    def __init__(self, model: ModelConfig, policy: DispatchConfig, folder: RunFolder) -> None:
         from batchroute.stages.dispatch.dispatcher import tune_gc_for_dispatch
 
         tune_gc_for_dispatch()  # this process does nothing else
-        self._args = (model, policy, run_id)
+        self._args = (model, policy, folder)
         self._dispatcher: Any = None
         self._upper: Any = None  # the actor of the next model up the escalation ladder
+        self._journal: Any = None
+        self._heard = time.monotonic()
 
     def has_key(self) -> bool:
         return bool(os.environ.get(self._args[0].api_key_env))
@@ -162,18 +175,36 @@ class _DispatchActor:
     def connect(self, upper: Any) -> None:
         self._upper = upper
 
+    async def heartbeat(self) -> None:
+        self._heard = time.monotonic()
+
+    def _alive(self) -> bool:
+        return time.monotonic() - self._heard < DRIVER_TIMEOUT_S
+
     def _get(self) -> Any:
         if self._dispatcher is None:  # created inside the actor's event loop
             from batchroute.stages.dispatch.dispatcher import ModelDispatcher
 
-            model, policy, run_id = self._args
+            model, policy, folder = self._args
             self._dispatcher = ModelDispatcher(
-                model, policy, run_id=run_id, api_key=os.environ.get(model.api_key_env),
-                escalate=self._escalate if self._upper is not None else None)
+                model, policy, run_id=folder.run_id, api_key=os.environ.get(model.api_key_env),
+                escalate=self._escalate if self._upper is not None else None,
+                journal=self._write_journal, alive=self._alive)
         return self._dispatcher
 
-    async def dispatch(self, routed: pa.Table) -> pa.Table:
-        result: pa.Table = await self._get().dispatch(routed)
+    def _write_journal(self, rows: pa.Table | None, in_flight: dict[str, int],
+                       unrecovered_micro_usd: int) -> None:
+        from batchroute.stages.journal import JournalWriter
+
+        model, _, folder = self._args
+        if self._journal is None:
+            self._journal = JournalWriter(folder, model.name)
+        if rows is not None:
+            self._journal.append(rows)
+        self._journal.snapshot(in_flight, unrecovered_micro_usd)
+
+    async def dispatch(self, routed: pa.Table, journal: bool = True) -> pa.Table:
+        result: pa.Table = await self._get().dispatch(routed, journal=journal)
         return result
 
     async def ask_route(self, routed: pa.Table) -> pa.Table:
@@ -185,30 +216,42 @@ class _DispatchActor:
         return result
 
     async def _escalate(self, model: str, routed: pa.Table) -> pa.Table:
-        # The next model's own actor holds its limits; the rows wait their turn there.
-        result: pa.Table = await self._upper.dispatch.remote(routed)
+        # The next model's own actor holds its limits; the rows wait their turn there. This
+        # model journals them when they come back, with its own attempt's cost added.
+        result: pa.Table = await self._upper.dispatch.remote(routed, False)
         return result
+
+    async def flush(self) -> None:
+        """Journal what has been answered and not yet journalled (before an interrupted
+        driver commits the journals)."""
+        if self._dispatcher is not None:
+            self._dispatcher.flush_journal()
 
     async def stats(self) -> dict[str, Any]:
         return asdict(self._dispatcher.stats) if self._dispatcher else {}
 
     async def close(self) -> None:
         if self._dispatcher is not None:
+            self._dispatcher.flush_journal()
             await self._dispatcher.aclose()
+        if self._journal is not None:
+            self._journal.close()
 
 
 class DispatchActors:
-    """One async actor per catalog model, and the driver loop that feeds them."""
+    """One async actor per catalog model, and the driver loop that feeds them. While they
+    live, a thread of the driver tells them every ``HEARTBEAT_S`` that it is still there."""
 
-    def __init__(self, job: JobConfig, run_id: str) -> None:
+    def __init__(self, job: JobConfig, folder: RunFolder) -> None:
         self.job = job
         self.actors: dict[str, Any] = {}
+        self.failed_batches = 0  # dispatch calls that failed whole (their rows: failed_unsent)
         # A node that has just died can still be offered for new actors until Ray's health
         # check gives up on it (seconds): an actor placed there dies before it runs. Nothing
         # has been sent yet, so start the set again, a few times.
         for attempt in range(START_ATTEMPTS):
             try:
-                have = self._start(run_id)
+                have = self._start(folder)
                 break
             except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as exc:
                 self.kill()
@@ -223,19 +266,34 @@ class DispatchActors:
             m = job.models[missing[0]]
             raise ConfigError(f"models.{m.name}.api_key_env: environment variable "
                               f"{m.api_key_env} is not set where Ray's workers run")
+        self._beating = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, name="dispatch-heartbeat",
+                                      daemon=True)
+        self._beat.start()
 
-    def _start(self, run_id: str) -> list[bool]:
+    def _start(self, folder: RunFolder) -> list[bool]:
         """Start one actor per model, connect the escalation ladder; return who has a key."""
         job = self.job
         remote = ray.remote(num_cpus=0, max_concurrency=10_000)(_DispatchActor)
         # Unnamed on purpose: a resumed run must not collide with the actors of a killed
         # driver that Ray has not reaped yet.
-        self.actors = {m: remote.remote(cfg, job.dispatch, run_id)
+        self.actors = {m: remote.remote(cfg, job.dispatch, folder)
                        for m, cfg in job.models.items()}
         ray.get([self.actors[m].connect.remote(self.actors[up]) for m in job.models
                  if (up := job.dispatch.escalates_to(m)) is not None])
         have: list[bool] = ray.get([a.has_key.remote() for a in self.actors.values()])
         return have
+
+    def _heartbeat(self) -> None:
+        while not self._beating.wait(HEARTBEAT_S):
+            for actor in list(self.actors.values()):
+                with contextlib.suppress(Exception):  # a dead actor: the loop sees it
+                    actor.heartbeat.remote()
+
+    def flush(self, timeout_s: float = 10.0) -> None:
+        """Have every actor journal what it has answered (an interrupted run commits it)."""
+        with contextlib.suppress(Exception):
+            ray.get([a.flush.remote() for a in self.actors.values()], timeout=timeout_s)
 
     def dispatch(self, folder: RunFolder, planned: dict[str, int], sink: ResultSink,
                  progress: Progress, answered: pa.Array | None = None) -> dict[str, Any]:
@@ -246,6 +304,7 @@ class DispatchActors:
         the error, so every planned row still ends in exactly one result row.
         """
         policy = self.job.dispatch
+        self.failed_batches = 0
         readers = {m: _batches(folder, m, policy.batch_rows, answered) for m in planned}
         in_flight: dict[Any, tuple[str, pa.Table]] = {}
         per_model = dict.fromkeys(planned, 0)
@@ -277,6 +336,7 @@ class DispatchActors:
                 except ray.exceptions.RayError as exc:
                     log.error("dispatch of %d rows to %s failed: %s", batch.num_rows, m,
                               type(exc).__name__)
+                    self.failed_batches += 1
                     sink.write(results.failed_unsent(batch, folder.run_id, m, exc))
             refill()
             if time.monotonic() - last_stats > progress.interval_s:
@@ -289,6 +349,8 @@ class DispatchActors:
 
     def kill(self) -> None:
         """Kill every actor; killing again is a no-op."""
+        if hasattr(self, "_beating"):
+            self._beating.set()
         for a in self.actors.values():
             ray.kill(a)
         self.actors = {}

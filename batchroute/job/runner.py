@@ -8,8 +8,11 @@ Where each stage runs (the driver, routing actors, dispatch actors) is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -20,11 +23,13 @@ import pyarrow.compute as pc
 
 from batchroute import __version__
 from batchroute.config import JobConfig
+from batchroute.errors import Interrupted
 from batchroute.job import cluster
 from batchroute.job.progress import Progress
 from batchroute.routers import classifier as rt
 from batchroute.routers import embed
-from batchroute.stages import plan, rollup, source
+from batchroute.stages import journal, plan, results, rollup, source
+from batchroute.stages.lock import RunLock
 from batchroute.stages.manifest import Manifest, now
 from batchroute.stages.route import RouteSpec, check_compatible
 from batchroute.stages.sink import ResultSink, RunFolder
@@ -33,6 +38,9 @@ log = logging.getLogger("batchroute")
 # Small shards keep every process's working set flat: a routing actor holds one shard (and its
 # routed copy) at a time, and prompts can be long documents.
 SOURCE_SHARD_ROWS = 8_192
+# The longest a resume waits for a killed run's dispatch actors to go quiet: they finish the
+# calls they hold (each at most its timeout) and journal the answers.
+JOURNAL_WAIT_S = 90.0
 
 
 @dataclass
@@ -87,30 +95,35 @@ def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = 
         embed.model_dir()
     run_id = run_id or new_run_id(job)
     folder = RunFolder(job.output, run_id)
-    previous = Manifest.read(folder)
-    if previous is not None:
-        previous.check_resumable(config_hash=job.config_hash, router_version=version,
-                                 fingerprint=data.fingerprint, force=force, uri=folder.uri)
-    manifest = previous or Manifest.new(
-        folder, job=job.name, job_file=job.source, batchroute_version=__version__,
-        config_hash=job.config_hash, router_version=version,
-        router_path=job.router.path if router_bytes is not None else None,
-        router_stages=list(spec.stages), input=job.input,
-        input_fingerprint=data.fingerprint, input_files=len(data.files),
-        price_date=price_date.isoformat())
+    with contextlib.ExitStack() as stack:
+        # One writer: a second run or resume of this folder exits 2 here.
+        stack.enter_context(RunLock(folder))
+        previous = Manifest.read(folder)
+        if previous is not None:
+            previous.check_resumable(config_hash=job.config_hash, router_version=version,
+                                     fingerprint=data.fingerprint, force=force,
+                                     uri=folder.uri)
+        manifest = previous or Manifest.new(
+            folder, job=job.name, job_file=job.source, batchroute_version=__version__,
+            config_hash=job.config_hash, router_version=version,
+            router_path=job.router.path if router_bytes is not None else None,
+            router_stages=list(spec.stages), input=job.input,
+            input_fingerprint=data.fingerprint, input_files=len(data.files),
+            price_date=price_date.isoformat())
 
-    cluster.start_ray(ray_address, num_cpus=num_cpus)
-    # Dispatch actors start before any work so that a key missing from the workers'
-    # environment (not just the driver's) stops the job before routing is paid for. An llm
-    # router asks its model through that model's actor, so a plan with one needs them too.
-    actors = (None if dry_run and "llm" not in spec.stages
-              else cluster.DispatchActors(job, run_id))
-    try:
-        return _run(job, data, router_bytes, spec, folder, actors, progress, manifest,
-                    resumed=previous is not None, dry_run=dry_run, price_date=price_date)
-    finally:
-        if actors is not None:
-            actors.kill()
+        cluster.start_ray(ray_address, num_cpus=num_cpus)
+        stack.enter_context(_signals_interrupt())  # after Ray, which sets handlers of its own
+        # Dispatch actors start before any work so that a key missing from the workers'
+        # environment (not just the driver's) stops the job before routing is paid for. An
+        # llm router asks its model through that model's actor, so a plan with one needs them.
+        actors = (None if dry_run and "llm" not in spec.stages
+                  else cluster.DispatchActors(job, folder))
+        try:
+            return _run(job, data, router_bytes, spec, folder, actors, progress, manifest,
+                        resumed=previous is not None, dry_run=dry_run, price_date=price_date)
+        finally:
+            if actors is not None:
+                actors.kill()
 
 
 def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
@@ -145,11 +158,34 @@ def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
             return RunResult(folder, manifest, forecast, None)
 
         progress.set_phase("dispatching")
-        answered = sink.settle_for_resume() if resumed else None
-        if answered is not None:
+        answered = None
+        if resumed:
+            waited = journal.wait_quiet(folder, quiet_s=cluster.DRIVER_TIMEOUT_S + 1.0,
+                                        max_wait_s=JOURNAL_WAIT_S)
+            if waited:
+                log.info("waited %.1fs for the dispatch actors of the interrupted run to finish "
+                         "journalling", waited)
+            answered = _recover(folder, sink, manifest, sink.settle_for_resume())
             log.info("resuming %s: %d rows already answered ok are skipped", folder.uri,
                      len(answered))
-        manifest.dispatch = actors.dispatch(folder, planned, sink, progress, answered)
+        try:
+            manifest.dispatch = actors.dispatch(folder, planned, sink, progress, answered)
+        except (Interrupted, KeyboardInterrupt) as exc:
+            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            actors.flush()  # every answer received so far reaches the journal ...
+            actors.kill()  # ... nothing more is sent ...
+            before = sink.counts["ok"]
+            _recover(folder, sink, manifest, sink.settle_for_resume())  # ... and is committed
+            raise Interrupted(
+                f"interrupted by {signal.Signals(signum).name}: the answered rows are committed "
+                f"({sink.counts['ok'] - before} from the journal); resume with: batchroute "
+                f"resume {folder.uri}", signum=signum) from None
+        _add_unrecovered(manifest, {m: int(s.get("unrecovered_micro_usd", 0))
+                                    for m, s in manifest.dispatch.items()})
+        if not actors.failed_batches:
+            # Every answer is in a committed shard. (After a dispatch call that failed whole,
+            # the journal keeps that batch's answers for the resume that retries it.)
+            journal.clear(folder)
         manifest.mark_done("dispatch", folder)
         # The actors' memory (~150-200 MiB each) is not needed for the rollup.
         actors.kill()
@@ -157,7 +193,8 @@ def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
         progress.set_phase("rolling up")
         table = rollup.rollup(rollup.read_results(folder), run_id=folder.run_id,
                               models=job.models, reference_model=job.reference_model,
-                              reference_output_ratio=job.reference_output_ratio)
+                              reference_output_ratio=job.reference_output_ratio,
+                              unrecovered=manifest.unrecovered_by_model)
         folder.write_table(folder.sub("rollups"), "rollups.parquet", table)
         manifest.counts = {s: int(pc.sum(table.column(s)).as_py() or 0)
                            for s in ("ok", "failed", "rejected")}
@@ -176,7 +213,7 @@ def _plan(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
     progress.set_phase("reading input")
     rows = 0
     for i, batch in enumerate(source.read_requests(data, SOURCE_SHARD_ROWS)):
-        folder.write_table(folder.sub("source"), f"part-{i:06d}.parquet", batch)
+        folder.write_table(folder.sub("source"), folder.shard_name(i), batch)
         rows += batch.num_rows
     progress.total_rows = rows
     manifest.input_rows = rows
@@ -215,3 +252,58 @@ def _route(folder: RunFolder, router_bytes: bytes | None, spec: RouteSpec,
     return cluster.route_shards(shards, folder.fs, router_bytes, spec, actors=count,
                                 batch_rows=job.router.batch_size,
                                 router_path=job.router.path, asker=asker)
+
+
+def _recover(folder: RunFolder, sink: ResultSink, manifest: Manifest,
+             answered: pa.Array) -> pa.Array:
+    """Commit what earlier attempts journalled but did not commit; count the calls they had
+    in flight and never got back as unrecovered; clear the journals. Returns ``answered``
+    (the request ids already ``ok``) with the recovered ones added."""
+    found = journal.read(folder)
+    rows = found.rows
+    rows = rows.filter(pc.and_(pc.equal(rows.column("status"), "ok"),
+                               pc.invert(pc.is_in(rows.column("request_id"),
+                                                  value_set=answered))))
+    if rows.num_rows:
+        sink.write(results.with_route_cost(rows))
+        log.info("%s: %d answers paid for before the interruption are committed from the "
+                 "journal, not sent again", folder.uri, rows.num_rows)
+        answered = pa.concat_arrays([answered, rows.column("request_id").combine_chunks()])
+    lost = dict(found.unrecovered_micro_usd)
+    if found.in_flight:
+        ids = pa.array(list(found.in_flight), pa.string())
+        for rid in ids.filter(pc.invert(pc.is_in(ids, value_set=answered))).to_pylist():
+            model, micro = found.in_flight[rid]
+            lost[model] = lost.get(model, 0) + micro
+    _add_unrecovered(manifest, lost)
+    manifest.write(folder)  # before the journals go: a crash between counts them twice, not 0
+    journal.clear(folder)
+    return answered
+
+
+def _add_unrecovered(manifest: Manifest, micro_by_model: dict[str, int]) -> None:
+    for model, micro in micro_by_model.items():
+        if micro:
+            manifest.unrecovered_by_model[model] = (manifest.unrecovered_by_model.get(model, 0)
+                                                    + micro)
+    manifest.unrecovered_cost_micro_usd = sum(manifest.unrecovered_by_model.values())
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM (how Kubernetes, Airflow and systemd stop a job) raise Interrupted
+    in the driver, which commits what has been answered and exits 130 or 143; the previous
+    handlers come back afterwards. Only the main thread can take signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted(f"interrupted by {signal.Signals(signum).name}", signum=signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

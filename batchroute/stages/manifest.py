@@ -14,9 +14,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from batchroute.errors import ConfigError
-from batchroute.stages.sink import RunFolder
+from batchroute.stages.lock import LEASE_FILE, LOCK_FILE
+from batchroute.stages.sink import TMP, RunFolder
 
 NAME = "manifest.json"
+# What a run folder can hold before its first manifest is written.
+_BEFORE_MANIFEST = {LOCK_FILE, LEASE_FILE, TMP}
 # Keys written only once the stage that sets them has run.
 _SET_LATER = {"input_rows", "routing", "dispatch", "cost_usd", "finished_at"}
 log = logging.getLogger("batchroute")
@@ -55,6 +58,10 @@ class Manifest:
     cost_usd: float | None = None
     finished_at: str | None = None
     resumes: list[dict[str, Any]] = field(default_factory=list)
+    # Calls billed whose answers were never used (lost in flight at a crash, malformed 2xx
+    # replies), estimated from the request; per model and in all, over every attempt.
+    unrecovered_cost_micro_usd: int = 0
+    unrecovered_by_model: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -93,6 +100,8 @@ class Manifest:
         if not folder.exists():
             return None
         if not folder.has(NAME):
+            if folder.entries() <= _BEFORE_MANIFEST:
+                return None  # locked (or started) by a run that had not written it yet
             raise ConfigError(f"{folder.uri} exists but holds no {NAME}: not a batchroute run "
                               "folder; choose another --run-id")
         try:

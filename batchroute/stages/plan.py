@@ -69,7 +69,7 @@ class PlanWriter:
         seq = self._seq.get(model, 0)
         self._seq[model] = seq + 1
         table = pa.concat_tables(buf).drop_columns(["model"])
-        self.folder.write_table(self.folder.routed_dir(model), f"part-{seq:06d}.parquet", table)
+        self.folder.write_table(self.folder.routed_dir(model), self.folder.shard_name(seq), table)
 
 
 # Declared, not inferred: a model named "7" must come back as the string "7".

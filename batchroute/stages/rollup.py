@@ -128,12 +128,14 @@ def output_ratio(totals: pl.DataFrame, reference_model: str,
 
 def rollup(results: pl.DataFrame | pl.LazyFrame | Iterable[pl.DataFrame], *, run_id: str,
            models: Mapping[str, ModelConfig], reference_model: str,
-           reference_output_ratio: float | None = None) -> pa.Table:
+           reference_output_ratio: float | None = None,
+           unrecovered: Mapping[str, int] | None = None) -> pa.Table:
     """One ``rollups`` row per model (model null: rows rejected before routing).
 
     ``results`` is one frame or a stream of them (see :func:`read_results`). Rows count under
     the model that answered them; tokens, cost and attempts under the model that billed them,
-    so an escalated row's first attempt is on the cheap model's bill.
+    so an escalated row's first attempt is on the cheap model's bill. ``unrecovered`` is what
+    each model billed for answers that never reached a row (the run manifest keeps it).
     """
     frames: Iterable[pl.DataFrame | pl.LazyFrame] = (
         [results] if isinstance(results, pl.DataFrame | pl.LazyFrame) else results)
@@ -169,7 +171,9 @@ def rollup(results: pl.DataFrame | pl.LazyFrame | Iterable[pl.DataFrame], *, run
         totals.with_columns(
             reference_cost_micro_usd=(as_reference * (1.0 - ref.batch_discount)).round(0)
             .cast(pl.Int64),
-            latency_p50_ms=quantile(0.5), latency_p95_ms=quantile(0.95))
+            latency_p50_ms=quantile(0.5), latency_p95_ms=quantile(0.95),
+            unrecovered_cost_micro_usd=pl.col("model").replace_strict(
+                dict(unrecovered or {}), default=0, return_dtype=pl.Int64))
         .with_columns(
             run_id=pl.lit(run_id),
             reference_model=pl.lit(reference_model),

@@ -19,6 +19,7 @@ partial object under the final name. A resumed run deletes whatever ``_tmp/`` st
 from __future__ import annotations
 
 import json
+import secrets
 import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping
@@ -55,6 +56,9 @@ class RunFolder:
         self.run_id = run_id
         self.path = f"{base.rstrip('/')}/{run_id}"
         self.uri = output.rstrip("/") + "/" + run_id
+        # Names this process's shards (part-NNNNNN-WRITER.parquet): two writers can never
+        # commit under one name, even if one of them bypassed the run folder's lock.
+        self.writer = secrets.token_hex(4)
 
     @classmethod
     def on(cls, fs: pafs.FileSystem, path: str) -> RunFolder:
@@ -63,7 +67,12 @@ class RunFolder:
         folder.fs, folder.path = fs, path.rstrip("/")
         folder.run_id = folder.path.rpartition("/")[2]
         folder.uri = folder.path
+        folder.writer = secrets.token_hex(4)
         return folder
+
+    def shard_name(self, seq: int) -> str:
+        """The name of this writer's ``seq``-th shard in a table folder."""
+        return f"part-{seq:06d}-{self.writer}.parquet"
 
     def sub(self, *parts: str) -> str:
         return "/".join([self.path, *parts])
@@ -94,11 +103,17 @@ class RunFolder:
         return self.write_text(name, json.dumps(doc, indent=2, default=str) + "\n")
 
     def write_text(self, name: str, text: str) -> str:
-        final = self.sub(name)
+        directory, _, base = self.sub(name).rpartition("/")
+        return self.write_bytes(directory, base, text.encode())
+
+    def write_bytes(self, directory: str, name: str, data: bytes) -> str:
+        """Commit ``data`` as ``directory/name``: write a hidden temp file, then rename."""
+        final = f"{directory}/{name}"
         tmp = self._tmp(name)
         try:
+            self.fs.create_dir(directory, recursive=True)
             with self.fs.open_output_stream(tmp) as f:
-                f.write(text.encode())
+                f.write(data)
             self.fs.move(tmp, final)
         except OSError as exc:
             raise SinkError(f"cannot write {final}: {exc}") from None
@@ -119,13 +134,21 @@ class RunFolder:
     def has(self, *parts: str) -> bool:
         return bool(self.fs.get_file_info(self.sub(*parts)).type != pafs.FileType.NotFound)
 
-    def shards(self, directory: str) -> list[str]:
-        """Committed Parquet files below ``directory`` (never hidden temp files), sorted."""
+    def shards(self, directory: str, *, suffix: str = "") -> list[str]:
+        """Committed files below ``directory`` whose names end with ``suffix`` (never hidden
+        temp files), sorted."""
         if self.fs.get_file_info(directory).type == pafs.FileType.NotFound:
             return []
         infos = self.fs.get_file_info(pafs.FileSelector(directory, recursive=True))
         return sorted(i.path for i in infos if i.type == pafs.FileType.File
-                      and not i.base_name.startswith((".", "_")))
+                      and not i.base_name.startswith((".", "_"))
+                      and i.base_name.endswith(suffix))
+
+    def entries(self) -> set[str]:
+        """Names directly inside the run folder (empty when it does not exist)."""
+        if not self.exists():
+            return set()
+        return {i.base_name for i in self.fs.get_file_info(pafs.FileSelector(self.path))}
 
     def discard_temp_files(self) -> int:
         """Delete the half-written files a killed run left in ``_tmp/``; return how many."""
@@ -182,7 +205,7 @@ class ResultSink:
     def write(self, results: pa.Table) -> None:
         if results.num_rows == 0:
             return
-        self.folder.write_table(self.directory, f"part-{self._seq:06d}.parquet", results)
+        self.folder.write_table(self.directory, self.folder.shard_name(self._seq), results)
         self._seq += 1
         for status, n in zip(*_value_counts(results.column("status")), strict=True):
             self.counts[status] = self.counts.get(status, 0) + n

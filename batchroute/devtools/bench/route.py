@@ -139,7 +139,7 @@ def _write_requests(table: pa.Table, tmp: Path) -> list[str]:
     pq.write_table(table, tmp / "prompts.parquet")
     folder = RunFolder(str(tmp), "run")
     data = source.open_input(str(tmp / "prompts.parquet"))
-    return [folder.write_table(folder.sub("source"), f"part-{i:06d}.parquet", batch)
+    return [folder.write_table(folder.sub("source"), folder.shard_name(i), batch)
             for i, batch in enumerate(source.read_requests(data, runner.SOURCE_SHARD_ROWS))]
 
 

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from batchroute import schemas
 from batchroute.config import DispatchConfig, ModelConfig
 from batchroute.errors import (
+    Abandoned,
     AuthError,
     DispatchError,
     InternalDispatchError,
@@ -64,6 +65,9 @@ def tune_gc_for_dispatch() -> None:
 Sleep = Callable[[float], Awaitable[None]]
 # Sends routed rows to another model's dispatcher and returns its results (escalation).
 Escalate = Callable[[str, pa.Table], Awaitable[pa.Table]]
+# Makes rows durable: (final results rows or None, calls in flight: request id -> estimated
+# micro-dollars, unrecovered micro-dollars so far). See batchroute.stages.journal.
+Journal = Callable[[pa.Table | None, dict[str, int], int], None]
 log = logging.getLogger(__name__)
 # httpx logs every request at INFO: at 1,000 requests/s that line costs more CPU than the
 # call itself, and the per-model counters already say what happened.
@@ -91,6 +95,10 @@ class Stats:
     asked_failed: int = 0
     asked_cost_usd: float = 0.0
     paused_s: float = 0.0  # wall time this model was paused honouring Retry-After
+    # Calls the provider billed whose answer could not be used (a malformed 2xx body),
+    # estimated from the request at its full max_tokens: an upper bound.
+    unrecovered_micro_usd: int = 0
+    abandoned: int = 0  # rows not sent because the driver that fed this model is gone
     # Lowest share of the catalog RPM it was paced down to (by 429s or the provider's headers).
     min_rate_factor: float = 1.0
     errors: dict[str, int] = field(default_factory=dict)
@@ -117,7 +125,9 @@ class ModelDispatcher:
     def __init__(self, model: ModelConfig, policy: DispatchConfig, *, run_id: str,
                  api_key: str | None, transport: httpx.AsyncBaseTransport | None = None,
                  sleep: Sleep = asyncio.sleep, clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None, escalate: Escalate | None = None) -> None:
+                 rng: random.Random | None = None, escalate: Escalate | None = None,
+                 journal: Journal | None = None, journal_every_s: float = 0.2,
+                 alive: Callable[[], bool] | None = None) -> None:
         self.model = model
         self.policy = policy
         self.run_id = run_id
@@ -146,6 +156,17 @@ class ModelDispatcher:
         self._escalate = escalate
         self._rng = rng or random.Random()
         self._resume_at = 0.0
+        # The journal (see batchroute.stages.journal) gets each row as it becomes final here,
+        # every journal_every_s, with the calls in flight: answers outlive a crash.
+        self._journal = journal
+        self._journal_every_s = journal_every_s
+        self._final: list[tuple[pa.Table, int, _CallOutcome]] = []
+        self._in_flight: dict[str, int] = {}  # request id -> estimated cost, while sent
+        self._dispatching = 0
+        self._flusher: asyncio.Task[None] | None = None
+        # Whether whoever feeds this dispatcher still wants its answers (a dispatch actor's
+        # driver may die); rows are not sent once it does not.
+        self._alive = alive
         # Once the provider rejects the key, calling again only burns quota and log lines.
         self._auth_failure: AuthError | None = None if api_key else AuthError(
             f"environment variable {model.api_key_env} is not set")
@@ -166,13 +187,27 @@ class ModelDispatcher:
             await resp.aclose()
         return resp
 
-    async def dispatch(self, routed: pa.Table) -> pa.Table:
-        """Call the model for every row of a ``routed`` table; return its ``results`` rows."""
-        outcomes = await self._call_all(routed, None)
-        results = self._results(routed, outcomes)
-        if self._up is None:
-            return results
-        return await self._escalated(routed, results, outcomes, self._up)
+    async def dispatch(self, routed: pa.Table, *, journal: bool = True) -> pa.Table:
+        """Call the model for every row of a ``routed`` table; return its ``results`` rows.
+
+        With ``journal`` (and a journal given), each row is also journalled once it is final
+        here: answered without escalating, or back from the model it escalated to. Rows sent
+        here by a lower model's escalation pass ``journal=False``: that model journals them,
+        with its own attempt's cost added."""
+        journal = journal and self._journal is not None
+        if journal:
+            self._dispatching += 1
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.ensure_future(self._flush_every())
+        try:
+            outcomes = await self._call_all(routed, None, journal=journal)
+            results = self._results(routed, outcomes)
+            if self._up is None:
+                return results
+            return await self._escalated(routed, results, outcomes, self._up, journal=journal)
+        finally:
+            if journal:
+                self._dispatching -= 1
 
     async def ask(self, routed: pa.Table, output: OutputSchema) -> pa.Table:
         """Like :meth:`dispatch`, but every call asks for structured ``output`` and nothing
@@ -180,21 +215,50 @@ class ModelDispatcher:
         router's decisions). Same limits, retries, transport and prices; one ``results`` row
         per ``routed`` row, whose ``response`` is the structured answer as JSON text. Counted
         in ``stats.asked*``, not in ``done``/``ok``/``failed``/``cost_usd``."""
-        return self._results(routed, await self._call_all(routed, output))
+        return self._results(routed, await self._call_all(routed, output, journal=False))
 
-    async def _call_all(self, routed: pa.Table, output: OutputSchema | None) -> list[_CallOutcome]:
+    async def _call_all(self, routed: pa.Table, output: OutputSchema | None, *,
+                        journal: bool) -> list[_CallOutcome]:
         cols = {name: routed.column(name).to_pylist() for name in (
-            "prompt", "messages", "max_tokens", "temperature", "est_input_tokens",
+            "request_id", "prompt", "messages", "max_tokens", "temperature", "est_input_tokens",
             "est_output_tokens")}
-        return await asyncio.gather(*(
-            self._one(Request(messages=_messages(cols["prompt"][i], cols["messages"][i]),
-                              max_tokens=int(cols["est_output_tokens"][i]),
-                              temperature=cols["temperature"][i], output=output),
-                      int(cols["est_input_tokens"][i]))
-            for i in range(routed.num_rows)))
+
+        async def row(i: int) -> _CallOutcome:
+            outcome = await self._one(
+                Request(messages=_messages(cols["prompt"][i], cols["messages"][i]),
+                        max_tokens=int(cols["est_output_tokens"][i]),
+                        temperature=cols["temperature"][i], output=output),
+                int(cols["est_input_tokens"][i]), cols["request_id"][i])
+            if journal and (self._up is None
+                            or _escalation_reason(outcome, self.policy.escalate_on) is None):
+                self._final.append((routed, i, outcome))
+            return outcome
+
+        return await asyncio.gather(*(row(i) for i in range(routed.num_rows)))
+
+    async def _flush_every(self) -> None:
+        while self._dispatching:
+            await self._sleep(self._journal_every_s)
+            self.flush_journal()
+
+    def flush_journal(self) -> None:
+        """Hand the rows that became final since the last flush, and the calls in flight now,
+        to the journal."""
+        if self._journal is None:
+            return
+        final, self._final = self._final, []
+        groups: dict[int, tuple[pa.Table, list[int], list[_CallOutcome]]] = {}
+        for routed, i, outcome in final:
+            group = groups.setdefault(id(routed), (routed, [], []))
+            group[1].append(i)
+            group[2].append(outcome)
+        tables = [self._results(routed.take(pa.array(idx, pa.int64())), outs)
+                  for routed, idx, outs in groups.values()]
+        self._journal(pa.concat_tables(tables) if tables else None, dict(self._in_flight),
+                      self.stats.unrecovered_micro_usd)
 
     async def _escalated(self, routed: pa.Table, results: pa.Table, outcomes: list[_CallOutcome],
-                         up: str) -> pa.Table:
+                         up: str, *, journal: bool) -> pa.Table:
         """Send the rows that ``escalate_on`` names to model ``up``; each comes back as one
         row carrying this attempt in ``escalations`` and its cost in ``cost_micro_usd``."""
         reasons = [_escalation_reason(o, self.policy.escalate_on) for o in outcomes]
@@ -209,6 +273,8 @@ class ModelDispatcher:
         except Exception as exc:  # the rows keep this model's answer rather than vanish
             log.error("escalating %d rows from %s to %s failed: %s: %s", len(picked),
                       self.model.name, up, type(exc).__name__, exc)
+            if journal:
+                self._final += [(routed, i, outcomes[i]) for i in picked]
             return results
         self.stats.escalated += len(picked)
         where = {rid: i for i, rid in zip(picked, sub.column("request_id").to_pylist(),
@@ -228,12 +294,15 @@ class ModelDispatcher:
                  .set_column(upper.schema.get_field_index("escalations"),
                              schemas.RESULTS.field("escalations"),
                              pa.array(escalations, pa.list_(schemas.ESCALATION))))
+        if journal and self._journal is not None:
+            self._journal(upper, dict(self._in_flight), self.stats.unrecovered_micro_usd)
         keep = pc.invert(pc.is_in(pa.array(range(results.num_rows), pa.int64()), value_set=take))
         return pa.concat_tables([results.filter(keep), upper])
 
-    async def _one(self, req: Request, est_input: int) -> _CallOutcome:
+    async def _one(self, req: Request, est_input: int, request_id: str) -> _CallOutcome:
         started: datetime | None = None
         tokens = est_input + req.max_tokens
+        est_micro = self.model.cost_micro_usd(est_input, req.max_tokens)
         attempt = 0
         body = dumps(self._provider.body(req))
         asked = req.output is not None
@@ -249,11 +318,19 @@ class ModelDispatcher:
                     return self._finish("failed", None, attempt, None, self._auth_failure,
                                         started, asked)
                 await self._wait_for_pause()
+                if self._alive is not None and not self._alive():
+                    self.stats.abandoned += 1
+                    return self._finish("failed", None, attempt, None, Abandoned(
+                        "not sent: the run that asked for it is gone"), started, asked)
                 attempt += 1
                 self.stats.attempts += 1
                 started = started or datetime.now(UTC)
                 t0 = self._clock()
-                resp = await self._post(body)
+                self._in_flight[request_id] = est_micro
+                try:
+                    resp = await self._post(body)
+                finally:
+                    self._in_flight.pop(request_id, None)
                 self._limits.observe(rate_limit_state(resp.headers))
                 self.stats.min_rate_factor = min(self.stats.min_rate_factor,
                                                  self._limits.factor)
@@ -269,6 +346,9 @@ class ModelDispatcher:
                 return self._finish("failed", None, attempt, None, exc, started, asked)
             except (TransientDispatchError, httpx.HTTPError) as exc:
                 err = _transient(exc)
+                if err.status is not None and 200 <= err.status < 300:
+                    # A 2xx the provider billed but whose body could not be read.
+                    self.stats.unrecovered_micro_usd += est_micro
             except Exception as exc:  # a bug or an unforeseen reply must not end the job
                 return self._finish("failed", None, attempt, None, InternalDispatchError(
                     f"{type(exc).__name__}: {exc}"), started, asked)

@@ -29,7 +29,7 @@ def _routed(n: int, *, max_tokens: int = 16) -> pa.Table:
     cols.update(request_id=[f"r{i}" for i in range(n)], row=list(range(n)),
                 prompt=[f"question {i}" for i in range(n)], route_reason=["classifier"] * n,
                 est_input_tokens=[7] * n, est_output_tokens=[max_tokens] * n,
-                router_version=["v1"] * n, tags=[["team:a"]] * n)
+                router_version=["v1"] * n, tags=[["team:a"]] * n, route_cost_micro_usd=[0] * n)
     return pa.table(cols, schema=schemas.ROUTED)
 
 

@@ -286,4 +286,4 @@ def test_result_sink_settles_failed_rows_for_a_resume(tmp_path: Path) -> None:
     assert sorted(left.column("request_id").to_pylist()) == ["a", "c"]
     resumed.write(pa.table({"request_id": ["b"], "status": ["ok"], "cost_usd": [0.0]}))
     names = sorted(p.name for p in (tmp_path / "r" / "results").iterdir())
-    assert names == ["part-000000.parquet", "part-000002.parquet", "part-000004.parquet"]
+    assert names == [folder.shard_name(i) for i in (0, 2, 4)]

@@ -1,0 +1,170 @@
+"""The answer journal: every answer made durable within a fraction of a second of arriving.
+
+Result shards are committed a whole dispatch batch at a time, and several batches per model
+are in flight. Without more, a crash throws away every answer of the unfinished batches, and
+a resume pays for them again. So each dispatch actor also appends its finished rows to a
+journal of its own in the run folder, every ``FLUSH_S`` seconds, together with a snapshot of
+the calls it has in flight. After a crash, ``resume`` reads the journals before sending
+anything: journalled answers are committed as results and not sent again, and the calls that
+were in flight at the last snapshot, and never answered, are counted as paid but unrecovered.
+The calls paid twice are then at most those in flight at the crash (each model's concurrency)
+plus the answers of the last flush interval.
+
+Layout: ``RUN/journal/WRITER-ID.arrows`` (an Arrow IPC stream of ``results`` rows) and
+``RUN/journal/WRITER-ID.inflight.json`` (the latest snapshot, naming its model). On a local filesystem
+the stream is one file appended to and flushed to the operating system at every write, so a
+killed process loses nothing it wrote (a machine that loses power may lose the last writes).
+On an object store, which cannot append, each write is a stream file of its own, committed
+whole. A reader stops at a torn last message, as a kill in the middle of a write leaves one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+from batchroute import schemas
+from batchroute.stages.sink import RunFolder
+
+DIR = "journal"
+FLUSH_S = 0.2
+STREAM = ".arrows"
+SNAPSHOT = ".inflight.json"
+
+
+class JournalWriter:
+    """One dispatch actor's journal. Not thread-safe: one event loop writes it."""
+
+    def __init__(self, folder: RunFolder, model: str) -> None:
+        self.folder = folder
+        self.model = model
+        self.name = f"{folder.writer}-{uuid.uuid4().hex[:8]}"
+        self._local = isinstance(folder.fs, pafs.LocalFileSystem)
+        self._sink: Any = None
+        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
+        self._segments = 0
+        folder.fs.create_dir(folder.sub(DIR), recursive=True)
+
+    def append(self, results: pa.Table) -> None:
+        """Make ``results`` rows durable (written and flushed before this returns)."""
+        if results.num_rows == 0:
+            return
+        if results.schema != schemas.RESULTS:
+            results = results.cast(schemas.RESULTS)
+        if self._local:
+            if self._writer is None:
+                self._sink = self.folder.fs.open_output_stream(
+                    self.folder.sub(DIR, self.name + STREAM))
+                self._writer = pa.ipc.new_stream(self._sink, schemas.RESULTS)
+            self._writer.write_table(results)
+            self._sink.flush()
+        else:
+            buf = pa.BufferOutputStream()
+            with pa.ipc.new_stream(buf, schemas.RESULTS) as w:
+                w.write_table(results)
+            self._segments += 1
+            self.folder.write_bytes(self.folder.sub(DIR),
+                                    f"{self.name}-{self._segments:06d}{STREAM}",
+                                    buf.getvalue().to_pybytes())
+
+    def snapshot(self, in_flight: dict[str, int], unrecovered_micro_usd: int) -> None:
+        """Record the calls in flight now (request id -> estimated cost in micro-dollars),
+        and this actor's running total of calls paid but unusable."""
+        self.folder.write_json(f"{DIR}/{self.name}{SNAPSHOT}", {
+            "model": self.model, "in_flight": in_flight,
+            "unrecovered_micro_usd": unrecovered_micro_usd})
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+            self._writer = self._sink = None
+
+
+@dataclass
+class Recovered:
+    """What the journals of earlier attempts hold."""
+
+    rows: pa.Table  # journalled results rows, one per request id (the last written wins)
+    in_flight: dict[str, tuple[str, int]] = field(default_factory=dict)  # id -> (model, micro)
+    unrecovered_micro_usd: dict[str, int] = field(default_factory=dict)  # model -> micro
+
+
+def read(folder: RunFolder) -> Recovered:
+    """Every journal in the run folder (nothing when there is none)."""
+    tables: list[pa.Table] = []
+    found: Recovered = Recovered(schemas.RESULTS.empty_table())
+    directory = folder.sub(DIR)
+    for path in folder.shards(directory, suffix=STREAM):
+        tables.append(_read_stream(folder.fs, path))
+    for path in folder.shards(directory, suffix=SNAPSHOT):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            with folder.fs.open_input_stream(path) as f:
+                doc = json.loads(bytes(f.read()))
+            model = str(doc["model"])
+            for rid, micro in doc.get("in_flight", {}).items():
+                found.in_flight[rid] = (model, int(micro))
+            found.unrecovered_micro_usd[model] = (found.unrecovered_micro_usd.get(model, 0)
+                                                  + int(doc.get("unrecovered_micro_usd", 0)))
+    if tables:
+        rows = pa.concat_tables(tables)
+        # One row per request: a row journalled twice (re-sent after an earlier crash) keeps
+        # its last answer.
+        index = pa.array(range(rows.num_rows), pa.int64())
+        last = (pa.table({"id": rows.column("request_id"), "i": index})
+                .group_by("id").aggregate([("i", "max")]).column("i_max"))
+        found.rows = rows.take(pc.take(last, pc.sort_indices(last)))  # in journal order
+    return found
+
+
+def wait_quiet(folder: RunFolder, *, quiet_s: float, max_wait_s: float,
+               clock: Callable[[], float] = time.time,
+               sleep: Callable[[float], None] = time.sleep) -> float:
+    """Wait until no journal has been written for ``quiet_s`` (at most ``max_wait_s``);
+    return the seconds waited.
+
+    The dispatch actors of a driver that was just killed live on for a while: they finish the
+    calls they hold (and stop sending new ones once the driver has been silent for a few
+    seconds), journalling the answers. A resume that read the journals before they went quiet
+    would miss those answers and pay for them again."""
+    waited = 0.0
+    while waited < max_wait_s:
+        infos = [i for i in folder.fs.get_file_info(pafs.FileSelector(
+            folder.sub(DIR), allow_not_found=True)) if i.type == pafs.FileType.File]
+        newest = max((i.mtime.timestamp() for i in infos if i.mtime is not None), default=None)
+        if newest is None:
+            break
+        left = quiet_s - (clock() - newest)
+        if left <= 0:
+            break
+        step = min(left, max_wait_s - waited)
+        sleep(step)
+        waited += step
+    return waited
+
+
+def clear(folder: RunFolder) -> None:
+    """Delete every journal: their rows are committed."""
+    folder.remove(DIR)
+
+
+def _read_stream(fs: pafs.FileSystem, path: str) -> pa.Table:
+    batches: list[pa.RecordBatch] = []
+    try:
+        with fs.open_input_stream(path) as f, pa.ipc.open_stream(f) as reader:
+            while True:
+                batches.append(reader.read_next_batch())
+    except StopIteration:
+        pass
+    except (OSError, pa.ArrowInvalid):
+        pass  # a torn last message (the writer was killed mid-write), or an empty file
+    return pa.Table.from_batches(batches, schema=schemas.RESULTS)
