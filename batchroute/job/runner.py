@@ -29,7 +29,7 @@ from batchroute.job.progress import Progress
 from batchroute.routers import classifier as rt
 from batchroute.routers import embed
 from batchroute.stages import journal, plan, results, rollup, source
-from batchroute.stages.lock import RunLock
+from batchroute.stages.lock import LOCK_ONLY, RunLock
 from batchroute.stages.manifest import Manifest, now
 from batchroute.stages.route import RouteSpec, check_compatible
 from batchroute.stages.sink import ResultSink, RunFolder
@@ -95,35 +95,41 @@ def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = 
         embed.model_dir()
     run_id = run_id or new_run_id(job)
     folder = RunFolder(job.output, run_id)
-    with contextlib.ExitStack() as stack:
-        # One writer: a second run or resume of this folder exits 2 here.
-        stack.enter_context(RunLock(folder))
-        previous = Manifest.read(folder)
-        if previous is not None:
-            previous.check_resumable(config_hash=job.config_hash, router_version=version,
-                                     fingerprint=data.fingerprint, force=force,
-                                     uri=folder.uri)
-        manifest = previous or Manifest.new(
-            folder, job=job.name, job_file=job.source, batchroute_version=__version__,
-            config_hash=job.config_hash, router_version=version,
-            router_path=job.router.path if router_bytes is not None else None,
-            router_stages=list(spec.stages), input=job.input,
-            input_fingerprint=data.fingerprint, input_files=len(data.files),
-            price_date=price_date.isoformat())
+    created = not folder.exists()
+    try:
+        with contextlib.ExitStack() as stack:
+            # One writer: a second run or resume of this folder exits 2 here.
+            stack.enter_context(RunLock(folder))
+            previous = Manifest.read(folder)
+            if previous is not None:
+                previous.check_resumable(config_hash=job.config_hash, router_version=version,
+                                         fingerprint=data.fingerprint, force=force,
+                                         uri=folder.uri)
+            manifest = previous or Manifest.new(
+                folder, job=job.name, job_file=job.source, batchroute_version=__version__,
+                config_hash=job.config_hash, router_version=version,
+                router_path=job.router.path if router_bytes is not None else None,
+                router_stages=list(spec.stages), input=job.input,
+                input_fingerprint=data.fingerprint, input_files=len(data.files),
+                price_date=price_date.isoformat())
 
-        cluster.start_ray(ray_address, num_cpus=num_cpus)
-        stack.enter_context(_signals_interrupt())  # after Ray, which sets handlers of its own
-        # Dispatch actors start before any work so that a key missing from the workers'
-        # environment (not just the driver's) stops the job before routing is paid for. An
-        # llm router asks its model through that model's actor, so a plan with one needs them.
-        actors = (None if dry_run and "llm" not in spec.stages
-                  else cluster.DispatchActors(job, folder))
-        try:
-            return _run(job, data, router_bytes, spec, folder, actors, progress, manifest,
-                        resumed=previous is not None, dry_run=dry_run, price_date=price_date)
-        finally:
-            if actors is not None:
-                actors.kill()
+            cluster.start_ray(ray_address, num_cpus=num_cpus)
+            stack.enter_context(_signals_interrupt())  # after Ray, which sets handlers of its own
+            # Dispatch actors start before any work so that a key missing from the workers'
+            # environment (not just the driver's) stops the job before routing is paid for. An
+            # llm router asks its model through that model's actor, so a plan with one needs them.
+            actors = (None if dry_run and "llm" not in spec.stages
+                      else cluster.DispatchActors(job, folder))
+            try:
+                return _run(job, data, router_bytes, spec, folder, actors, progress, manifest,
+                            resumed=previous is not None, dry_run=dry_run, price_date=price_date)
+            finally:
+                if actors is not None:
+                    actors.kill()
+    except BaseException:
+        if created and folder.entries() <= LOCK_ONLY:
+            folder.delete()  # refused before anything was written: leave nothing behind
+        raise
 
 
 def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,

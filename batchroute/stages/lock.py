@@ -34,11 +34,13 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from batchroute.errors import ConfigError
-from batchroute.stages.sink import RunFolder
+from batchroute.stages.sink import TMP, RunFolder
 
 LOCK_FILE = ".lock"
 LEASE_FILE = "_lease.json"
 LEASE_S = 60.0
+# What a run folder holds once locked and before its manifest is first written.
+LOCK_ONLY = frozenset({LOCK_FILE, LEASE_FILE, TMP})
 
 
 class RunFolderLocked(ConfigError):

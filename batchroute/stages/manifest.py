@@ -14,12 +14,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from batchroute.errors import ConfigError
-from batchroute.stages.lock import LEASE_FILE, LOCK_FILE
-from batchroute.stages.sink import TMP, RunFolder
+from batchroute.stages.lock import LOCK_ONLY
+from batchroute.stages.sink import RunFolder
 
 NAME = "manifest.json"
-# What a run folder can hold before its first manifest is written.
-_BEFORE_MANIFEST = {LOCK_FILE, LEASE_FILE, TMP}
 # Keys written only once the stage that sets them has run.
 _SET_LATER = {"input_rows", "routing", "dispatch", "cost_usd", "finished_at"}
 log = logging.getLogger("batchroute")
@@ -100,7 +98,7 @@ class Manifest:
         if not folder.exists():
             return None
         if not folder.has(NAME):
-            if folder.entries() <= _BEFORE_MANIFEST:
+            if folder.entries() <= LOCK_ONLY:
                 return None  # locked (or started) by a run that had not written it yet
             raise ConfigError(f"{folder.uri} exists but holds no {NAME}: not a batchroute run "
                               "folder; choose another --run-id")

@@ -158,6 +158,11 @@ class RunFolder:
         self.fs.delete_dir_contents(self.sub(TMP))
         return sum(1 for i in temps if i.type == pafs.FileType.File)
 
+    def delete(self) -> None:
+        """Delete the whole run folder."""
+        if self.exists():
+            self.fs.delete_dir(self.path)
+
     def remove(self, *parts: str) -> None:
         path = self.sub(*parts)
         if self.fs.get_file_info(path).type == pafs.FileType.Directory:

@@ -107,13 +107,15 @@ def test_garbage_answers_are_counted_fall_back_and_are_not_cached(tmp_path: Path
 
 
 def test_the_dispatch_actor_answers_routing_calls(
-        provider: MockProvider, ray_session: None) -> None:
+        provider: MockProvider, ray_session: None, tmp_path: Path) -> None:
     import ray
 
     from batchroute.job.cluster import _DispatchActor
+    from batchroute.stages.sink import RunFolder
 
     job = config.parse(job_doc(provider.url + "/v1"))
-    actor = ray.remote(num_cpus=0)(_DispatchActor).remote(job.models[MID], job.dispatch, "r")
+    actor = ray.remote(num_cpus=0)(_DispatchActor).remote(job.models[MID], job.dispatch,
+                                                          RunFolder(str(tmp_path), "r"))
 
     def ask(routed: pa.Table) -> pa.Table:
         result: pa.Table = ray.get(actor.ask_route.remote(routed))
