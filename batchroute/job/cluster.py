@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -296,8 +296,10 @@ class DispatchActors:
             ray.get([a.flush.remote() for a in self.actors.values()], timeout=timeout_s)
 
     def dispatch(self, folder: RunFolder, planned: dict[str, int], sink: ResultSink,
-                 progress: Progress, answered: pa.Array | None = None) -> dict[str, Any]:
+                 progress: Progress, answered: pa.Array | None = None, *,
+                 stop: Callable[[], None] = lambda: None) -> dict[str, Any]:
         """Feed every model's actor until its plan is done; return each actor's counters.
+        ``stop`` is called at every turn of the loop and may raise to end it early.
 
         Rows whose request_id is in ``answered`` (a resumed run's ``ok`` rows) are not sent.
         A batch whose actor call fails (the actor died, a bug) becomes ``failed`` rows with
@@ -327,6 +329,7 @@ class DispatchActors:
         refill()
         last_stats = time.monotonic()
         while in_flight:
+            stop()
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.25)
             for ref in ready:
                 m, batch = in_flight.pop(ref)

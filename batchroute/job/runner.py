@@ -114,7 +114,8 @@ def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = 
                 price_date=price_date.isoformat())
 
             cluster.start_ray(ray_address, num_cpus=num_cpus)
-            stack.enter_context(_signals_interrupt())  # after Ray, which sets handlers of its own
+            # After Ray, which sets handlers of its own.
+            stop = stack.enter_context(_Stop().installed())
             # Dispatch actors start before any work so that a key missing from the workers'
             # environment (not just the driver's) stops the job before routing is paid for. An
             # llm router asks its model through that model's actor, so a plan with one needs them.
@@ -122,7 +123,8 @@ def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = 
                       else cluster.DispatchActors(job, folder))
             try:
                 return _run(job, data, router_bytes, spec, folder, actors, progress, manifest,
-                            resumed=previous is not None, dry_run=dry_run, price_date=price_date)
+                            stop, resumed=previous is not None, dry_run=dry_run,
+                            price_date=price_date)
             finally:
                 if actors is not None:
                     actors.kill()
@@ -134,8 +136,8 @@ def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = 
 
 def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
          spec: RouteSpec, folder: RunFolder, actors: cluster.DispatchActors | None,
-         progress: Progress, manifest: Manifest, *, resumed: bool, dry_run: bool,
-         price_date: date) -> RunResult:
+         progress: Progress, manifest: Manifest, stop: _Stop, *, resumed: bool,
+         dry_run: bool, price_date: date) -> RunResult:
     if resumed:
         manifest.resumes.append({"at": now(), "price_date": price_date.isoformat(),
                                  "temp_files_discarded": folder.discard_temp_files()})
@@ -156,7 +158,7 @@ def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
             progress.total_rows = progress.routed = int(manifest.input_rows or 0)
         else:
             forecast, planned = _plan(job, data, router_bytes, spec, folder, sink, manifest,
-                                      progress, actors)
+                                      progress, actors, stop)
         progress.planned = planned
 
         if actors is None or dry_run:
@@ -175,7 +177,8 @@ def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
             log.info("resuming %s: %d rows already answered ok are skipped", folder.uri,
                      len(answered))
         try:
-            manifest.dispatch = actors.dispatch(folder, planned, sink, progress, answered)
+            manifest.dispatch = actors.dispatch(folder, planned, sink, progress, answered,
+                                                stop=stop.check)
         except (Interrupted, KeyboardInterrupt) as exc:
             signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
             actors.flush()  # every answer received so far reaches the journal ...
@@ -213,7 +216,7 @@ def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
 
 def _plan(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
           spec: RouteSpec, folder: RunFolder, sink: ResultSink, manifest: Manifest,
-          progress: Progress, actors: cluster.DispatchActors | None
+          progress: Progress, actors: cluster.DispatchActors | None, stop: _Stop
           ) -> tuple[dict[str, Any], dict[str, int]]:
     """Source, route and plan: everything before the first model call."""
     progress.set_phase("reading input")
@@ -221,6 +224,7 @@ def _plan(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
     for i, batch in enumerate(source.read_requests(data, SOURCE_SHARD_ROWS)):
         folder.write_table(folder.sub("source"), folder.shard_name(i), batch)
         rows += batch.num_rows
+        stop.check()
     progress.total_rows = rows
     manifest.input_rows = rows
     manifest.mark_done("source", folder)
@@ -239,6 +243,7 @@ def _plan(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
         writer.add(routed)
         progress.routed += routed.num_rows
         progress.tick()
+        stop.check()
     planned = writer.close()
     forecast = plan.forecast(folder, job, writer.rejected)
     folder.write_json("forecast.json", forecast)
@@ -295,21 +300,37 @@ def _add_unrecovered(manifest: Manifest, micro_by_model: dict[str, int]) -> None
     manifest.unrecovered_cost_micro_usd = sum(manifest.unrecovered_by_model.values())
 
 
-@contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
-    """SIGINT and SIGTERM (how Kubernetes, Airflow and systemd stop a job) raise Interrupted
-    in the driver, which commits what has been answered and exits 130 or 143; the previous
-    handlers come back afterwards. Only the main thread can take signals."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class _Stop:
+    """SIGINT and SIGTERM (how Kubernetes, Airflow and systemd stop a job) ask the run to stop.
 
-    def interrupt(signum: int, frame: object) -> None:
-        raise Interrupted(f"interrupted by {signal.Signals(signum).name}", signum=signum)
+    The handler only records the signal: raising from it could land inside Ray's or Arrow's
+    native code, which does not expect a Python exception there. The run checks :meth:`check`
+    where stopping is clean (between shards, and every turn of the dispatch loop), which
+    raises Interrupted; the dispatch stage then commits what has been answered, and the CLI
+    exits 130 or 143."""
 
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise Interrupted(f"interrupted by {signal.Signals(self.signum).name}",
+                              signum=self.signum)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_Stop]:
+        """Catch the signals for the duration (only the main thread can), then restore the
+        previous handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+
+        def record(signum: int, frame: object) -> None:
+            self.signum = signum
+
+        previous = {sig: signal.signal(sig, record) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

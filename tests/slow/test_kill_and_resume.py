@@ -183,13 +183,14 @@ def test_two_resumes_at_once_have_one_writer(tmp_path: Path, api_key: str,
     assert 0 <= paid_twice <= WINDOW
 
 
-@pytest.mark.parametrize("seed", range(2))
-def test_sigterm_commits_what_was_answered_and_exits_143(tmp_path: Path, seed: int,
-                                                         api_key: str,
-                                                         ray_session: None) -> None:
-    """How Kubernetes, Airflow and systemd stop a job: exit 143 (not 1, which means "some
-    rows failed"), one line, every answer received so far committed; the resume pays for
-    almost nothing twice."""
+@pytest.mark.parametrize(("sig", "seed"), [(signal.SIGTERM, 0), (signal.SIGTERM, 1),
+                                           (signal.SIGINT, 2)])
+def test_a_stop_signal_commits_what_was_answered(tmp_path: Path, sig: signal.Signals,
+                                                 seed: int, api_key: str,
+                                                 ray_session: None) -> None:
+    """How Kubernetes, Airflow and systemd (SIGTERM) or a user (Ctrl-C) stop a job: exit 143
+    or 130 (never 1, which means "some rows failed"), one line, every answer received so far
+    committed; the resume pays for almost nothing twice."""
     _inputs(tmp_path)
     with MockProvider(MockProviderConfig(latency_ms=20.0, api_key=api_key,
                                          seed=seed)) as provider:
@@ -199,15 +200,15 @@ def test_sigterm_commits_what_was_answered_and_exits_143(tmp_path: Path, seed: i
         proc = _start(job, api_key, "run", str(job), "--run-id", "k", log=log)
         try:
             _wait_for("dispatch", folder, proc, random.Random(seed))
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             proc.wait(timeout=60)
         finally:
             if proc.poll() is None:
                 proc.kill()
         err = log.read_text()
-        assert proc.returncode == 143, err[-3000:]
+        assert proc.returncode == 128 + sig, err[-3000:]
         last = err.strip().splitlines()[-1]
-        assert last.startswith("batchroute: interrupted by SIGTERM") and "resume" in last
+        assert last.startswith(f"batchroute: interrupted by {sig.name}") and "resume" in last
         assert "Traceback" not in err and "SIGTERM received" not in err
         committed = pl.read_parquet(folder / "results")
         assert len(committed) > 0 and committed["request_id"].n_unique() == len(committed)
@@ -215,5 +216,5 @@ def test_sigterm_commits_what_was_answered_and_exits_143(tmp_path: Path, seed: i
         assert cli.main(["resume", str(folder)]) == 0
         calls = provider.stats()["requests"]
     paid_twice = _check_complete(folder, calls)
-    _record("SIGTERM during dispatch", seed, paid_twice)
+    _record(f"{sig.name} during dispatch", seed, paid_twice)
     assert 0 <= paid_twice <= WINDOW

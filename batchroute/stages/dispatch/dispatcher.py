@@ -237,8 +237,12 @@ class ModelDispatcher:
         return await asyncio.gather(*(row(i) for i in range(routed.num_rows)))
 
     async def _flush_every(self) -> None:
-        while self._dispatching:
+        # Checked after the sleep: once the last dispatch call has returned, its owner may
+        # commit and clear the journal, and nothing may be written into it after that.
+        while True:
             await self._sleep(self._journal_every_s)
+            if not self._dispatching:
+                return
             self.flush_journal()
 
     def flush_journal(self) -> None:
