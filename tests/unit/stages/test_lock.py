@@ -96,3 +96,17 @@ def test_two_writers_never_commit_a_shard_under_one_name(tmp_path: Path) -> None
         sink.write(pa.table({"request_id": ["a"], "status": ["ok"]}))
     names = sorted(p.name for p in (tmp_path / "run" / "results").iterdir())
     assert len(names) == 2 and names == sorted([one.shard_name(0), two.shard_name(0)])
+
+
+def test_the_manifest_round_trips_and_keeps_keys_it_does_not_know(tmp_path: Path) -> None:
+    from batchroute.stages.manifest import Manifest
+
+    folder = RunFolder(str(tmp_path), "run")
+    m = Manifest.new(folder, job="j", input="in.parquet")
+    m.unrecovered_by_model = {"a": 5}
+    doc = {**m.to_json(), "from_a_newer_version": {"x": 1}}
+    back = Manifest.from_json(doc)
+    assert back.to_json() == doc and back.unrecovered_by_model == {"a": 5}
+    assert "dispatch" not in doc and "finished_at" not in doc  # absent until their stage ran
+    with pytest.raises(Exception, match="run_id"):
+        Manifest.from_json({"job": "j"})

@@ -122,6 +122,18 @@ def test_counterfactual_by_hand() -> None:
         rollup.rollup(res, run_id="r", models=JOB.models, reference_model=STRONG))
 
 
+def test_unrecovered_spend_is_reported_per_model_apart_from_the_rows_cost() -> None:
+    res = _results([(CHEAP, "ok", 1000, 100), (MID, "ok", 2000, 10)])
+    plain = {x["model"]: x for x in
+             rollup.rollup(res, run_id="r", models=JOB.models, reference_model=STRONG).to_pylist()}
+    r = {x["model"]: x for x in rollup.rollup(
+        res, run_id="r", models=JOB.models, reference_model=STRONG,
+        unrecovered={CHEAP: 1234}).to_pylist()}
+    assert (r[CHEAP]["unrecovered_cost_micro_usd"], r[MID]["unrecovered_cost_micro_usd"]) == (
+        1234, 0)
+    assert r[CHEAP]["cost_micro_usd"] == plain[CHEAP]["cost_micro_usd"]  # the rows' sum still
+
+
 def test_counterfactual_ratio_when_the_reference_model_answered_nothing() -> None:
     res = _results([(CHEAP, "ok", 1000, 100), (MID, "ok", 3000, 300)])
     table = rollup.rollup(res, run_id="r", models=JOB.models, reference_model=STRONG,
