@@ -12,12 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from batchroute.cli import jobs, reports, routers
-from batchroute.devtools import register as register_devtools
 from batchroute.errors import BatchrouteError, Interrupted
-
-# Each command group registers its own commands and imports the heavy modules (pyarrow, numpy,
-# Ray, ...) only inside the command that runs: `batchroute --help` imports none of them.
 
 EPILOG = """\
 typical use:
@@ -33,6 +28,13 @@ exit codes: 0 ok, 1 some rows failed, 2 bad job/input/router/arguments or a run 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Each command group registers its own commands and imports the heavy modules (pyarrow,
+    # numpy, Ray, ...) only inside the command that runs: `batchroute --help` imports none of
+    # them. Imported here, not at the top, so that the groups' own modules (and the dev tools,
+    # which share batchroute.cli.argtypes) can be imported on their own.
+    from batchroute.cli import jobs, reports, routers
+    from batchroute.devtools import register as register_devtools
+
     parser = argparse.ArgumentParser(
         prog="batchroute", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Route queued Parquet prompts to the cheapest model likely to answer them "

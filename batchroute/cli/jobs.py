@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from batchroute.cli.argtypes import whole_number
 from batchroute.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        "router or input changed since the run started")
         p.add_argument("--ray-address", metavar="ADDR", help="existing Ray cluster to use "
                        "(default: $RAY_ADDRESS, else a local Ray started for this run)")
-        p.add_argument("--num-cpus", type=_positive_int, metavar="N", help=NUM_CPUS_HELP)
+        p.add_argument("--num-cpus", type=whole_number(1), metavar="N", help=NUM_CPUS_HELP)
         p.set_defaults(func=_run, dry_run=dry)
 
     b = sub.add_parser("backfill", help="one run per date partition of the input",
@@ -56,7 +57,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     b.add_argument("--input", metavar="URI", help="override [job].input (the partition root)")
     b.add_argument("--output", metavar="URI", help="override [job].output")
     b.add_argument("--ray-address", metavar="ADDR", help="as for run")
-    b.add_argument("--num-cpus", type=_positive_int, metavar="N", help=NUM_CPUS_HELP)
+    b.add_argument("--num-cpus", type=whole_number(1), metavar="N", help=NUM_CPUS_HELP)
     b.add_argument("--json", action="store_true", help="print the per-day outcomes as JSON")
     b.set_defaults(func=_backfill)
 
@@ -69,7 +70,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r.add_argument("--force", action="store_true", help="resume even though the router or "
                    "input changed since the run started")
     r.add_argument("--ray-address", metavar="ADDR", help="as for run")
-    r.add_argument("--num-cpus", type=_positive_int, metavar="N", help=NUM_CPUS_HELP)
+    r.add_argument("--num-cpus", type=whole_number(1), metavar="N", help=NUM_CPUS_HELP)
     r.set_defaults(func=_resume)
 
 
@@ -149,12 +150,3 @@ def _limits_line(stats: dict[str, dict[str, float]]) -> str:
     return "rate limiting: " + ("; ".join(parts) if parts else "no model was called")
 
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from batchroute.cli.argtypes import whole_number
 from batchroute.devtools import bench, mock_provider
 
 
@@ -25,9 +26,9 @@ def _register_sample(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                     "reports and a few bad rows) for trying the router. Same seed, same file.")
     parser.add_argument("--out", required=True, metavar="PATH",
                         help="Parquet file to write (parent directories are created)")
-    parser.add_argument("--rows", type=_non_negative_int, default=20000, metavar="N",
+    parser.add_argument("--rows", type=whole_number(0), default=20000, metavar="N",
                         help="number of rows (default: 20000)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0,
+    parser.add_argument("--seed", type=whole_number(0), default=0,
                         help="random seed; the same seed gives the same file (default: 0)")
     parser.add_argument("--mmlu", default=MMLU_LABELS, metavar="PATH",
                         help="MMLU labels Parquet to draw questions from "
@@ -42,12 +43,3 @@ def _sample(args: argparse.Namespace) -> int:
 
     return sample.run_cli(args)
 
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value

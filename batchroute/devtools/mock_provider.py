@@ -168,6 +168,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypedDict
 
 from batchroute import tokens
+from batchroute.cli.argtypes import whole_number
 from batchroute.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -1245,16 +1246,6 @@ def _probability(text: str) -> float:
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -1308,10 +1299,10 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     add("--port", type=int, default=DEFAULT_CLI_PORT, metavar="N",
         help=f"TCP port on 127.0.0.1 to listen on (default {DEFAULT_CLI_PORT}; "
              "0 lets the system pick a free one)")
-    add("--rpm", type=_non_negative_int, default=None, metavar="N",
+    add("--rpm", type=whole_number(0), default=None, metavar="N",
         help="requests per minute allowed for each model and API key; more get HTTP 429 "
              "with Retry-After (default: unlimited)")
-    add("--tpm", type=_non_negative_int, default=None, metavar="N",
+    add("--tpm", type=whole_number(0), default=None, metavar="N",
         help="tokens per minute allowed for each model and API key, counting prompt tokens "
              "plus max_tokens of each request (default: unlimited)")
     add("--model-limit", type=_model_limit, action="append", default=[],
