@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -22,6 +23,13 @@ from batchroute.errors import ConfigError
 PROVIDERS = ("openai", "anthropic")
 _RESOLVED_PRICE = {"input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok",
                    "batch_discount"}
+# Integers a job file may hold: what Arrow and numpy hold in an int64 (TOML allows more).
+MAX_INT = 2**63 - 1
+# A token budget travels as an int32 (schemas.REQUESTS.max_tokens).
+MAX_TOKENS = 2**31 - 1
+# A dollar a token: far above any real price, and low enough that a row's cost in
+# micro-dollars stays an exact integer.
+MAX_USD_PER_MTOK = 1_000_000.0
 BUNDLED_ROUTER = str(Path(__file__).resolve().parent / "assets" / "router.onnx")
 # Real outcomes of two models on MMLU questions, shipped with the package (batchroute/data/README.md
 # has their provenance): the demo's questions, the bundled router's training data, the tests' labels.
@@ -372,9 +380,12 @@ def _price(t: Mapping[str, Any], where: str, day: date | None) -> Price:
         raise ConfigError(f"{where}batch_discount: must be below 1 (a share of the price), "
                           f"got {discount!r}")
     return Price(
-        input_usd_per_mtok=_num(t, "input_usd_per_mtok", where, minimum=0.0),
-        output_usd_per_mtok=_num(t, "output_usd_per_mtok", where, minimum=0.0),
-        cached_input_usd_per_mtok=(_num(t, "cached_input_usd_per_mtok", where, minimum=0.0)
+        input_usd_per_mtok=_num(t, "input_usd_per_mtok", where, minimum=0.0,
+                                maximum=MAX_USD_PER_MTOK),
+        output_usd_per_mtok=_num(t, "output_usd_per_mtok", where, minimum=0.0,
+                                 maximum=MAX_USD_PER_MTOK),
+        cached_input_usd_per_mtok=(_num(t, "cached_input_usd_per_mtok", where, minimum=0.0,
+                                        maximum=MAX_USD_PER_MTOK)
                                    if "cached_input_usd_per_mtok" in t else None),
         batch_discount=discount, effective_from=day)
 
@@ -432,7 +443,7 @@ def _router(t: Mapping[str, Any], models: Mapping[str, ModelConfig]) -> RouterCo
                               f"{list(stages)}")
     thresholds = dict(t.get("thresholds", {}))
     for k, v in thresholds.items():
-        if not isinstance(v, int | float) or not 0.0 <= v <= 1.0:
+        if not _finite(v) or not 0.0 <= v <= 1.0:
             raise ConfigError(f"router.thresholds.{k}: must be a number in [0, 1]")
         if k not in models:
             raise ConfigError(f"router.thresholds.{k}: not a model in the catalog")
@@ -495,8 +506,7 @@ def _band(t: Mapping[str, Any], where: str) -> tuple[float, float] | None:
         return None
     v = t["uncertain"]
     if (not isinstance(v, list) or len(v) != 2
-            or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
-            or not 0.0 <= v[0] <= v[1] <= 1.0):
+            or not all(_finite(x) for x in v) or not 0.0 <= v[0] <= v[1] <= 1.0):
         raise ConfigError(f"{where}uncertain: must be [low, high] with 0 <= low <= high <= 1, "
                           f"got {v!r}")
     return float(v[0]), float(v[1])
@@ -509,7 +519,8 @@ def _similarity(t: Mapping[str, Any], used: bool) -> SimilarityConfig:
         return SimilarityConfig()
     return SimilarityConfig(
         bank=_resolve(_str(t, "bank", where)), k=_int(t, "k", where, minimum=1, default=16),
-        min_similarity=_num(t, "min_similarity", where, minimum=-1.0, default=0.3),
+        min_similarity=_num(t, "min_similarity", where, minimum=-1.0, maximum=1.0,
+                            default=0.3),
         index=_choice(t, "index", where, ("auto", "exact", "hnsw"), "auto"),
         uncertain=band)
 
@@ -543,7 +554,8 @@ def _llm(t: Mapping[str, Any], models: Mapping[str, ModelConfig], used: bool) ->
     cache = str(t.get("cache", ""))
     return LLMRouterConfig(model=model, labels=dict(labels), default=default,
                            cache=_resolve(cache) if cache else "",
-                           max_tokens=_int(t, "max_tokens", where, minimum=1, default=16))
+                           max_tokens=_int(t, "max_tokens", where, minimum=1,
+                                           maximum=MAX_TOKENS, default=16))
 
 
 ESCALATE_ON = ("length", "refusal", "failed")
@@ -576,7 +588,7 @@ def _dispatch(t: Mapping[str, Any], models: Mapping[str, ModelConfig]) -> Dispat
         backoff_max_s=_num(t, "backoff_max_s", "dispatch.", minimum=0.0,
                            default=d.backoff_max_s),
         default_max_tokens=_int(t, "default_max_tokens", "dispatch.", minimum=1,
-                                default=d.default_max_tokens),
+                                maximum=MAX_TOKENS, default=d.default_max_tokens),
         batch_rows=_int(t, "batch_rows", "dispatch.", minimum=1, default=d.batch_rows),
         batches_in_flight=_int(t, "batches_in_flight", "dispatch.", minimum=1,
                                default=d.batches_in_flight),
@@ -590,7 +602,7 @@ _KIND_NAMES = {bool: "true or false", int: "a non-negative integer", str: "a str
 
 def _is_kind(value: object, kind: type) -> bool:
     if kind is int:  # bool is an int in Python, never in a job file
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INT
     return isinstance(value, kind)
 
 
@@ -644,20 +656,31 @@ def _str_list(t: Mapping[str, Any], key: str, where: str) -> list[str]:
 
 
 def _num(t: Mapping[str, Any], key: str, where: str, *, minimum: float,
-         default: float | None = None) -> float:
+         maximum: float = math.inf, default: float | None = None) -> float:
     v = t.get(key, default)
     if v is None:
         raise ConfigError(f"{where}{key}: missing")
-    if isinstance(v, bool) or not isinstance(v, int | float) or v < minimum:
-        raise ConfigError(f"{where}{key}: must be a number >= {minimum}, got {v!r}")
+    if not _finite(v) or not minimum <= v <= maximum:
+        bounds = f">= {minimum}" if maximum == math.inf else f"between {minimum} and {maximum}"
+        raise ConfigError(f"{where}{key}: must be a finite number {bounds}, got {v!r}")
     return float(v)
 
 
 def _int(t: Mapping[str, Any], key: str, where: str, *, minimum: int,
-         default: int | None = None) -> int:
+         maximum: int = MAX_INT, default: int | None = None) -> int:
     v = t.get(key, default)
     if v is None:
         raise ConfigError(f"{where}{key}: missing")
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ConfigError(f"{where}{key}: must be an integer >= {minimum}, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v <= maximum:
+        bounds = f">= {minimum}" if maximum == MAX_INT else f"between {minimum} and {maximum}"
+        raise ConfigError(f"{where}{key}: must be an integer {bounds}, got {v!r}")
     return v
+
+
+def _finite(v: object) -> bool:
+    # TOML has nan and inf literals, and every comparison with nan is false: a range check
+    # alone lets nan through, to surface later as a nan price, timeout or backoff.
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    # TOML integers are unbounded in Python; one beyond int64 is no sensible number either.
+    return abs(v) <= MAX_INT if isinstance(v, int) else math.isfinite(v)

@@ -206,7 +206,7 @@ def test_a_model_with_no_price_in_force_today_is_refused_at_load(tmp_path: Path)
     (lambda c: c.replace("batch_discount = 0.5", "discount = 0.5"),
      "price[1].discount: unknown key"),
     (lambda c: c.replace("output_usd_per_mtok = 1.00", "output_usd_per_mtok = -1"),
-     "price[1].output_usd_per_mtok: must be a number >= 0"),
+     "price[1].output_usd_per_mtok: must be a finite number between 0.0 and 1000000.0"),
     (lambda c: c + "\n[[price]\n", "not valid TOML"),
 ])
 def test_bad_price_catalogs_name_the_entry(tmp_path: Path, edit: Any, needle: str) -> None:
@@ -218,4 +218,139 @@ def test_a_missing_price_catalog_is_named(tmp_path: Path) -> None:
     doc = job_doc()
     doc["job"]["prices"] = str(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match=r"job\.prices: price catalog not found"):
+        config.parse(doc)
+
+
+def _numeric_doc(where: str) -> dict[str, Any]:
+    """A valid job document in which the table at ``where`` exists and is in use."""
+    doc = job_doc()
+    doc["job"]["reference_output_ratio"] = 0.5
+    doc["models"][CHEAP].update(cached_input_usd_per_mtok=0.1, batch_discount=0.2)
+    doc["router"]["rules"][0].update(min_chars=1, max_chars=10_000, min_tokens=1,
+                                     max_tokens=5_000)
+    doc["router"]["thresholds"] = {CHEAP: 0.5}
+    doc["dispatch"]["max_retry_after_s"] = 60.0
+    if where == "router.classifier":
+        doc["router"]["classifier"] = {"uncertain": [0.2, 0.8]}
+    elif where == "router.similarity":
+        doc["router"]["stages"] = ["rules", "similarity"]
+        doc["router"]["similarity"] = {"bank": "bank.parquet", "k": 8, "min_similarity": 0.3,
+                                       "uncertain": [0.2, 0.8]}
+    elif where == "router.llm":
+        doc["router"]["stages"] = ["llm"]
+        doc["router"]["llm"] = {"model": CHEAP, "labels": {"easy": CHEAP, "hard": STRONG},
+                                "default": STRONG, "max_tokens": 16}
+    return doc
+
+
+# Every number a job file holds: (dataclass, field) -> where it sits in the document. A new
+# numeric field must be added here, or test_every_numeric_field_is_covered fails.
+NUMERIC_KEYS: dict[tuple[str, str], str] = {
+    ("JobConfig", "reference_output_ratio"): "job.reference_output_ratio",
+    **{("ModelConfig", f): f"models.{CHEAP}.{f}" for f in (
+        "input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok",
+        "batch_discount", "rpm", "tpm", "concurrency", "context_window", "timeout_s")},
+    **{("Rule", f): f"router.rules.0.{f}"
+       for f in ("min_chars", "max_chars", "min_tokens", "max_tokens")},
+    ("RouterConfig", "thresholds"): f"router.thresholds.{CHEAP}",
+    ("RouterConfig", "batch_size"): "router.batch_size",
+    ("RouterConfig", "actors"): "router.actors",
+    ("ClassifierConfig", "uncertain"): "router.classifier.uncertain",
+    **{("SimilarityConfig", f): f"router.similarity.{f}"
+       for f in ("k", "min_similarity", "uncertain")},
+    ("LLMRouterConfig", "max_tokens"): "router.llm.max_tokens",
+    **{("DispatchConfig", f): f"dispatch.{f}" for f in (
+        "max_attempts", "backoff_base_s", "backoff_max_s", "default_max_tokens", "batch_rows",
+        "batches_in_flight", "max_retry_after_s")},
+}
+# Price entries of a catalog share the model's price keys (test_price_catalog_numbers...).
+PRICE_KEYS = ("input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok",
+              "batch_discount")
+
+
+def test_every_numeric_field_is_covered() -> None:
+    import dataclasses
+
+    numeric = set()
+    for cls in (config.JobConfig, config.ModelConfig, config.Rule, config.RouterConfig,
+                config.ClassifierConfig, config.SimilarityConfig, config.LLMRouterConfig,
+                config.DispatchConfig):
+        for f in dataclasses.fields(cls):
+            if re.search(r"\b(int|float)\b", str(f.type)):
+                numeric.add((cls.__name__, f.name))
+    assert numeric == set(NUMERIC_KEYS)
+    price = {f.name for f in dataclasses.fields(config.Price)
+             if re.search(r"\b(int|float)\b", str(f.type))}
+    assert price == set(PRICE_KEYS)
+
+
+def _set(doc: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    t: Any = doc
+    for key in parents:
+        t = t[int(key)] if key.isdigit() else t[key]
+    if isinstance(t.get(last), list):  # a band: spoil its upper end
+        value = [t[last][0], value]
+    t[last] = value
+
+
+_NOT_FINITE = [float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.mark.parametrize("value", _NOT_FINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("dotted", sorted(set(NUMERIC_KEYS.values())))
+def test_no_number_may_be_nan_or_infinite(dotted: str, value: float) -> None:
+    doc = _numeric_doc(dotted.rsplit(".", 1)[0])
+    config.parse(doc)  # valid as built
+    _set(doc, dotted, value)
+    needle = dotted.replace(".0.", "[0].")
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        config.parse(doc)
+
+
+@pytest.mark.parametrize(("dotted", "value"), [
+    (f"models.{CHEAP}.input_usd_per_mtok", 1e300),
+    (f"models.{CHEAP}.batch_discount", 1.0),
+    (f"models.{CHEAP}.rpm", 2**63),
+    ("router.rules.0.min_chars", 2**64),
+    ("router.similarity.min_similarity", 1.5),
+    ("router.llm.max_tokens", 2**31),
+    ("dispatch.default_max_tokens", 2**31),
+    ("dispatch.backoff_max_s", -1.0),
+])
+def test_numbers_out_of_range_name_the_key(dotted: str, value: float) -> None:
+    doc = _numeric_doc(dotted.rsplit(".", 1)[0])
+    _set(doc, dotted, value)
+    with pytest.raises(ConfigError, match=re.escape(dotted.replace(".0.", "[0]."))):
+        config.parse(doc)
+
+
+@pytest.mark.parametrize("key", PRICE_KEYS)
+@pytest.mark.parametrize("literal", ["nan", "inf", "-inf", "+nan"])
+def test_price_catalog_numbers_must_be_finite(tmp_path: Path, key: str, literal: str) -> None:
+    head, second, tail = CATALOG.partition("effective_from = 2026-11-15")  # price[1]
+    tail = re.sub(rf"(?m)^{key} = .*$", f"{key} = {literal}", tail, count=1)
+    with pytest.raises(ConfigError, match=re.escape(f"price[1].{key}: must be a finite")):
+        config.parse(_with_catalog(tmp_path, head + second + tail))
+
+
+def test_toml_nan_and_inf_literals_are_refused_at_load(tmp_path: Path) -> None:
+    from tests.helpers import to_toml
+
+    text = to_toml(job_doc()).replace('"timeout_s" = 5.0', '"timeout_s" = inf', 1)
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"job\.toml: models\.{CHEAP}\.timeout_s: must be a "
+                                          r"finite number >= 0\.001, got inf"):
+        config.load(path)
+    path.write_text(to_toml(job_doc()).replace('"backoff_base_s" = 0.01',
+                                               '"backoff_base_s" = nan'))
+    with pytest.raises(ConfigError, match=r"dispatch\.backoff_base_s: must be a finite"):
+        config.load(path)
+
+
+def test_an_integer_too_big_for_a_float_is_refused_not_a_crash() -> None:
+    doc = job_doc()
+    doc["dispatch"]["backoff_max_s"] = 10**400
+    with pytest.raises(ConfigError, match=r"dispatch\.backoff_max_s: must be a finite number"):
         config.parse(doc)
