@@ -320,13 +320,37 @@ def parse(raw: Mapping[str, Any], *, source: str = "<memory>", input_override: s
     input_uri = input_override or _str(job, "input", "job.")
     output_uri = output_override or job.get("output", "runs")
     return JobConfig(
-        name=_str(job, "name", "job.") if "name" in job else Path(source).stem,
+        name=_job_name(job, source),
         input=_resolve(input_uri), output=_resolve(str(output_uri)),
         models=models, reference_model=str(reference),
         router=router, dispatch=dispatch, source=source,
         reference_output_ratio=(_num(job, "reference_output_ratio", "job.", minimum=0.0)
                                 if "reference_output_ratio" in job else None),
     )
+
+
+# A run folder is one path segment below the output folder: a job name or run id holding "/"
+# or ".." would put it somewhere else.
+_SEGMENT = re.compile(r"[A-Za-z0-9._=-]+")
+MAX_SEGMENT = 255  # the longest file name common filesystems and object stores accept
+# A run id is the job name plus a time stamp (run) or a day, router and hash (backfill).
+MAX_JOB_NAME = 128
+
+
+def check_segment(value: str, what: str, *, max_len: int = MAX_SEGMENT) -> str:
+    """``value`` if it is a single safe path segment; ConfigError naming ``what`` if not."""
+    if not _SEGMENT.fullmatch(value) or value in (".", "..") or len(value) > max_len:
+        raise ConfigError(f"{what}: {value!r} is not a single safe path segment (letters, "
+                          f"digits and -_.= only, not . or .., at most {max_len} characters)")
+    return value
+
+
+def _job_name(job: Mapping[str, Any], source: str) -> str:
+    if "name" in job:
+        return check_segment(_str(job, "name", "job."), "job.name", max_len=MAX_JOB_NAME)
+    # Without a name the job file's own name is used, so it must make a safe one too.
+    return check_segment(Path(source).stem, f"job.name (unset, so taken from the file name "
+                         f"{Path(source).name!r})", max_len=MAX_JOB_NAME)
 
 
 def _resolve(uri: str) -> str:

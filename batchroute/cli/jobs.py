@@ -108,6 +108,7 @@ def _resume(args: argparse.Namespace) -> int:
 
     path = args.folder.rstrip("/")
     output, _, run_id = path.rpartition("/")
+    config.check_segment(run_id, "RUN_FOLDER (its last part, the run id)")
     folder = RunFolder(output or ".", run_id)
     manifest = Manifest.read(folder) if folder.has("manifest.json") else None
     if manifest is None or not folder.has("job.toml"):

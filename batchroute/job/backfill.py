@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import pyarrow.fs as pafs
 
-from batchroute.config import JobConfig
+from batchroute.config import JobConfig, check_segment
 from batchroute.errors import BatchrouteError, ConfigError
 from batchroute.job import runner
 from batchroute.job.progress import Progress
@@ -52,13 +53,17 @@ def days(start: str, end: str) -> list[str]:
 
 
 def run_id_for(job: JobConfig, key: str, day: str, router_version: str) -> str:
-    return f"{job.name}-{key}={day}-{router_version}-{job.config_hash[:8]}"
+    # The version is whatever the router file's metadata says: only its safe characters go
+    # into the run folder's name (the job name and key are checked, the rest are digits).
+    version = re.sub(r"[^A-Za-z0-9._=-]", "_", router_version)
+    return f"{job.name}-{key}={day}-{version}-{job.config_hash[:8]}"
 
 
 def backfill(job: JobConfig, start: str, end: str, *, key: str = "date",
              ray_address: str | None = None, num_cpus: int | None = None,
              progress: Progress | None = None, force: bool = False) -> list[DayOutcome]:
     """Run (or resume, or skip) one run per day; never raises for a single day's failure."""
+    check_segment(key, "--partition-key")
     version = rt.inspect(rt.read_bytes(job.router.path), path=job.router.path).version
     root = job.input.rstrip("/")
     outcomes = []

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchroute import __version__
-from batchroute.config import JobConfig
+from batchroute.config import JobConfig, check_segment
 from batchroute.errors import Interrupted
 from batchroute.job import cluster
 from batchroute.job.progress import Progress
@@ -94,6 +94,7 @@ def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = 
     if "similarity" in spec.stages:  # refused now, not in a routing actor after Ray started
         embed.model_dir()
     run_id = run_id or new_run_id(job)
+    check_segment(run_id, "--run-id")
     folder = RunFolder(job.output, run_id)
     created = not folder.exists()
     try:

@@ -354,3 +354,27 @@ def test_an_integer_too_big_for_a_float_is_refused_not_a_crash() -> None:
     doc["dispatch"]["backoff_max_s"] = 10**400
     with pytest.raises(ConfigError, match=r"dispatch\.backoff_max_s: must be a finite number"):
         config.parse(doc)
+
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b", "..", ".", "x y", "tab\t", "é", "x" * 129,
+                                  "a\\b"])
+def test_a_job_name_must_be_one_safe_path_segment(name: str) -> None:
+    doc = job_doc()
+    doc["job"]["name"] = name
+    with pytest.raises(ConfigError, match=r"job\.name: .* is not a single safe path segment"):
+        config.parse(doc)
+
+
+def test_safe_job_names_load(tmp_path: Path) -> None:
+    doc = job_doc()
+    doc["job"]["name"] = "nightly_v2.1-team=ml"
+    assert config.parse(doc).name == "nightly_v2.1-team=ml"
+    from tests.helpers import to_toml
+
+    del doc["job"]["name"]
+    (tmp_path / "my job.toml").write_text(to_toml(doc))
+    with pytest.raises(ConfigError, match=r"job\.name \(unset, so taken from the file name "
+                                          r"'my job\.toml'\): 'my job' is not a single safe"):
+        config.load(tmp_path / "my job.toml")
+    (tmp_path / "my-job.toml").write_text(to_toml(doc))
+    assert config.load(tmp_path / "my-job.toml").name == "my-job"
