@@ -20,10 +20,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
 from batchroute import __version__
 from batchroute.config import JobConfig, check_segment
-from batchroute.errors import Interrupted
+from batchroute.errors import ConfigError, Interrupted
 from batchroute.job import cluster
 from batchroute.job.progress import Progress
 from batchroute.routers import classifier as rt
@@ -96,6 +97,7 @@ def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = 
     run_id = run_id or new_run_id(job)
     check_segment(run_id, "--run-id")
     folder = RunFolder(job.output, run_id)
+    _check_output(folder, job.output)
     created = not folder.exists()
     try:
         with contextlib.ExitStack() as stack:
@@ -133,6 +135,22 @@ def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = 
         if created and folder.entries() <= LOCK_ONLY:
             folder.delete()  # refused before anything was written: leave nothing behind
         raise
+
+
+def _check_output(folder: RunFolder, output: str) -> None:
+    """Refuse an output location that cannot hold the run folder: a file where the run
+    folder, the output folder or any folder above them should be. Without this the lock's
+    mkdir fails with a bare NotADirectoryError (exit 3)."""
+    path = folder.path
+    while path:
+        info = folder.fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            raise ConfigError(f"[job].output (or --output) {output}: {path} is a file, not a "
+                              "folder")
+        if info.type == pafs.FileType.Directory:
+            return  # what lies below it, the lock creates
+        parent = path.rpartition("/")[0]
+        path = parent if parent != path else ""
 
 
 def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,

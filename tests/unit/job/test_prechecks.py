@@ -63,3 +63,35 @@ def test_resume_names_the_run_folder_argument(tmp_path: Path,
     assert cli.main(["resume", f"{tmp_path}/runs/.."]) == 2
     assert "RUN_FOLDER (its last part, the run id): '..' is not a single safe path segment" \
         in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["output", "above", "run folder"])
+def test_an_output_that_is_a_file_is_refused_before_ray(tmp_path: Path, no_ray: None,
+                                                        where: str) -> None:
+    output = {"output": tmp_path / "out.txt", "above": tmp_path / "out.txt" / "runs",
+              "run folder": tmp_path / "runs"}[where]
+    blocker = tmp_path / ("runs/r1" if where == "run folder" else "out.txt")
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a folder")
+    job = _job(tmp_path, output)
+    before = _files(tmp_path)
+    with pytest.raises(ConfigError, match=rf"\[job\]\.output \(or --output\) {output}: "
+                                          rf"{blocker} is a file, not a folder"):
+        runner.run(job, run_id="r1", progress=quiet_progress())
+    assert _files(tmp_path) == before
+
+
+def test_the_cli_exits_2_naming_an_output_that_is_a_file(
+        tmp_path: Path, no_ray: None, capsys: pytest.CaptureFixture[str]) -> None:
+    from batchroute import cli
+    from tests.helpers import to_toml
+
+    job = tmp_path / "job.toml"
+    pq.write_table(pa.table({"request_id": ["a"], "prompt": ["hi"]}), tmp_path / "in.parquet")
+    job.write_text(to_toml(demo_job_doc(tmp_path / "in.parquet", tmp_path / "runs",
+                                        "http://127.0.0.1:1")))
+    (tmp_path / "taken").write_text("")
+    assert cli.main(["run", str(job), "--output", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'taken'} is a file, not a folder" in err
+    assert "internal error" not in err
