@@ -253,16 +253,24 @@ def _canonical(t: pa.Table, start: int, duplicates: tuple[np.ndarray, np.ndarray
         elif field.name == "reject_reason":
             continue
         elif field.name == "max_tokens" and "max_tokens" in t.column_names:
-            given = t.column("max_tokens").cast(pa.int64())
-            bad_max_tokens = pc.fill_null(pc.or_(pc.less(given, 1),
-                                                 pc.greater(given, MAX_TOKENS_LIMIT)), False)
-            out["max_tokens"] = pc.if_else(bad_max_tokens, None, given).cast(pa.int32())
+            out["max_tokens"], bad_max_tokens = _max_tokens(t.column("max_tokens"))
         elif field.name in t.column_names:
             out[field.name] = _cast(t.column(field.name), field.type)
         else:
             out[field.name] = pa.nulls(n, field.type)
     out["reject_reason"] = _reject_reasons(out, start, duplicates, bad_max_tokens)
     return pa.table(out, schema=schemas.REQUESTS)
+
+
+def _max_tokens(given: pa.ChunkedArray) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """The column as int32 with the values outside 1..MAX_TOKENS_LIMIT nulled, and which rows
+    those were. The bounds are checked in float64, not int64: a uint64 beyond 2^63 fits no
+    int64 (the cast would raise for the whole batch), and every integer up to 2^53 is exact
+    in a float64, so the comparison is exact at both bounds."""
+    as_float = pc.cast(given, pa.float64(), safe=False)
+    bad = pc.fill_null(pc.invert(pc.and_(pc.greater_equal(as_float, 1),
+                                         pc.less_equal(as_float, MAX_TOKENS_LIMIT))), False)
+    return pc.if_else(bad, None, given).cast(pa.int32()), bad
 
 
 def _cast(col: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:

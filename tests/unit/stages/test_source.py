@@ -123,6 +123,24 @@ def test_impossible_max_tokens_are_rejected_not_fatal(tmp_path: Path) -> None:
     assert t.column("max_tokens").to_pylist() == [None, None, None, 64]
 
 
+@pytest.mark.parametrize(("typ", "values", "bad"), [
+    (pa.uint64(), [5, None, 2**63, 2**64 - 1, 2**31, 2**31 - 1, 0], {2, 3, 4, 6}),
+    (pa.uint32(), [5, 2**32 - 1, 2**31 - 1], {1}),
+    (pa.uint8(), [1, 255, 0], {2}),
+    (pa.int8(), [-128, 127, None], {0}),
+])
+def test_max_tokens_of_every_integer_type(tmp_path: Path, typ: pa.DataType,
+                                          values: list[int | None], bad: set[int]) -> None:
+    pq.write_table(pa.table({"request_id": [f"r{i}" for i in range(len(values))],
+                             "prompt": ["p"] * len(values), "max_tokens": pa.array(values, typ)}),
+                   tmp_path / "m.parquet")
+    t = _read(tmp_path / "m.parquet")
+    assert _reasons(t) == {i: "max_tokens must be between 1 and 2147483647" if i in bad else None
+                           for i in range(len(values))}
+    assert t.column("max_tokens").to_pylist() == [
+        None if i in bad else v for i, v in enumerate(values)]
+
+
 def test_duplicates_across_files_keep_the_first(tmp_path: Path) -> None:
     pq.write_table(pa.table({"request_id": ["x", "y"], "prompt": ["1", "2"]}),
                    tmp_path / "a.parquet")
