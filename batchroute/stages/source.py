@@ -13,6 +13,7 @@ Bad rows are never dropped: a null request_id, a null or empty prompt, or a repe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -30,6 +31,8 @@ from batchroute import schemas
 from batchroute.errors import SchemaError
 
 MAX_TOKENS_LIMIT = 2**31 - 1
+RANGE_REASON = f"max_tokens must be between 1 and {MAX_TOKENS_LIMIT}"
+FRACTION_REASON = "max_tokens must be a whole number"
 # Row groups can be large: the input's are the writer's choice and can hold tens of thousands
 # of long prompts (~90 MiB of text each). Parquet files are read through a buffered stream,
 # which decodes a column chunk page by page, so a batch costs about its own size; without it
@@ -171,8 +174,11 @@ _KINDS = {
     "request_id": ("a string", _is_string),
     "prompt": ("a string", _is_string),
     "messages": ("a list of {role, content} structs", lambda t: _is_list_of(t, _is_message)),
-    "max_tokens": ("an integer", pa.types.is_integer),
-    "temperature": ("a number", lambda t: pa.types.is_floating(t) or pa.types.is_integer(t)),
+    # Decimals too: DuckDB writes a literal such as 0.2 or 64.0 as decimal128(p, s).
+    "max_tokens": ("an integer (or a decimal)",
+                   lambda t: pa.types.is_integer(t) or pa.types.is_decimal(t)),
+    "temperature": ("a number", lambda t: (pa.types.is_floating(t) or pa.types.is_integer(t)
+                                           or pa.types.is_decimal(t))),
     "force_model": ("a string", _is_string),
     "tags": ("a list of strings (or one string)",
              lambda t: _is_string(t) or _is_list_of(t, _is_string)),
@@ -245,7 +251,7 @@ def _duplicates(ids: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
 
 def _canonical(t: pa.Table, start: int, duplicates: tuple[np.ndarray, np.ndarray]) -> pa.Table:
     n = t.num_rows
-    bad_max_tokens: pa.ChunkedArray | None = None
+    bad_values: dict[str, pa.ChunkedArray] = {}  # reason -> rows
     out: dict[str, pa.Array | pa.ChunkedArray] = {}
     for field in schemas.REQUESTS:
         if field.name == "row":
@@ -253,24 +259,29 @@ def _canonical(t: pa.Table, start: int, duplicates: tuple[np.ndarray, np.ndarray
         elif field.name == "reject_reason":
             continue
         elif field.name == "max_tokens" and "max_tokens" in t.column_names:
-            out["max_tokens"], bad_max_tokens = _max_tokens(t.column("max_tokens"))
+            out["max_tokens"], bad_values = _max_tokens(t.column("max_tokens"))
         elif field.name in t.column_names:
             out[field.name] = _cast(t.column(field.name), field.type)
         else:
             out[field.name] = pa.nulls(n, field.type)
-    out["reject_reason"] = _reject_reasons(out, start, duplicates, bad_max_tokens)
+    out["reject_reason"] = _reject_reasons(out, start, duplicates, bad_values)
     return pa.table(out, schema=schemas.REQUESTS)
 
 
-def _max_tokens(given: pa.ChunkedArray) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
-    """The column as int32 with the values outside 1..MAX_TOKENS_LIMIT nulled, and which rows
-    those were. The bounds are checked in float64, not int64: a uint64 beyond 2^63 fits no
-    int64 (the cast would raise for the whole batch), and every integer up to 2^53 is exact
-    in a float64, so the comparison is exact at both bounds."""
+def _max_tokens(given: pa.ChunkedArray
+                ) -> tuple[pa.ChunkedArray, dict[str, pa.ChunkedArray]]:
+    """The column as int32 with the unusable values nulled, and those rows by reason.
+
+    The bounds are checked in float64, not int64: a uint64 beyond 2^63 fits no int64 (the
+    cast would raise for the whole batch), and every integer up to 2^53 is exact in a
+    float64, so the comparison is exact at both bounds. A decimal must also be whole."""
     as_float = pc.cast(given, pa.float64(), safe=False)
-    bad = pc.fill_null(pc.invert(pc.and_(pc.greater_equal(as_float, 1),
-                                         pc.less_equal(as_float, MAX_TOKENS_LIMIT))), False)
-    return pc.if_else(bad, None, given).cast(pa.int32()), bad
+    bad = {RANGE_REASON: pc.fill_null(pc.invert(pc.and_(
+        pc.greater_equal(as_float, 1), pc.less_equal(as_float, MAX_TOKENS_LIMIT))), False)}
+    if pa.types.is_decimal(given.type):
+        bad[FRACTION_REASON] = pc.fill_null(pc.not_equal(given, pc.floor(given)), False)
+    unusable = functools.reduce(pc.or_, bad.values())
+    return pc.if_else(unusable, None, given).cast(pa.int32()), bad
 
 
 def _cast(col: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:
@@ -287,7 +298,7 @@ def _cast(col: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:
 
 def _reject_reasons(cols: dict[str, pa.Array | pa.ChunkedArray], start: int,
                     duplicates: tuple[np.ndarray, np.ndarray],
-                    bad_max_tokens: pa.ChunkedArray | None) -> pa.Array:
+                    bad_values: dict[str, pa.ChunkedArray]) -> pa.Array:
     n = len(cols["row"])
     reason = np.full(n, None, dtype=object)
     prompt, messages = cols["prompt"], cols["messages"]
@@ -305,9 +316,9 @@ def _reject_reasons(cols: dict[str, pa.Array | pa.ChunkedArray], start: int,
         offsets = rows[lo:hi] - start
         reason[offsets] = [f"duplicate request_id (first at input row {f})"
                            for f in firsts[lo:hi]]
-    if bad_max_tokens is not None and pc.any(bad_max_tokens).as_py():
-        reason[bad_max_tokens.to_numpy(zero_copy_only=False)] = (
-            f"max_tokens must be between 1 and {MAX_TOKENS_LIMIT}")
+    for why, rows in bad_values.items():
+        if pc.any(rows).as_py():
+            reason[rows.to_numpy(zero_copy_only=False)] = why
     reason[empty & (has_prompt | has_messages)] = "empty prompt"
     reason[~has_prompt & ~has_messages] = "null prompt"
     reason[~pc.is_valid(cols["request_id"]).to_numpy(zero_copy_only=False)] = "null request_id"

@@ -141,6 +141,38 @@ def test_max_tokens_of_every_integer_type(tmp_path: Path, typ: pa.DataType,
         None if i in bad else v for i, v in enumerate(values)]
 
 
+def test_decimal_numbers_as_duckdb_writes_them(tmp_path: Path) -> None:
+    import duckdb
+
+    path = tmp_path / "duck.parquet"
+    duckdb.connect().execute(
+        "COPY (SELECT * FROM (VALUES ('a', 'p', 0.2, 64.0), ('b', 'p', 1.5, 2.5), "
+        "('c', 'p', 0.0, 0.0), ('d', 'p', NULL, 9999999999.0), ('e', 'p', 1, NULL)) "
+        f"AS t(request_id, prompt, temperature, max_tokens)) TO '{path}' (FORMAT PARQUET)")
+    schema = pq.read_schema(path)
+    assert pa.types.is_decimal(schema.field("temperature").type)
+    assert pa.types.is_decimal(schema.field("max_tokens").type)
+    t = _read(path)
+    assert t.column("temperature").to_pylist() == pytest.approx([0.2, 1.5, 0.0, None, 1.0])
+    assert t.column("max_tokens").to_pylist() == [64, None, None, None, None]
+    assert _reasons(t) == {0: None, 1: "max_tokens must be a whole number",
+                           2: "max_tokens must be between 1 and 2147483647",
+                           3: "max_tokens must be between 1 and 2147483647", 4: None}
+
+
+def test_decimal256_max_tokens(tmp_path: Path) -> None:
+    from decimal import Decimal
+
+    values = [Decimal("12"), Decimal("1e60"), Decimal("-3"), Decimal("7.000")]
+    pq.write_table(pa.table({"request_id": list("abcd"), "prompt": ["p"] * 4,
+                             "max_tokens": pa.array(values, pa.decimal256(70, 3))}),
+                   tmp_path / "d.parquet")
+    t = _read(tmp_path / "d.parquet")
+    assert t.column("max_tokens").to_pylist() == [12, None, None, 7]
+    assert [r is None for r in t.column("reject_reason").to_pylist()] == [True, False, False,
+                                                                          True]
+
+
 def test_duplicates_across_files_keep_the_first(tmp_path: Path) -> None:
     pq.write_table(pa.table({"request_id": ["x", "y"], "prompt": ["1", "2"]}),
                    tmp_path / "a.parquet")
