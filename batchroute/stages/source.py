@@ -6,9 +6,9 @@ and Spark write string, large_string, string_view or dictionary columns) and a d
 schema would only describe the first file. A column that is missing or of the wrong kind stops
 the job with a :class:`SchemaError` naming the file and the column, before anything is written.
 
-Bad rows are never dropped: a null request_id, a null or empty prompt, or a repeated request_id
-(the first occurrence wins) becomes a row with ``reject_reason`` set, and later a result row with
-``status = "rejected"``.
+Bad rows are never dropped: a null or blank request_id, a null or empty prompt, or a repeated
+request_id (the first occurrence wins) becomes a row with ``reject_reason`` set, and later a
+result row with ``status = "rejected"``.
 """
 
 from __future__ import annotations
@@ -321,7 +321,13 @@ def _reject_reasons(cols: dict[str, pa.Array | pa.ChunkedArray], start: int,
             reason[rows.to_numpy(zero_copy_only=False)] = why
     reason[empty & (has_prompt | has_messages)] = "empty prompt"
     reason[~has_prompt & ~has_messages] = "null prompt"
-    reason[~pc.is_valid(cols["request_id"]).to_numpy(zero_copy_only=False)] = "null request_id"
+    # A blank id (empty, or only whitespace: an unfilled CHAR column, a stray space) is no
+    # key to join results on, so it is rejected like a null one. Other ids are kept verbatim,
+    # surrounding whitespace included.
+    ids = cols["request_id"]
+    blank_id = pc.utf8_length(pc.utf8_trim_whitespace(pc.fill_null(ids, "")))
+    reason[blank_id.to_numpy(zero_copy_only=False) == 0] = "empty request_id"
+    reason[~pc.is_valid(ids).to_numpy(zero_copy_only=False)] = "null request_id"
     return pa.array(reason, type=pa.string())
 
 

@@ -113,6 +113,15 @@ def test_bad_rows_are_kept_with_reasons(tmp_path: Path) -> None:
         5: "empty prompt", 6: "duplicate request_id (first at input row 2)"}
 
 
+def test_blank_request_ids_are_rejected(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"request_id": ["", " ", "\t\n", " a ", "", "b"],
+                             "prompt": ["p"] * 6}), tmp_path / "ids.parquet")
+    t = _read(tmp_path / "ids.parquet")
+    assert _reasons(t) == {0: "empty request_id", 1: "empty request_id", 2: "empty request_id",
+                           3: None, 4: "empty request_id", 5: None}
+    assert t.column("request_id").to_pylist()[3] == " a "  # a real id is kept as given
+
+
 def test_impossible_max_tokens_are_rejected_not_fatal(tmp_path: Path) -> None:
     pq.write_table(pa.table({"request_id": ["a", "b", "c", "d"], "prompt": ["p"] * 4,
                              "max_tokens": pa.array([0, 2**40, None, 64], pa.int64())}),
@@ -209,7 +218,7 @@ def test_missing_input_and_non_parquet(tmp_path: Path) -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c", "d", None]),
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c", "d", "", " ", None]),
                           st.sampled_from(["hello", "", "  ", None, "x y"])),
                 min_size=1, max_size=30))
 def test_every_input_row_comes_out_once(tmp_path_factory: pytest.TempPathFactory,
@@ -225,7 +234,7 @@ def test_every_input_row_comes_out_once(tmp_path_factory: pytest.TempPathFactory
                 if r is None]
     assert len(accepted) == len(set(accepted))  # no id is accepted twice
     for (rid, prompt), reason in zip(rows, t.column("reject_reason").to_pylist(), strict=True):
-        if rid is not None and prompt is not None and prompt.strip():
+        if rid is not None and rid.strip() and prompt is not None and prompt.strip():
             assert reason is None or reason.startswith("duplicate")
         else:
             assert reason is not None
