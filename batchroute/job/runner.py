@@ -114,7 +114,7 @@ def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = 
                 router_path=job.router.path if router_bytes is not None else None,
                 router_stages=list(spec.stages), input=job.input,
                 input_fingerprint=data.fingerprint, input_files=len(data.files),
-                price_date=price_date.isoformat())
+                input_skipped=list(data.skipped), price_date=price_date.isoformat())
 
             cluster.start_ray(ray_address, num_cpus=num_cpus)
             # After Ray, which sets handlers of its own.

@@ -43,6 +43,8 @@ class Manifest:
     input: str = ""
     input_fingerprint: str = ""
     input_files: int = 0
+    # Files the input folder or glob matched that are not Parquet, so were not read.
+    input_skipped: list[str] = field(default_factory=list)
     started_at: str = ""
     price_date: str = ""
     paths: dict[str, str] = field(default_factory=dict)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -40,6 +41,9 @@ FRACTION_REASON = "max_tokens must be a whole number"
 # whole row groups (several, with its read-ahead) before slicing them into batches.
 READ_BUFFER_BYTES = 2**20
 DUPLICATE_SLICE_ROWS = 65_536
+PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
+MAGIC = b"PAR1"  # a Parquet file's first and last four bytes
+log = logging.getLogger("batchroute")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,8 @@ class InputDataset:
     filesystem: pafs.FileSystem
     files: tuple[InputFile, ...]
     fingerprint: str
+    # Files a folder or glob matched that are not Parquet (README, SUCCESS markers, CSV, ...)
+    skipped: tuple[str, ...] = ()
 
     def read_column(self, name: str) -> pa.ChunkedArray:
         """One column over every file, in file order, cast to its canonical type."""
@@ -71,9 +77,13 @@ def open_input(uri: str) -> InputDataset:
     Raises SchemaError naming the file and column for a missing or mistyped column, and
     SchemaError when the URI matches no Parquet file.
     """
-    filesystem, paths = _resolve(uri)
+    filesystem, paths, skipped = _resolve(uri)
     if not paths:
-        raise SchemaError(f"input {uri}: no Parquet files found")
+        raise SchemaError(f"input {uri}: no Parquet files found" + (
+            f" (not Parquet, so skipped: {_listing(skipped)})" if skipped else ""))
+    if skipped:
+        log.warning("input %s: skipped %d files that are not Parquet: %s", uri, len(skipped),
+                    _listing(skipped))
     files = []
     digest = hashlib.sha256()
     for path in paths:
@@ -84,10 +94,16 @@ def open_input(uri: str) -> InputDataset:
         files.append(InputFile(path, _check_schema(path, schema)))
         info = filesystem.get_file_info(path)
         digest.update(f"{path}\0{info.size}\0{info.mtime_ns}\n".encode())
-    return InputDataset(uri, filesystem, tuple(files), digest.hexdigest()[:16])
+    return InputDataset(uri, filesystem, tuple(files), digest.hexdigest()[:16], tuple(skipped))
 
 
-def _resolve(uri: str) -> tuple[pafs.FileSystem, list[str]]:
+def _listing(paths: list[str], shown: int = 10) -> str:
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return ", ".join(paths[:shown]) + more
+
+
+def _resolve(uri: str) -> tuple[pafs.FileSystem, list[str], list[str]]:
+    """The Parquet files ``uri`` names, and the files it matched that are not Parquet."""
     if "://" not in uri and not uri.startswith("/"):
         uri = f"{os.getcwd()}/{uri}"
     globbing = any(ch in uri for ch in "*?[")
@@ -103,19 +119,41 @@ def _resolve(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     if info.type == pafs.FileType.NotFound:
         raise SchemaError(f"input {uri}: no such file or directory")
     if info.type == pafs.FileType.File:
-        return filesystem, [base_path]
+        return filesystem, [base_path], []  # named on its own: it must be Parquet
     pattern = _glob_regex(base_path + uri[len(base):]) if globbing else None
     # Only a "**" pattern (or a plain folder) needs the whole tree below the base.
     recursive = pattern is None or "**" in uri or uri[len(base):].count("/") > 1
     selector = pafs.FileSelector(base_path, recursive=recursive)
     found = sorted(
-        i.path for i in filesystem.get_file_info(selector)
-        if i.type == pafs.FileType.File and not _hidden(i.path[len(base_path):])
-    )
-    if pattern is not None:
-        return filesystem, [p for p in found if pattern.fullmatch(p)]
-    return filesystem, [p for p in found if p.endswith((".parquet", ".parq", ".pq"))
-                        or "." not in p.rsplit("/", 1)[-1]]
+        (i for i in filesystem.get_file_info(selector)
+         if i.type == pafs.FileType.File and not _hidden(i.path[len(base_path):])
+         and (pattern is None or pattern.fullmatch(i.path))), key=lambda i: i.path)
+    paths: list[str] = []
+    skipped: list[str] = []
+    for i in found:
+        (paths if _is_parquet(filesystem, i) else skipped).append(i.path)
+    return filesystem, paths, skipped
+
+
+def _is_parquet(fs: pafs.FileSystem, info: pafs.FileInfo) -> bool:
+    """Whether a file a folder or glob matched is Parquet: by its extension, or else by the
+    magic bytes at both ends (Hive and Spark part files often have no extension; a README or
+    a SUCCESS marker has no magic).
+
+    A name with a Parquet extension is taken whatever it holds, and refused later if broken,
+    as is a file that starts as Parquet but lacks its end: skipping those would silently drop
+    data. Other names cost two small reads each."""
+    if info.base_name.endswith(PARQUET_EXTENSIONS):
+        return True
+    size = info.size or 0
+    if size < 2 * len(MAGIC):
+        return False
+    with fs.open_input_file(info.path) as f:
+        head, tail = f.read_at(len(MAGIC), 0), f.read_at(len(MAGIC), size - len(MAGIC))
+    if head == MAGIC and tail != MAGIC:
+        raise SchemaError(f"input file {info.path}: starts as Parquet but has no footer "
+                          "(truncated, or still being written)")
+    return bool(head == MAGIC)
 
 
 def _glob_regex(glob: str) -> re.Pattern[str]:

@@ -78,6 +78,22 @@ def test_empty_and_all_rejected_inputs_finish_cleanly(tmp_path: Path, provider: 
     assert out.forecast["routed"] == 0 and out.exit_code == 0
 
 
+def test_files_that_are_not_parquet_are_skipped_and_listed_in_the_manifest(
+        tmp_path: Path, provider: MockProvider, ray_session: None) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(pa.table({"request_id": ["a", "b"], "prompt": ["What is 2+2?", "Hi"]}),
+                   folder / "part-0.parquet")
+    (folder / "README").write_text("Exported nightly by the ticketing team.\n")
+    (folder / "COMPLETED").write_text("")
+    urls = dict.fromkeys(("mixtral-8x7b-instruct", "claude-3-5-sonnet", "gpt-4-1106-preview"),
+                         provider.url)
+    out = runner.run(_job(tmp_path, folder, urls), run_id="skips", progress=quiet_progress())
+    assert out.manifest.input_skipped == [str(folder / "COMPLETED"), str(folder / "README")]
+    assert out.folder.read_json("manifest.json")["input_skipped"] == out.manifest.input_skipped
+    assert out.manifest.input_files == 1 and out.manifest.input_rows == 2
+
+
 def test_key_missing_in_the_workers_stops_before_any_work(
         tmp_path: Path, provider: MockProvider, ray_session: None) -> None:
     pq.write_table(pa.table({"request_id": ["a"], "prompt": ["hi"]}), tmp_path / "in.parquet")

@@ -79,6 +79,57 @@ def test_folder_glob_and_hive_layouts(tmp_path: Path) -> None:
         "request_id").to_pylist() == ["c"]
 
 
+def test_files_that_are_not_parquet_are_skipped_and_listed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    pq.write_table(pa.table({"request_id": ["a"], "prompt": ["p"]}), tmp_path / "1.parquet")
+    # Hive and Spark part files often have no extension: their magic bytes say Parquet.
+    pq.write_table(pa.table({"request_id": ["b"], "prompt": ["p"]}), tmp_path / "000001_0")
+    (tmp_path / "README").write_text("These are the prompts of 2026-11-01.\n")
+    (tmp_path / "SUCCESS").write_text("")
+    (tmp_path / "notes.md").write_text("# notes\n")
+    (tmp_path / "PAR1-ish").write_bytes(b"PAR")  # too short to be anything
+    (tmp_path / "_SUCCESS").write_text("")  # hidden by convention: neither read nor listed
+    with caplog.at_level("WARNING", logger="batchroute"):
+        data = source.open_input(str(tmp_path))
+    assert [f.path for f in data.files] == [str(tmp_path / "000001_0"),
+                                            str(tmp_path / "1.parquet")]
+    skipped = [str(tmp_path / n) for n in ("PAR1-ish", "README", "SUCCESS", "notes.md")]
+    assert list(data.skipped) == skipped
+    assert f"skipped 4 files that are not Parquet: {', '.join(skipped)}" in caplog.text
+    assert pa.concat_tables(source.read_requests(data)).column("request_id").to_pylist() == [
+        "b", "a"]
+
+
+def test_a_folder_without_parquet_is_still_an_error(tmp_path: Path) -> None:
+    (tmp_path / "README").write_text("nothing here yet")
+    with pytest.raises(SchemaError, match=rf"input {tmp_path}: no Parquet files found \(not "
+                                          rf"Parquet, so skipped: {tmp_path}/README\)"):
+        source.open_input(str(tmp_path))
+
+
+def test_a_truncated_or_broken_parquet_file_in_a_folder_is_refused_not_skipped(
+        tmp_path: Path) -> None:
+    pq.write_table(pa.table({"request_id": ["a"], "prompt": ["p"]}), tmp_path / "whole")
+    data = (tmp_path / "whole").read_bytes()
+    (tmp_path / "half").write_bytes(data[:len(data) // 2])
+    with pytest.raises(SchemaError, match=rf"input file {tmp_path}/half: starts as Parquet "
+                                          "but has no footer"):
+        source.open_input(str(tmp_path))
+    (tmp_path / "half").unlink()
+    (tmp_path / "broken.parquet").write_text("a Parquet name is a promise")
+    with pytest.raises(SchemaError, match=rf"input file {tmp_path}/broken\.parquet: not a "
+                                          "readable Parquet file"):
+        source.open_input(str(tmp_path))
+
+
+def test_a_glob_takes_parquet_whatever_its_extension(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"request_id": ["a"], "prompt": ["p"]}), tmp_path / "x.dat")
+    (tmp_path / "y.dat").write_text("text")
+    data = source.open_input(f"{tmp_path}/*.dat")
+    assert [f.path for f in data.files] == [str(tmp_path / "x.dat")]
+    assert list(data.skipped) == [str(tmp_path / "y.dat")]
+
+
 def test_glob_stays_within_one_folder_level(tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "sub").mkdir()
