@@ -41,6 +41,8 @@ FRACTION_REASON = "max_tokens must be a whole number"
 # whole row groups (several, with its read-ahead) before slicing them into batches.
 READ_BUFFER_BYTES = 2**20
 DUPLICATE_SLICE_ROWS = 65_536
+# Columns of text: each is checked for valid UTF-8, row by row.
+TEXT_FIELDS = ("request_id", "prompt", "messages", "force_model", "tags")
 PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
 MAGIC = b"PAR1"  # a Parquet file's first and last four bytes
 log = logging.getLogger("batchroute")
@@ -67,7 +69,10 @@ class InputDataset:
         for f in self.files:
             table = ds.dataset(f.path, filesystem=self.filesystem, format="parquet").to_table(
                 columns=[name])
-            chunks.extend(table.column(0).cast(schemas.REQUESTS.field(name).type).chunks)
+            target = schemas.REQUESTS.field(name).type
+            column = (_text(table.column(0), target, name)[0] if name in TEXT_FIELDS
+                      else table.column(0).cast(target))
+            chunks.extend(column.chunks)
         return pa.chunked_array(chunks, type=schemas.REQUESTS.field(name).type)
 
 
@@ -190,8 +195,11 @@ def _hidden(relative: str) -> bool:
 def _is_string(t: pa.DataType) -> bool:
     if pa.types.is_dictionary(t):
         return _is_string(t.value_type)
+    # Binary too: older Hive and Impala write text as BYTE_ARRAY with no UTF-8 annotation.
+    # Either way the bytes are checked row by row (see _text).
     return bool(pa.types.is_string(t) or pa.types.is_large_string(t)
-                or pa.types.is_string_view(t))
+                or pa.types.is_string_view(t) or pa.types.is_binary(t)
+                or pa.types.is_large_binary(t) or pa.types.is_binary_view(t))
 
 
 def _is_list_of(t: pa.DataType, item: object) -> bool:
@@ -290,19 +298,23 @@ def _duplicates(ids: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
 def _canonical(t: pa.Table, start: int, duplicates: tuple[np.ndarray, np.ndarray]) -> pa.Table:
     n = t.num_rows
     bad_values: dict[str, pa.ChunkedArray] = {}  # reason -> rows
+    bad_text: dict[str, np.ndarray] = {}  # column (or part of one) -> rows
     out: dict[str, pa.Array | pa.ChunkedArray] = {}
     for field in schemas.REQUESTS:
         if field.name == "row":
             out["row"] = pa.array(np.arange(start, start + n, dtype=np.int64))
         elif field.name == "reject_reason":
             continue
-        elif field.name == "max_tokens" and "max_tokens" in t.column_names:
-            out["max_tokens"], bad_values = _max_tokens(t.column("max_tokens"))
-        elif field.name in t.column_names:
-            out[field.name] = _cast(t.column(field.name), field.type)
-        else:
+        elif field.name not in t.column_names:
             out[field.name] = pa.nulls(n, field.type)
-    out["reject_reason"] = _reject_reasons(out, start, duplicates, bad_values)
+        elif field.name == "max_tokens":
+            out["max_tokens"], bad_values = _max_tokens(t.column("max_tokens"))
+        elif field.name in TEXT_FIELDS:
+            out[field.name], bad = _text(t.column(field.name), field.type, field.name)
+            bad_text.update(bad)
+        else:
+            out[field.name] = _cast(t.column(field.name), field.type)
+    out["reject_reason"] = _reject_reasons(out, start, duplicates, bad_values, bad_text)
     return pa.table(out, schema=schemas.REQUESTS)
 
 
@@ -323,20 +335,98 @@ def _max_tokens(given: pa.ChunkedArray
 
 
 def _cast(col: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:
-    if pa.types.is_list(target) and _is_string(col.type):  # tags given as one string
-        col = col.cast(pa.string())
-        return pa.chunked_array(
-            [pa.ListArray.from_arrays(
-                pa.array(np.arange(len(c) + 1, dtype=np.int32)), c,
-                mask=c.is_null()) for c in col.chunks], type=target)
     if pa.types.is_dictionary(col.type):
         col = col.cast(col.type.value_type)
     return col.cast(target)
 
 
+def _text(col: pa.ChunkedArray, target: pa.DataType, name: str
+          ) -> tuple[pa.ChunkedArray, dict[str, np.ndarray]]:
+    """A text column as ``target`` with every row holding invalid UTF-8 nulled, and those rows
+    by the part at fault (``prompt``, ``messages content``, ``tags``, ...).
+
+    Writers do produce invalid UTF-8 (lone surrogates encoded as CESU-8, raw bytes), and
+    nothing in reading a Parquet string column checks it: left in, it fails whatever decodes
+    it later (Python, polars, a provider's JSON) and takes the whole job down. The column is
+    handled as bytes until checked, since a cast from binary to string raises for the whole
+    batch and casts between string types check nothing."""
+    texts: list[pa.Array] = []
+    bad: dict[str, np.ndarray] = {}
+    done = 0
+    for chunk in col.chunks:  # one at a time: no copy of a whole file's column
+        text, chunk_bad = _text_chunk(chunk, target, name)
+        texts.append(text)
+        for part, rows in chunk_bad.items():
+            bad.setdefault(part, np.zeros(len(col), dtype=bool))[done:done + len(rows)] = rows
+        done += len(chunk)
+    return pa.chunked_array(texts, type=target), bad
+
+
+def _text_chunk(arr: pa.Array, target: pa.DataType, name: str
+                ) -> tuple[pa.Array, dict[str, np.ndarray]]:
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(arr.type.value_type)
+    one_string = pa.types.is_list(target) and _is_string(arr.type)  # tags given as one string
+    shape = pa.string() if one_string else target
+    raw = arr.cast(_as_bytes(shape))
+    bad = {part: rows for part, rows in _invalid_utf8(raw, name).items() if rows.any()}
+    if bad:
+        rows = np.logical_or.reduce(list(bad.values()))
+        raw = pc.if_else(pa.array(rows), pa.scalar(None, raw.type), raw)
+    text = raw.view(shape)
+    if one_string:
+        text = pa.ListArray.from_arrays(pa.array(np.arange(len(text) + 1, dtype=np.int32)),
+                                        text, mask=text.is_null()).cast(target)
+    return text, bad
+
+
+def _as_bytes(t: pa.DataType) -> pa.DataType:
+    """``t`` with binary for every string in it: the same memory layout, and no UTF-8 check
+    on a cast to it."""
+    if pa.types.is_string(t):
+        return pa.binary()
+    if pa.types.is_list(t):
+        return pa.list_(_as_bytes(t.value_type))
+    if pa.types.is_struct(t):
+        return pa.struct([pa.field(f.name, _as_bytes(f.type)) for f in t])
+    return t
+
+
+# One well-formed UTF-8 sequence per alternative (RFC 3629: no overlong forms, no surrogates,
+# nothing beyond U+10FFFF). Arrow runs RE2 on a binary array byte by byte (Latin-1 mode).
+_UTF8 = (r"^(?:[\x00-\x7F]|[\xC2-\xDF][\x80-\xBF]|\xE0[\xA0-\xBF][\x80-\xBF]"
+         r"|[\xE1-\xEC\xEE\xEF][\x80-\xBF]{2}|\xED[\x80-\x9F][\x80-\xBF]"
+         r"|\xF0[\x90-\xBF][\x80-\xBF]{2}|[\xF1-\xF3][\x80-\xBF]{3}"
+         r"|\xF4[\x80-\x8F][\x80-\xBF]{2})*$")
+
+
+def _invalid_utf8(arr: pa.Array, part: str) -> dict[str, np.ndarray]:
+    """Per part of ``arr`` (a type made by _as_bytes), its rows holding invalid UTF-8."""
+    t = arr.type
+    if pa.types.is_binary(t):
+        try:  # Arrow's own check of the whole array is fast; most batches pass it
+            arr.view(pa.string()).validate(full=True)
+            return {part: np.zeros(len(arr), dtype=bool)}
+        except pa.ArrowInvalid:
+            ok = pc.match_substring_regex(arr, _UTF8)  # the rows at fault
+            return {part: ~pc.fill_null(ok, True).to_numpy(zero_copy_only=False)}
+    out: dict[str, np.ndarray] = {}
+    if pa.types.is_list(t):
+        parents = pc.list_parent_indices(arr).to_numpy()
+        for key, items in _invalid_utf8(arr.flatten(), part).items():
+            rows = np.zeros(len(arr), dtype=bool)
+            rows[parents[items]] = True
+            out[key] = rows
+    elif pa.types.is_struct(t):
+        for f, child in zip(t, arr.flatten(), strict=True):
+            out.update(_invalid_utf8(child, f"{part} {f.name}"))
+    return out
+
+
 def _reject_reasons(cols: dict[str, pa.Array | pa.ChunkedArray], start: int,
                     duplicates: tuple[np.ndarray, np.ndarray],
-                    bad_values: dict[str, pa.ChunkedArray]) -> pa.Array:
+                    bad_values: dict[str, pa.ChunkedArray],
+                    bad_text: dict[str, np.ndarray]) -> pa.Array:
     n = len(cols["row"])
     reason = np.full(n, None, dtype=object)
     prompt, messages = cols["prompt"], cols["messages"]
@@ -354,11 +444,15 @@ def _reject_reasons(cols: dict[str, pa.Array | pa.ChunkedArray], start: int,
         offsets = rows[lo:hi] - start
         reason[offsets] = [f"duplicate request_id (first at input row {f})"
                            for f in firsts[lo:hi]]
-    for why, rows in bad_values.items():
-        if pc.any(rows).as_py():
-            reason[rows.to_numpy(zero_copy_only=False)] = why
+    for why, where in bad_values.items():
+        if pc.any(where).as_py():
+            reason[where.to_numpy(zero_copy_only=False)] = why
     reason[empty & (has_prompt | has_messages)] = "empty prompt"
     reason[~has_prompt & ~has_messages] = "null prompt"
+    # Text nulled for invalid UTF-8 would otherwise read as a null prompt (or id).
+    for part, where in bad_text.items():
+        if part != "request_id":
+            reason[where] = f"{part} is not valid UTF-8"
     # A blank id (empty, or only whitespace: an unfilled CHAR column, a stray space) is no
     # key to join results on, so it is rejected like a null one. Other ids are kept verbatim,
     # surrounding whitespace included.
@@ -366,6 +460,8 @@ def _reject_reasons(cols: dict[str, pa.Array | pa.ChunkedArray], start: int,
     blank_id = pc.utf8_length(pc.utf8_trim_whitespace(pc.fill_null(ids, "")))
     reason[blank_id.to_numpy(zero_copy_only=False) == 0] = "empty request_id"
     reason[~pc.is_valid(ids).to_numpy(zero_copy_only=False)] = "null request_id"
+    if "request_id" in bad_text:
+        reason[bad_text["request_id"]] = "request_id is not valid UTF-8"
     return pa.array(reason, type=pa.string())
 
 

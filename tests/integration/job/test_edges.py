@@ -1,5 +1,6 @@
 """Edges of the whole job on the shared Ray session: provider limits below the catalog's, empty
-and all-rejected inputs, a key missing where the workers run."""
+and all-rejected inputs, hostile rows and files that are not Parquet in the input, a key
+missing where the workers run."""
 
 from __future__ import annotations
 
@@ -92,6 +93,36 @@ def test_files_that_are_not_parquet_are_skipped_and_listed_in_the_manifest(
     assert out.manifest.input_skipped == [str(folder / "COMPLETED"), str(folder / "README")]
     assert out.folder.read_json("manifest.json")["input_skipped"] == out.manifest.input_skipped
     assert out.manifest.input_files == 1 and out.manifest.input_rows == 2
+
+
+def test_hostile_rows_are_rejected_and_the_rest_run(tmp_path: Path, provider: MockProvider,
+                                                   ray_session: None) -> None:
+    """Invalid UTF-8, a uint64 max_tokens past int64, blank ids, DuckDB's decimals: each of
+    these once stopped the whole job (exit 3) or refused its file."""
+    import duckdb
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    prompts = pa.array([b"What is 2+2?", b"caf\xed\xa0\x80 au lait?", b"Hi", b"Hello"],
+                       pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"request_id": ["a", "b", "c", "  "], "prompt": prompts,
+                             "max_tokens": pa.array([64, 32, 2**63, 16], pa.uint64())}),
+                   folder / "part-0.parquet")
+    duckdb.connect().execute(
+        "COPY (SELECT * FROM (VALUES ('d', 'Name a colour.', 0.2, 64.0), "
+        "('e', 'Name a fruit.', 0.7, 2.5)) AS t(request_id, prompt, temperature, max_tokens)) "
+        f"TO '{folder / 'part-1.parquet'}' (FORMAT PARQUET)")
+    urls = dict.fromkeys(("mixtral-8x7b-instruct", "claude-3-5-sonnet", "gpt-4-1106-preview"),
+                         provider.url)
+    out = runner.run(_job(tmp_path, folder, urls), run_id="hostile", progress=quiet_progress())
+    results = pl.read_parquet(out.folder.sub("results")).sort("request_id", nulls_last=True)
+    assert out.exit_code == 0 and len(results) == 6
+    assert dict(zip(results["request_id"], results["status"],
+                    strict=True)) == {"a": "ok", "b": "rejected", "c": "rejected",
+                                      "d": "ok", "e": "rejected", "  ": "rejected"}
+    assert sorted(results["reject_reason"].drop_nulls().to_list()) == [
+        "empty request_id", "max_tokens must be a whole number",
+        "max_tokens must be between 1 and 2147483647", "prompt is not valid UTF-8"]
 
 
 def test_key_missing_in_the_workers_stops_before_any_work(

@@ -173,6 +173,74 @@ def test_blank_request_ids_are_rejected(tmp_path: Path) -> None:
     assert t.column("request_id").to_pylist()[3] == " a "  # a real id is kept as given
 
 
+# A lone surrogate as CESU-8 and Java's "modified UTF-8" write it, a stray Latin-1 byte, a
+# truncated sequence and an overlong "/": none is UTF-8, and Parquet readers check none of them.
+INVALID = [b"caf\xed\xa0\x80", b"caf\xe9", b"\xe2\x82", b"\xc0\xaf"]
+
+
+def _unchecked(values: list[bytes | None], typ: pa.DataType | None = None) -> pa.Array:
+    """A string array (or ``typ``) holding these bytes as they are, valid UTF-8 or not."""
+    typ = typ or pa.string()
+    raw = pa.array(values, pa.binary())
+    if pa.types.is_binary(typ):
+        return raw
+    text = raw.view(pa.string())
+    return text.dictionary_encode() if pa.types.is_dictionary(typ) else text.cast(typ)
+
+
+@pytest.mark.parametrize("typ", [pa.string(), pa.large_string(), pa.string_view(),
+                                 pa.dictionary(pa.int32(), pa.string()), pa.binary(),
+                                 pa.large_binary()], ids=str)
+def test_invalid_utf8_prompts_are_rejected_rows(tmp_path: Path, typ: pa.DataType) -> None:
+    prompts = [b"fine", *INVALID, "na\u00efve \U0001f600".encode(), None]
+    pq.write_table(pa.table({"request_id": [f"r{i}" for i in range(len(prompts))],
+                             "prompt": _unchecked(prompts, typ)}), tmp_path / "u.parquet")
+    t = _read(tmp_path / "u.parquet")
+    t.validate(full=True)  # what comes out is valid UTF-8 throughout
+    assert _reasons(t) == {0: None, **dict.fromkeys(range(1, 5), "prompt is not valid UTF-8"),
+                           5: None, 6: "null prompt"}
+    assert t.column("prompt").to_pylist() == ["fine", None, None, None, None,
+                                              "na\u00efve \U0001f600", None]
+
+
+def test_invalid_utf8_in_any_text_column_names_it(tmp_path: Path) -> None:
+    bad = INVALID[0]
+    msg = pa.struct([("role", pa.binary()), ("content", pa.binary())])
+    messages = pa.array([None, None, [{"role": b"user", "content": bad}],
+                         [{"role": b"sys", "content": b"ok"}, {"role": bad, "content": b"ok"}],
+                         None, None, None], pa.list_(msg))
+    table = pa.table({
+        "request_id": _unchecked([b"a", bad, b"c", b"d", b"e", b"f", b"g"]),
+        "prompt": _unchecked([b"p", b"p", None, None, b"p", b"p", b"p"]),
+        "messages": messages.view(pa.list_(schemas.MESSAGE)),
+        "force_model": _unchecked([None, None, None, None, bad, None, None]),
+        "tags": pa.array([None, None, None, None, None, [b"ok", bad], [b"x"]],
+                         pa.list_(pa.binary())).view(pa.list_(pa.string())),
+    })
+    pq.write_table(table, tmp_path / "u.parquet")
+    t = _read(tmp_path / "u.parquet")
+    t.validate(full=True)
+    assert _reasons(t) == {0: None, 1: "request_id is not valid UTF-8",
+                           2: "messages content is not valid UTF-8",
+                           3: "messages role is not valid UTF-8",
+                           4: "force_model is not valid UTF-8", 5: "tags is not valid UTF-8",
+                           6: None}
+    assert t.column("tags").to_pylist()[5:] == [None, ["x"]]
+
+
+def test_invalid_utf8_in_a_tags_string_and_among_duplicates(tmp_path: Path) -> None:
+    bad = INVALID[1]
+    pq.write_table(pa.table({"request_id": _unchecked([b"a", bad, bad, b"a"]),
+                             "prompt": ["p"] * 4,
+                             "tags": _unchecked([b"team", bad, None, b"x"])}),
+                   tmp_path / "u.parquet")
+    t = _read(tmp_path / "u.parquet")
+    assert _reasons(t) == {0: None, 1: "request_id is not valid UTF-8",
+                           2: "request_id is not valid UTF-8",
+                           3: "duplicate request_id (first at input row 0)"}
+    assert t.column("tags").to_pylist() == [["team"], None, None, ["x"]]
+
+
 def test_impossible_max_tokens_are_rejected_not_fatal(tmp_path: Path) -> None:
     pq.write_table(pa.table({"request_id": ["a", "b", "c", "d"], "prompt": ["p"] * 4,
                              "max_tokens": pa.array([0, 2**40, None, 64], pa.int64())}),
