@@ -120,6 +120,21 @@ def quiet_progress() -> Any:
     return Progress(io.StringIO(), interval_s=3600)
 
 
+def corrupt_page(path: Path, row_group: int, column: str) -> None:
+    """Flip bytes in the middle of one column chunk of a written Parquet file, leaving its
+    footer (so its schema and metadata) intact."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+    chunk = meta.row_group(row_group).column(names.index(column))
+    first = chunk.dictionary_page_offset or chunk.data_page_offset
+    middle = first + chunk.total_compressed_size // 2
+    raw = bytearray(path.read_bytes())
+    raw[middle:middle + 16] = bytes(b ^ 0xFF for b in raw[middle:middle + 16])
+    path.write_bytes(bytes(raw))
+
+
 class FakeEmbedder:
     """A deterministic stand-in for the sentence embedder: hashed bag of words, L2-normalised.
     Prompts sharing words are close; prompts sharing none are orthogonal."""

@@ -176,8 +176,12 @@ def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
             planned = {m: int(v["rows"]) for m, v in forecast["models"].items()}
             progress.total_rows = progress.routed = int(manifest.input_rows or 0)
         else:
-            forecast, planned = _plan(job, data, router_bytes, spec, folder, sink, manifest,
-                                      progress, actors, stop)
+            try:
+                forecast, planned = _plan(job, data, router_bytes, spec, folder, sink,
+                                          manifest, progress, actors, stop)
+            except source.UnreadableInput:
+                _take_back(folder, actors, resumed=resumed)
+                raise
         progress.planned = planned
 
         if actors is None or dry_run:
@@ -273,6 +277,22 @@ def _plan(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
                         "route_cost_usd": route_micro / 1e6}
     manifest.mark_done("plan", folder)
     return forecast, planned
+
+
+def _take_back(folder: RunFolder, actors: cluster.DispatchActors | None, *,
+               resumed: bool) -> None:
+    """Remove what this attempt wrote, for an input found corrupt while the source stage
+    streamed it: nothing has been routed or sent, and a run folder left behind would look
+    like a run. Checking every page before the run folder exists would read the whole input
+    twice; streaming reads it once and pays only in this rare case."""
+    if actors is not None:
+        actors.kill()  # they journal into the folder
+    if resumed:
+        folder.remove("source")  # its partial shards; the rest is as the resume found it
+    else:
+        # This run created the folder (or found only a lock in it). Its lock file goes too;
+        # the lock is released right after and nothing is written in between.
+        folder.delete()
 
 
 def _route(folder: RunFolder, router_bytes: bytes | None, spec: RouteSpec,

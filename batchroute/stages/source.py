@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -64,16 +63,22 @@ class InputDataset:
     skipped: tuple[str, ...] = ()
 
     def read_column(self, name: str) -> pa.ChunkedArray:
-        """One column over every file, in file order, cast to its canonical type."""
+        """One column over every file, in file order, cast to its canonical type. Raises
+        UnreadableInput for a corrupt page."""
+        target = schemas.REQUESTS.field(name).type
         chunks = []
         for f in self.files:
-            table = ds.dataset(f.path, filesystem=self.filesystem, format="parquet").to_table(
-                columns=[name])
-            target = schemas.REQUESTS.field(name).type
-            column = (_text(table.column(0), target, name)[0] if name in TEXT_FIELDS
-                      else table.column(0).cast(target))
-            chunks.extend(column.chunks)
-        return pa.chunked_array(chunks, type=schemas.REQUESTS.field(name).type)
+            for batch in _input_batches(self.filesystem, f.path, 65_536, [name]):
+                column = pa.chunked_array([batch.column(0)])
+                chunks.extend((_text(column, target, name)[0] if name in TEXT_FIELDS
+                               else column.cast(target)).chunks)
+        return pa.chunked_array(chunks, type=target)
+
+
+class UnreadableInput(SchemaError):
+    """An input file whose schema reads but whose data does not (a corrupt page). It is
+    only found while the source stage streams the file, so the run takes back what it
+    wrote before it reports this (exit 2)."""
 
 
 def open_input(uri: str) -> InputDataset:
@@ -259,10 +264,50 @@ def read_requests(data: InputDataset, batch_rows: int = 65_536) -> Iterator[pa.T
     duplicates = _duplicates(data.read_column("request_id"))
     row = 0
     for f in data.files:
-        for batch in iter_parquet(data.filesystem, f.path, batch_rows, list(f.columns)):
+        for batch in _input_batches(data.filesystem, f.path, batch_rows, list(f.columns)):
             if batch.num_rows:
                 yield _canonical(pa.Table.from_batches([batch]), row, duplicates)
                 row += batch.num_rows
+
+
+def _input_batches(fs: pafs.FileSystem, path: str, batch_rows: int,
+                   columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """iter_parquet for an input file: page checksums are verified where the writer wrote
+    them, and a page that cannot be decoded raises UnreadableInput naming the file and row
+    group (Arrow's own error names neither)."""
+    with fs.open_input_file(path) as handle:
+        reader = pq.ParquetFile(handle, buffer_size=READ_BUFFER_BYTES, pre_buffer=False,
+                                page_checksum_verification=True)
+        done = 0
+        try:
+            for batch in reader.iter_batches(batch_size=batch_rows, columns=columns):
+                yield batch
+                done += batch.num_rows
+        except (OSError, pa.ArrowException) as exc:
+            group = _failing_row_group(fs, path, columns, done)
+            if group is None:
+                raise  # not reproducible, so not the file's fault (a dropped connection)
+            raise UnreadableInput(
+                f"input file {path}: row group {group} cannot be read ({exc}); nothing was "
+                "sent: rewrite the file, or move it out of the input") from None
+
+
+def _failing_row_group(fs: pafs.FileSystem, path: str, columns: list[str],
+                       done: int) -> int | None:
+    """The first row group past the ``done`` rows already read that fails to decode again,
+    read on its own; None if every one reads."""
+    with fs.open_input_file(path) as handle:
+        reader = pq.ParquetFile(handle, pre_buffer=False, page_checksum_verification=True)
+        start = 0
+        for i in range(reader.metadata.num_row_groups):
+            end = start + reader.metadata.row_group(i).num_rows
+            if end > done:
+                try:
+                    reader.read_row_group(i, columns=columns)
+                except (OSError, pa.ArrowException):
+                    return i
+            start = end
+    return None
 
 
 def iter_parquet(fs: pafs.FileSystem, path: str, batch_rows: int,

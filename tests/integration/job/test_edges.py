@@ -125,6 +125,28 @@ def test_hostile_rows_are_rejected_and_the_rest_run(tmp_path: Path, provider: Mo
         "max_tokens must be between 1 and 2147483647", "prompt is not valid UTF-8"]
 
 
+def test_a_corrupt_data_page_stops_the_run_before_any_call_and_leaves_nothing(
+        tmp_path: Path, provider: MockProvider, ray_session: None) -> None:
+    from batchroute.stages.source import UnreadableInput
+    from tests.helpers import corrupt_page
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(pa.table({"request_id": ["a"], "prompt": ["What is 2+2?"]}),
+                   folder / "0.parquet")
+    pq.write_table(pa.table({"request_id": [f"r{i}" for i in range(300)],
+                             "prompt": [f"Question {i}?" * 20 for i in range(300)]}),
+                   folder / "1.parquet", row_group_size=100)
+    corrupt_page(folder / "1.parquet", 2, "prompt")
+    urls = dict.fromkeys(("mixtral-8x7b-instruct", "claude-3-5-sonnet", "gpt-4-1106-preview"),
+                         provider.url)
+    calls = provider.stats()["requests"]
+    with pytest.raises(UnreadableInput, match=rf"{folder}/1\.parquet: row group 2 cannot be"):
+        runner.run(_job(tmp_path, folder, urls), run_id="corrupt", progress=quiet_progress())
+    assert provider.stats()["requests"] == calls
+    assert not (tmp_path / "runs" / "corrupt").exists()
+
+
 def test_key_missing_in_the_workers_stops_before_any_work(
         tmp_path: Path, provider: MockProvider, ray_session: None) -> None:
     pq.write_table(pa.table({"request_id": ["a"], "prompt": ["hi"]}), tmp_path / "in.parquet")

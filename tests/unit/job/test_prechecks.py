@@ -95,3 +95,74 @@ def test_the_cli_exits_2_naming_an_output_that_is_a_file(
     err = capsys.readouterr().err
     assert f"{tmp_path / 'taken'} is a file, not a folder" in err
     assert "internal error" not in err
+
+
+def _corrupt_input(tmp_path: Path) -> Path:
+    """A folder whose second file has a corrupt data page: the first file's rows are read,
+    and a source shard written, before the second one fails."""
+    from tests.helpers import corrupt_page
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(pa.table({"request_id": ["a"], "prompt": ["hi"]}), folder / "0.parquet")
+    pq.write_table(pa.table({"request_id": [f"r{i}" for i in range(300)],
+                             "prompt": [f"question {i} " * 20 for i in range(300)]}),
+                   folder / "1.parquet", row_group_size=100)
+    corrupt_page(folder / "1.parquet", 1, "prompt")
+    return folder
+
+
+@pytest.fixture
+def ray_unused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dry run without an llm router needs Ray only from routing on, which a corrupt input
+    never reaches."""
+    monkeypatch.setattr(cluster, "start_ray", lambda *args, **kwargs: None)
+
+
+def test_a_corrupt_page_leaves_no_run_folder(tmp_path: Path, ray_unused: None) -> None:
+    from batchroute.stages.source import UnreadableInput
+
+    folder = _corrupt_input(tmp_path)
+    job = config.parse(demo_job_doc(folder, tmp_path / "runs", "http://127.0.0.1:1"))
+    with pytest.raises(UnreadableInput, match=rf"{folder}/1\.parquet: row group 1 cannot be"):
+        runner.run(job, run_id="r1", dry_run=True, progress=quiet_progress())
+    assert not (tmp_path / "runs" / "r1").exists()
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_a_corrupt_page_on_resume_removes_only_its_own_shards(tmp_path: Path,
+                                                              ray_unused: None) -> None:
+    from batchroute.routers import classifier as rt
+    from batchroute.stages import source
+    from batchroute.stages.manifest import Manifest
+    from batchroute.stages.sink import RunFolder
+
+    folder = _corrupt_input(tmp_path)
+    job = config.parse(demo_job_doc(folder, tmp_path / "runs", "http://127.0.0.1:1"))
+    run = RunFolder(str(tmp_path / "runs"), "r1")
+    # A run that stopped before its plan was done, on this same input.
+    Manifest.new(run, job=job.name, config_hash=job.config_hash,
+                 router_version=rt.inspect(rt.read_bytes(job.router.path)).version,
+                 input=job.input, input_fingerprint=source.open_input(job.input).fingerprint,
+                 ).write(run)
+    run.write_text("job.toml", "# as it started\n")
+    with pytest.raises(source.UnreadableInput, match="row group 1"):
+        runner.run(job, run_id="r1", dry_run=True, progress=quiet_progress())
+    assert (tmp_path / "runs" / "r1" / "manifest.json").exists()
+    assert (tmp_path / "runs" / "r1" / "job.toml").read_text() == "# as it started\n"
+    assert not (tmp_path / "runs" / "r1" / "source").exists()
+    assert len(Manifest.read(run).resumes) == 1  # the attempt is on record, nothing else
+
+
+def test_the_cli_exits_2_naming_a_corrupt_file_and_row_group(
+        tmp_path: Path, ray_unused: None, capsys: pytest.CaptureFixture[str]) -> None:
+    from batchroute import cli
+    from tests.helpers import to_toml
+
+    folder = _corrupt_input(tmp_path)
+    job = tmp_path / "job.toml"
+    job.write_text(to_toml(demo_job_doc(folder, tmp_path / "runs", "http://127.0.0.1:1")))
+    assert cli.main(["plan", str(job), "--run-id", "r1"]) == 2
+    assert (f"batchroute: error: input file {folder}/1.parquet: row group 1 cannot be read"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "runs" / "r1").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -326,6 +327,51 @@ def test_schema_errors_name_file_and_column(tmp_path: Path, table: pa.Table,
     with pytest.raises(SchemaError, match=needle) as err:
         source.open_input(str(tmp_path))
     assert str(tmp_path / "b.parquet") in str(err.value)
+
+
+def _three_row_groups(path: Path, **options: Any) -> None:
+    n = 300
+    pq.write_table(pa.table({"request_id": [f"r{i}" for i in range(n)],
+                             "prompt": [f"question number {i} " * 20 for i in range(n)]}),
+                   path, row_group_size=100, **options)
+
+
+@pytest.mark.parametrize(("column", "options"), [
+    ("prompt", {}),  # snappy, pyarrow's default: the page no longer decompresses
+    ("request_id", {}),  # found by the pass that looks for repeated ids
+    # Uncompressed, the bytes would decode as other text: the page checksum catches it.
+    ("prompt", {"compression": "none", "write_page_checksum": True}),
+], ids=["snappy", "request_id", "checksum"])
+def test_a_corrupt_data_page_names_the_file_and_row_group(tmp_path: Path, column: str,
+                                                          options: dict[str, Any]) -> None:
+    from tests.helpers import corrupt_page
+
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"request_id": ["a"], "prompt": ["p"]}), tmp_path / "in" / "0.parquet")
+    path = tmp_path / "in" / "1.parquet"
+    _three_row_groups(path, **options)
+    corrupt_page(path, 1, column)
+    data = source.open_input(str(tmp_path / "in"))  # the footer is intact
+    with pytest.raises(source.UnreadableInput,
+                       match=rf"input file {path}: row group 1 cannot be read \(.+\); nothing "
+                             "was sent") as err:
+        _read(tmp_path / "in")
+    assert isinstance(err.value, SchemaError) and err.value.exit_code == 2
+    assert len(data.files) == 2
+
+
+def test_a_failure_that_does_not_reproduce_is_not_called_corrupt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _three_row_groups(tmp_path / "p.parquet")
+    real = pq.ParquetFile.iter_batches
+
+    def dropped(self: pq.ParquetFile, *args: Any, **kwargs: Any) -> Any:
+        yield next(real(self, *args, **kwargs))
+        raise OSError("connection reset by peer")
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", dropped)
+    with pytest.raises(OSError, match="connection reset by peer"):
+        _read(tmp_path / "p.parquet")
 
 
 def test_missing_input_and_non_parquet(tmp_path: Path) -> None:
