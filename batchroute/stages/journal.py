@@ -116,13 +116,7 @@ def read(folder: RunFolder) -> Recovered:
             found.unrecovered_micro_usd[model] = (found.unrecovered_micro_usd.get(model, 0)
                                                   + int(doc.get("unrecovered_micro_usd", 0)))
     if tables:
-        rows = pa.concat_tables(tables)
-        # One row per request: a row journalled twice (re-sent after an earlier crash) keeps
-        # its last answer.
-        index = pa.array(range(rows.num_rows), pa.int64())
-        last = (pa.table({"id": rows.column("request_id"), "i": index})
-                .group_by("id").aggregate([("i", "max")]).column("i_max"))
-        found.rows = rows.take(pc.take(last, pc.sort_indices(last)))  # in journal order
+        found.rows = _latest(pa.concat_tables(tables))
     return found
 
 
@@ -155,6 +149,19 @@ def wait_quiet(folder: RunFolder, *, quiet_s: float, max_wait_s: float,
 def clear(folder: RunFolder) -> None:
     """Delete every journal: their rows are committed."""
     folder.remove(DIR)
+
+
+def _latest(rows: pa.Table) -> pa.Table:
+    """One row per request id: the one that finished last (a row journalled twice, by two
+    attempts at it, keeps its latest answer)."""
+    if rows.num_rows < 2:
+        return rows
+    ordered = rows.take(pc.sort_indices(rows, sort_keys=[("request_id", "ascending"),
+                                                         ("finished_at", "ascending")]))
+    ids = ordered.column("request_id").combine_chunks()
+    last = pa.concat_arrays([pc.not_equal(ids.slice(0, len(ids) - 1), ids.slice(1)),
+                             pa.array([True])])
+    return ordered.filter(last)
 
 
 def _read_stream(fs: pafs.FileSystem, path: str) -> pa.Table:
