@@ -40,11 +40,13 @@ START_ATTEMPTS = 4
 HEARTBEAT_S = 1.0
 # A dispatch actor that has not heard from its driver for this long sends nothing more.
 DRIVER_TIMEOUT_S = 5.0
+LOOPBACK = "127.0.0.1"
 
 
 def start_ray(address: str | None, *, num_cpus: int | None = None) -> None:
-    """Join ``address`` (or RAY_ADDRESS), else start Ray on this machine, with ``num_cpus``
-    logical CPUs if given (default: one per core)."""
+    """Join ``address`` (or RAY_ADDRESS), else start a Ray of this process's own on this
+    machine, listening on loopback only, with ``num_cpus`` logical CPUs if given (default:
+    one per core)."""
     if ray.is_initialized():
         return
     # Arrow's allocator sets much of each process's footprint. Its default (mimalloc) keeps
@@ -58,12 +60,41 @@ def start_ray(address: str | None, *, num_cpus: int | None = None) -> None:
     if pool is not None:
         pa.set_memory_pool(pool())
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:  # a cluster's own settings (binding, authentication, object store) stand
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                 configure_logging=True, log_to_driver=True)
+        return
     # A Ray started here gets a bounded object store: by default Ray reserves 30% of RAM.
-    # Beyond the bound Ray spills to disk. A cluster's own setting is left alone.
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-             configure_logging=True, log_to_driver=True,
-             object_store_memory=None if address else LOCAL_OBJECT_STORE_BYTES,
-             num_cpus=None if address else num_cpus)
+    # Beyond the bound Ray spills to disk. "local": a Ray of its own, even when `ray start`
+    # left a cluster running on this machine (ray.init() alone would join that one).
+    with _loopback_node():
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
+                 configure_logging=True, log_to_driver=True,
+                 object_store_memory=LOCAL_OBJECT_STORE_BYTES, num_cpus=num_cpus,
+                 _node_ip_address=LOOPBACK)
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """While Ray starts its processes here, make them listen on loopback only.
+
+    A Ray started by ray.init serves its control plane, object transfers and workers on every
+    interface of the machine: anyone who can reach the machine can talk to it. Its servers
+    listen on loopback only when the node's address is 127.0.0.1, but on Linux Ray 2.60
+    replaces a loopback ``_node_ip_address`` with the machine's network address unless its
+    single-machine switch is off. That switch (what Ray uses on macOS and Windows, set from
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when Ray is imported) is only read while the node
+    address is resolved, so it is turned off for ray.init alone; once Ray runs, the address
+    comes from the started node.
+    """
+    from ray._private import ray_constants
+
+    was = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = was
 
 
 _ARROW_POOLS = {"jemalloc": pa.jemalloc_memory_pool, "mimalloc": pa.mimalloc_memory_pool,
