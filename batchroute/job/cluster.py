@@ -140,8 +140,11 @@ def route_shards(shards: list[str], fs: pafs.FileSystem, router_bytes: bytes | N
     # The router travels through the object store (workers need not share the driver's disk);
     # wrapped in a list so Ray hands the actor the reference rather than inlining the bytes.
     router_ref = [ray.put(router_bytes)]
-    pool = [remote.remote(router_ref, spec, router_path, fs, batch_rows, asker)
-            for _ in range(actors)]
+    # The router's reference and the asker's handle go with every call, not to the
+    # constructor: Ray cannot restart an actor whose constructor held references (it logs an
+    # ERROR saying so, ray-project/ray#53727), while a retried call brings its own, and a
+    # restarted actor rebuilds its stage from them.
+    pool = [remote.remote(spec, router_path, fs, batch_rows) for _ in range(actors)]
     # Two shards per actor in flight: one being routed, one queued so the actor never waits
     # on the driver. Results come back in submission order, so the plan is deterministic.
     pending: deque[Any] = deque()
@@ -150,7 +153,7 @@ def route_shards(shards: list[str], fs: pafs.FileSystem, router_bytes: bytes | N
         while True:
             while len(pending) < 2 * actors and (nxt := next(todo, None)) is not None:
                 i, shard = nxt
-                pending.append(pool[i % actors].route.remote(shard))
+                pending.append(pool[i % actors].route.remote(shard, router_ref, asker))
             if not pending:
                 return
             yield ray.get(pending.popleft())
@@ -161,23 +164,29 @@ def route_shards(shards: list[str], fs: pafs.FileSystem, router_bytes: bytes | N
 
 
 class _RouteActor:
-    """One routing actor: reads a source shard from the run folder and routes it."""
+    """One routing actor: reads a source shard from the run folder and routes it. Its stage
+    is built on the first call, from the router and asker that call brings."""
 
-    def __init__(self, router_ref: list[Any], spec: RouteSpec, path: str,
-                 fs: pafs.FileSystem, batch_rows: int, asker: Any = None) -> None:
-        def ask(routed: pa.Table) -> pa.Table:
-            result: pa.Table = ray.get(asker.ask_route.remote(routed))
-            return result
-
-        self.stage = RouteStage(ray.get(router_ref[0]), spec, path,
-                                ask=ask if asker is not None else None)
+    def __init__(self, spec: RouteSpec, path: str, fs: pafs.FileSystem,
+                 batch_rows: int) -> None:
+        self.spec = spec
+        self.path = path
         self.fs = fs
         self.batch_rows = batch_rows
+        self.stage: RouteStage | None = None
 
-    def route(self, shard: str) -> pa.Table:
-        routed = pa.concat_tables([self.stage(pa.Table.from_batches([b]))
+    def route(self, shard: str, router_ref: list[Any], asker: Any = None) -> pa.Table:
+        if self.stage is None:
+            def ask(routed: pa.Table) -> pa.Table:
+                result: pa.Table = ray.get(asker.ask_route.remote(routed))
+                return result
+
+            self.stage = RouteStage(ray.get(router_ref[0]), self.spec, self.path,
+                                    ask=ask if asker is not None else None)
+        stage = self.stage
+        routed = pa.concat_tables([stage(pa.Table.from_batches([b]))
                                    for b in source.iter_parquet(self.fs, shard, self.batch_rows)])
-        self.stage.flush()  # a shard's llm decisions reach the cache before it is returned
+        stage.flush()  # a shard's llm decisions reach the cache before it is returned
         return routed
 
 

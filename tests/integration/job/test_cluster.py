@@ -1,4 +1,5 @@
-"""The Ray a run starts for itself, in its own process: what it listens on.
+"""The Ray a run starts for itself, in its own process: what it listens on, and what a clean
+run prints.
 
 Each test starts one local Ray of its own (a few seconds), in a subprocess, the way
 ``batchroute run`` without ``--ray-address`` does: the shared test session's Ray would say
@@ -10,15 +11,20 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
+from batchroute.devtools import sample
+from batchroute.devtools.mock_provider import MockProvider
+from tests.helpers import REPO, demo_job_doc, to_toml
 
 pytestmark = pytest.mark.integration
+# Ray's C++ log lines: "[date time,ms E pid tid] file.cc:line: ...", maybe after a "(process)" tag.
+_RAY_CPP_ERROR = re.compile(r"^(\(\S+.*?\) )?\[[-\d :,]+ [EF] \d+ \d+\]")
 
 # Starts Ray the job's way, makes it start a worker (an actor), and reports every listening
 # socket of this process and its descendants: Ray's GCS, raylet, agents and workers.
@@ -82,3 +88,31 @@ def test_the_embedded_ray_listens_on_loopback_only(tmp_path: Path) -> None:
     assert exposed == [], f"Ray listens beyond loopback: {exposed}"
     assert report["nodes"] == ["127.0.0.1"]
     assert report["auth"] == "token"  # loopback only, and still behind Ray's token
+
+
+def test_a_clean_run_prints_no_ray_error(tmp_path: Path, api_key: str,
+                                          provider: MockProvider) -> None:
+    sample.write(sample.generate(300, seed=5), tmp_path / "in.parquet")
+    doc = demo_job_doc(tmp_path / "in.parquet", tmp_path / "runs", provider.url)
+    # Every routing actor's way of being built: the classifier's router through the object
+    # store, and the llm stage's handle on the routing model's dispatch actor.
+    doc["router"].update(
+        stages=["rules", "classifier", "llm"], classifier={"uncertain": [0.55, 0.8]},
+        llm={"model": "mixtral-8x7b-instruct", "default": "gpt-4-1106-preview",
+             "labels": {"easy": "mixtral-8x7b-instruct", "medium": "mixtral-8x7b-instruct",
+                        "hard": "gpt-4-1106-preview"}})
+    job = tmp_path / "job.toml"
+    job.write_text(to_toml(doc))
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchroute", "run", str(job), "--run-id", "quiet",
+         "--num-cpus", "2"],
+        capture_output=True, text=True, env=_env(BATCHROUTE_TEST_KEY=api_key), cwd=tmp_path,
+        timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done: routed 300/300" in proc.stderr  # the progress lines are still there
+    # Python's loggers say ERROR; Ray's C++ logs say E (or F) after the timestamp.
+    errors = [line for line in proc.stderr.splitlines()
+              if "ERROR" in line or "Traceback" in line or _RAY_CPP_ERROR.match(line)]
+    assert errors == []
+    manifest = json.loads((tmp_path / "runs" / "quiet" / "manifest.json").read_text())
+    assert manifest["dispatch"]["mixtral-8x7b-instruct"]["asked"] > 0  # the llm stage ran
