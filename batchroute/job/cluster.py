@@ -67,7 +67,7 @@ def start_ray(address: str | None, *, num_cpus: int | None = None) -> None:
     # A Ray started here gets a bounded object store: by default Ray reserves 30% of RAM.
     # Beyond the bound Ray spills to disk. "local": a Ray of its own, even when `ray start`
     # left a cluster running on this machine (ray.init() alone would join that one).
-    with _loopback_node():
+    with _loopback_node(), _without_token_auth_notice():
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
                  configure_logging=True, log_to_driver=True,
                  object_store_memory=LOCAL_OBJECT_STORE_BYTES, num_cpus=num_cpus,
@@ -95,6 +95,32 @@ def _loopback_node() -> Iterator[None]:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = was
+
+
+# Ray 2.60 turns token authentication on for a Ray that ray.init starts, and says so with a
+# WARNING on every run unless RAY_AUTH_MODE is set. The notice is benign and kept out of a
+# clean run's output; the authentication itself stays on, because loopback is shared by every
+# user and container of the machine. Setting RAY_AUTH_MODE=token here would not do: this
+# process's Ray read its mode when it was imported, and would start servers that ask for a
+# token it does not send (RAY_AUTH_MODE=disabled would turn the authentication off).
+_TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_TOKEN_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster."
+
+
+class _DropTokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_TOKEN_AUTH_NOTICE)
+
+
+@contextlib.contextmanager
+def _without_token_auth_notice() -> Iterator[None]:
+    logger = logging.getLogger(_TOKEN_AUTH_LOGGER)
+    drop = _DropTokenAuthNotice()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 _ARROW_POOLS = {"jemalloc": pa.jemalloc_memory_pool, "mimalloc": pa.mimalloc_memory_pool,

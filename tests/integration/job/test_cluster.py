@@ -90,8 +90,8 @@ def test_the_embedded_ray_listens_on_loopback_only(tmp_path: Path) -> None:
     assert report["auth"] == "token"  # loopback only, and still behind Ray's token
 
 
-def test_a_clean_run_prints_no_ray_error(tmp_path: Path, api_key: str,
-                                          provider: MockProvider) -> None:
+def test_a_clean_run_prints_no_ray_error_or_auth_notice(tmp_path: Path, api_key: str,
+                                                        provider: MockProvider) -> None:
     sample.write(sample.generate(300, seed=5), tmp_path / "in.parquet")
     doc = demo_job_doc(tmp_path / "in.parquet", tmp_path / "runs", provider.url)
     # Every routing actor's way of being built: the classifier's router through the object
@@ -114,5 +114,6 @@ def test_a_clean_run_prints_no_ray_error(tmp_path: Path, api_key: str,
     errors = [line for line in proc.stderr.splitlines()
               if "ERROR" in line or "Traceback" in line or _RAY_CPP_ERROR.match(line)]
     assert errors == []
+    assert "Token authentication" not in proc.stderr
     manifest = json.loads((tmp_path / "runs" / "quiet" / "manifest.json").read_text())
     assert manifest["dispatch"]["mixtral-8x7b-instruct"]["asked"] > 0  # the llm stage ran
