@@ -111,6 +111,23 @@ def demo_job_doc(input_uri: Path | str, output: Path | str, urls: str | dict[str
     return doc
 
 
+def key_fragments(text: str, key: str, run: int = 8) -> list[str]:
+    """The runs of ``run`` consecutive characters of ``key`` that ``text`` holds, in any case:
+    what no stored or logged text may hold. Written apart from batchroute.scrub on purpose."""
+    low = text.lower()
+    return [key[i:i + run] for i in range(len(key) - run + 1) if key[i:i + run].lower() in low]
+
+
+# How the tests' stub providers quote a key back: as sent, in capitals, nine characters from
+# its middle, inside a JSON document.
+def key_echoes(key: str) -> dict[str, str]:
+    mid = len(key) // 2 - 4
+    return {"verbatim": f"Incorrect API key provided: {key}.",
+            "upper": f"INVALID KEY {key.upper()}",
+            "middle": f"key ...{key[mid:mid + 9]}... has been revoked",
+            "json": json.dumps({"error": "invalid_api_key", "key": key, "hint": key[:12]})}
+
+
 def quiet_progress() -> Any:
     """Progress that writes nowhere a test would look."""
     import io

@@ -492,7 +492,7 @@ class LLMRouter:
             return pa.nulls(k, pa.string()), status, cost, message
         status[found] = got.column("status").to_numpy(zero_copy_only=False)[found]
         cost[found] = got.column("cost_micro_usd").to_numpy(zero_copy_only=False)[found]
-        # The dispatcher's error messages are already scrubbed of the key.
+        # The dispatcher's error messages are already scrubbed of the key (batchroute.scrub).
         why = pc.binary_join_element_wise(
             "routing call ", pc.fill_null(got.column("error_type"), "failed"), ": ",
             got.column("error_message"), "")

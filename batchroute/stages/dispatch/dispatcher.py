@@ -35,6 +35,7 @@ from batchroute.errors import (
     TerminalDispatchError,
     TransientDispatchError,
 )
+from batchroute.scrub import Scrubber
 from batchroute.stages import results as rows
 from batchroute.stages.dispatch.limits import ModelLimits
 from batchroute.stages.dispatch.providers import (
@@ -72,7 +73,6 @@ log = logging.getLogger(__name__)
 # httpx logs every request at INFO: at 1,000 requests/s that line costs more CPU than the
 # call itself, and the per-model counters already say what happened.
 logging.getLogger("httpx").setLevel(logging.WARNING)
-MIN_SCRUB_CHARS = 8
 
 
 @dataclass
@@ -133,6 +133,9 @@ class ModelDispatcher:
         self.run_id = run_id
         self.stats = Stats()
         self._api_key = api_key or ""
+        # Some providers echo part or all of a rejected key: every provider text this
+        # dispatcher keeps or logs goes through it first.
+        self.scrubber = Scrubber(api_key)
         self._provider = PROVIDERS[model.provider](model.base_url, self._api_key,
                                                    model.wire_name)
         if transport is None:
@@ -275,8 +278,8 @@ class ModelDispatcher:
         try:
             upper = await self._escalate(up, sub)
         except Exception as exc:  # the rows keep this model's answer rather than vanish
-            log.error("escalating %d rows from %s to %s failed: %s: %s", len(picked),
-                      self.model.name, up, type(exc).__name__, exc)
+            log.error("escalating %d rows from %s to %s failed: %s", len(picked),
+                      self.model.name, up, self.scrubber.scrub(f"{type(exc).__name__}: {exc}"))
             if journal:
                 self._final += [(routed, i, outcomes[i]) for i in picked]
             return results
@@ -433,15 +436,10 @@ class ModelDispatcher:
             latency_ms=[o.latency_ms for o in outcomes],
             attempts=[o.attempts for o in outcomes],
             error_type=[o.error.error_type if o.error else None for o in outcomes],
-            error_message=[self._scrub(str(o.error)) if o.error else None for o in outcomes],
+            error_message=[self.scrubber.scrub(str(o.error)) if o.error else None
+                           for o in outcomes],
             started_at=[o.started_at for o in outcomes],
             finished_at=[o.finished_at for o in outcomes])
-
-    def _scrub(self, text: str) -> str:
-        # Some providers echo part or all of a rejected key; never let it reach a result row.
-        if len(self._api_key) < MIN_SCRUB_CHARS:  # too short to tell apart from prose
-            return text
-        return text.replace(self._api_key, "***")
 
 
 def _escalation_reason(o: _CallOutcome, escalate_on: tuple[str, ...]) -> str | None:

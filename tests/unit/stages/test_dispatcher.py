@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 from batchroute import config, schemas
 from batchroute.stages.dispatch.dispatcher import ModelDispatcher
 from batchroute.stages.dispatch.providers import OutputSchema
-from tests.helpers import CHEAP, MID, job_doc
+from tests.helpers import CHEAP, MID, job_doc, key_echoes, key_fragments
 
 KEY = "sk-unit-test-secret-4242"
 Handler = Callable[[httpx.Request], httpx.Response]
@@ -279,7 +280,54 @@ def test_short_keys_are_not_scrubbed_out_of_prose() -> None:
     assert _rows(h.run(_routed(1))[0])[0]["error_message"] == "HTTP 400: bad key"
 
 
-def _cheap_then_mid(cheap: Handler, *, escalate_on: list[str], fail_escalation: bool = False
+def _echo(status: int, form: str) -> Handler:
+    """A provider that quotes the key back, altered: as its error message, or (form "json")
+    as a whole JSON body in no error shape, which is kept as it came."""
+    text = key_echoes(KEY)[form]
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if form == "json":
+            return httpx.Response(status, content=f"[{text}]".encode(),
+                                  headers={"content-type": "application/json"})
+        return httpx.Response(status, json={"error": {"message": text}})
+    return handler
+
+
+@pytest.mark.parametrize("form", ["verbatim", "upper", "middle", "json"])
+@pytest.mark.parametrize("status", [401, 400, 503])
+def test_no_form_of_an_echoed_key_reaches_a_result_row(status: int, form: str) -> None:
+    h = Harness(_echo(status, form), max_attempts=2)
+    row = _rows(h.run(_routed(1))[0])[0]
+    assert row["status"] == "failed" and row["error_message"].startswith(f"HTTP {status}: ")
+    assert key_fragments(row["error_message"], KEY) == [] and "***" in row["error_message"]
+
+
+def test_journalled_rows_carry_no_echoed_key() -> None:
+    job = config.parse(job_doc("http://provider.test/v1"))
+    journalled: list[pa.Table] = []
+
+    def journal(rows: pa.Table | None, in_flight: dict[str, int], unrecovered: int) -> None:
+        if rows is not None:
+            journalled.append(rows)
+
+    async def go() -> None:
+        d = ModelDispatcher(job.models[CHEAP], job.dispatch, run_id="run-1", api_key=KEY,
+                            transport=httpx.MockTransport(_echo(401, "middle")),
+                            sleep=lambda s: asyncio.sleep(0), journal=journal)
+        try:
+            await d.dispatch(_routed(3))
+            d.flush_journal()
+        finally:
+            await d.aclose()
+
+    asyncio.run(go())
+    messages = pa.concat_tables(journalled).column("error_message").to_pylist()
+    assert len(messages) == 3 and all("***" in m and key_fragments(m, KEY) == []
+                                      for m in messages)
+
+
+def _cheap_then_mid(cheap: Handler, *, escalate_on: list[str], fail_escalation: bool = False,
+                    escalation_error: str = "actor died"
                     ) -> tuple[list[dict[str, Any]], list[httpx.Request], ModelDispatcher]:
     """Dispatch to CHEAP with escalation wired to a MID dispatcher that always answers."""
     doc = job_doc("http://provider.test/v1")
@@ -303,7 +351,7 @@ def _cheap_then_mid(cheap: Handler, *, escalate_on: list[str], fail_escalation: 
         async def escalate(model: str, table: pa.Table) -> pa.Table:
             assert model == MID
             if fail_escalation:
-                raise RuntimeError("actor died")
+                raise RuntimeError(escalation_error)
             return await upper.dispatch(table)
 
         low = ModelDispatcher(job.models[CHEAP], job.dispatch, run_id="run-1", api_key=KEY,
@@ -381,6 +429,17 @@ def test_a_failed_escalation_keeps_the_cheap_answer() -> None:
     assert len(rows) == 5 and {r["model"] for r in rows} == {CHEAP}
     assert {r["request_id"]: r["finish_reason"] for r in rows}["r0"] == "length"
     assert low.stats.escalated == 0
+
+
+def test_a_failed_escalation_is_logged_without_the_key(caplog: pytest.LogCaptureFixture
+                                                       ) -> None:
+    echoes = key_echoes(KEY)
+    with caplog.at_level(logging.ERROR, "batchroute.stages.dispatch.dispatcher"):
+        _cheap_then_mid(_cheap_outcomes, escalate_on=["length"], fail_escalation=True,
+                        escalation_error=f"{echoes['upper']} / {echoes['middle']}")
+    [record] = [r for r in caplog.records if "escalating" in r.getMessage()]
+    assert "RuntimeError: INVALID KEY ***" in record.getMessage()
+    assert key_fragments(record.getMessage(), KEY) == []
 
 
 def test_cached_prompt_tokens_are_read_from_both_wire_formats() -> None:
