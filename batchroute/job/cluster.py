@@ -269,8 +269,12 @@ class _DispatchActor:
             self._journal.append(rows)
         self._journal.snapshot(in_flight, unrecovered_micro_usd)
 
+    # An exception that leaves the actor travels to the driver (and into its logs) with its
+    # message: the dispatcher's scrubber sees it first.
     async def dispatch(self, routed: pa.Table, journal: bool = True) -> pa.Table:
-        result: pa.Table = await self._get().dispatch(routed, journal=journal)
+        dispatcher = self._get()
+        with dispatcher.scrubber.exceptions():
+            result: pa.Table = await dispatcher.dispatch(routed, journal=journal)
         return result
 
     async def ask_route(self, routed: pa.Table) -> pa.Table:
@@ -278,7 +282,9 @@ class _DispatchActor:
         share this model's limits with the rows it answers, and never escalate."""
         from batchroute.routers.llm import routing_output
 
-        result: pa.Table = await self._get().ask(routed, routing_output(routed))
+        dispatcher = self._get()
+        with dispatcher.scrubber.exceptions():
+            result: pa.Table = await dispatcher.ask(routed, routing_output(routed))
         return result
 
     async def _escalate(self, model: str, routed: pa.Table) -> pa.Table:
