@@ -207,7 +207,7 @@ def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
             actors.flush()  # every answer received so far reaches the journal ...
             actors.kill()  # ... nothing more is sent ...
             before = sink.counts["ok"]
-            _recover(folder, sink, manifest, sink.settle_for_resume())  # ... and is committed
+            _recover(folder, sink, manifest, sink.answered())  # ... and is committed
             raise Interrupted(
                 f"interrupted by {signal.Signals(signum).name}: the answered rows are committed "
                 f"({sink.counts['ok'] - before} from the journal); resume with: batchroute "

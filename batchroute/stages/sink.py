@@ -191,13 +191,20 @@ class ResultSink:
         name, an atomic replace), because those requests are sent again and must end with one
         row. ``ok`` and ``rejected`` rows stay as they are.
         """
+        return self._answered(drop_failed=True)
+
+    def answered(self) -> pa.Array:
+        """The request_ids committed as ``ok`` (nothing is changed)."""
+        return self._answered(drop_failed=False)
+
+    def _answered(self, *, drop_failed: bool) -> pa.Array:
         ok: list[pa.Array] = []
         for path in self.folder.shards(self.directory):
             keys = pq.read_table(path, columns=["request_id", "status"],
                                  filesystem=self.folder.fs)
             status = keys.column("status")
             ok.append(keys.filter(pc.equal(status, "ok")).column("request_id").combine_chunks())
-            if pc.any(pc.equal(status, "failed")).as_py():
+            if drop_failed and pc.any(pc.equal(status, "failed")).as_py():
                 table = pq.read_table(path, filesystem=self.folder.fs)
                 keep = table.filter(pc.not_equal(table.column("status"), "failed"))
                 directory, name = path.rsplit("/", 1)

@@ -299,3 +299,16 @@ def test_result_sink_settles_failed_rows_for_a_resume(tmp_path: Path) -> None:
     resumed.write(pa.table({"request_id": ["b"], "status": ["ok"], "cost_usd": [0.0]}))
     names = sorted(p.name for p in (tmp_path / "r" / "results").iterdir())
     assert names == [folder.shard_name(i) for i in (0, 2, 4)]
+
+
+def test_answered_ids_are_read_without_touching_the_shards(tmp_path: Path) -> None:
+    """An interrupted run reads what is answered without settling: its failed rows stay."""
+    folder = RunFolder(str(tmp_path), "r")
+    sink = ResultSink(folder)
+    sink.write(pa.table({"request_id": ["a", "b"], "status": ["ok", "failed"],
+                         "cost_usd": [0.0, 0.0]}))
+    before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "r" / "results").iterdir())
+    assert ResultSink(folder).answered().to_pylist() == ["a"]
+    left = pq.read_table(tmp_path / "r" / "results")
+    assert sorted(left.column("request_id").to_pylist()) == ["a", "b"]
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "r" / "results").iterdir()) == before
