@@ -61,6 +61,14 @@ def start_ray(address: str | None, *, num_cpus: int | None = None) -> None:
         pa.set_memory_pool(pool())
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:  # a cluster's own settings (binding, authentication, object store) stand
+        if _on_loopback(address):
+            # A Ray on this machine's loopback (another batchroute's, a test session's): this
+            # driver's node is found by its address, which must then be loopback too.
+            with _loopback_node():
+                ray.init(address=address, include_dashboard=False,
+                         logging_level=logging.WARNING, configure_logging=True,
+                         log_to_driver=True, _node_ip_address=LOOPBACK)
+            return
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
                  configure_logging=True, log_to_driver=True)
         return
@@ -72,6 +80,11 @@ def start_ray(address: str | None, *, num_cpus: int | None = None) -> None:
                  configure_logging=True, log_to_driver=True,
                  object_store_memory=LOCAL_OBJECT_STORE_BYTES, num_cpus=num_cpus,
                  _node_ip_address=LOOPBACK)
+
+
+def _on_loopback(address: str) -> bool:
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 @contextlib.contextmanager

@@ -40,3 +40,14 @@ def test_an_exception_leaving_a_dispatch_actor_carries_no_key(
         asyncio.run(getattr(actor, method)(_routed(1)))
     assert str(caught.value).startswith("RuntimeError: a bug met the reply INVALID KEY ***")
     assert key_fragments("".join(traceback.format_exception(caught.value)), KEY) == []
+
+
+@pytest.mark.parametrize(("address", "loopback"), [
+    ("127.0.0.1:6379", True), ("localhost:6379", True), ("ray://127.0.0.1:10001", True),
+    ("[::1]:6379", True), ("10.0.0.5:6379", False), ("head.example:6379", False),
+    ("ray://head.example:10001", False)])
+def test_a_ray_on_this_machines_loopback_is_joined_from_loopback(address: str,
+                                                                 loopback: bool) -> None:
+    """A driver joining a loopback Ray (a test session's, another run's) must itself be on
+    loopback, or it looks for its node at the machine's network address and hangs."""
+    assert cluster._on_loopback(address) is loopback
