@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from collections import deque
@@ -61,16 +62,17 @@ def start_ray(address: str | None, *, num_cpus: int | None = None) -> None:
         pa.set_memory_pool(pool())
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:  # a cluster's own settings (binding, authentication, object store) stand
-        if _on_loopback(address):
-            # A Ray on this machine's loopback (another batchroute's, a test session's): this
-            # driver's node is found by its address, which must then be loopback too.
+        join = {"address": address, "include_dashboard": False,
+                "logging_level": logging.WARNING, "configure_logging": True,
+                "log_to_driver": True}
+        if _on_loopback(address) and not _listens_beyond_loopback(address):
+            # A Ray bound to this machine's loopback only (an embedded one of another
+            # batchroute process, a test session's): Ray would rewrite 127.0.0.1 to the
+            # machine's network address, where nothing listens, and wait for it.
             with _loopback_node():
-                ray.init(address=address, include_dashboard=False,
-                         logging_level=logging.WARNING, configure_logging=True,
-                         log_to_driver=True, _node_ip_address=LOOPBACK)
+                ray.init(**join, _node_ip_address=LOOPBACK)
             return
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                 configure_logging=True, log_to_driver=True)
+        ray.init(**join)
         return
     # A Ray started here gets a bounded object store: by default Ray reserves 30% of RAM.
     # Beyond the bound Ray spills to disk. "local": a Ray of its own, even when `ray start`
@@ -85,6 +87,18 @@ def start_ray(address: str | None, *, num_cpus: int | None = None) -> None:
 def _on_loopback(address: str) -> bool:
     host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
     return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _listens_beyond_loopback(address: str) -> bool:
+    """Whether the Ray at a loopback ``address`` also answers on the machine's network
+    address, as a `ray start` cluster does (and as Ray, joining, will try to reach it)."""
+    node_ip = str(ray._private.services.get_node_ip_address())
+    port = int(address.rsplit(":", 1)[1])
+    try:
+        socket.create_connection((node_ip, port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
