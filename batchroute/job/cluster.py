@@ -345,6 +345,7 @@ class DispatchActors:
         self.job = job
         self.actors: dict[str, Any] = {}
         self.failed_batches = 0  # dispatch calls that failed whole (their rows: failed_unsent)
+        self._beating = threading.Event()  # set: the heartbeat thread stops
         # A node that has just died can still be offered for new actors until Ray's health
         # check gives up on it (seconds): an actor placed there dies before it runs. Nothing
         # has been sent yet, so start the set again, a few times.
@@ -365,7 +366,6 @@ class DispatchActors:
             m = job.models[missing[0]]
             raise ConfigError(f"models.{m.name}.api_key_env: environment variable "
                               f"{m.api_key_env} is not set where Ray's workers run")
-        self._beating = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name="dispatch-heartbeat",
                                       daemon=True)
         self._beat.start()
@@ -451,8 +451,7 @@ class DispatchActors:
 
     def kill(self) -> None:
         """Kill every actor; killing again is a no-op."""
-        if hasattr(self, "_beating"):
-            self._beating.set()
+        self._beating.set()
         for a in self.actors.values():
             ray.kill(a)
         self.actors = {}

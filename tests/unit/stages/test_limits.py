@@ -34,6 +34,17 @@ def test_openai_and_anthropic_headers_parse_to_the_most_restrictive_bucket() -> 
     assert rate_limit_state(garbage).empty and rate_limit_state(httpx.Headers()).empty
 
 
+async def _starts(limits: ModelLimits, n: int) -> list[float]:
+    """The loop times at which ``n`` one-token requests in a row are admitted."""
+    loop = asyncio.get_running_loop()
+    starts = []
+    for _ in range(n):
+        await limits.acquire(1)
+        starts.append(loop.time())
+        limits.release()
+    return starts
+
+
 def _elapsed(calls: Callable[[], Awaitable[None]]) -> float:
     async def go() -> float:
         loop = asyncio.get_running_loop()
@@ -69,13 +80,7 @@ def test_a_provider_limit_below_the_catalog_caps_the_pace() -> None:
         assert limits.factor == pytest.approx(0.25)  # successes do not climb past the provider
         limits.observe(RateLimitState(remaining_requests=1400))  # no limit header: kept
         assert limits.ceiling == pytest.approx(0.25)
-        loop = asyncio.get_running_loop()
-        starts = []
-        for _ in range(4):
-            await limits.acquire(1)
-            starts.append(loop.time())
-            limits.release()
-        return starts
+        return await _starts(limits, 4)
 
     starts = run_on_virtual_clock(go())
     # 1,500 RPM: starts 40 ms apart instead of 10 ms
@@ -151,12 +156,7 @@ def test_429_paces_the_model_down_and_success_brings_it_back() -> None:
         for t in (0.0, 0.5, 1.0, 1.2, 2.5):  # a burst of 429s counts once per second
             limits.slow_down(t)
         assert limits.factor == pytest.approx(0.125)
-        loop = asyncio.get_running_loop()
-        starts = []
-        for _ in range(4):
-            await limits.acquire(1)
-            starts.append(loop.time())
-            limits.release()
+        starts = await _starts(limits, 4)
         for _ in range(200):
             limits.speed_up()
         assert limits.factor == 1.0
