@@ -38,6 +38,7 @@ ray: Any = _ray
 log = logging.getLogger("batchroute")
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
 START_ATTEMPTS = 4
+START_BACKOFF_S = 2.0  # times the attempt number, between attempts to start the actors
 HEARTBEAT_S = 1.0
 # A dispatch actor that has not heard from its driver for this long sends nothing more.
 DRIVER_TIMEOUT_S = 5.0
@@ -354,15 +355,15 @@ class DispatchActors:
                 have = self._start(folder)
                 break
             except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as exc:
-                self.kill()
+                self._kill_actors()  # the heartbeat is not started yet, and must stay startable
                 if attempt == START_ATTEMPTS - 1:
                     raise
                 log.warning("a dispatch actor died while starting (%s); starting again",
                             type(exc).__name__)
-                time.sleep(2.0 * (attempt + 1))
+                time.sleep(START_BACKOFF_S * (attempt + 1))
         missing = [m for m, ok in zip(self.actors, have, strict=True) if not ok]
         if missing:
-            self.kill()
+            self._kill_actors()
             m = job.models[missing[0]]
             raise ConfigError(f"models.{m.name}.api_key_env: environment variable "
                               f"{m.api_key_env} is not set where Ray's workers run")
@@ -450,8 +451,11 @@ class DispatchActors:
         return dict(progress.models)
 
     def kill(self) -> None:
-        """Kill every actor; killing again is a no-op."""
+        """Stop the heartbeat and kill every actor; killing again is a no-op."""
         self._beating.set()
+        self._kill_actors()
+
+    def _kill_actors(self) -> None:
         for a in self.actors.values():
             ray.kill(a)
         self.actors = {}

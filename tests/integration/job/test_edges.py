@@ -157,3 +157,41 @@ def test_key_missing_in_the_workers_stops_before_any_work(
     with pytest.raises(ConfigError, match="BATCHROUTE_KEY_NOBODY_SET is not set"):
         runner.run(job, run_id="nokey", progress=quiet_progress())
     assert not (tmp_path / "runs" / "nokey").exists()
+
+
+def test_actors_started_again_after_a_death_are_still_told_the_driver_lives(
+        tmp_path: Path, provider: MockProvider, ray_session: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A node lost a moment ago can still be offered for new actors; the first set dies and a
+    # second one is started. Its heartbeat must run, or every actor gives its rows up as
+    # "abandoned" five seconds in (a resume after a lost node did exactly this).
+    import ray
+
+    from batchroute.job import cluster
+    from batchroute.stages.sink import RunFolder
+
+    start = cluster.DispatchActors._start
+    died = []
+
+    def dies_once(self: cluster.DispatchActors, folder: RunFolder) -> list[bool]:
+        have = start(self, folder)
+        if not died:
+            died.append(True)
+            raise ray.exceptions.ActorDiedError()
+        return have
+
+    monkeypatch.setattr(cluster.DispatchActors, "_start", dies_once)
+    monkeypatch.setattr(cluster, "START_BACKOFF_S", 0.0)
+    urls = dict.fromkeys(("mixtral-8x7b-instruct", "claude-3-5-sonnet", "gpt-4-1106-preview"),
+                         provider.url)
+    job = _job(tmp_path, tmp_path / "in.parquet", urls)
+    actors = cluster.DispatchActors(job, RunFolder(job.output, "restarted"))
+    try:
+        assert died and len(actors.actors) == len(job.models)
+        actors._beat.join(timeout=3 * cluster.HEARTBEAT_S)
+        assert actors._beat.is_alive(), "the heartbeat thread stopped"
+        assert all(ray.get([a._alive.remote() for a in actors.actors.values()]))
+    finally:
+        actors.kill()
+    actors._beat.join(timeout=3 * cluster.HEARTBEAT_S)
+    assert not actors._beat.is_alive()
