@@ -16,9 +16,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchroute.errors import ConfigError
+
+if TYPE_CHECKING:
+    from batchroute.task import TaskConfig
 
 PROVIDERS = ("openai", "anthropic")
 _RESOLVED_PRICE = {"input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok",
@@ -72,6 +75,10 @@ class ModelConfig:
     prices: tuple[Price, ...] = ()
     cached_input_usd_per_mtok: float | None = None
     batch_discount: float = 0.0
+    # How structured output ([task.output]) is asked for: "json_schema" (OpenAI strict
+    # response_format), "tool" (Anthropic's forced tool), "vllm" (vLLM's structured_outputs),
+    # "vllm-guided" (vLLM before 0.12: guided_choice / guided_json). "" until parsed.
+    structured_output: str = ""
 
     @property
     def wire_name(self) -> str:
@@ -237,6 +244,9 @@ class JobConfig:
     dispatch: DispatchConfig
     source: str = ""
     text: str = ""  # the job file as written; kept in the run folder so a run can resume
+    # The input column that identifies a row (string or integer); results carry it as is.
+    id_column: str = "request_id"
+    task: TaskConfig = field(default_factory=lambda: _no_task())
     # Output tokens per input token for the counterfactual when the reference model itself
     # answered nothing in a run (otherwise its observed ratio is used).
     reference_output_ratio: float | None = None
@@ -258,9 +268,17 @@ class JobConfig:
             "reference_output_ratio": self.reference_output_ratio,
             "router": asdict(self.router),
             "dispatch": asdict(self.dispatch),
+            "id_column": self.id_column,
+            "task": asdict(self.task),
         }
         blob = json.dumps(doc, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _no_task() -> TaskConfig:
+    from batchroute.task import TaskConfig
+
+    return TaskConfig()
 
 
 def load(path: str | Path, *, input_override: str | None = None,
@@ -287,10 +305,12 @@ def load(path: str | Path, *, input_override: str | None = None,
 def parse(raw: Mapping[str, Any], *, source: str = "<memory>", input_override: str | None = None,
           output_override: str | None = None) -> JobConfig:
     """Validate an already-parsed TOML document. Raises ConfigError naming the key at fault."""
-    _known(raw, "", {"job", "router", "dispatch", "models"})
+    from batchroute import schemas, task
+
+    _known(raw, "", {"job", "router", "dispatch", "models", "task"})
     job = _table(raw, "job")
     _known(job, "job", {"name", "input", "output", "reference_model", "prices",
-                        "reference_output_ratio"})
+                        "reference_output_ratio", "id_column"})
     models_raw = _table(raw, "models")
     if not models_raw:
         raise ConfigError("models: the catalog is empty; define at least one [models.NAME]")
@@ -303,6 +323,17 @@ def parse(raw: Mapping[str, Any], *, source: str = "<memory>", input_override: s
     models = {name: m.priced_on(today) for name, m in models.items()}
     dispatch = _dispatch(_table(raw, "dispatch", required=False), models)
     router = _router(_table(raw, "router", required=False), models)
+    id_column = _str(job, "id_column", "job.") if "id_column" in job else "request_id"
+    reserved = [n for n in (*schemas.RESULTS.names, task.LABEL_COLUMN, task.OUTPUT_COLUMN)
+                if n != "request_id"]
+    if id_column in reserved:
+        raise ConfigError(f"job.id_column: {id_column!r} is already a results column")
+    the_task = task.parse(_table(raw, "task", required=False), reserved=reserved)
+    if "invalid" in dispatch.escalate_on and not the_task.output.structured:
+        raise ConfigError("dispatch.escalate_on: \"invalid\" needs [task.output] labels or "
+                          "json_schema (free text is never invalid)")
+    for m in models.values():
+        task.check_wire(the_task.output, m.name, m.structured_output)
 
     for m in models.values():
         if m.tpm < dispatch.default_max_tokens:
@@ -326,6 +357,7 @@ def parse(raw: Mapping[str, Any], *, source: str = "<memory>", input_override: s
         router=router, dispatch=dispatch, source=source,
         reference_output_ratio=(_num(job, "reference_output_ratio", "job.", minimum=0.0)
                                 if "reference_output_ratio" in job else None),
+        id_column=id_column, task=the_task,
     )
 
 
@@ -391,7 +423,21 @@ def _model(name: str, t: Mapping[str, Any], dated: tuple[Price, ...]) -> ModelCo
         context_window=_int(t, "context_window", where, minimum=16, default=128_000),
         timeout_s=_num(t, "timeout_s", where, minimum=0.001, default=60.0),
         remote_name=str(t.get("remote_name", "")),
+        structured_output=_structured(t, provider, where),
     )
+
+
+# What each wire can be asked with; the first is the default.
+_STRUCTURED = {"openai": ("json_schema", "vllm", "vllm-guided"), "anthropic": ("tool",)}
+
+
+def _structured(t: Mapping[str, Any], provider: str, where: str) -> str:
+    allowed = _STRUCTURED[provider]
+    value = t.get("structured_output", allowed[0])
+    if value not in allowed:
+        raise ConfigError(f"{where}structured_output: {value!r} is not one of "
+                          f"{', '.join(allowed)} for provider {provider!r}")
+    return str(value)
 
 
 _PRICE_KEYS = ("input_usd_per_mtok", "cached_input_usd_per_mtok", "output_usd_per_mtok",
@@ -582,7 +628,7 @@ def _llm(t: Mapping[str, Any], models: Mapping[str, ModelConfig], used: bool) ->
                                            maximum=MAX_TOKENS, default=16))
 
 
-ESCALATE_ON = ("length", "refusal", "failed")
+ESCALATE_ON = ("length", "refusal", "failed", "invalid")
 
 
 def _dispatch(t: Mapping[str, Any], models: Mapping[str, ModelConfig]) -> DispatchConfig:

@@ -95,6 +95,13 @@ class InternalDispatchError(TerminalDispatchError):
     error_type = "internal"
 
 
+class InvalidOutput(TerminalDispatchError):
+    """An answer that is not one of the task's labels, or does not match its JSON schema,
+    after every retry ([task.output] retries_on_invalid). The raw answer is kept."""
+
+    error_type = "invalid_output"
+
+
 class Abandoned(TerminalDispatchError):
     """A row a dispatch actor did not send because its driver is gone (killed, or lost):
     nobody would commit the answer."""

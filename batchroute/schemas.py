@@ -24,7 +24,7 @@ ESCALATION = pa.struct([
     pa.field("model", pa.string()), pa.field("reason", pa.string()),
     pa.field("input_tokens", pa.int64()), pa.field("cached_input_tokens", pa.int64()),
     pa.field("output_tokens", pa.int64()), pa.field("cost_micro_usd", pa.int64()),
-    pa.field("attempts", pa.int32()),
+    pa.field("attempts", pa.int32()), pa.field("invalid_answers", pa.int32()),
 ])
 
 
@@ -120,14 +120,20 @@ RESULTS = pa.schema([
     _f("latency_ms", pa.float64(), "Wall time of the successful attempt, in milliseconds."),
     _f("attempts", pa.int32(), "HTTP attempts made on this model (0 for rejected rows).",
        nullable=False),
+    _f("invalid_answers", pa.int32(),
+       "Answers from this model that were not one of [task.output] labels or did not match "
+       "its json_schema (each retried, escalated, or ending the row as failed with "
+       "error_type invalid_output); 0 for free-text tasks.", nullable=False),
     _f("escalated_from", pa.string(),
        "The model the row was first sent to, when its answer there was truncated, refused or "
        "failed and dispatch.escalate_on sent it up the ladder; null otherwise."),
     _f("escalations", pa.list_(ESCALATION),
        "Earlier attempts on cheaper models, in order: model, why it escalated (length, "
-       "refusal, failed:<error_type>), its tokens, cost and HTTP attempts. Their cost is "
+       "refusal, invalid, failed:<error_type>), its tokens, cost, HTTP attempts and unusable "
+       "answers. Their cost is "
        "part of cost_micro_usd; null when the row did not escalate."),
-    _f("error_type", pa.string(), "Short error class: rate_limited, transient, terminal, auth, ..."),
+    _f("error_type", pa.string(),
+       "Short error class: rate_limited, transient, terminal, auth, invalid_output, ..."),
     _f("error_message", pa.string(), "Provider's or the job's error message; never a secret."),
     _f("reject_reason", pa.string(), "Why a rejected row was not sent."),
     _f("route_reason", pa.string(), "As in routed."),
@@ -195,6 +201,13 @@ ROLLUPS = pa.schema([
     _f("latency_p95_ms", pa.float64(), "95th percentile latency of ok rows."),
     _f("attempts", pa.int64(), "HTTP attempts made on this model, escalations included.",
        nullable=False),
+    _f("invalid", pa.int64(),
+       "Unusable answers this model gave ([task.output]: not one of the labels, or not "
+       "matching the json_schema), escalation attempts included; each was billed.",
+       nullable=False),
+    _f("invalid_rate", pa.float64(),
+       "invalid / (invalid + ok): the share of this model's answers that could not be used "
+       "(null when it gave none). A cheap model that answers off-label is a routing signal."),
 ])
 
 # Training and evaluation labels, long form: one row per (request, model) outcome.

@@ -32,6 +32,7 @@ from batchroute.job.progress import Progress
 from batchroute.stages import results, source
 from batchroute.stages.route import RouteSpec, RouteStage
 from batchroute.stages.sink import ResultSink, RunFolder
+from batchroute.task import TaskConfig, result_fields
 
 # Ray's type stubs cover little of what is used here (actor options, exceptions, handles).
 ray: Any = _ray
@@ -253,11 +254,13 @@ class _DispatchActor:
     takes a while to reap them.
     """
 
-    def __init__(self, model: ModelConfig, policy: DispatchConfig, folder: RunFolder) -> None:
+    def __init__(self, model: ModelConfig, policy: DispatchConfig, folder: RunFolder,
+                 task: TaskConfig) -> None:
         from batchroute.stages.dispatch.dispatcher import tune_gc_for_dispatch
 
         tune_gc_for_dispatch()  # this process does nothing else
         self._args = (model, policy, folder)
+        self._task = task
         self._dispatcher: Any = None
         self._upper: Any = None  # the actor of the next model up the escalation ladder
         self._journal: Any = None
@@ -283,7 +286,7 @@ class _DispatchActor:
             self._dispatcher = ModelDispatcher(
                 model, policy, run_id=folder.run_id, api_key=os.environ.get(model.api_key_env),
                 escalate=self._escalate if self._upper is not None else None,
-                journal=self._write_journal, alive=self._alive)
+                journal=self._write_journal, alive=self._alive, task=self._task)
         return self._dispatcher
 
     def _write_journal(self, rows: pa.Table | None, in_flight: dict[str, int],
@@ -346,6 +349,7 @@ class DispatchActors:
         self.job = job
         self.actors: dict[str, Any] = {}
         self.failed_batches = 0  # dispatch calls that failed whole (their rows: failed_unsent)
+        self.outputs = result_fields(job.task.output)
         self._beating = threading.Event()  # set: the heartbeat thread stops
         # A node that has just died can still be offered for new actors until Ray's health
         # check gives up on it (seconds): an actor placed there dies before it runs. Nothing
@@ -377,7 +381,7 @@ class DispatchActors:
         remote = ray.remote(num_cpus=0, max_concurrency=10_000)(_DispatchActor)
         # Unnamed on purpose: a resumed run must not collide with the actors of a killed
         # driver that Ray has not reaped yet.
-        self.actors = {m: remote.remote(cfg, job.dispatch, folder)
+        self.actors = {m: remote.remote(cfg, job.dispatch, folder, job.task)
                        for m, cfg in job.models.items()}
         ray.get([self.actors[m].connect.remote(self.actors[up]) for m in job.models
                  if (up := job.dispatch.escalates_to(m)) is not None])
@@ -440,7 +444,8 @@ class DispatchActors:
                     log.error("dispatch of %d rows to %s failed: %s", batch.num_rows, m,
                               type(exc).__name__)
                     self.failed_batches += 1
-                    sink.write(results.failed_unsent(batch, folder.run_id, m, exc))
+                    sink.write(results.failed_unsent(batch, folder.run_id, m, exc,
+                                                     self.outputs))
             refill()
             if time.monotonic() - last_stats > progress.interval_s:
                 last_stats = time.monotonic()

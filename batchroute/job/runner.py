@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from batchroute import __version__
+from batchroute import __version__, task
 from batchroute.config import JobConfig, check_segment
 from batchroute.errors import ConfigError, Interrupted
 from batchroute.job import cluster
@@ -84,7 +84,7 @@ def run(job: JobConfig, *, run_id: str | None = None, ray_address: str | None = 
     price_date = price_date or datetime.now(UTC).date()
     job = job.priced_on(price_date)
     progress = progress or Progress()
-    data = source.open_input(job.input)
+    data = source.open_input(job.input, id_column=job.id_column, task=job.task)
     spec = RouteSpec.from_job(job)
     router_bytes, version = None, "none"
     if spec.uses_classifier:
@@ -253,7 +253,7 @@ def _plan(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
     manifest.mark_done("source", folder)
 
     progress.set_phase("routing")
-    writer = plan.PlanWriter(folder, sink)
+    writer = plan.PlanWriter(folder, sink, outputs=task.result_fields(job.task.output))
     asker = actors.actors[spec.llm.model] if actors is not None and "llm" in spec.stages \
         else None
     decided: dict[str, int] = {}

@@ -51,6 +51,7 @@ class JournalWriter:
         self._local = isinstance(folder.fs, pafs.LocalFileSystem)
         self._sink: Any = None
         self._writer: pa.ipc.RecordBatchStreamWriter | None = None
+        self._schema: pa.Schema | None = None
         self._segments = 0
         folder.fs.create_dir(folder.sub(DIR), recursive=True)
 
@@ -58,18 +59,20 @@ class JournalWriter:
         """Make ``results`` rows durable (written and flushed before this returns)."""
         if results.num_rows == 0:
             return
-        if results.schema != schemas.RESULTS:
-            results = results.cast(schemas.RESULTS)
+        # The job's results schema (schemas.RESULTS, then its task's output and carried
+        # columns): every table a dispatcher builds has it, and the stream records it.
         if self._local:
             if self._writer is None:
                 self._sink = self.folder.fs.open_output_stream(
                     self.folder.sub(DIR, self.name + STREAM))
-                self._writer = pa.ipc.new_stream(self._sink, schemas.RESULTS)
-            self._writer.write_table(results)
+                self._writer = pa.ipc.new_stream(self._sink, results.schema)
+                self._schema = results.schema
+            self._writer.write_table(results if results.schema == self._schema
+                                     else results.cast(self._schema))
             self._sink.flush()
         else:
             buf = pa.BufferOutputStream()
-            with pa.ipc.new_stream(buf, schemas.RESULTS) as w:
+            with pa.ipc.new_stream(buf, results.schema) as w:
                 w.write_table(results)
             self._segments += 1
             self.folder.write_bytes(self.folder.sub(DIR),
@@ -115,6 +118,7 @@ def read(folder: RunFolder) -> Recovered:
                 found.in_flight[rid] = (model, int(micro))
             found.unrecovered_micro_usd[model] = (found.unrecovered_micro_usd.get(model, 0)
                                                   + int(doc.get("unrecovered_micro_usd", 0)))
+    tables = [t for t in tables if t.num_rows]
     if tables:
         found.rows = _latest(pa.concat_tables(tables))
     return found
@@ -166,12 +170,14 @@ def _latest(rows: pa.Table) -> pa.Table:
 
 def _read_stream(fs: pafs.FileSystem, path: str) -> pa.Table:
     batches: list[pa.RecordBatch] = []
+    schema = schemas.RESULTS  # for a stream torn before its schema: no rows
     try:
         with fs.open_input_stream(path) as f, pa.ipc.open_stream(f) as reader:
+            schema = reader.schema
             while True:
                 batches.append(reader.read_next_batch())
     except StopIteration:
         pass
     except (OSError, pa.ArrowInvalid):
         pass  # a torn last message (the writer was killed mid-write), or an empty file
-    return pa.Table.from_batches(batches, schema=schemas.RESULTS)
+    return pa.Table.from_batches(batches, schema=schema)

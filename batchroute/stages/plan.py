@@ -8,7 +8,7 @@ at each model's catalog prices and limits before a cent is spent.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import polars as pl
@@ -28,9 +28,10 @@ class PlanWriter:
     buffers must stay small however the input is shaped."""
 
     def __init__(self, folder: RunFolder, sink: ResultSink, *, flush_rows: int = 65_536,
-                 flush_bytes: int = 32 * 2**20) -> None:
+                 flush_bytes: int = 32 * 2**20, outputs: Sequence[pa.Field] = ()) -> None:
         self.folder = folder
         self.sink = sink
+        self.outputs = outputs  # the task's output columns (batchroute.task.result_fields)
         self.flush_rows = flush_rows
         self.flush_bytes = flush_bytes
         self.rows: dict[str, int] = {}
@@ -42,7 +43,7 @@ class PlanWriter:
         rejected = pc.is_valid(routed.column("reject_reason"))
         if pc.any(rejected).as_py():
             bad = routed.filter(rejected)
-            self.sink.write(results.rejected(bad, self.folder.run_id))
+            self.sink.write(results.rejected(bad, self.folder.run_id, self.outputs))
             self.rejected += bad.num_rows
             routed = routed.filter(pc.invert(rejected))
         if routed.num_rows == 0:

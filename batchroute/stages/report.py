@@ -46,7 +46,8 @@ from batchroute.stages.sink import RunFolder
 DIMENSIONS = ("day", "job", "model", "tag")
 NO_TAG = "(none)"
 RESULT_COLUMNS = ["request_id", "model", "status", "input_tokens", "cached_input_tokens",
-                  "output_tokens", "cost_micro_usd", "attempts", "latency_ms", "tags", "escalations"]
+                  "output_tokens", "cost_micro_usd", "attempts", "invalid_answers", "latency_ms",
+                  "tags", "escalations"]
 # The billed amounts the report sums (the rollups also count HTTP attempts).
 AMOUNTS = [c for c in BILLED if c != "attempts"]
 CHARTS = ("spend_by_day", "savings_by_day", "routing_mix", "failure_rate", "top_tags")
@@ -165,6 +166,7 @@ def _results(fs: pafs.FileSystem, run: Run) -> pl.LazyFrame:
         cost_micro_usd=pl.coalesce("cost_micro_usd",
                                    (pl.col("cost_usd") * 1e6).round(0).cast(pl.Int64)),
         cached_input_tokens=pl.col("cached_input_tokens").fill_null(0),
+        invalid_answers=pl.col("invalid_answers").fill_null(0),
         run_id=pl.lit(run.run_id), job=pl.lit(run.job), day=pl.lit(run.day)).drop("cost_usd")
 
 
@@ -218,6 +220,9 @@ def _grouped(rows: pl.LazyFrame, charges: pl.LazyFrame, rollups: pl.DataFrame,
         reference_cost_usd=pl.col("reference_cost_micro_usd") / 1e6,
         savings_usd=(pl.col("reference_cost_micro_usd") - pl.col("cost_micro_usd")) / 1e6,
         failure_rate=pl.when(pl.col("rows") > 0).then(pl.col("failed") / pl.col("rows")),
+        # The share of the answers billed here that could not be used ([task.output]).
+        invalid_rate=pl.when((pl.col("invalid_answers") + pl.col("ok")) > 0).then(
+            pl.col("invalid_answers") / (pl.col("invalid_answers") + pl.col("ok"))),
         share_of_requests=pl.col("rows") / pl.col("rows").sum().clip(lower_bound=1))
         .with_columns(savings_pct=pl.when(pl.col("reference_cost_usd") > 0).then(
             100.0 * pl.col("savings_usd") / pl.col("reference_cost_usd")))
@@ -352,6 +357,8 @@ def _table_html(frame: pl.DataFrame, columns: list[str]) -> str:
             v = row[c]
             if c.endswith("_micro_usd"):
                 text = format_usd(v)
+            elif c.endswith("_rate") and isinstance(v, float):
+                text = f"{v:.1%}"
             elif isinstance(v, float):
                 text = f"{v:,.2f}"
             else:
@@ -365,8 +372,9 @@ def _html(report: Report, tables: dict[str, pl.DataFrame], pngs: dict[str, Path]
           runs_uri: str, by: list[str]) -> str:
     main = tables["report"]
     money = ["cost_micro_usd", "failed_cost_micro_usd", "reference_cost_micro_usd"]
-    columns = [*by, "rows", "ok", "failed", "rejected", "input_tokens",
-               "output_tokens", *money, "savings_pct"]
+    # invalid: answers that were not one of the labels or did not match the schema.
+    columns = [*by, "rows", "ok", "failed", "rejected", "invalid_answers", "invalid_rate",
+               "input_tokens", "output_tokens", *money, "savings_pct"]
     charts = "".join(
         f'<figure><img alt="{name}" src="data:image/png;base64,'
         f'{base64.b64encode(pngs[name].read_bytes()).decode()}"></figure>' for name in CHARTS)

@@ -35,47 +35,59 @@ _FROM_ROUTED = ("request_id", "reject_reason", "route_reason", "router_scores", 
                 "router_version", "tags")
 
 
+def schema_for(routed: pa.Schema, outputs: Sequence[pa.Field] = ()) -> pa.Schema:
+    """A job's results schema: ``schemas.RESULTS``, then the task's output columns (``label``
+    or ``output``, see :func:`batchroute.task.result_fields`), then the input columns the
+    routed rows carry (the id column, ``keep_columns``) with their own types."""
+    carried = [f for f in routed if f.name not in schemas.ROUTED.names]
+    return pa.schema([*schemas.RESULTS, *outputs, *carried])
+
+
 def build(routed: pa.Table, *, run_id: str, model: Values, status: Values,
-          **columns: Values) -> pa.Table:
+          outputs: Sequence[pa.Field] = (), **columns: Values) -> pa.Table:
     """``results`` rows for the ``routed`` rows, one each and in order.
 
     ``columns`` are the results columns this caller knows (``response``, ``input_tokens``,
-    ``cost_micro_usd``, ``error_message``, ...); the rest take their empty value. The route
-    stage's evidence and the routed columns are carried over; ``cost_usd`` is derived from
-    ``cost_micro_usd``. Raises KeyError for a name that is not a results column.
+    ``cost_micro_usd``, ``error_message``, ...), and the values of the task's ``outputs``
+    columns; the rest take their empty value. The route stage's evidence and the routed
+    columns are carried over, as are the input columns the routed rows carry; ``cost_usd``
+    is derived from ``cost_micro_usd``. Raises KeyError for a name that is not a results
+    column.
     """
     n = routed.num_rows
-    unknown = set(columns) - set(schemas.RESULTS.names)
+    schema = schema_for(routed.schema, outputs)
+    unknown = set(columns) - set(schemas.RESULTS.names) - {f.name for f in outputs}
     if unknown:
         raise KeyError(f"not a results column: {sorted(unknown)[0]}")
     given: dict[str, Values] = {"run_id": run_id, "model": model, "status": status,
                                 "finished_at": datetime.now(UTC), **columns}
     evidence = route_evidence(routed)
     cols: dict[str, pa.Array | pa.ChunkedArray] = {}
-    for f in schemas.RESULTS:
+    for f in schema:
         if f.name == "cost_usd":
             continue
-        if f.name in _FROM_ROUTED and f.name not in given:
+        if (f.name in _FROM_ROUTED or (f.name not in schemas.RESULTS.names
+                and f.name in routed.column_names)) and f.name not in given:
             cols[f.name] = routed.column(f.name)
         elif f.name in evidence and f.name not in given:
             cols[f.name] = evidence[f.name]
         else:
             cols[f.name] = _column(given.get(f.name), f, n)
     cols["cost_usd"] = usd(cols["cost_micro_usd"])
-    return pa.table({name: cols[name] for name in schemas.RESULTS.names},
-                    schema=schemas.RESULTS)
+    return pa.table({name: cols[name] for name in schema.names}, schema=schema)
 
 
-def rejected(routed: pa.Table, run_id: str) -> pa.Table:
+def rejected(routed: pa.Table, run_id: str, outputs: Sequence[pa.Field] = ()) -> pa.Table:
     """Final rows for routed rows that will not be sent (their ``reject_reason`` is set)."""
     return with_route_cost(build(routed, run_id=run_id, model=routed.column("model"),
-                                 status="rejected"))
+                                 status="rejected", outputs=outputs))
 
 
-def failed_unsent(routed: pa.Table, run_id: str, model: str, exc: BaseException) -> pa.Table:
+def failed_unsent(routed: pa.Table, run_id: str, model: str, exc: BaseException,
+                  outputs: Sequence[pa.Field] = ()) -> pa.Table:
     """``failed`` rows for a batch whose dispatch call itself failed (e.g. the actor died)."""
     return with_route_cost(build(routed, run_id=run_id, model=model, status="failed",
-                                 error_type="internal",
+                                 outputs=outputs, error_type="internal",
                                  error_message=f"dispatch call failed: {type(exc).__name__}"))
 
 

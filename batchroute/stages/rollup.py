@@ -31,8 +31,8 @@ from batchroute.stages.sink import RunFolder
 FrameT = TypeVar("FrameT", pl.DataFrame, pl.LazyFrame)
 
 COLUMNS = ["request_id", "model", "status", "input_tokens", "cached_input_tokens",
-           "output_tokens", "cost_micro_usd", "latency_ms", "attempts", "escalations",
-           "route_cost_micro_usd"]
+           "output_tokens", "cost_micro_usd", "latency_ms", "attempts", "invalid_answers",
+           "escalations", "route_cost_micro_usd"]
 # Result shards are small (one dispatch batch each): frames of about this many rows keep each
 # aggregation cheap without holding much.
 FRAME_ROWS = 65_536
@@ -53,9 +53,13 @@ def read_results(folder: RunFolder) -> Iterator[pl.DataFrame]:
         if "cost_micro_usd" not in table.column_names:  # written before integer money
             micro = pc.round(pc.multiply(table.column("cost_usd"), 1e6))
             table = table.append_column("cost_micro_usd", pc.cast(micro, pa.int64()))
-        if "cached_input_tokens" not in table.column_names:
-            table = table.append_column("cached_input_tokens", pa.array(
-                [0] * table.num_rows, pa.int64()))
+        for counter in ("cached_input_tokens", "invalid_answers"):  # newer than the shard
+            if counter not in table.column_names:
+                table = table.append_column(counter, pa.array(
+                    [0] * table.num_rows, schemas.RESULTS.field(counter).type))
+        if "escalations" in table.column_names:
+            table = table.set_column(table.schema.get_field_index("escalations"),
+                                     "escalations", _escalations(table.column("escalations")))
         table = pa.table({c: table.column(c) if c in table.column_names
                           else pa.nulls(table.num_rows, schema.field(c).type)
                           for c in COLUMNS}).cast(schema)
@@ -66,6 +70,20 @@ def read_results(folder: RunFolder) -> Iterator[pl.DataFrame]:
             tables, rows = [], 0
     if tables:
         yield _frame(tables)
+
+
+def _escalations(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """``escalations`` as today's struct: a shard written before a field existed gets 0s."""
+    want = schemas.RESULTS.field("escalations").type
+    if col.type == want:
+        return col
+    arr = col.combine_chunks()
+    items = arr.flatten()
+    fields = [items.field(f.name).cast(f.type) if f.name in items.type.names
+              else pa.array([0] * len(items), f.type) for f in schemas.ESCALATION]
+    rebuilt = pa.StructArray.from_arrays(fields, fields=list(schemas.ESCALATION))
+    return pa.chunked_array([pa.ListArray.from_arrays(arr.offsets, rebuilt,
+                                                      mask=arr.is_null())], want)
 
 
 def _frame(tables: list[pa.Table]) -> pl.DataFrame:
@@ -183,6 +201,9 @@ def rollup(results: pl.DataFrame | pl.LazyFrame | Iterable[pl.DataFrame], *, run
             reference_cost_usd=pl.col("reference_cost_micro_usd") / 1e6,
             savings_usd=(pl.col("reference_cost_micro_usd") - pl.col("cost_micro_usd")) / 1e6,
             share_of_requests=pl.col("rows") / pl.col("rows").sum().clip(lower_bound=1),
+            invalid=pl.col("invalid_answers"),
+            invalid_rate=pl.when((pl.col("invalid_answers") + pl.col("ok")) > 0).then(
+                pl.col("invalid_answers") / (pl.col("invalid_answers") + pl.col("ok"))),
         )
         .with_columns(savings_pct=pl.when(pl.col("reference_cost_micro_usd") != 0).then(
             100.0 * pl.col("savings_usd") / pl.col("reference_cost_usd")))

@@ -74,6 +74,10 @@ class RouteSpec:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
     llm: LLMRouterConfig = field(default_factory=LLMRouterConfig)
+    # What every request sends besides its own text ([task] system prompt and output schema):
+    # counted in its estimated input tokens, as the provider counts it.
+    extra_chars: int = 0
+    extra_messages: int = 0
 
     @classmethod
     def from_job(cls, job: JobConfig) -> RouteSpec:
@@ -83,7 +87,9 @@ class RouteSpec:
         return cls(targets, r.rules, dict(r.thresholds), job.dispatch.default_max_tokens,
                    stages=r.stages, policy=r.policy, fallback=r.fallback,
                    classifier=r.classifier,
-                   similarity=r.similarity, llm=r.llm)
+                   similarity=r.similarity, llm=r.llm,
+                   extra_chars=job.task.fixed_input_chars(),
+                   extra_messages=1 if job.task.system else 0)
 
     @property
     def uses_classifier(self) -> bool:
@@ -242,7 +248,8 @@ class RouteStage:
         rejected = pc.is_valid(batch.column("reject_reason")).to_numpy(zero_copy_only=False)
         st = _Decisions(n, rejected.copy(), np.full(n, None, object), np.full(n, None, object),
                         np.full(n, None, object), np.full(n, np.nan, np.float32))
-        est_in, est_out = estimate_tokens(batch, text, self.spec.default_max_tokens)
+        est_in, est_out = estimate_tokens(batch, text, self.spec.default_max_tokens,
+                                          self.spec.extra_chars, self.spec.extra_messages)
 
         forced = batch.column("force_model").to_numpy(zero_copy_only=False)
         has_force = ~st.decided & pc.is_valid(batch.column("force_model")).to_numpy(
@@ -342,6 +349,8 @@ class RouteStage:
                   est_out: np.ndarray) -> pa.Table:
         n = st.n
         cols = {name: batch.column(name) for name in schemas.REQUESTS.names}
+        # Columns the source stage carries for the results (the id column, keep_columns).
+        carried = [f for f in batch.schema if f.name not in schemas.REQUESTS.names]
         cols["reject_reason"] = pa.array(reject, pa.string())
         if self.router is not None:
             router_scores = _score_lists(st.evidence["router_scores"], self.router.info.models)
@@ -370,7 +379,10 @@ class RouteStage:
             route_cost_micro_usd=pa.array(
                 st.evidence.get("route_cost_micro_usd", np.zeros(n, np.int64)), pa.int64()),
         )
-        return pa.table(cols, schema=schemas.ROUTED)
+        table = pa.table(cols, schema=schemas.ROUTED)
+        for f in carried:
+            table = table.append_column(f, batch.column(f.name))
+        return table
 
 
 def _score_lists(scores: np.ndarray, models: tuple[str, ...],
@@ -421,14 +433,17 @@ def rule_mask(rule: Rule, text: pa.Array, batch: pa.Table,
     return mask
 
 
-def estimate_tokens(batch: pa.Table, text: pa.Array,
-                    default_max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+def estimate_tokens(batch: pa.Table, text: pa.Array, default_max_tokens: int,
+                    extra_chars: int = 0, extra_messages: int = 0
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """(input, output) token estimates (:mod:`batchroute.tokens`), and the row's max_tokens or
-    the job default."""
+    the job default. ``extra_chars`` in ``extra_messages`` go with every request (a system
+    prompt, an output schema)."""
     chars = pc.fill_null(pc.utf8_length(text), 0).to_numpy(zero_copy_only=False)
     n_msgs = pc.fill_null(pc.list_value_length(batch.column("messages")), 1).to_numpy(
         zero_copy_only=False)
-    est_in = tokens.input_estimate(chars.astype(np.int64), n_msgs.astype(np.int64))
+    est_in = tokens.input_estimate(chars.astype(np.int64) + extra_chars,
+                                   n_msgs.astype(np.int64) + extra_messages)
     est_out = pc.fill_null(batch.column("max_tokens"), default_max_tokens).to_numpy(
         zero_copy_only=False).astype(np.int64)
     return est_in.astype(np.int64), est_out

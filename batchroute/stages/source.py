@@ -19,7 +19,8 @@ import logging
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +30,9 @@ import pyarrow.parquet as pq
 
 from batchroute import schemas
 from batchroute.errors import SchemaError
+
+if TYPE_CHECKING:
+    from batchroute.task import Renderer, TaskConfig
 
 MAX_TOKENS_LIMIT = 2**31 - 1
 RANGE_REASON = f"max_tokens must be between 1 and {MAX_TOKENS_LIMIT}"
@@ -51,6 +55,7 @@ log = logging.getLogger("batchroute")
 class InputFile:
     path: str
     columns: tuple[str, ...]  # the schema columns this file has
+    read: tuple[str, ...] = ()  # every column read from it (schema, id, template, kept)
 
 
 @dataclass(frozen=True)
@@ -61,18 +66,20 @@ class InputDataset:
     fingerprint: str
     # Files a folder or glob matched that are not Parquet (README, SUCCESS markers, CSV, ...)
     skipped: tuple[str, ...] = ()
+    id_column: str = "request_id"
+    # Input columns carried unchanged into the results: the id column under its own name
+    # (when it is not request_id) and the task's keep_columns, with one type over all files.
+    carried: tuple[pa.Field, ...] = ()
+    task: TaskConfig | None = field(default=None, compare=False)
 
-    def read_column(self, name: str) -> pa.ChunkedArray:
-        """One column over every file, in file order, cast to its canonical type. Raises
+    def read_ids(self) -> pa.ChunkedArray:
+        """The id column over every file, in file order, as text (request_id). Raises
         UnreadableInput for a corrupt page."""
-        target = schemas.REQUESTS.field(name).type
         chunks = []
         for f in self.files:
-            for batch in _input_batches(self.filesystem, f.path, 65_536, [name]):
-                column = pa.chunked_array([batch.column(0)])
-                chunks.extend((_text(column, target, name)[0] if name in TEXT_FIELDS
-                               else column.cast(target)).chunks)
-        return pa.chunked_array(chunks, type=target)
+            for batch in _input_batches(self.filesystem, f.path, 65_536, [self.id_column]):
+                chunks.extend(_ids(pa.chunked_array([batch.column(0)]))[0].chunks)
+        return pa.chunked_array(chunks, type=pa.string())
 
 
 class UnreadableInput(SchemaError):
@@ -81,8 +88,11 @@ class UnreadableInput(SchemaError):
     wrote before it reports this (exit 2)."""
 
 
-def open_input(uri: str) -> InputDataset:
-    """Resolve ``uri`` to its Parquet files and check each one's columns.
+def open_input(uri: str, *, id_column: str = "request_id",
+               task: TaskConfig | None = None) -> InputDataset:
+    """Resolve ``uri`` to its Parquet files and check each one's columns: the id column, the
+    text (``prompt``/``messages``, or the columns the task's template names), the kept
+    columns, and the optional schema columns.
 
     Raises SchemaError naming the file and column for a missing or mistyped column, and
     SchemaError when the URI matches no Parquet file.
@@ -96,15 +106,67 @@ def open_input(uri: str) -> InputDataset:
                     _listing(skipped))
     files = []
     digest = hashlib.sha256()
+    templated = task is not None and bool(task.template)
+    keep = [c for c in (id_column, *(task.keep_columns if task else ()))
+            if c != "request_id"]
+    keep = list(dict.fromkeys(keep))
+    variables = list(task.variables) if templated and task else []
+    carried: dict[str, tuple[pa.DataType, str]] = {}
     for path in paths:
         try:
             schema = pq.read_schema(path, filesystem=filesystem)
         except (OSError, pa.ArrowInvalid) as exc:
             raise SchemaError(f"input file {path}: not a readable Parquet file ({exc})") from None
-        files.append(InputFile(path, _check_schema(path, schema)))
+        present = _check_schema(path, schema, id_column=id_column, templated=templated)
+        for name in variables:
+            if name not in schema.names:
+                raise SchemaError(f"input file {path}: [task] template names column '{name}', "
+                                  "which this file does not have")
+        for name in keep:
+            what = "job.id_column" if name == id_column else "task.keep_columns"
+            if name not in schema.names:
+                raise SchemaError(f"input file {path}: {what} names column '{name}', which "
+                                  "this file does not have")
+            t = _carried_type(schema.field(name).type)
+            if name in carried and carried[name][0] != t:
+                t = _common_type(carried[name][0], t)
+                if t is None:
+                    raise SchemaError(
+                        f"input file {path}: column '{name}' has type {schema.field(name).type}"
+                        f", but {carried[name][1]} has {carried[name][0]}: a kept column "
+                        "needs one type over every file")
+            carried[name] = (t, carried.get(name, (t, path))[1])
+        read = [*present, *(c for c in (id_column, *variables, *keep) if c not in present)]
+        files.append(InputFile(path, present, tuple(dict.fromkeys(read))))
         info = filesystem.get_file_info(path)
         digest.update(f"{path}\0{info.size}\0{info.mtime_ns}\n".encode())
-    return InputDataset(uri, filesystem, tuple(files), digest.hexdigest()[:16], tuple(skipped))
+    return InputDataset(uri, filesystem, tuple(files), digest.hexdigest()[:16], tuple(skipped),
+                        id_column=id_column,
+                        carried=tuple(pa.field(n, t) for n, (t, _) in carried.items()),
+                        task=task if templated else None)
+
+
+def _carried_type(t: pa.DataType) -> pa.DataType:
+    """The type a carried column has in the results: dictionaries decoded, every string and
+    binary kind as the plain one (writers disagree on those), anything else as written."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return pa.string()
+    if pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+        return pa.binary()
+    return t
+
+
+def _common_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
+    """One type for a kept column two files write differently: integers widen to int64,
+    numbers to float64; None when there is none."""
+    ints = pa.types.is_integer(a) and pa.types.is_integer(b)
+    if ints:
+        return pa.int64()
+    if all(pa.types.is_integer(x) or pa.types.is_floating(x) for x in (a, b)):
+        return pa.float64()
+    return None
 
 
 def _listing(paths: list[str], shown: int = 10) -> str:
@@ -236,17 +298,30 @@ _KINDS = {
 }
 
 
-def _check_schema(path: str, schema: pa.Schema) -> tuple[str, ...]:
+def _is_id(t: pa.DataType) -> bool:
+    return _is_string(t) or bool(pa.types.is_integer(t))
+
+
+def _check_schema(path: str, schema: pa.Schema, *, id_column: str = "request_id",
+                  templated: bool = False) -> tuple[str, ...]:
+    """The schema columns (``_KINDS``) this file has, checked. With a template the text
+    comes from the template's columns, and prompt/messages are not read."""
     names = set(schema.names)
-    for required in schemas.PROMPTS_REQUIRED:
-        if required not in names:
-            raise SchemaError(f"input file {path}: missing required column '{required}'")
-    if not names & set(schemas.PROMPTS_TEXT):
+    if id_column not in names:
+        what = "" if id_column == "request_id" else " (job.id_column)"
+        raise SchemaError(f"input file {path}: missing required column '{id_column}'{what}")
+    t = schema.field(id_column).type
+    if not _is_id(t):
+        raise SchemaError(f"input file {path}: column '{id_column}' has type {t}, expected a "
+                          "string or an integer to identify rows (job.id_column)")
+    if not templated and not names & set(schemas.PROMPTS_TEXT):
         raise SchemaError(f"input file {path}: missing column 'prompt' (or 'messages'); "
-                          "one of them must hold the text to send")
+                          "one of them must hold the text to send (or give a [task] template "
+                          "over this file's columns)")
     present = []
     for name, (kind, check) in _KINDS.items():
-        if name not in names:
+        if name not in names or name == "request_id" or (
+                templated and name in schemas.PROMPTS_TEXT):
             continue
         t = schema.field(name).type
         if not check(t):
@@ -259,14 +334,19 @@ def _check_schema(path: str, schema: pa.Schema) -> tuple[str, ...]:
 def read_requests(data: InputDataset, batch_rows: int = 65_536) -> Iterator[pa.Table]:
     """Yield the canonical ``requests`` table in input order, in batches of up to batch_rows.
 
-    Holds in memory only the request_id column (to find repeats) and one batch.
+    Holds in memory only the id column (to find repeats) and one batch. With a template,
+    the prompt is rendered here, batch by batch: every later stage sees what the model will.
     """
-    duplicates = _duplicates(data.read_column("request_id"))
+    from batchroute.task import Renderer
+
+    duplicates = _duplicates(data.read_ids())
+    renderer = Renderer(data.task) if data.task is not None else None
     row = 0
     for f in data.files:
-        for batch in _input_batches(data.filesystem, f.path, batch_rows, list(f.columns)):
+        for batch in _input_batches(data.filesystem, f.path, batch_rows, list(f.read)):
             if batch.num_rows:
-                yield _canonical(pa.Table.from_batches([batch]), row, duplicates)
+                yield _canonical(pa.Table.from_batches([batch]), row, duplicates, data,
+                                 renderer)
                 row += batch.num_rows
 
 
@@ -340,27 +420,79 @@ def _duplicates(ids: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return rows[by_row], firsts[by_row]
 
 
-def _canonical(t: pa.Table, start: int, duplicates: tuple[np.ndarray, np.ndarray]) -> pa.Table:
+def _canonical(t: pa.Table, start: int, duplicates: tuple[np.ndarray, np.ndarray],
+               data: InputDataset, renderer: Renderer | None = None) -> pa.Table:
+    """The ``requests`` rows of one input batch, then the carried columns."""
     n = t.num_rows
     bad_values: dict[str, pa.ChunkedArray] = {}  # reason -> rows
     bad_text: dict[str, np.ndarray] = {}  # column (or part of one) -> rows
     out: dict[str, pa.Array | pa.ChunkedArray] = {}
-    for field in schemas.REQUESTS:
-        if field.name == "row":
+    rendered: np.ndarray | None = None  # rows the template could not render: why
+    for f in schemas.REQUESTS:
+        if f.name == "row":
             out["row"] = pa.array(np.arange(start, start + n, dtype=np.int64))
-        elif field.name == "reject_reason":
+        elif f.name == "reject_reason":
             continue
-        elif field.name not in t.column_names:
-            out[field.name] = pa.nulls(n, field.type)
-        elif field.name == "max_tokens":
+        elif f.name == "request_id":
+            out["request_id"], bad = _ids(t.column(data.id_column), data.id_column)
+            bad_text.update(bad)
+        elif renderer is not None and f.name in schemas.PROMPTS_TEXT:
+            if f.name == "prompt":
+                out["prompt"], rendered = _render(renderer, t, bad_text)
+            else:
+                out["messages"] = pa.nulls(n, f.type)
+        elif f.name not in t.column_names:
+            out[f.name] = pa.nulls(n, f.type)
+        elif f.name == "max_tokens":
             out["max_tokens"], bad_values = _max_tokens(t.column("max_tokens"))
-        elif field.name in TEXT_FIELDS:
-            out[field.name], bad = _text(t.column(field.name), field.type, field.name)
+        elif f.name in TEXT_FIELDS:
+            out[f.name], bad = _text(t.column(f.name), f.type, f.name)
             bad_text.update(bad)
         else:
-            out[field.name] = _cast(t.column(field.name), field.type)
-    out["reject_reason"] = _reject_reasons(out, start, duplicates, bad_values, bad_text)
-    return pa.table(out, schema=schemas.REQUESTS)
+            out[f.name] = _cast(t.column(f.name), f.type)
+    carried = {}
+    for f in data.carried:
+        col = t.column(f.name)
+        if pa.types.is_dictionary(col.type):
+            col = col.cast(col.type.value_type)
+        if _is_string(col.type) and pa.types.is_string(f.type):
+            col, bad = _text(col, f.type, f.name)
+            bad_text.update(bad)
+        carried[f.name] = col.cast(f.type)
+    out["reject_reason"] = _reject_reasons(out, start, duplicates, bad_values, bad_text,
+                                           data.id_column, rendered)
+    table = pa.table(out, schema=schemas.REQUESTS)
+    for f in data.carried:
+        table = table.append_column(f, carried[f.name])
+    return table
+
+
+def _ids(col: pa.ChunkedArray, name: str = "request_id"
+         ) -> tuple[pa.ChunkedArray, dict[str, np.ndarray]]:
+    """The id column as text: integers in decimal, text checked for valid UTF-8 (the rows
+    that are not, by ``name``)."""
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    if pa.types.is_integer(col.type):
+        return col.cast(pa.string()), {}
+    text, bad = _text(col, pa.string(), name)
+    return text, {"request_id" if k == name else k: v for k, v in bad.items()}
+
+
+def _render(renderer: Renderer, t: pa.Table, bad_text: dict[str, np.ndarray]
+            ) -> tuple[pa.Array, np.ndarray]:
+    """The template rendered over this batch, and the rows it could not render. Text columns
+    are checked for valid UTF-8 first (their bad rows are not rendered)."""
+    columns: dict[str, pa.Array] = {}
+    for name in renderer.task.variables:
+        col = t.column(name)
+        if pa.types.is_dictionary(col.type):
+            col = col.cast(col.type.value_type)
+        if _is_string(col.type):
+            col, bad = _text(col, pa.string(), name)
+            bad_text.update(bad)
+        columns[name] = col.combine_chunks()
+    return renderer.render(columns)
 
 
 def _max_tokens(given: pa.ChunkedArray
@@ -471,7 +603,8 @@ def _invalid_utf8(arr: pa.Array, part: str) -> dict[str, np.ndarray]:
 def _reject_reasons(cols: dict[str, pa.Array | pa.ChunkedArray], start: int,
                     duplicates: tuple[np.ndarray, np.ndarray],
                     bad_values: dict[str, pa.ChunkedArray],
-                    bad_text: dict[str, np.ndarray]) -> pa.Array:
+                    bad_text: dict[str, np.ndarray], id_column: str = "request_id",
+                    rendered: np.ndarray | None = None) -> pa.Array:
     n = len(cols["row"])
     reason = np.full(n, None, dtype=object)
     prompt, messages = cols["prompt"], cols["messages"]
@@ -487,13 +620,16 @@ def _reject_reasons(cols: dict[str, pa.Array | pa.ChunkedArray], start: int,
     lo, hi = np.searchsorted(rows, [start, start + n])
     if hi > lo:
         offsets = rows[lo:hi] - start
-        reason[offsets] = [f"duplicate request_id (first at input row {f})"
+        reason[offsets] = [f"duplicate {id_column} (first at input row {f})"
                            for f in firsts[lo:hi]]
     for why, where in bad_values.items():
         if pc.any(where).as_py():
             reason[where.to_numpy(zero_copy_only=False)] = why
     reason[empty & (has_prompt | has_messages)] = "empty prompt"
     reason[~has_prompt & ~has_messages] = "null prompt"
+    if rendered is not None:  # the template's own reasons: a null it renders, a failure
+        failed = rendered != None  # noqa: E711
+        reason[failed] = rendered[failed]
     # Text nulled for invalid UTF-8 would otherwise read as a null prompt (or id).
     for part, where in bad_text.items():
         if part != "request_id":
@@ -503,10 +639,10 @@ def _reject_reasons(cols: dict[str, pa.Array | pa.ChunkedArray], start: int,
     # surrounding whitespace included.
     ids = cols["request_id"]
     blank_id = pc.utf8_length(pc.utf8_trim_whitespace(pc.fill_null(ids, "")))
-    reason[blank_id.to_numpy(zero_copy_only=False) == 0] = "empty request_id"
-    reason[~pc.is_valid(ids).to_numpy(zero_copy_only=False)] = "null request_id"
+    reason[blank_id.to_numpy(zero_copy_only=False) == 0] = f"empty {id_column}"
+    reason[~pc.is_valid(ids).to_numpy(zero_copy_only=False)] = f"null {id_column}"
     if "request_id" in bad_text:
-        reason[bad_text["request_id"]] = "request_id is not valid UTF-8"
+        reason[bad_text["request_id"]] = f"{id_column} is not valid UTF-8"
     return pa.array(reason, type=pa.string())
 
 

@@ -16,7 +16,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +31,7 @@ from batchroute.errors import (
     AuthError,
     DispatchError,
     InternalDispatchError,
+    InvalidOutput,
     RateLimited,
     TerminalDispatchError,
     TransientDispatchError,
@@ -47,6 +48,7 @@ from batchroute.stages.dispatch.providers import (
     raise_for_response,
     rate_limit_state,
 )
+from batchroute.task import OutputParser, TaskConfig, result_fields, values_array, wire_schema
 
 # Python's cyclic collector runs a generation-0 pass every 700 net allocations and a full pass
 # every hundred or so of those; a dispatcher with hundreds of calls in flight allocates tens of
@@ -87,6 +89,9 @@ class Stats:
     last_rate_limited_at: float | None = None  # clock reading of the latest 429
     retries: int = 0
     escalated: int = 0  # rows passed up the ladder (dispatch.escalate_on)
+    # Answers that were not one of the labels or did not match the schema ([task.output]);
+    # each was retried, escalated or ended its row as failed (error_type invalid_output).
+    invalid: int = 0
     cost_usd: float = 0.0
     # Calls made through ask() (the llm router's decisions) are counted here instead of in
     # done/ok/failed/cost_usd, which progress compares with the planned rows. Attempts,
@@ -115,7 +120,10 @@ class _CallOutcome:
     error: DispatchError | None
     started_at: datetime | None  # None when no attempt was made
     finished_at: datetime
-    cost_micro_usd: int  # what this model billed for the answer (0 without one)
+    # What this model billed for the row: every answer it gave, unusable ones included.
+    cost_micro_usd: int
+    value: Any = None  # the parsed answer (a label, or the output object) of an ok row
+    invalid: int = 0  # unusable answers this model gave for the row
 
 
 class ModelDispatcher:
@@ -127,17 +135,26 @@ class ModelDispatcher:
                  sleep: Sleep = asyncio.sleep, clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None, escalate: Escalate | None = None,
                  journal: Journal | None = None, journal_every_s: float = 0.2,
-                 alive: Callable[[], bool] | None = None) -> None:
+                 alive: Callable[[], bool] | None = None,
+                 task: TaskConfig | None = None) -> None:
         self.model = model
         self.policy = policy
         self.run_id = run_id
+        # What the job asks of every row ([task]): a system prompt, a structured output.
+        self._system = task.system_messages() if task is not None else []
+        self._output = task.output if task is not None and task.output.structured else None
+        self._parser = OutputParser(self._output) if self._output is not None else None
+        self._outputs = result_fields(self._output) if self._output is not None else ()
+        wire = wire_schema(self._output) if self._output is not None else None
+        self._schema = None if wire is None else OutputSchema(wire.name, wire.schema,
+                                                               choices=wire.choices)
         self.stats = Stats()
         self._api_key = api_key or ""
         # Some providers echo part or all of a rejected key: every provider text this
         # dispatcher keeps or logs goes through it first.
         self.scrubber = Scrubber(api_key)
         self._provider = PROVIDERS[model.provider](model.base_url, self._api_key,
-                                                   model.wire_name)
+                                                   model.wire_name, model.structured_output)
         if transport is None:
             from batchroute.stages.dispatch.transport import AiohttpTransport
 
@@ -203,7 +220,7 @@ class ModelDispatcher:
             if self._flusher is None or self._flusher.done():
                 self._flusher = asyncio.ensure_future(self._flush_every())
         try:
-            outcomes = await self._call_all(routed, None, journal=journal)
+            outcomes = await self._call_all(routed, self._schema, journal=journal, asked=False)
             results = self._results(routed, outcomes)
             if self._up is None:
                 return results
@@ -218,20 +235,23 @@ class ModelDispatcher:
         router's decisions). Same limits, retries, transport and prices; one ``results`` row
         per ``routed`` row, whose ``response`` is the structured answer as JSON text. Counted
         in ``stats.asked*``, not in ``done``/``ok``/``failed``/``cost_usd``."""
-        return self._results(routed, await self._call_all(routed, output, journal=False))
+        return self._results(routed, await self._call_all(routed, output, journal=False,
+                                                          asked=True), asked=True)
 
     async def _call_all(self, routed: pa.Table, output: OutputSchema | None, *,
-                        journal: bool) -> list[_CallOutcome]:
+                        journal: bool, asked: bool) -> list[_CallOutcome]:
         cols = {name: routed.column(name).to_pylist() for name in (
             "request_id", "prompt", "messages", "max_tokens", "temperature", "est_input_tokens",
             "est_output_tokens")}
 
+        system = [] if asked else self._system
+
         async def row(i: int) -> _CallOutcome:
             outcome = await self._one(
-                Request(messages=_messages(cols["prompt"][i], cols["messages"][i]),
+                Request(messages=system + _messages(cols["prompt"][i], cols["messages"][i]),
                         max_tokens=int(cols["est_output_tokens"][i]),
                         temperature=cols["temperature"][i], output=output),
-                int(cols["est_input_tokens"][i]), cols["request_id"][i])
+                int(cols["est_input_tokens"][i]), cols["request_id"][i], asked)
             if journal and (self._up is None
                             or _escalation_reason(outcome, self.policy.escalate_on) is None):
                 self._final.append((routed, i, outcome))
@@ -306,13 +326,16 @@ class ModelDispatcher:
         keep = pc.invert(pc.is_in(pa.array(range(results.num_rows), pa.int64()), value_set=take))
         return pa.concat_tables([results.filter(keep), upper])
 
-    async def _one(self, req: Request, est_input: int, request_id: str) -> _CallOutcome:
+    async def _one(self, req: Request, est_input: int, request_id: str,
+                   asked: bool) -> _CallOutcome:
         started: datetime | None = None
         tokens = est_input + req.max_tokens
         est_micro = self.model.cost_micro_usd(est_input, req.max_tokens)
         attempt = 0
         body = dumps(self._provider.body(req))
-        asked = req.output is not None
+        parser = None if asked else self._parser
+        spent: Answer | None = None  # the unusable answers so far: billed all the same
+        invalid = 0
         while True:
             if self._auth_failure is not None:  # fast path: no need to queue for admission
                 return self._finish("failed", None, attempt, None, self._auth_failure, started,
@@ -345,7 +368,20 @@ class ModelDispatcher:
                 self._limits.reconcile(est_input, answer.input_tokens)
                 self._limits.speed_up()
                 latency = (self._clock() - t0) * 1000.0
-                return self._finish("ok", answer, attempt, latency, None, started, asked)
+                if parser is None or answer.finish_reason == "refusal":
+                    return self._finish("ok", _plus(answer, spent), attempt, latency, None,
+                                        started, asked, invalid=invalid)
+                value, why = parser.parse(answer.text)
+                if why is None:
+                    return self._finish("ok", _plus(answer, spent), attempt, latency, None,
+                                        started, asked, value=value, invalid=invalid)
+                invalid += 1
+                self.stats.invalid += 1
+                spent = _plus(answer, spent)
+                if invalid > self._output_retries:
+                    return self._finish("failed", spent, attempt, latency,
+                                        InvalidOutput(why), started, asked, invalid=invalid)
+                continue  # the same model again, at once: nothing to back off from
             except AuthError as exc:
                 self._auth_failure = exc
                 return self._finish("failed", None, attempt, None, exc, started, asked)
@@ -397,9 +433,14 @@ class ModelDispatcher:
         while (delay := self._resume_at - self._clock()) > 0:
             await self._sleep(delay)
 
+    @property
+    def _output_retries(self) -> int:
+        return self._output.retries_on_invalid if self._output is not None else 0
+
     def _finish(self, status: str, answer: Answer | None, attempts: int,
                 latency_ms: float | None, error: DispatchError | None,
-                started: datetime | None, asked: bool) -> _CallOutcome:
+                started: datetime | None, asked: bool, *, value: Any = None,
+                invalid: int = 0) -> _CallOutcome:
         s = self.stats
         micro = 0 if answer is None else self.model.cost_micro_usd(
             answer.input_tokens, answer.output_tokens, answer.cached_input_tokens)
@@ -416,16 +457,24 @@ class ModelDispatcher:
         else:
             s.done += 1
             s.failed += 1
+            s.cost_usd += cost  # unusable answers are billed too
         if status != "ok":
             kind = error.error_type if error else "unknown"
             s.errors[kind] = s.errors.get(kind, 0) + 1
         return _CallOutcome(status, answer, attempts, latency_ms, error, started,
-                            datetime.now(UTC), micro)
+                            datetime.now(UTC), micro, value, invalid)
 
-    def _results(self, routed: pa.Table, outcomes: list[_CallOutcome]) -> pa.Table:
+    def _results(self, routed: pa.Table, outcomes: list[_CallOutcome], *,
+                 asked: bool = False) -> pa.Table:
         answers = [o.answer for o in outcomes]
+        outputs: dict[str, Any] = {}
+        if self._output is not None and not asked:
+            outputs[self._outputs[0].name] = values_array(self._output,
+                                                          [o.value for o in outcomes])
         return rows.build(
             routed, run_id=self.run_id, model=self.model.name,
+            outputs=() if asked else self._outputs, **outputs,
+            invalid_answers=[o.invalid for o in outcomes],
             status=[o.status for o in outcomes],
             response=[a.text if a else None for a in answers],
             finish_reason=[a.finish_reason if a else None for a in answers],
@@ -448,9 +497,21 @@ def _escalation_reason(o: _CallOutcome, escalate_on: tuple[str, ...]) -> str | N
     if o.status == "ok" and o.answer is not None:
         reason = o.answer.finish_reason
         return reason if reason in ("length", "refusal") and reason in escalate_on else None
+    if isinstance(o.error, InvalidOutput):  # escalated for "invalid" only, never "failed"
+        return "invalid" if "invalid" in escalate_on else None
     if o.status == "failed" and "failed" in escalate_on and not isinstance(o.error, AuthError):
         return f"failed:{o.error.error_type if o.error else 'unknown'}"
     return None
+
+
+def _plus(answer: Answer, spent: Answer | None) -> Answer:
+    """``answer`` with the tokens of the unusable answers before it added: a row's tokens
+    and cost on a model are everything that model billed for it."""
+    if spent is None:
+        return answer
+    return replace(answer, input_tokens=answer.input_tokens + spent.input_tokens,
+                   output_tokens=answer.output_tokens + spent.output_tokens,
+                   cached_input_tokens=answer.cached_input_tokens + spent.cached_input_tokens)
 
 
 def _transient(exc: Exception) -> DispatchError:

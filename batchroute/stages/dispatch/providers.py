@@ -53,6 +53,8 @@ class OutputSchema:
     name: str
     schema: dict[str, Any]
     description: str = ""
+    # The answer is one of these (a labels task): vLLM's choice form asks for them directly.
+    choices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,12 @@ class Provider:
 
     path = ""
 
-    def __init__(self, base_url: str, api_key: str, model: str) -> None:
+    def __init__(self, base_url: str, api_key: str, model: str,
+                 structured: str = "") -> None:
         self.url = base_url.rstrip("/") + self.path
         self._api_key = api_key
         self.model = model
+        self.structured = structured  # how structured output is asked (ModelConfig)
 
     def headers(self) -> dict[str, str]:
         raise NotImplementedError
@@ -97,9 +101,20 @@ class OpenAIChat(Provider):
                                 "max_tokens": req.max_tokens}
         if req.temperature is not None:
             body["temperature"] = req.temperature
-        if req.output is not None:
+        out = req.output
+        if out is None:
+            return body
+        if self.structured == "vllm":  # vLLM 0.12 and later
+            body["structured_outputs"] = ({"choice": list(out.choices)} if out.choices
+                                          else {"json": out.schema})
+        elif self.structured == "vllm-guided":  # earlier vLLM
+            if out.choices:
+                body["guided_choice"] = list(out.choices)
+            else:
+                body["guided_json"] = out.schema
+        else:
             body["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": req.output.name, "strict": True, "schema": req.output.schema}}
+                "name": out.name, "strict": True, "schema": out.schema}}
         return body
 
     def parse(self, payload: Any, output: OutputSchema | None = None) -> Answer:

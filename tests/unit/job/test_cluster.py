@@ -35,7 +35,8 @@ def test_an_exception_leaving_a_dispatch_actor_carries_no_key(
     monkeypatch.setattr(dispatcher.ModelDispatcher, "ask", broken)
     job = config.parse(job_doc())
     actor = cluster._DispatchActor(job.models[CHEAP], job.dispatch,
-                                   SimpleNamespace(run_id="run-1"))  # type: ignore[arg-type]
+                                   SimpleNamespace(run_id="run-1"),  # type: ignore[arg-type]
+                                   job.task)
     with pytest.raises(InternalDispatchError) as caught:
         asyncio.run(getattr(actor, method)(_routed(1)))
     assert str(caught.value).startswith("RuntimeError: a bug met the reply INVALID KEY ***")

@@ -314,7 +314,9 @@ def test_duplicates_across_files_keep_the_first(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("table", "needle"), [
     (pa.table({"prompt": ["x"]}), "missing required column 'request_id'"),
     (pa.table({"request_id": ["x"], "text": ["x"]}), "missing column 'prompt'"),
-    (pa.table({"request_id": [1], "prompt": ["x"]}), "column 'request_id' has type int64"),
+    (pa.table({"request_id": [1.0], "prompt": ["x"]}),
+     "column 'request_id' has type double, expected a string or an integer"),
+    (pa.table({"request_id": [["a"]], "prompt": ["x"]}), "column 'request_id' has type list"),
     (pa.table({"request_id": ["x"], "prompt": [1.5]}), "column 'prompt' has type double"),
     (pa.table({"request_id": ["x"], "prompt": ["x"], "max_tokens": ["lots"]}),
      "column 'max_tokens' has type string, expected an integer"),
