@@ -154,7 +154,7 @@ def write(table: pa.Table, out: str | os.PathLike[str]) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     """``batchroute sample``: write the file, print what it holds (its parser: devtools)."""
-    table = generate(args.rows, seed=args.seed, mmlu_path=args.mmlu,
+    table = generate(args.rows, seed=args.seed, mmlu_path=args.mmlu or DEFAULT_MMLU_PATH,
                      force_models=args.force_models or ())
     write(table, args.out)
     by_kind = _count_by_kind(table)

@@ -32,7 +32,7 @@ def test_public_names() -> None:
 
 
 HEAVY = ("pyarrow", "numpy", "ray", "onnxruntime", "httpx", "aiohttp", "sklearn", "polars",
-         "batchroute.devtools.sample")
+         "batchroute.devtools.sample", "batchroute.devtools.sample_tables")
 
 
 def test_help_imports_nothing_heavy() -> None:

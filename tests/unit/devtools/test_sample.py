@@ -312,6 +312,22 @@ def test_cli_refuses_negative_rows(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--rows" in capsys.readouterr().err
 
 
+def test_cli_kind_prompts_is_the_default_file_and_line(tmp_path: Path, mmlu_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """--kind prompts writes exactly what no --kind writes, and prints the same line."""
+    parser = build_parser()
+    lines = []
+    for name, extra in (("default", []), ("explicit", ["--kind", "prompts"])):
+        out = tmp_path / name / "prompts.parquet"
+        args = parser.parse_args(["sample", "--out", str(out), "--rows", "600", "--seed", "4",
+                                  *extra])
+        assert args.func(args) == 0
+        assert pq.read_table(out).equals(generate(600, seed=4, mmlu_path=mmlu_path))
+        lines.append(capsys.readouterr().out.strip().replace(str(out), "OUT"))
+    assert lines[0] == lines[1]
+    assert lines[0].startswith("sample: wrote 600 rows to OUT (faq ")
+
+
 # ============================================================================ tickets
 
 TICKET_ROWS = 20_000
@@ -590,3 +606,56 @@ def test_every_invoice_count_gives_exactly_that_many_rows(n: int, seed: int) -> 
     assert small.num_rows == n
     assert small.schema.equals(INVOICES_SCHEMA)
 
+
+# ============================================================================ tables: CLI
+
+
+def test_cli_kind_tickets_writes_a_readable_file_and_reports(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "tasks" / "tickets.parquet"
+    args = build_parser().parse_args(["sample", "--kind", "tickets", "--out", str(out),
+                                      "--rows", "5000", "--seed", "3"])
+    assert args.func(args) == 0
+    written = pq.read_table(out)
+    assert written.equals(generate_tickets(5000, seed=3))
+    assert pq.ParquetFile(out).metadata.num_row_groups >= 1
+    line = capsys.readouterr().out.strip()
+    assert "\n" not in line
+    assert line.startswith(f"sample: wrote 5,000 tickets to {out} (")
+    counts = Counter(written["category"].to_pylist())
+    for category in CATEGORIES:
+        assert f"{category} {counts[category]:,}" in line
+    assert f"null body {written['body'].null_count}," in line
+    n_long = sum(_is_long(b) for b in written["body"].to_pylist())
+    assert n_long > 0
+    assert f"long body {n_long})" in line
+
+
+def test_cli_kind_invoices_writes_a_readable_file_and_reports(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "invoices.parquet"
+    args = build_parser().parse_args(["sample", "--kind", "invoices", "--out", str(out),
+                                      "--rows", "2000"])
+    assert args.func(args) == 0
+    written = pq.read_table(out)
+    assert written.equals(generate_invoices(2000, seed=0))
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"sample: wrote 2,000 invoices to {out} (USD ")
+    assert f"null text {written['text'].null_count}," in line
+    assert "long text 10)" in line
+
+
+@pytest.mark.parametrize("flags", [["--force-model", "a"], ["--mmlu", "x.parquet"]])
+def test_cli_tables_refuse_the_prompt_only_flags(tmp_path: Path, flags: list[str]) -> None:
+    out = tmp_path / "t.parquet"
+    args = build_parser().parse_args(["sample", "--kind", "tickets", "--out", str(out),
+                                      "--rows", "10", *flags])
+    with pytest.raises(ConfigError, match="--kind prompts only"):
+        args.func(args)
+    assert not out.exists()
+
+
+def test_cli_refuses_an_unknown_kind(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["sample", "--out", "x.parquet", "--kind", "emails"])
+    assert "--kind" in capsys.readouterr().err
