@@ -136,6 +136,8 @@ def _report(job: JobConfig, out: RunResult, *, dry_run: bool) -> int:
     if out.rollups is not None:
         print(f"\nresults by model (reference: {job.reference_model}):")
         print(rollup.format_table(out.rollups))
+        if job.task.output.kind == "labels":
+            print(rollup.label_table(out.folder))
         print(_limits_line(out.manifest.dispatch or {}))
     paths = out.manifest.paths
     print(f"\nrun folder: {out.folder.uri}")

@@ -229,6 +229,32 @@ def format_table(rollups: pa.Table) -> str:
     if passed:
         lines.append("rows passed up the escalation ladder (billed above, where attempted): "
                      + ", ".join(passed))
+    invalid = [f"{r['model']} {r['invalid']} ({r['invalid_rate']:.1%})" for r in rows
+               if r.get("invalid")]
+    if invalid:
+        lines.append("unusable answers (off-label or not matching the schema; retried, "
+                     "escalated or failed, and billed): " + ", ".join(invalid))
+    return "\n".join(lines)
+
+
+def label_table(folder: RunFolder, column: str = "label") -> str:
+    """Labels per answering model over a run's ok rows (a labels task's results)."""
+    frames = []
+    for path in folder.shards(folder.sub("results")):
+        table = pq.read_table(path, filesystem=folder.fs, columns=["model", "status", column],
+                              filters=pc.field("status") == "ok")
+        frames.append(_frame([table]))
+    if not frames:
+        return ""
+    counts = (pl.concat(frames).group_by("model", column).len()
+              .sort(["model", "len"], descending=[False, True]))
+    lines = ["labels of ok rows, by the model that answered:"]
+    for (model,), part in counts.partition_by("model", as_dict=True,
+                                               maintain_order=True).items():
+        total = int(part["len"].sum())
+        shares = ", ".join(f"{lab} {n:,} ({n / total:.0%})"
+                           for lab, n in part.select(column, "len").iter_rows())
+        lines.append(f"  {model:<24}{total:>7,}  {shares}")
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ from batchroute.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    bench = sub.add_parser("bench", help="benchmarks: memory, dispatch, route",
+    bench = sub.add_parser("bench", help="benchmarks: memory, dispatch, route, task",
                            description="Measure the job. `memory` runs the whole job on N "
                            "generated prompts against the mock provider with high limits and "
                            "prints peak memory over every process of the job (driver and Ray "
@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bm = bench_sub.add_parser("memory", help="peak memory and rate of the whole job")
     bm.add_argument("--rows", type=int, default=200_000, help="prompts to generate (200000)")
     bm.add_argument("--workdir", metavar="DIR", help="keep input and run here (default: temp)")
+    bm.add_argument("--kind", choices=("prompts", "tickets"), default="prompts",
+                    help="prompts: the demo's queue (default); tickets: the tickets job "
+                         "(template, labels) on `batchroute sample --kind tickets`")
     bm.add_argument("--json", action="store_true", help="print JSON only")
     bm.set_defaults(func=_bench_memory)
     bd = bench_sub.add_parser(
@@ -54,6 +57,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     "(default: $RAY_ADDRESS, else a local Ray started for the bench)")
     br.add_argument("--json", action="store_true", help="print the figures as JSON")
     br.set_defaults(func=_bench_route)
+    bt = bench_sub.add_parser(
+        "task", help="[task] costs on one core: template rendering + routing against the "
+        "prompt-column path, and parsing answers (µs/row)")
+    bt.add_argument("--n", type=int, default=1_000_000, metavar="N",
+                    help="generated tickets (default 1000000)")
+    bt.add_argument("--rounds", type=int, default=2, metavar="R",
+                    help="alternating rounds of the three paths; the best is kept (default 2)")
+    bt.add_argument("--parse-rows", type=int, default=100_000, metavar="P",
+                    help="answers parsed per output kind (default 100000)")
+    bt.add_argument("--workdir", metavar="DIR", help="keep the generated files here")
+    bt.add_argument("--json", action="store_true", help="print the figures as JSON")
+    bt.set_defaults(func=_bench_task)
 
 
 def _bench_dispatch(args: argparse.Namespace) -> int:
@@ -110,12 +125,25 @@ def _bench_route(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_task(args: argparse.Namespace) -> int:
+    import json
+
+    from batchroute.devtools.bench import task as bench_task
+
+    if min(args.n, args.rounds, args.parse_rows) < 1:
+        raise ConfigError("bench task: --n, --rounds and --parse-rows must be at least 1")
+    result = bench_task.bench(args.n, rounds=args.rounds, parse_rows=args.parse_rows,
+                              workdir=args.workdir)
+    print(json.dumps(result, indent=2) if args.json else bench_task.format_table(result))
+    return 0
+
+
 def _bench_memory(args: argparse.Namespace) -> int:
     import json
 
     from batchroute.devtools.bench import memory as bench
 
-    result = bench.memory(args.rows, workdir=args.workdir)
+    result = bench.memory(args.rows, workdir=args.workdir, kind=args.kind)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2))
     else:

@@ -31,7 +31,7 @@ name = "bench"
 input = "{input}"
 output = "{output}"
 reference_model = "gpt-4-1106-preview"
-
+{job_extra}
 [[router.rules]]
 name = "code"
 contains_code = true
@@ -48,6 +48,21 @@ batches_in_flight = 4
 max_attempts = 5
 backoff_base_s = 0.05
 backoff_max_s = 1.0
+"""
+# `--kind tickets`: the tickets job of jobs/classify-tickets.toml (a template over the table's
+# columns, labels parsed into a column) on `batchroute sample --kind tickets`.
+TICKETS_JOB = 'id_column = "ticket_id"\n'
+TICKETS_TASK = """
+[task]
+system = "You label customer support tickets."
+template = '''Subject: {{ subject }}
+
+{{ body or "" }}'''
+keep_columns = ["priority", "customer_tier"]
+
+[task.output]
+labels = ["billing", "bug", "how-to", "account", "other"]
+retries_on_invalid = 1
 """
 MODEL = """
 [models."{name}"]
@@ -66,15 +81,17 @@ MODELS = (("mixtral-8x7b-instruct", "openai", 0.25, 0.75),
           ("gpt-4-1106-preview", "openai", 10.0, 30.0))
 
 
-def memory(rows: int, *, workdir: str | None = None) -> dict[str, Any]:
-    """Run the job on ``rows`` generated prompts; return rate and peak memory figures."""
+def memory(rows: int, *, workdir: str | None = None, kind: str = "prompts") -> dict[str, Any]:
+    """Run the job on ``rows`` generated rows of ``kind`` (prompts: the demo's queue;
+    tickets: the tickets job); return rate and peak memory figures."""
     import psutil
 
     tmp = Path(workdir or tempfile.mkdtemp(prefix="batchroute-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
     cli = [sys.executable, "-m", "batchroute"]
-    subprocess.run([*cli, "sample", "--out", str(tmp / "in.parquet"), "--rows", str(rows)],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([*cli, "sample", "--kind", kind, "--out", str(tmp / "in.parquet"),
+                    "--rows", str(rows)], check=True, stdout=subprocess.DEVNULL)
+    tickets = kind == "tickets"
     key = f"sk-bench-{secrets.token_hex(8)}"
     env = {**os.environ, "BATCHROUTE_BENCH_KEY": key}
     env.pop("RAY_ADDRESS", None)
@@ -85,7 +102,9 @@ def memory(rows: int, *, workdir: str | None = None) -> dict[str, Any]:
     try:
         subprocess.run([*cli, "mock-provider", "--wait-ready", "--port", str(port)], check=True)
         url = f"http://127.0.0.1:{port}"
-        text = JOB.format(input=tmp / "in.parquet", output=tmp / "runs") + "".join(
+        text = JOB.format(input=tmp / "in.parquet", output=tmp / "runs",
+                          job_extra=TICKETS_JOB if tickets else ""
+                          ) + (TICKETS_TASK if tickets else "") + "".join(
             MODEL.format(name=n, provider=p, pin=i, pout=o,
                          url=url + ("/v1" if p == "openai" else ""))
             for n, p, i, o in MODELS)
@@ -118,7 +137,7 @@ def memory(rows: int, *, workdir: str | None = None) -> dict[str, Any]:
     manifest = json.loads((tmp / "runs" / "bench" / "manifest.json").read_text())
     mib = 2**20
     return {
-        "rows": rows, "exit_code": job.returncode, "wall_s": round(wall, 1),
+        "rows": rows, "kind": kind, "exit_code": job.returncode, "wall_s": round(wall, 1),
         "rows_per_s": round(rows / wall, 1),
         "peak_pss_mib": round(peak_pss / mib, 1), "peak_rss_sum_mib": round(peak_rss / mib, 1),
         "peak_driver_rss_mib": round(peak_driver / mib, 1),
