@@ -7,7 +7,9 @@ Endpoints
 ---------
 ``POST /v1/chat/completions`` (OpenAI chat completions)
     Auth ``Authorization: Bearer KEY``. Body ``{model, messages: [{role, content}],
-    max_tokens? | max_completion_tokens?, temperature?}``. Reply::
+    max_tokens? | max_completion_tokens?, temperature?, response_format?}``, plus vLLM's
+    ``structured_outputs?`` / ``guided_choice?`` / ``guided_json?`` (see Structured answers).
+    Reply::
 
         {"id", "object": "chat.completion", "created", "model",
          "choices": [{"index": 0, "message": {"role": "assistant", "content"},
@@ -17,14 +19,18 @@ Endpoints
     Errors: ``{"error": {"message", "type", "code"}}``.
 ``POST /v1/messages`` (Anthropic messages)
     Auth ``x-api-key: KEY`` and a required ``anthropic-version`` header. Body ``{model,
-    max_tokens, messages, system?}``. Reply::
+    max_tokens, messages, system?, tools?, tool_choice?}``. Reply::
 
         {"id", "type": "message", "role": "assistant", "model",
          "content": [{"type": "text", "text"}], "stop_reason": "end_turn" | "max_tokens",
          "stop_sequence": null, "usage": {"input_tokens", "output_tokens"}}
 
+    or, answering a forced tool, ``"content": [{"type": "tool_use", "id", "name",
+    "input"}]`` with ``"stop_reason": "tool_use"``.
+
     Errors: ``{"type": "error", "error": {"type", "message"}}``.
-``GET /health`` → ``{"ok": true, "server": "batchroute-mock-provider"}``; ``GET /stats`` → the counters of :meth:`MockProvider.stats`.
+``GET /health`` → ``{"ok": true, "server": "batchroute-mock-provider"}``; ``GET /stats`` → the counters of :meth:`MockProvider.stats`
+(see :class:`ProviderStats`; ``structured`` counts the structured answers below).
 
 Message ``content`` may be a string or a list of ``{"type": "text", "text"}`` parts (both APIs
 accept either); non-text parts count as empty. ``temperature`` is accepted and ignored, and
@@ -74,6 +80,54 @@ cut-off JSON (Anthropic: a tool input without ``difficulty``), or a label outsid
 The schema is counted as prompt tokens (both providers bill for it) and the answer as
 completion tokens, as for any call; ``max_tokens`` cuts the JSON text like any answer
 (Anthropic then answers the cut text in a text block).
+
+Structured answers (labels, JSON extraction)
+--------------------------------------------
+A request for any other structured output gets a deterministic instance of its schema:
+
+* OpenAI ``response_format: {"type": "json_schema", "json_schema": {"name": NAME,
+  "strict"?, "schema": SCHEMA}}`` (NAME not ``route_decision``): the message content is the
+  compact JSON text of the instance, finish reason ``stop``;
+* Anthropic ``tools: [{"name": NAME, "input_schema": SCHEMA, ...}]`` with ``tool_choice:
+  {"type": "tool", "name": NAME}``: one ``{"type": "tool_use", "id", "name": NAME, "input":
+  INSTANCE}`` block, ``stop_reason: "tool_use"``. A forced tool missing from ``tools`` is a
+  400, and so is an ``input_schema`` that does not describe an object (a ``type`` other than
+  ``object``, or a top-level ``anyOf``/``oneOf``/``allOf``); one without ``type`` is read as
+  an object;
+* vLLM (OpenAI wire): top-level ``structured_outputs: {"choice": [LABELS]}`` or the older
+  ``guided_choice: [LABELS]`` is answered with one label as the bare content text;
+  ``structured_outputs: {"json": SCHEMA}`` or ``guided_json: SCHEMA`` (an object or its JSON
+  text) with the JSON text of an instance. The other vLLM constraints (``regex``,
+  ``grammar``, ``json_object``, ``structural_tag``, ``guided_regex``, ``guided_grammar``) are
+  a 400, as is more than one structured output in one request.
+
+Labels tasks are just a schema such as ``{"type": "object", "properties": {"label": {"type":
+"string", "enum": [...]}}, "required": ["label"], "additionalProperties": false}``: the label
+is drawn from the enum like any enum value, so it spreads over the labels across prompts.
+
+The instance is drawn from ``random.Random`` seeded by a BLAKE2 digest of the request digest
+(model, system, messages), so the same request always gets the same instance and another
+model may get another. The generator understands: ``enum`` and ``const`` at any level;
+``anyOf``/``oneOf`` (one branch, merged with the keywords beside it; a ``null`` branch only
+15% of the time); local ``$ref`` (``#/$defs/...``, ``#``) and ``allOf`` (merged shallowly);
+``type`` lists (a ``null`` in them 15% of the time, else one of the other types); objects
+(every required property, each optional one 60% of the time, nothing else); arrays
+(``items``, ``minItems``/``maxItems``, default 1-3 items, ``uniqueItems``); strings (formats
+``date``, ``date-time`` as ``YYYY-MM-DDTHH:MM:SSZ``, ``email``; otherwise 1-4 words of the
+corpus vocabulary padded or cut to ``minLength``/``maxLength``); numbers with 2 decimals and
+integers within ``minimum``/``maximum``/``exclusiveMinimum``/``exclusiveMaximum`` (default
+0-1000); booleans; null. A missing ``type`` is inferred from the keywords (properties → object,
+items → array, bounds → number, else string). Past 8 levels of nesting objects keep only
+their required properties and arrays ``minItems`` items, so recursive schemas end. Not
+supported (the instance may violate them): ``pattern``, ``multipleOf``, ``prefixItems``,
+``minProperties``, ``not``, ``if``/``then``, ``dependentRequired``, remote ``$ref``; a
+``oneOf`` whose branches overlap may be matched twice.
+
+Usage is counted as for the difficulty answers: the schema (or the choice list, as a JSON
+array) is billed as prompt tokens, the answer text (the instance's compact JSON, or the
+label) as completion tokens, and ``max_tokens`` cuts that text like any answer (finish
+reason ``length``; Anthropic ``stop_reason: "max_tokens"`` with the cut text in a text block
+instead of the ``tool_use``).
 
 Latency
 -------
@@ -137,8 +191,9 @@ request, bypassing the limiter and the draw (for deterministic tests); any other
 
 Performance
 -----------
-Handlers do one JSON parse, one BLAKE2 digest and a slice of a precomputed corpus; nothing is
-logged per request (aiohttp's access log is off). That sustains well over 1,000 requests/s on
+Handlers do one JSON parse, one BLAKE2 digest and a slice of a precomputed corpus (a
+structured answer adds a second digest and one walk of the schema); nothing is logged per
+request (aiohttp's access log is off). That sustains well over 1,000 requests/s on
 one core. aiohttp is imported lazily so that ``batchroute --help`` stays fast.
 """
 
@@ -147,6 +202,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import functools
 import hashlib
 import hmac
@@ -162,7 +218,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from statistics import NormalDist
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypedDict
@@ -505,6 +561,22 @@ def _text_of(content: object) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class _Structured:
+    """A structured output other than route_decision: one of ``choices`` when that is set
+    (answered with the bare text), else an instance of ``schema`` (answered with its JSON
+    text, or on Anthropic as the input of a ``tool_use`` named ``name``)."""
+
+    name: str
+    schema: dict[str, Any] = field(default_factory=dict)
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def billed(self) -> object:
+        """What the provider bills as prompt tokens: the schema, or the choice list."""
+        return list(self.choices) if self.choices is not None else self.schema
+
+
+@dataclass(frozen=True, slots=True)
 class _Call:
     """One parsed, validated request."""
 
@@ -518,6 +590,8 @@ class _Call:
     # route_text is the last user message the difficulty is judged from.
     route: tuple[str, ...] | None = None
     route_text: str = ""
+    # Any other structured output the request asks for (labels, JSON extraction).
+    structured: _Structured | None = None
 
     @property
     def token_cost(self) -> int:
@@ -613,6 +687,357 @@ def _route_schema(wire: Wire, body: dict[str, Any]) -> object | None:
     raise _BadRequest(f"tool_choice names '{ROUTE_DECISION}', which is not in 'tools'")
 
 
+# Constraint keys of vLLM's ``structured_outputs`` object (its other keys are options).
+_VLLM_CONSTRAINTS: Final = ("json", "choice", "regex", "grammar", "json_object",
+                            "structural_tag")
+_VLLM_GUIDED: Final = ("guided_json", "guided_choice", "guided_regex", "guided_grammar")
+
+
+def _schema_of(value: object, where: str) -> dict[str, Any]:
+    """A JSON Schema given as an object or as its JSON text (vLLM accepts both); None is
+    ``{}``. Raises :class:`_BadRequest` for anything else."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise _BadRequest(f"'{where}' is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise _BadRequest(f"'{where}' must be a JSON Schema object")
+    return value
+
+
+def _choices_of(value: object, where: str) -> tuple[str, ...]:
+    if not (isinstance(value, list) and value and all(isinstance(c, str) for c in value)):
+        raise _BadRequest(f"'{where}' must be a non-empty list of strings")
+    return tuple(value)
+
+
+def _forced_tool(body: dict[str, Any]) -> _Structured | None:
+    """The Anthropic tool a ``tool_choice: {"type": "tool", "name"}`` forces, or None."""
+    choice = body.get("tool_choice")
+    if not (isinstance(choice, dict) and choice.get("type") == "tool"
+            and isinstance(choice.get("name"), str)):
+        return None
+    name = choice["name"]
+    tools = body.get("tools")
+    for i, tool in enumerate(tools if isinstance(tools, list) else ()):
+        if isinstance(tool, dict) and tool.get("name") == name:
+            schema = _schema_of(tool.get("input_schema"), f"tools[{i}].input_schema")
+            if schema.get("type", "object") != "object" or not {
+                    "anyOf", "oneOf", "allOf"}.isdisjoint(schema):
+                raise _BadRequest(f"tools[{i}].input_schema must describe an object "
+                                  "(type 'object', no anyOf/oneOf/allOf at the top level)")
+            return _Structured(name, schema)
+    raise _BadRequest(f"tool_choice names '{name}', which is not in 'tools'")
+
+
+def _structured_output(wire: Wire, body: dict[str, Any]) -> _Structured | None:
+    """The structured output (other than route_decision) a request asks for, or None.
+
+    Anthropic: a forced tool. OpenAI: ``response_format`` json_schema, or vLLM's
+    ``structured_outputs`` ``choice``/``json`` or older ``guided_choice``/``guided_json``.
+    Raises :class:`_BadRequest` for a malformed one, an undefined forced tool, a constraint
+    the mock cannot answer (regex, grammar, ...) or more than one constraint.
+    """
+    if wire == "anthropic":
+        return _forced_tool(body)
+    found: list[_Structured] = []
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        spec = fmt.get("json_schema")
+        if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and spec["name"]):
+            raise _BadRequest("'response_format.json_schema' must be an object with a 'name'")
+        found.append(_Structured(spec["name"], _schema_of(
+            spec.get("schema"), "response_format.json_schema.schema")))
+    outputs = body.get("structured_outputs")
+    if outputs is not None and not isinstance(outputs, dict):
+        raise _BadRequest("'structured_outputs' must be an object")
+    # (where, constraint, value) for each vLLM constraint, new style then old style.
+    given = [(f"structured_outputs.{key}", key, outputs.get(key))
+             for key in _VLLM_CONSTRAINTS] if outputs else []
+    given += [(key, key.removeprefix("guided_"), body.get(key)) for key in _VLLM_GUIDED]
+    for where, constraint, value in given:
+        if value is None or value is False:
+            continue
+        if constraint == "choice":
+            found.append(_Structured("", choices=_choices_of(value, where)))
+        elif constraint == "json":
+            found.append(_Structured("", _schema_of(value, where)))
+        else:
+            raise _BadRequest(f"'{where}' is not supported by the mock provider "
+                              "(only choice and json)")
+    if len(found) > 1:
+        raise _BadRequest("give one structured output (response_format, structured_outputs "
+                          "or guided_*), not several")
+    return found[0] if found else None
+
+
+# The generator of schema instances (see the module docstring).
+_NULL_SHARE: Final = 0.15  # of nullable values that are null
+_OPTIONAL_SHARE: Final = 0.6  # of optional properties that are present
+_MAX_DEPTH: Final = 8  # deeper, objects keep only required properties, arrays minItems
+_HARD_DEPTH: Final = 32  # deeper (a schema that requires itself), null
+_FIRST_DAY: Final = date(2000, 1, 1)
+Path = tuple[str | int, ...]
+
+
+def _whole(value: object, default: int | None) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else default
+
+
+def _real(value: object) -> float | None:
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _infer_type(schema: Mapping[str, Any]) -> str:
+    if not {"properties", "required", "additionalProperties"}.isdisjoint(schema):
+        return "object"
+    if not {"items", "minItems", "maxItems"}.isdisjoint(schema):
+        return "array"
+    if not {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}.isdisjoint(schema):
+        return "number"
+    return "string"
+
+
+class _Instance:
+    """Builds one instance of a JSON Schema, every choice drawn from ``rng`` (seeded from
+    the request digest, so the same request gets the same instance).
+
+    It records where the instance could be made invalid: ``enum_sites`` (path, allowed
+    values) for each value taken from an ``enum``/``const``, and ``objects`` (path,
+    required, properties) for each object, both outside ``anyOf``/``oneOf`` branches (a
+    wrong value there might still match another branch).
+    """
+
+    def __init__(self, root: Mapping[str, Any], rng: random.Random) -> None:
+        self.root = root
+        self.rng = rng
+        self.enum_sites: list[tuple[Path, tuple[Any, ...]]] = []
+        self.objects: list[tuple[Path, tuple[str, ...], Mapping[str, Any]]] = []
+        self._branch = 0
+
+    def resolve(self, schema: object) -> object:
+        """``schema`` with local ``$ref``s followed and ``allOf`` merged (shallowly)."""
+        for _ in range(_HARD_DEPTH):
+            if not (isinstance(schema, dict) and isinstance(schema.get("$ref"), str)):
+                break
+            target = self._pointer(schema["$ref"])
+            rest = {k: v for k, v in schema.items() if k != "$ref"}
+            schema = {**target, **rest} if isinstance(target, dict) else rest
+        if isinstance(schema, dict) and isinstance(schema.get("allOf"), list):
+            merged = {k: v for k, v in schema.items() if k != "allOf"}
+            for part in schema["allOf"]:
+                part = self.resolve(part)
+                if not isinstance(part, dict):
+                    continue
+                for key, value in part.items():
+                    if key == "properties" and isinstance(value, dict):
+                        merged["properties"] = {**merged.get("properties", {}), **value}
+                    elif key == "required" and isinstance(value, list):
+                        merged["required"] = [*merged.get("required", []), *value]
+                    else:
+                        merged.setdefault(key, value)
+            schema = merged
+        return schema
+
+    def _pointer(self, ref: str) -> object:
+        """The target of a local reference such as ``#/$defs/Item`` ({} if there is none)."""
+        if not ref.startswith("#"):
+            return {}
+        node: object = self.root
+        for part in ref[1:].split("/")[1:]:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return {}
+        return node
+
+    def value(self, schema: object, path: Path = (), depth: int = 0) -> Any:
+        schema = self.resolve(schema)
+        if schema is False or depth > _HARD_DEPTH:
+            return None
+        if not isinstance(schema, dict):  # true (anything goes) or not a schema
+            return self._words(self.rng.randint(1, 4))
+        if "const" in schema:
+            return self._pick(path, [schema["const"]])
+        enum = schema.get("enum")
+        if isinstance(enum, list) and enum:
+            return self._pick(path, enum)
+        branches = schema.get("anyOf", schema.get("oneOf"))
+        if isinstance(branches, list) and branches:
+            return self._branch_value(schema, branches, path, depth)
+        kind = schema.get("type")
+        if isinstance(kind, list):
+            names = [t for t in kind if isinstance(t, str)]
+            non_null = [t for t in names if t != "null"]
+            if names and (not non_null or ("null" in names and self.rng.random() < _NULL_SHARE)):
+                return None
+            kind = self.rng.choice(non_null) if non_null else None
+        if not isinstance(kind, str):
+            kind = _infer_type(schema)
+        if kind == "object":
+            return self._object(schema, path, depth)
+        if kind == "array":
+            return self._array(schema, path, depth)
+        if kind in ("number", "integer"):
+            return self._number(schema, integer=kind == "integer")
+        if kind == "boolean":
+            return self.rng.random() < 0.5
+        if kind == "null":
+            return None
+        return self._string(schema)
+
+    def _pick(self, path: Path, allowed: list[Any]) -> Any:
+        if not self._branch:
+            self.enum_sites.append((path, tuple(allowed)))
+        return copy.deepcopy(self.rng.choice(allowed))
+
+    def _branch_value(self, schema: Mapping[str, Any], branches: list[Any], path: Path,
+                      depth: int) -> Any:
+        """One branch of an ``anyOf``/``oneOf`` (a null branch only now and then), merged
+        with the keywords beside it."""
+        resolved = [self.resolve(b) for b in branches]
+        non_null = [b for b in resolved if not (isinstance(b, dict) and b.get("type") == "null")]
+        if non_null and (len(non_null) == len(resolved) or self.rng.random() >= _NULL_SHARE):
+            branch = self.rng.choice(non_null)
+        else:
+            branch = self.rng.choice([b for b in resolved if b not in non_null])
+        rest = {k: v for k, v in schema.items() if k not in ("anyOf", "oneOf")}
+        merged = {**rest, **branch} if isinstance(branch, dict) else branch
+        self._branch += 1
+        try:
+            return self.value(merged, path, depth + 1)
+        finally:
+            self._branch -= 1
+
+    def _object(self, schema: Mapping[str, Any], path: Path, depth: int) -> dict[str, Any]:
+        props = schema.get("properties")
+        props = props if isinstance(props, dict) else {}
+        raw_required = schema.get("required")
+        required = tuple(r for r in raw_required if isinstance(r, str)) if isinstance(
+            raw_required, list) else ()
+        out: dict[str, Any] = {}
+        for name, sub in props.items():
+            if name in required or (depth < _MAX_DEPTH and self.rng.random() < _OPTIONAL_SHARE):
+                out[name] = self.value(sub, (*path, name), depth + 1)
+        extra = schema.get("additionalProperties")
+        for name in required:
+            if name not in out:
+                out[name] = self.value(extra if isinstance(extra, dict) else {}, (*path, name),
+                                       depth + 1)
+        if not self._branch:
+            self.objects.append((path, required, props))
+        return out
+
+    def _array(self, schema: Mapping[str, Any], path: Path, depth: int) -> list[Any]:
+        low = _whole(schema.get("minItems"), 0) or 0
+        high = _whole(schema.get("maxItems"), None)
+        if depth >= _MAX_DEPTH:
+            count = low
+        else:
+            least = low or (0 if high == 0 else 1)
+            most = max(least, 3) if high is None else max(least, min(high, max(least, 3)))
+            count = self.rng.randint(least, most)
+        items = schema.get("items", {})
+        unique = schema.get("uniqueItems") is True
+        out: list[Any] = []
+        seen: set[str] = set()
+        for _ in range(count * 8 + 8):
+            if len(out) >= count:
+                break
+            marks = len(self.enum_sites), len(self.objects)
+            item = self.value(items, (*path, len(out)), depth + 1)
+            if unique:
+                key = json.dumps(item, sort_keys=True)
+                if key in seen:  # a repeat: drop it and what it recorded
+                    del self.enum_sites[marks[0]:], self.objects[marks[1]:]
+                    continue
+                seen.add(key)
+            out.append(item)
+        return out
+
+    def _number(self, schema: Mapping[str, Any], *, integer: bool) -> float | int:
+        lo, hi = _real(schema.get("minimum")), _real(schema.get("maximum"))
+        xlo, xhi = _real(schema.get("exclusiveMinimum")), _real(schema.get("exclusiveMaximum"))
+        step = 1 if integer else 0.01
+        if xlo is not None and (lo is None or xlo >= lo):
+            lo = math.floor(xlo) + 1 if integer else xlo + step
+        if xhi is not None and (hi is None or xhi <= hi):
+            hi = math.ceil(xhi) - 1 if integer else xhi - step
+        if lo is None:
+            lo = 0 if hi is None or hi >= 0 else hi - 1000
+        if hi is None:
+            hi = lo + 1000
+        if integer:
+            lo_i, hi_i = math.ceil(lo), math.floor(hi)
+            return self.rng.randint(lo_i, hi_i) if lo_i <= hi_i else lo_i
+        if lo > hi:  # an exclusive range narrower than two steps
+            both = [b for b in (xlo, xhi) if b is not None]
+            return sum(both) / len(both) if both else float(lo)
+        value = round(self.rng.uniform(lo, hi), 2)
+        return value if lo <= value <= hi else self.rng.uniform(lo, hi)
+
+    def _string(self, schema: Mapping[str, Any]) -> str:
+        rng = self.rng
+        fmt = schema.get("format")
+        if fmt in ("date", "date-time"):
+            day = (_FIRST_DAY + timedelta(days=rng.randrange(365 * 30))).isoformat()
+            if fmt == "date":
+                return day
+            return f"{day}T{rng.randrange(24):02d}:{rng.randrange(60):02d}:" \
+                   f"{rng.randrange(60):02d}Z"
+        if fmt == "email":
+            return f"{rng.choice(_VOCABULARY)}.{rng.choice(_VOCABULARY)}@example.com"
+        text = self._words(rng.randint(1, 4))
+        low = _whole(schema.get("minLength"), 0) or 0
+        high = _whole(schema.get("maxLength"), None)
+        while len(text) < low:
+            text += " " + rng.choice(_VOCABULARY)
+        if high is not None and len(text) > high:
+            text = text[:high]
+            if len(text.rstrip()) >= low:
+                text = text.rstrip()
+        return text
+
+    def _words(self, n: int) -> str:
+        return " ".join(self.rng.choice(_VOCABULARY) for _ in range(n))
+
+
+@dataclass(frozen=True, slots=True)
+class _StructuredAnswer:
+    """A structured answer: ``text`` is what an OpenAI client reads as the content;
+    ``tool_input`` the Anthropic tool input (None: answer ``text`` in a text block)."""
+
+    tool_input: dict[str, Any] | None
+    text: str
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _structured_answer(call: _Call) -> _StructuredAnswer:
+    """The answer to ``call.structured`` (see the module docstring)."""
+    spec = call.structured
+    assert spec is not None
+    # A digest of its own, so the instance is independent of the other uses of call.digest.
+    key = hashlib.blake2b(call.digest, digest_size=16, person=b"structured").digest()
+    rng = random.Random(int.from_bytes(key[5:], "big"))
+    if spec.choices is not None:
+        return _StructuredAnswer(None, rng.choice(spec.choices))
+    schema = spec.schema
+    if call.wire == "anthropic" and "type" not in schema:
+        schema = {**schema, "type": "object"}  # a tool input is always an object
+    value = _Instance(schema, rng).value(schema)
+    return _StructuredAnswer(value if isinstance(value, dict) else None, _dumps(value))
+
+
 def _latency_s(call: _Call, median_ms: float) -> float:
     if median_ms <= 0:
         return 0.0
@@ -657,8 +1082,10 @@ def _parse_call(wire: Wire, body: object) -> _Call:
         system = _text_of(body.get("system"))
     prompt_tokens = count_tokens(system) + sum(count_tokens(t) for t in texts)
     schema = _route_schema(wire, body)
-    if schema is not None:  # providers bill the schema (or tool definition) as prompt
-        prompt_tokens += count_tokens(json.dumps(schema, separators=(",", ":")))
+    structured = _structured_output(wire, body) if schema is None else None
+    billed = schema if structured is None else structured.billed
+    if billed is not None:  # providers bill the schema (or tool definition) as prompt
+        prompt_tokens += count_tokens(json.dumps(billed, separators=(",", ":")))
     # Hash what defines the answer. max_tokens is left out on purpose: it only truncates,
     # so a smaller cap yields a prefix of the same answer.
     key = json.dumps([model, system, messages], sort_keys=True, separators=(",", ":"))
@@ -672,6 +1099,7 @@ def _parse_call(wire: Wire, body: object) -> _Call:
         mmlu=last_user.rstrip().endswith("Answer:"),
         route=None if schema is None else _route_labels(schema),
         route_text=last_user,
+        structured=structured,
     )
 
 
@@ -692,7 +1120,9 @@ class ProviderStats(TypedDict):
     is keyed by the status code as a string and counts replies actually sent (a dropped or
     hung request that never completes has none); ``rate_limited`` counts 429s from the real
     limiter only; ``faults`` counts injected faults by ``x-mock-fault`` name; the token totals
-    add up the ``usage`` of every well-formed successful reply.
+    add up the ``usage`` of every well-formed successful reply; ``structured`` counts those
+    replies that answer a structured output other than route_decision (labels, choice, JSON
+    extraction).
     """
 
     requests: int
@@ -702,6 +1132,7 @@ class ProviderStats(TypedDict):
     faults: dict[str, int]
     prompt_tokens: int
     completion_tokens: int
+    structured: int
 
 
 def _empty_stats() -> ProviderStats:
@@ -713,6 +1144,7 @@ def _empty_stats() -> ProviderStats:
         faults=dict.fromkeys(FAULTS, 0),
         prompt_tokens=0,
         completion_tokens=0,
+        structured=0,
     )
 
 
@@ -725,6 +1157,7 @@ def _copy_stats(stats: ProviderStats) -> ProviderStats:
         faults=dict(stats["faults"]),
         prompt_tokens=stats["prompt_tokens"],
         completion_tokens=stats["completion_tokens"],
+        structured=stats["structured"],
     )
 
 
@@ -866,13 +1299,14 @@ class _MockServer:
         if fault == "503":
             return _error(wire, 503, "The server is overloaded, please retry.",
                           headers=rl_headers)
-        payload, completion_tokens = self._reply(call)
+        payload, completion_tokens, structured = self._reply(call)
         if fault == "malformed":
             return _raw_response(200, payload[: len(payload) // 2], rl_headers)
         if fault == "drop":
             return await _drop(request, payload, rl_headers)
         counters["prompt_tokens"] += call.prompt_tokens
         counters["completion_tokens"] += completion_tokens
+        counters["structured"] += structured
         return _raw_response(200, payload, rl_headers)
 
     def _authenticate(self, key: str | None) -> str | None:
@@ -953,12 +1387,19 @@ class _MockServer:
                 return fault
         return None
 
-    def _reply(self, call: _Call) -> tuple[bytes, int]:
-        """The JSON body of a successful reply, and its completion tokens."""
-        tool_input: dict[str, str] | None = None
-        if call.route is not None:
-            decision = _decide(call, self.config.route_garbage_rate)
-            text, tool_input = decision.text, decision.tool_input
+    def _reply(self, call: _Call) -> tuple[bytes, int, bool]:
+        """The JSON body of a successful reply, its completion tokens, and whether it
+        answers a structured output other than route_decision."""
+        tool_input: dict[str, Any] | None = None
+        tool_name = ROUTE_DECISION
+        if call.route is not None or call.structured is not None:
+            if call.structured is not None:
+                answer = _structured_answer(call)
+                text, tool_input = answer.text, answer.tool_input
+                tool_name = call.structured.name
+            else:
+                decision = _decide(call, self.config.route_garbage_rate)
+                text, tool_input = decision.text, decision.tool_input
             cap = call.max_tokens
             truncated = cap is not None and count_tokens(text) > cap
             if cap is not None and truncated:
@@ -991,9 +1432,9 @@ class _MockServer:
         else:
             content: list[dict[str, Any]] = [{"type": "text", "text": text}]
             stop = "max_tokens" if truncated else "end_turn"
-            if call.route is not None and tool_input is not None:
+            if tool_input is not None:
                 content = [{"type": "tool_use", "id": f"toolu_mock{suffix}",
-                            "name": ROUTE_DECISION, "input": tool_input}]
+                            "name": tool_name, "input": tool_input}]
                 stop = "tool_use"
             body = {
                 "id": f"msg_mock{suffix}",
@@ -1005,7 +1446,8 @@ class _MockServer:
                 "stop_sequence": None,
                 "usage": {"input_tokens": call.prompt_tokens, "output_tokens": completion_tokens},
             }
-        return json.dumps(body, separators=(",", ":")).encode(), completion_tokens
+        return (json.dumps(body, separators=(",", ":")).encode(), completion_tokens,
+                call.structured is not None)
 
 
 def _presented_key(wire: Wire, headers: Mapping[str, str]) -> str | None:
