@@ -30,7 +30,8 @@ Endpoints
 
     Errors: ``{"type": "error", "error": {"type", "message"}}``.
 ``GET /health`` → ``{"ok": true, "server": "batchroute-mock-provider"}``; ``GET /stats`` → the counters of :meth:`MockProvider.stats`
-(see :class:`ProviderStats`; ``structured`` counts the structured answers below).
+(see :class:`ProviderStats`; ``structured`` and ``invalid_answers`` count the structured
+answers below).
 
 Message ``content`` may be a string or a list of ``{"type": "text", "text"}`` parts (both APIs
 accept either); non-text parts count as empty. ``temperature`` is accepted and ignored, and
@@ -129,6 +130,26 @@ label) as completion tokens, and ``max_tokens`` cuts that text like any answer (
 reason ``length``; Anthropic ``stop_reason: "max_tokens"`` with the cut text in a text block
 instead of the ``tool_use``).
 
+``invalid_rate`` makes that share of structured requests (route_decision excluded: it has
+``route_garbage_rate``) get an invalid answer. Which requests, and the form of the answer,
+come from the same request digest, so the same prompts to the same model fail the same way
+every time while another model may answer them validly (as escalation needs); the valid
+instance itself does not depend on the rate. Three forms, each falling back to the next the
+schema allows:
+
+* off-enum: one value drawn from an ``enum``/``const`` replaced by ``unsure`` or a near miss
+  such as ``Billing issue`` (never an allowed value); choice lists get such a text as the
+  answer;
+* schema-violating: a required property left out, or a property given a value of a type its
+  schema does not allow (``"n/a"``, ``7``, ``true``, ...); choice lists get ``{"label": LABEL}``
+  instead of the bare label;
+* unparsable: the first half of the JSON text (Anthropic: a text block of prose with
+  ``stop_reason: "end_turn"``, the tool ignored); choice lists get a sentence of prose.
+
+Only values outside ``anyOf``/``oneOf`` branches are spoiled (another branch might accept
+them). An invalid answer is still a 200 with usage, and is cut by ``max_tokens`` like any
+other.
+
 Latency
 -------
 Each answer waits ``latency_ms`` scaled by a log-normal factor (sigma 0.4, capped at 4x) drawn
@@ -180,8 +201,9 @@ and falls into at most one band, in this order (the rates must sum to at most 1)
 ``burst_429_rate``  a spurious 429 with ``retry-after: 1`` although the buckets have room
 ==================  ================================================================
 
-``route_garbage_rate`` (above) is not one of these bands: it draws nothing, it changes only the
-content of a well-formed 200 reply, and it applies to difficulty answers only.
+``route_garbage_rate`` and ``invalid_rate`` (above) are not among these bands: they draw
+nothing, they change only the content of a well-formed 200 reply, and they apply to
+difficulty answers and to the other structured answers respectively.
 
 The draws follow arrival order, so a run with the same seed and the same request order sees
 the same faults. A retried request draws again, so a fault is never sticky.
@@ -353,7 +375,8 @@ class MockProviderConfig:
     probabilities that
     together must not exceed 1 (one draw decides at most one fault). ``seed`` fixes the fault
     draws. ``route_garbage_rate`` in [0, 1] is the share of prompts whose difficulty answer is
-    malformed (chosen by prompt digest, not drawn). Raises :class:`ConfigError` naming the
+    malformed (chosen by prompt digest, not drawn); ``invalid_rate`` in [0, 1] the share of
+    other structured requests answered invalidly (chosen by request digest). Raises :class:`ConfigError` naming the
     offending field.
     """
 
@@ -372,6 +395,7 @@ class MockProviderConfig:
     malformed_rate: float = 0.0
     burst_429_rate: float = 0.0
     route_garbage_rate: float = 0.0
+    invalid_rate: float = 0.0
     hang_s: float = 30.0
     api_key: str | None = field(default=None, repr=False)
     expired_keys: frozenset[str] = field(default=frozenset(), repr=False)
@@ -401,10 +425,10 @@ class MockProviderConfig:
         for name, rate in self._fault_rates():
             if not (isinstance(rate, int | float) and 0.0 <= rate <= 1.0):
                 raise ConfigError(f"mock provider {name} must be in [0, 1], got {rate!r}")
-        garbage = self.route_garbage_rate
-        if not (isinstance(garbage, int | float) and 0.0 <= garbage <= 1.0):
-            raise ConfigError(f"mock provider route_garbage_rate must be in [0, 1], "
-                              f"got {garbage!r}")
+        for name in ("route_garbage_rate", "invalid_rate"):
+            share = getattr(self, name)
+            if not (isinstance(share, int | float) and 0.0 <= share <= 1.0):
+                raise ConfigError(f"mock provider {name} must be in [0, 1], got {share!r}")
         total = sum(rate for _, rate in self._fault_rates())
         if total > 1.0 + 1e-9:
             raise ConfigError(f"mock provider fault rates sum to {total:g}; they must be <= 1")
@@ -1012,29 +1036,193 @@ class _Instance:
 @dataclass(frozen=True, slots=True)
 class _StructuredAnswer:
     """A structured answer: ``text`` is what an OpenAI client reads as the content;
-    ``tool_input`` the Anthropic tool input (None: answer ``text`` in a text block)."""
+    ``tool_input`` the Anthropic tool input (None: answer ``text`` in a text block);
+    ``invalid`` whether it was made invalid on purpose (``invalid_rate``)."""
 
     tool_input: dict[str, Any] | None
     text: str
+    invalid: bool = False
+
+
+# The three forms of an invalid answer, picked by digest; each falls back to the next one
+# the instance allows (an enum needs an enum value to spoil, a schema violation an object).
+_INVALID_KINDS: Final = ("off_enum", "schema", "unparsable")
+# A wrong value for each JSON type, tried in this order against the types a schema allows.
+_WRONG_VALUES: Final[tuple[tuple[str, Any], ...]] = (
+    ("string", "n/a"), ("integer", 7), ("boolean", True), ("array", []), ("object", {}),
+    ("null", None))
 
 
 def _dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def _structured_answer(call: _Call) -> _StructuredAnswer:
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    return "string" if isinstance(value, str) else "array" if isinstance(value, list) \
+        else "object"
+
+
+def _types_of(gen: _Instance, schema: object) -> frozenset[str] | None:
+    """The JSON types ``schema`` allows, or None when that is not plain to see."""
+    schema = gen.resolve(schema)
+    if not isinstance(schema, dict):
+        return None
+    if "const" in schema:
+        return frozenset({_json_type(schema["const"])})
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum:
+        return frozenset(_json_type(v) for v in enum)
+    kind = schema.get("type")
+    if isinstance(kind, str):
+        return frozenset({kind})
+    if isinstance(kind, list) and kind and all(isinstance(t, str) for t in kind):
+        return frozenset(kind)
+    branches = schema.get("anyOf", schema.get("oneOf"))
+    if isinstance(branches, list) and branches:
+        types = [_types_of(gen, b) for b in branches]
+        if all(t is not None for t in types):
+            return frozenset().union(*(t for t in types if t is not None))
+    return None
+
+
+def _wrong_value(types: frozenset[str]) -> tuple[bool, Any]:
+    """(True, a value of a type ``types`` does not allow), or (False, None) if it allows all."""
+    for kind, value in _WRONG_VALUES:
+        if kind not in types and not (kind == "integer" and "number" in types):
+            return True, copy.deepcopy(value)
+    return False, None
+
+
+def _off_value(allowed: tuple[Any, ...], rng: random.Random) -> str:
+    """A text that is not among ``allowed``: ``unsure``, or a near miss of one of them such
+    as ``Billing issue`` for ``billing``."""
+    strings = [v for v in allowed if isinstance(v, str)]
+    near = rng.choice(strings).replace("_", " ").capitalize() if strings else "Other"
+    candidates = ["unsure", f"{near} issue", "none of these"]
+    start = rng.randrange(len(candidates))
+    for text in candidates[start:] + candidates[:start]:
+        if text not in allowed:
+            return text
+    n = 2
+    while f"unsure {n}" in allowed:  # ends: allowed is finite
+        n += 1
+    return f"unsure {n}"
+
+
+def _prose(value: object, name: str) -> str:
+    """An answer in words, the schema ignored (no JSON to parse)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, str | int | float) and not isinstance(item, bool):
+                return f"Sure, the {key} is {item}."
+    return f"Sure, here is the {name or 'answer'} you asked for."
+
+
+def _replace(root: Any, path: Path, new: Any) -> Any:
+    """``root`` with the value at ``path`` replaced by ``new`` (in place unless at the root)."""
+    if not path:
+        return new
+    parent = root
+    for step in path[:-1]:
+        parent = parent[step]
+    parent[path[-1]] = new
+    return root
+
+
+def _spoiled(kind: str, value: Any, gen: _Instance, spec: _Structured, wire: Wire,
+             rng: random.Random) -> _StructuredAnswer:
+    """An invalid answer derived from the valid instance ``value``: ``kind`` if the instance
+    allows it, else the next kind in ``_INVALID_KINDS``."""
+    for form in _INVALID_KINDS[_INVALID_KINDS.index(kind):]:
+        if form == "off_enum" and gen.enum_sites:
+            path, allowed = rng.choice(gen.enum_sites)
+            bad = _replace(value, path, _off_value(allowed, rng))
+            return _StructuredAnswer(bad if isinstance(bad, dict) else None, _dumps(bad), True)
+        if form == "schema":
+            options: list[tuple[Path, str, bool, Any]] = []  # (object, property, drop?, value)
+            for path, required, props in gen.objects:
+                obj = value
+                for step in path:
+                    obj = obj[step]
+                options += [(path, name, True, None) for name in required if name in obj]
+                for name in obj:
+                    types = _types_of(gen, props.get(name, {}))
+                    found, wrong = _wrong_value(types) if types is not None else (False, None)
+                    if found:
+                        options.append((path, name, False, wrong))
+            if options:
+                path, name, drop, wrong = rng.choice(options)
+                obj = value
+                for step in path:
+                    obj = obj[step]
+                if drop:
+                    del obj[name]
+                else:
+                    obj[name] = wrong
+                return _StructuredAnswer(value if isinstance(value, dict) else None,
+                                         _dumps(value), True)
+        if form == "unparsable":
+            if wire == "anthropic":  # the tool ignored: prose in a text block
+                return _StructuredAnswer(None, _prose(value, spec.name), True)
+            text = _dumps(value)
+            cut = text[: len(text) // 2]
+            if not cut or _parses(cut):  # e.g. "12.5" cut to "12": prose instead
+                cut = _prose(value, spec.name)
+            return _StructuredAnswer(None, cut, True)
+    raise AssertionError("unparsable is always possible")  # pragma: no cover
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _off_choice(kind: str, label: str, choices: tuple[str, ...],
+                rng: random.Random) -> str:
+    """A text that is not one of ``choices``: an off-label word, prose, or JSON."""
+    if kind == "unparsable":
+        text = f"This looks like {label} to me."
+    elif kind == "schema":
+        text = _dumps({"label": label})
+    else:
+        return _off_value(choices, rng)
+    return text if text not in choices else _off_value(choices, rng)
+
+
+def _structured_answer(call: _Call, invalid_rate: float) -> _StructuredAnswer:
     """The answer to ``call.structured`` (see the module docstring)."""
     spec = call.structured
     assert spec is not None
-    # A digest of its own, so the instance is independent of the other uses of call.digest.
+    # A digest of its own, so the answer is independent of the other uses of call.digest.
+    # Whether the answer is invalid, and how, is decided first, so the valid instance is the
+    # same whatever invalid_rate is.
     key = hashlib.blake2b(call.digest, digest_size=16, person=b"structured").digest()
+    invalid = int.from_bytes(key[:4], "big") / 2**32 < invalid_rate
+    kind = _INVALID_KINDS[key[4] % len(_INVALID_KINDS)]
     rng = random.Random(int.from_bytes(key[5:], "big"))
     if spec.choices is not None:
-        return _StructuredAnswer(None, rng.choice(spec.choices))
+        label = rng.choice(spec.choices)
+        if invalid:
+            return _StructuredAnswer(None, _off_choice(kind, label, spec.choices, rng), True)
+        return _StructuredAnswer(None, label)
     schema = spec.schema
     if call.wire == "anthropic" and "type" not in schema:
         schema = {**schema, "type": "object"}  # a tool input is always an object
-    value = _Instance(schema, rng).value(schema)
+    gen = _Instance(schema, rng)
+    value = gen.value(schema)
+    if invalid:
+        return _spoiled(kind, value, gen, spec, call.wire, rng)
     return _StructuredAnswer(value if isinstance(value, dict) else None, _dumps(value))
 
 
@@ -1122,7 +1310,8 @@ class ProviderStats(TypedDict):
     limiter only; ``faults`` counts injected faults by ``x-mock-fault`` name; the token totals
     add up the ``usage`` of every well-formed successful reply; ``structured`` counts those
     replies that answer a structured output other than route_decision (labels, choice, JSON
-    extraction).
+    extraction), and ``invalid_answers`` how many of those were made invalid on purpose
+    (``invalid_rate``; a valid answer cut by ``max_tokens`` does not count).
     """
 
     requests: int
@@ -1133,6 +1322,7 @@ class ProviderStats(TypedDict):
     prompt_tokens: int
     completion_tokens: int
     structured: int
+    invalid_answers: int
 
 
 def _empty_stats() -> ProviderStats:
@@ -1145,6 +1335,7 @@ def _empty_stats() -> ProviderStats:
         prompt_tokens=0,
         completion_tokens=0,
         structured=0,
+        invalid_answers=0,
     )
 
 
@@ -1158,6 +1349,7 @@ def _copy_stats(stats: ProviderStats) -> ProviderStats:
         prompt_tokens=stats["prompt_tokens"],
         completion_tokens=stats["completion_tokens"],
         structured=stats["structured"],
+        invalid_answers=stats["invalid_answers"],
     )
 
 
@@ -1299,14 +1491,16 @@ class _MockServer:
         if fault == "503":
             return _error(wire, 503, "The server is overloaded, please retry.",
                           headers=rl_headers)
-        payload, completion_tokens, structured = self._reply(call)
+        payload, completion_tokens, invalid = self._reply(call)
         if fault == "malformed":
             return _raw_response(200, payload[: len(payload) // 2], rl_headers)
         if fault == "drop":
             return await _drop(request, payload, rl_headers)
         counters["prompt_tokens"] += call.prompt_tokens
         counters["completion_tokens"] += completion_tokens
-        counters["structured"] += structured
+        if invalid is not None:
+            counters["structured"] += 1
+            counters["invalid_answers"] += invalid
         return _raw_response(200, payload, rl_headers)
 
     def _authenticate(self, key: str | None) -> str | None:
@@ -1387,15 +1581,17 @@ class _MockServer:
                 return fault
         return None
 
-    def _reply(self, call: _Call) -> tuple[bytes, int, bool]:
-        """The JSON body of a successful reply, its completion tokens, and whether it
-        answers a structured output other than route_decision."""
+    def _reply(self, call: _Call) -> tuple[bytes, int, bool | None]:
+        """The JSON body of a successful reply, its completion tokens, and, when it answers a
+        structured output other than route_decision, whether that answer was made invalid on
+        purpose (None otherwise)."""
         tool_input: dict[str, Any] | None = None
         tool_name = ROUTE_DECISION
+        invalid: bool | None = None
         if call.route is not None or call.structured is not None:
             if call.structured is not None:
-                answer = _structured_answer(call)
-                text, tool_input = answer.text, answer.tool_input
+                answer = _structured_answer(call, self.config.invalid_rate)
+                text, tool_input, invalid = answer.text, answer.tool_input, answer.invalid
                 tool_name = call.structured.name
             else:
                 decision = _decide(call, self.config.route_garbage_rate)
@@ -1446,8 +1642,7 @@ class _MockServer:
                 "stop_sequence": None,
                 "usage": {"input_tokens": call.prompt_tokens, "output_tokens": completion_tokens},
             }
-        return (json.dumps(body, separators=(",", ":")).encode(), completion_tokens,
-                call.structured is not None)
+        return json.dumps(body, separators=(",", ":")).encode(), completion_tokens, invalid
 
 
 def _presented_key(wire: Wire, headers: Mapping[str, str]) -> str | None:
@@ -1779,6 +1974,12 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="share of prompts, from 0 to 1, whose route_decision (difficulty) answer is "
              "malformed: prose, cut-off JSON or an unknown label; the same prompts every "
              "time (default 0)")
+    add("--invalid-rate", type=_probability, default=0.0, metavar="R",
+        help="share of structured requests (labels, choice, JSON schema; not route_decision), "
+             "from 0 to 1, answered invalidly: a value outside the enum, cut-off JSON or "
+             "prose, or a missing required property or wrong type; chosen by model and "
+             "prompt, so the same requests fail every time and another model may answer "
+             "them validly (default 0)")
     add("--hang-s", type=_non_negative_float, default=30.0, metavar="S",
         help="seconds a --timeout-rate request hangs (default 30)")
     add("--api-key-env", default=None, metavar="NAME",
@@ -1819,7 +2020,7 @@ def _run_cli(args: argparse.Namespace) -> int:
             fail_rate=args.fail_rate, rate_503=args.rate_503, timeout_rate=args.timeout_rate,
             drop_rate=args.drop_rate, malformed_rate=args.malformed_rate,
             burst_429_rate=args.burst_429_rate, route_garbage_rate=args.route_garbage_rate,
-            hang_s=args.hang_s, api_key=api_key,
+            invalid_rate=args.invalid_rate, hang_s=args.hang_s, api_key=api_key,
             seed=args.seed,
         )
     except ConfigError as exc:

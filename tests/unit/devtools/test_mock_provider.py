@@ -1,6 +1,6 @@
 """The mock provider's configuration, token count, command line and structured answers.
 
-No server is started: requests go straight to the handler on a mocked aiohttp request.
+No server is started: requests go straight to the handler, as a stand-in request object.
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ import re
 import time
 from datetime import date, datetime
 from typing import Any
-from unittest import mock
 
 import pytest
-from aiohttp import streams
-from aiohttp.test_utils import make_mocked_request
 from jsonschema import Draft202012Validator
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from batchroute.devtools.mock_provider import (
     MockProviderConfig,
@@ -100,7 +98,6 @@ def test_start_up_line_keeps_its_default_format() -> None:
 
 # -- structured answers (labels, JSON extraction) ----------------------------------------------
 
-PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages"}
 HEADERS = {"openai": {"Authorization": "Bearer sk-test"},
            "anthropic": {"x-api-key": "sk-test", "anthropic-version": "2023-06-01"}}
 LABELS = ["billing", "technical", "account", "other"]
@@ -138,13 +135,21 @@ def server(**options: Any) -> _MockServer:
     return _MockServer(MockProviderConfig(**options), time.monotonic)
 
 
+class FakeRequest:
+    """What the handler reads of an aiohttp request: the body, the headers, the transport
+    (None: only the drop fault, not used here, would close it)."""
+
+    def __init__(self, wire: str, body: dict[str, Any]) -> None:
+        self.headers = CIMultiDictProxy(CIMultiDict(HEADERS[wire]))
+        self.transport = None
+        self._body = json.dumps(body).encode()
+
+    async def read(self) -> bytes:
+        return self._body
+
+
 async def _post(srv: _MockServer, wire: str, body: dict[str, Any]) -> tuple[int, Any]:
-    payload = streams.StreamReader(mock.Mock(_reading_paused=False), 2**20,
-                                   loop=asyncio.get_running_loop())
-    payload.feed_data(json.dumps(body).encode())
-    payload.feed_eof()
-    request = make_mocked_request("POST", PATHS[wire], headers=HEADERS[wire], payload=payload)
-    response = await srv._handle(request, wire)  # type: ignore[arg-type]
+    response = await srv._handle(FakeRequest(wire, body), wire)  # type: ignore[arg-type]
     return response.status, json.loads(response.body)  # type: ignore[attr-defined]
 
 
@@ -385,3 +390,132 @@ def test_route_decision_keeps_its_answers_and_is_not_counted_as_structured() -> 
 def test_an_anthropic_tool_schema_without_a_type_still_gets_an_object_input() -> None:
     reply = post(server(), "anthropic", tool_body("Say anything.", {}))
     assert tool_input_of(reply) == {}
+
+
+# -- invalid_rate -------------------------------------------------------------------------------
+
+
+def verdict(reply: dict[str, Any], schema: dict[str, Any] | None = None,
+            choices: list[str] | None = None) -> str:
+    """``valid``, or the form of an invalid answer: ``unparsable`` (cut-off JSON, prose),
+    ``enum`` (a value outside an enum or the choices), ``missing`` (a required property) or
+    ``wrong type``; for choices ``schema`` is JSON instead of the bare label."""
+    if choices is not None:
+        text = content_of(reply)
+        return "valid" if text in choices else "schema" if text.startswith("{") \
+            else "unparsable" if text.endswith(".") else "enum"
+    assert schema is not None
+    if "choices" in reply:
+        try:
+            instance = json.loads(content_of(reply))
+        except ValueError:
+            assert content_of(reply).startswith("{")  # cut-off JSON
+            return "unparsable"
+    else:
+        blocks = [b for b in reply["content"] if b["type"] == "tool_use"]
+        if not blocks:  # prose, the tool ignored
+            [block] = reply["content"]
+            assert (reply["stop_reason"], block["type"]) == ("end_turn", "text")
+            assert not block["text"].startswith("{")
+            return "unparsable"
+        instance = blocks[0]["input"]
+    errors = {e.validator for e in validator(schema).iter_errors(instance)}
+    assert errors <= {"enum", "required", "type", "anyOf"}, errors  # anyOf: a wrong type
+    if not errors:
+        return "valid"
+    # a wrong type breaks an enum too: ask for type first
+    return "missing" if "required" in errors else "wrong type" if errors & {
+        "type", "anyOf"} else "enum"
+
+
+CASES: list[tuple[str, str, Any, dict[str, Any] | None, list[str] | None]] = [
+    ("openai", "label", lambda p, m: json_schema_body(p, LABEL_SCHEMA, "label", model=m),
+     LABEL_SCHEMA, None),
+    ("anthropic", "label", lambda p, m: tool_body(p, LABEL_SCHEMA, "label", model=m),
+     LABEL_SCHEMA, None),
+    ("openai", "invoice", lambda p, m: json_schema_body(p, INVOICE_SCHEMA, model=m),
+     INVOICE_SCHEMA, None),
+    ("anthropic", "invoice", lambda p, m: tool_body(p, INVOICE_SCHEMA, model=m),
+     INVOICE_SCHEMA, None),
+    ("openai", "choice", lambda p, m: openai_body(p, model=m, structured_outputs={
+        "choice": LABELS}), None, LABELS),
+]
+
+
+@pytest.mark.parametrize(("wire", "task", "make", "schema", "choices"), CASES,
+                         ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_invalid_rate_spoils_a_fixed_share_of_requests_per_model(
+        wire: str, task: str, make: Any, schema: dict[str, Any] | None,
+        choices: list[str] | None) -> None:
+    prompts = [f"Request {i}: please handle invoice {i * 13} for customer {i % 17}."
+               for i in range(300)]
+    srv = server(invalid_rate=0.3)
+    replies = post_all(srv, wire, [make(p, "small") for p in prompts])
+    forms = [verdict(r, schema, choices) for r in replies]
+    bad = [f != "valid" for f in forms]
+    assert 0.24 < sum(bad) / len(prompts) < 0.36
+    # every answer made invalid fails (and is counted), every other one is the valid answer
+    assert srv.counters["invalid_answers"] == sum(bad)
+    assert srv.counters["structured"] == len(prompts)
+    honest = post_all(server(), wire, [make(p, "small") for p in prompts])
+    for reply, ok, valid in zip(replies, bad, honest, strict=True):
+        assert (answer_of(reply) == answer_of(valid)) is not ok
+    assert set(forms) == ({"valid", "unparsable", "enum", "schema"} if choices else
+                          {"valid", "unparsable", "enum", "missing", "wrong type"})
+    # the same prompts fail again, on another server too; another model fails other prompts
+    again = post_all(server(invalid_rate=0.3, seed=4), wire, [make(p, "small") for p in prompts])
+    assert [verdict(r, schema, choices) for r in again] == forms
+    other = post_all(srv, wire, [make(p, "big") for p in prompts])
+    other_bad = [verdict(r, schema, choices) != "valid" for r in other]
+    assert other_bad != bad and any(b and not o for b, o in zip(bad, other_bad, strict=True))
+
+
+def answer_of(reply: dict[str, Any]) -> Any:
+    if "choices" in reply:
+        return content_of(reply)
+    return reply["content"][0].get("input", reply["content"][0].get("text"))
+
+
+def test_invalid_rate_leaves_route_decision_and_plain_answers_alone() -> None:
+    srv, honest = server(invalid_rate=1.0), server()
+    route = {"type": "object", "properties": {"difficulty": {
+        "type": "string", "enum": ["easy", "medium", "hard"]}}, "required": ["difficulty"]}
+    bodies = [json_schema_body(p, route, "route_decision") for p in PROMPTS[:30]]
+    bodies += [openai_body(p, max_tokens=50) for p in PROMPTS[:30]]
+    assert [content_of(r) for r in post_all(srv, "openai", bodies)] == [
+        content_of(r) for r in post_all(honest, "openai", bodies)]
+    assert srv.counters["invalid_answers"] == srv.counters["structured"] == 0
+    assert all(verdict(r, LABEL_SCHEMA) != "valid" for r in post_all(
+        srv, "openai", [json_schema_body(p, LABEL_SCHEMA, "label") for p in PROMPTS[:30]]))
+
+
+def test_invalid_rate_is_a_validated_config_field_and_a_cli_flag(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchroute.devtools import mock_provider
+
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers())
+    assert parser.parse_args(["mock-provider"]).invalid_rate == 0.0
+    args = parser.parse_args(["mock-provider", "--invalid-rate", "0.3"])
+    assert args.invalid_rate == 0.3
+    served: list[MockProviderConfig] = []
+    monkeypatch.setattr(mock_provider, "serve_forever", served.append)
+    assert args.func(args) == 0 and served[0].invalid_rate == 0.3
+    with pytest.raises(SystemExit):
+        parser.parse_args(["mock-provider", "--invalid-rate", "1.1"])
+    assert MockProviderConfig(invalid_rate=1).invalid_rate == 1
+    for bad in (-0.1, 1.5, "0.3"):
+        with pytest.raises(ConfigError, match="invalid_rate"):
+            MockProviderConfig(invalid_rate=bad)  # type: ignore[arg-type]
+
+
+def test_an_off_label_answer_is_never_one_of_the_labels_even_unsure() -> None:
+    labels = ["unsure", "none of these", "Unsure issue", "None of these issue", "unsure 2",
+              "This looks like unsure to me.", '{"label":"unsure"}']
+    srv = server(invalid_rate=1.0)
+    texts = [content_of(r) for r in post_all(srv, "openai", [
+        openai_body(p, guided_choice=labels) for p in PROMPTS])]
+    assert not set(texts) & set(labels)
+    schema = {"type": "object", "properties": {"label": {"enum": labels}}, "required": ["label"]}
+    for reply in post_all(srv, "openai", [json_schema_body(p, schema) for p in PROMPTS]):
+        assert verdict(reply, schema) != "valid"
