@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml
 
 ## demo: sample data + bundled mock provider + jobs/demo.toml on local Ray, then the tickets
 # job (jobs/classify-tickets.toml: a template over a tickets table, labels parsed into a column;
-# the mock answers 5% of structured requests off-label, so the invalid counts show too)
+# the mock answers 5% of structured requests off-label, except gpt-4's, so the invalid counts
+# and their escalations show too)
 # The mock enforces 6,000 RPM per model over 10 s windows, and only 3,000 RPM for gpt-4 whose
 # catalog entry claims 3,600: the demo shows the client limiter pacing every model, and gpt-4
 # slowed to the provider's 3,000 from its rate-limit headers before any 429.
@@ -31,11 +32,11 @@ demo: export BATCHROUTE_DEMO_KEY ?= sk-demo-not-a-real-key
 demo: $(STAMP)
 	mkdir -p runs
 	$(BIN)/batchroute sample --out runs/demo-input/prompts.parquet --rows 20000
-	$(BIN)/batchroute sample --kind tickets --out runs/tickets-input/tickets.parquet --rows 5000
+	$(BIN)/batchroute sample --kind tickets --out runs/tickets-input/tickets.parquet --rows 3000
 	@set -e; \
 	$(BIN)/batchroute mock-provider --port $(DEMO_PORT) --rpm 6000 --tpm 20000000 --window-s 10 \
 	    --model-limit gpt-4-1106-preview=3000:4000000 --latency-ms 250 --fail-rate 0.01 \
-	    --invalid-rate 0.05 \
+	    --invalid-rate 0.05 --model-invalid-rate gpt-4-1106-preview=0 \
 	    --api-key-env BATCHROUTE_DEMO_KEY > runs/mock-provider.log 2>&1 & \
 	mock=$$!; trap 'kill $$mock 2>/dev/null' EXIT; \
 	$(BIN)/batchroute mock-provider --wait-ready --port $(DEMO_PORT); \

@@ -131,7 +131,8 @@ reason ``length``; Anthropic ``stop_reason: "max_tokens"`` with the cut text in 
 instead of the ``tool_use``).
 
 ``invalid_rate`` makes that share of structured requests (route_decision excluded: it has
-``route_garbage_rate``) get an invalid answer. Which requests, and the form of the answer,
+``route_garbage_rate``) get an invalid answer; ``model_invalid_rates`` (``--model-invalid-rate
+NAME=R``) sets another share for a model. Which requests, and the form of the answer,
 come from the same request digest, so the same prompts to the same model fail the same way
 every time while another model may answer them validly (as escalation needs); the valid
 instance itself does not depend on the rate. Three forms, each falling back to the next the
@@ -396,6 +397,8 @@ class MockProviderConfig:
     burst_429_rate: float = 0.0
     route_garbage_rate: float = 0.0
     invalid_rate: float = 0.0
+    # Per model (its wire name), a share that replaces invalid_rate: ((name, rate), ...).
+    model_invalid_rates: tuple[tuple[str, float], ...] = ()
     hang_s: float = 30.0
     api_key: str | None = field(default=None, repr=False)
     expired_keys: frozenset[str] = field(default=frozenset(), repr=False)
@@ -425,8 +428,12 @@ class MockProviderConfig:
         for name, rate in self._fault_rates():
             if not (isinstance(rate, int | float) and 0.0 <= rate <= 1.0):
                 raise ConfigError(f"mock provider {name} must be in [0, 1], got {rate!r}")
-        for name in ("route_garbage_rate", "invalid_rate"):
-            share = getattr(self, name)
+        object.__setattr__(self, "model_invalid_rates", tuple(
+            (str(m), r) for m, r in dict(self.model_invalid_rates).items()))
+        shares = [("route_garbage_rate", self.route_garbage_rate),
+                  ("invalid_rate", self.invalid_rate),
+                  *((f"model_invalid_rates[{m!r}]", r) for m, r in self.model_invalid_rates)]
+        for name, share in shares:
             if not (isinstance(share, int | float) and 0.0 <= share <= 1.0):
                 raise ConfigError(f"mock provider {name} must be in [0, 1], got {share!r}")
         total = sum(rate for _, rate in self._fault_rates())
@@ -1387,6 +1394,7 @@ class _MockServer:
     def __init__(self, config: MockProviderConfig, clock: Callable[[], float]) -> None:
         self.config = config
         self._clock = clock
+        self._invalid_rates = dict(config.model_invalid_rates)
         self._rng = random.Random(config.seed)
         self._limits: dict[tuple[str, str], _Limits] = {}
         self.counters = _empty_stats()
@@ -1590,7 +1598,8 @@ class _MockServer:
         invalid: bool | None = None
         if call.route is not None or call.structured is not None:
             if call.structured is not None:
-                answer = _structured_answer(call, self.config.invalid_rate)
+                answer = _structured_answer(call, self._invalid_rates.get(
+                    call.model, self.config.invalid_rate))
                 text, tool_input, invalid = answer.text, answer.tool_input, answer.invalid
                 tool_name = call.structured.name
             else:
@@ -1908,6 +1917,14 @@ def _model_limit(text: str) -> tuple[str, int, int | None]:
         ) from None
 
 
+def _model_rate(text: str) -> tuple[str, float]:
+    """Parse ``NAME=R`` (split at the last ``=``), R a share from 0 to 1."""
+    name, sep, value = text.rpartition("=")
+    if not (sep and name):
+        raise argparse.ArgumentTypeError(f"expected NAME=R, such as gpt-4o=0, got {text!r}")
+    return name, _probability(value)
+
+
 def _window(text: str) -> float:
     try:
         value = float(text)
@@ -1980,6 +1997,9 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
              "prose, or a missing required property or wrong type; chosen by model and "
              "prompt, so the same requests fail every time and another model may answer "
              "them validly (default 0)")
+    add("--model-invalid-rate", type=_model_rate, action="append", dest="model_invalid_rates",
+        metavar="NAME=R", help="--invalid-rate for one model (its wire name); repeat for "
+        "several, e.g. gpt-4o=0 for a strong model that never answers off-label")
     add("--hang-s", type=_non_negative_float, default=30.0, metavar="S",
         help="seconds a --timeout-rate request hangs (default 30)")
     add("--api-key-env", default=None, metavar="NAME",
@@ -2021,6 +2041,7 @@ def _run_cli(args: argparse.Namespace) -> int:
             drop_rate=args.drop_rate, malformed_rate=args.malformed_rate,
             burst_429_rate=args.burst_429_rate, route_garbage_rate=args.route_garbage_rate,
             invalid_rate=args.invalid_rate, hang_s=args.hang_s, api_key=api_key,
+            model_invalid_rates=tuple(args.model_invalid_rates or ()),
             seed=args.seed,
         )
     except ConfigError as exc:

@@ -509,6 +509,31 @@ def test_invalid_rate_is_a_validated_config_field_and_a_cli_flag(
             MockProviderConfig(invalid_rate=bad)  # type: ignore[arg-type]
 
 
+def test_a_model_can_have_its_own_invalid_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchroute.devtools import mock_provider
+
+    srv = server(invalid_rate=1.0, model_invalid_rates=(("big", 0.0),))
+    bodies = {m: [json_schema_body(p, LABEL_SCHEMA, "label", model=m) for p in PROMPTS[:40]]
+              for m in ("small", "big")}
+    assert all(verdict(r, LABEL_SCHEMA) != "valid"
+               for r in post_all(srv, "openai", bodies["small"]))
+    assert all(verdict(r, LABEL_SCHEMA) == "valid"
+               for r in post_all(srv, "openai", bodies["big"]))
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers())
+    args = parser.parse_args(["mock-provider", "--invalid-rate", "0.2",
+                              "--model-invalid-rate", "gpt-4=0", "--model-invalid-rate",
+                              "a=b=0.5"])
+    served: list[MockProviderConfig] = []
+    monkeypatch.setattr(mock_provider, "serve_forever", served.append)
+    assert args.func(args) == 0
+    assert served[0].model_invalid_rates == (("gpt-4", 0.0), ("a=b", 0.5))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["mock-provider", "--model-invalid-rate", "gpt-4=2"])
+    with pytest.raises(ConfigError, match=r"model_invalid_rates\['x'\]"):
+        MockProviderConfig(model_invalid_rates=(("x", -1.0),))
+
+
 def test_an_off_label_answer_is_never_one_of_the_labels_even_unsure() -> None:
     labels = ["unsure", "none of these", "Unsure issue", "None of these issue", "unsure 2",
               "This looks like unsure to me.", '{"label":"unsure"}']
