@@ -424,9 +424,21 @@ def _template_variables(source: str) -> set[str]:
     try:
         ast = _environment().parse(source)
     except TemplateSyntaxError as exc:
-        raise ConfigError(f"task.template: syntax error at line {exc.lineno}: {exc.message}"
-                          ) from None
+        raise ConfigError(f"task.template: syntax error at line {exc.lineno}"
+                          f"{_tag_column(source, exc.lineno)}: {exc.message}") from None
     return set(meta.find_undeclared_variables(ast))
+
+
+def _tag_column(source: str, lineno: int) -> str:
+    """", column C" of the last tag (``{{``, ``{%``, ``{#``) opened on line ``lineno``: Jinja
+    reports the line of a syntax error only, and the broken tag is the last one opened there
+    (or the line's only one). Empty when the line opens none."""
+    lines = source.splitlines()
+    if not 1 <= lineno <= len(lines):
+        return ""
+    line = lines[lineno - 1]
+    starts = [i for i in range(len(line) - 1) if line[i] == "{" and line[i + 1] in "{%#"]
+    return f", column {starts[-1] + 1}" if starts else ""
 
 
 class NullValue(Exception):

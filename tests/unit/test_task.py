@@ -32,7 +32,8 @@ def _parse(t: dict[str, Any], **job: Any) -> config.JobConfig:
 
 
 @pytest.mark.parametrize(("t", "needle"), [
-    ({"template": "Subject: {{ subject }\n\n{{ body }}"}, r"task\.template: syntax error at line 1"),
+    ({"template": "Subject: {{ subject }\n\n{{ body }}"},
+     r"task\.template: syntax error at line 1, column 10: unexpected"),
     ({"template": "hi\n{% if x %}no end"}, r"task\.template: syntax error at line 2"),
     ({"template": "the same for every row"}, r"task\.template: names no input column"),
     ({"output": {"labels": []}}, r"task\.output\.labels: must be a non-empty list"),
