@@ -378,6 +378,10 @@ class ModelDispatcher:
                 invalid += 1
                 self.stats.invalid += 1
                 spent = _plus(answer, spent)
+                if answer.finish_reason == "length":  # the same cap would cut it again
+                    return self._finish("failed", spent, attempt, latency, InvalidOutput(
+                        f"answer cut at max_tokens ({req.max_tokens}) before it was complete: "
+                        f"{why}"), started, asked, invalid=invalid)
                 if invalid > self._output_retries:
                     return self._finish("failed", spent, attempt, latency,
                                         InvalidOutput(why), started, asked, invalid=invalid)
@@ -498,6 +502,9 @@ def _escalation_reason(o: _CallOutcome, escalate_on: tuple[str, ...]) -> str | N
         reason = o.answer.finish_reason
         return reason if reason in ("length", "refusal") and reason in escalate_on else None
     if isinstance(o.error, InvalidOutput):  # escalated for "invalid" only, never "failed"
+        cut = o.answer is not None and o.answer.finish_reason == "length"
+        if cut and "length" in escalate_on:
+            return "length"
         return "invalid" if "invalid" in escalate_on else None
     if o.status == "failed" and "failed" in escalate_on and not isinstance(o.error, AuthError):
         return f"failed:{o.error.error_type if o.error else 'unknown'}"

@@ -39,11 +39,12 @@ def _tickets(path: Path) -> None:
     }), path)
 
 
-def _job(tmp: Path, url: str, task: dict[str, Any], **job: Any) -> config.JobConfig:
+def _job(tmp: Path, url: str, task: dict[str, Any], max_tokens: int = 64,
+         **job: Any) -> config.JobConfig:
     doc = demo_job_doc(tmp / "in.parquet", tmp / "runs", url,
                        dispatch={"backoff_base_s": 0.01, "backoff_max_s": 0.05,
                                  "batch_rows": 32, "escalate_on": ["invalid"],
-                                 "default_max_tokens": 64})
+                                 "default_max_tokens": max_tokens})
     doc["job"].update(job)
     doc["task"] = task
     return config.parse(doc)
@@ -79,6 +80,18 @@ def test_a_labels_job_over_a_tickets_table(tmp_path: Path, api_key: str,
     assert len(escalated) > 0
     reasons = {e["reason"] for es in escalated["escalations"].to_list() for e in es}
     assert reasons == {"invalid"}
+    # the forecast counted the rendered prompt, the system prompt and the labels schema
+    from batchroute import tokens
+    from batchroute.task import wire_schema
+
+    routed = pl.read_parquet(out.folder.sub("routed"), hive_partitioning=False)
+    schema_chars = len(json.dumps(wire_schema(job.task.output).schema,  # type: ignore[union-attr]
+                                  separators=(",", ":")))
+    expected = tokens.input_estimate(
+        routed["prompt"].str.len_chars().cast(pl.Int64).to_numpy() + len("Label the ticket.") + schema_chars, 2)
+    assert routed["est_input_tokens"].to_list() == expected.tolist()
+    forecast = json.loads(Path(out.folder.sub("forecast.json")).read_text())
+    assert sum(m["est_input_tokens"] for m in forecast["models"].values()) == expected.sum()
     rollups = pl.read_parquet(out.folder.sub("rollups"))
     charged_invalid = (int(results["invalid_answers"].sum())
                        + sum(e["invalid_answers"] for es in escalated["escalations"].to_list()
@@ -105,12 +118,14 @@ def test_an_extraction_job_fills_a_typed_output_struct(tmp_path: Path, provider:
     pq.write_table(pa.table({
         "invoice_id": [f"INV-{i:04d}" for i in range(40)],
         "vendor": ["Acme"] * 40,
-        "text": [f"Invoice INV-{i:04d}, total {i * 10}.50 USD" for i in range(40)]}),
+        "text": [f"Invoice INV-{i:04d}, total {i * 10}.50 USD" for i in range(40)],
+        # half go to the anthropic model: both wires are asked for the schema
+        "force_model": ["claude-3-5-sonnet" if i % 2 else None for i in range(40)]}),
         tmp_path / "in.parquet")
     job = _job(tmp_path, provider.url, {
         "template": "Vendor: {{ vendor }}\n\n{{ text }}",
         "output": {"json_schema": str(REPO / "schemas" / "invoice.schema.json")}},
-        id_column="invoice_id")
+        max_tokens=600, id_column="invoice_id")
     out = runner.run(job, run_id="invoices", progress=quiet_progress())
     results = pl.read_parquet(out.folder.sub("results"))
     assert sorted(results["invoice_id"]) == [f"INV-{i:04d}" for i in range(40)]
@@ -122,8 +137,15 @@ def test_an_extraction_job_fills_a_typed_output_struct(tmp_path: Path, provider:
     assert types["total"] == pl.Float64 and types["line_items"] == pl.List(pl.String)
     assert types["paid"] == pl.Boolean
     ok = results.filter(pl.col("status") == "ok")
-    assert len(ok) > 0 and ok["output"].struct.field("currency").is_in(
+    assert set(ok["model"]) == {"claude-3-5-sonnet", "mixtral-8x7b-instruct"} or len(
+        set(ok["model"])) >= 2
+    assert len(ok) == 40, results.filter(pl.col("status") != "ok").select(
+        "model", "error_type", "error_message", "response").to_dicts()
+    assert ok["output"].struct.field("currency").is_in(
         ["USD", "EUR", "GBP"]).all()
+    assert ok["output"].struct.field("invoice_number").null_count() == 0
+    pdf = pd_read(out.folder.sub("results"))
+    assert all(isinstance(v, dict) and "total" in v for v in pdf["output"])
     totals = duckdb.connect().execute(
         f"select count(output.total) from read_parquet('{out.folder.sub('results')}/*.parquet')"
         " where status = 'ok'").fetchone()

@@ -223,3 +223,21 @@ def test_free_text_tasks_send_the_system_prompt_and_add_no_output_column() -> No
     assert "response_format" not in bodies[CHEAP][0]
     assert "label" not in out.schema.names and "output" not in out.schema.names
     assert rows[0]["status"] == "ok" and rows[0]["invalid_answers"] == 0
+
+
+def test_an_answer_cut_at_max_tokens_is_not_retried_and_escalates_as_length() -> None:
+    cut = httpx.Response(200, json={
+        "choices": [{"message": {"role": "assistant", "content": '{"number": "INV-1", "to'},
+                     "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 16}})
+    answer = {"number": "INV-1", "total": 1, "items": [], "paid": False, "lines": 1}
+    for escalate_on, reason in ((("length", "invalid"), "length"), (("invalid",), "invalid")):
+        job = _job({"json_schema": INVOICE, "retries_on_invalid": 2}, escalate_on=escalate_on)
+        rows, bodies, _, _ = _run(job, {CHEAP: lambda b, k: cut,
+                                        MID: lambda b, k: _anthropic_tool("output", answer)})
+        assert len(bodies[CHEAP]) == 1  # the same cap would cut it again: no retry
+        assert rows[0]["status"] == "ok" and rows[0]["escalations"][0]["reason"] == reason
+    job = _job({"json_schema": INVOICE, "retries_on_invalid": 2})
+    rows, bodies, _, _ = _run(job, {CHEAP: lambda b, k: cut})
+    assert len(bodies[CHEAP]) == 1 and rows[0]["error_type"] == "invalid_output"
+    assert rows[0]["error_message"].startswith("answer cut at max_tokens (16)")
