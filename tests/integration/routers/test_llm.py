@@ -115,7 +115,8 @@ def test_the_dispatch_actor_answers_routing_calls(
 
     job = config.parse(job_doc(provider.url + "/v1"))
     actor = ray.remote(num_cpus=0)(_DispatchActor).remote(job.models[MID], job.dispatch,
-                                                          RunFolder(str(tmp_path), "r"))
+                                                          RunFolder(str(tmp_path), "r"),
+                                                          job.task)
 
     def ask(routed: pa.Table) -> pa.Table:
         result: pa.Table = ray.get(actor.ask_route.remote(routed))
