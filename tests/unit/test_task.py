@@ -276,3 +276,46 @@ def test_routing_sees_the_rendered_prompt_and_counts_the_system_prompt() -> None
     schema = json.dumps(task.wire_schema(job.task.output).schema,  # type: ignore[union-attr]
                         separators=(",", ":"))
     assert spec.extra_chars == 400 + len(schema) and spec.extra_messages == 1
+
+
+INVOICE = json.loads((Path(__file__).resolve().parents[2] / "schemas" / "invoice.schema.json"
+                      ).read_text())
+GOOD_INVOICE = {"invoice_number": "INV-1", "invoice_date": "2026-11-30", "due_date": None,
+                "vendor": "Acme", "currency": "EUR", "subtotal": 10.0, "tax": 2.0,
+                "total": 12.0, "line_items": ["a"], "paid": False}
+MUTATIONS = st.sampled_from([
+    ("drop", None), ("extra", "x"), ("invoice_number", 7), ("invoice_date", "30/11/2026"),
+    ("invoice_date", "2026-02-30"), ("due_date", "soon"), ("currency", "JPY"),
+    ("subtotal", -1), ("subtotal", "10"), ("tax", None), ("total", True),
+    ("line_items", [1]), ("line_items", "a"), ("paid", 0), ("paid", None)])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(MUTATIONS, max_size=3), st.sampled_from(sorted(GOOD_INVOICE)))
+def test_the_fast_validator_agrees_with_the_reference(
+        mutations: list[tuple[str, Any]], dropped: str) -> None:
+    import jsonschema
+
+    answer = dict(GOOD_INVOICE)
+    for key, value in mutations:
+        if key == "drop":
+            answer.pop(dropped, None)
+        else:
+            answer[key] = value
+    parser = task.OutputParser(task.OutputSpec(kind="json", schema=INVOICE))
+    assert parser._fast is not None  # the invoice schema takes the fast path
+    cls = jsonschema.validators.validator_for(INVOICE)
+    reference = cls(INVOICE, format_checker=cls.FORMAT_CHECKER).is_valid(answer)
+    value, why = parser.parse(json.dumps(answer))
+    assert (why is None) == reference, (answer, why)
+
+
+def test_schemas_beyond_the_portable_keywords_are_checked_by_the_reference_alone() -> None:
+    defs = {"type": "object", "$defs": {"n": {"type": "integer"}},
+            "properties": {"a": {"$ref": "#/$defs/n"}}, "required": ["a"]}
+    with_default = {"type": "object", "required": ["a"],
+                    "properties": {"a": {"type": "string", "default": "x"}}}
+    for schema in (defs, with_default):
+        parser = task.OutputParser(task.OutputSpec(kind="json", schema=schema))
+        assert parser._fast is None
+        assert parser.parse("{}")[1] is not None  # a missing "a" is never filled in
