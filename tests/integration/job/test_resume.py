@@ -107,3 +107,32 @@ def test_changed_input_is_refused_and_half_written_shards_are_ignored(
     pq.write_table(pa.table({"request_id": ["new"], "prompt": ["changed"]}), inputs)
     with pytest.raises(ConfigError, match="the input changed"):
         runner.run(job, run_id="c", progress=quiet_progress())
+
+
+def test_a_task_job_resumes_with_its_label_and_id_columns_on_every_shard(
+        tmp_path: Path, provider: MockProvider, ray_session: None) -> None:
+    pq.write_table(pa.table({"ticket_id": pa.array(range(1000, 1000 + N), pa.int64()),
+                             "subject": [f"Case {i} about my invoice" for i in range(N)],
+                             "force_model": [MODELS[i % 3] for i in range(N)]}),
+                   tmp_path / "in.parquet")
+
+    def job(urls: dict[str, str]) -> config.JobConfig:
+        doc = demo_job_doc(tmp_path / "in.parquet", tmp_path / "runs", urls, dispatch={
+            "backoff_base_s": 0.01, "backoff_max_s": 0.05, "batch_rows": 32})
+        doc["job"]["id_column"] = "ticket_id"
+        doc["task"] = {"template": "{{ subject }}", "keep_columns": ["subject"],
+                       "output": {"labels": ["billing", "bug", "other"]}}
+        return config.parse(doc)
+
+    with MockProvider(MockProviderConfig(api_key="sk-not-the-right-one")) as wrong:
+        urls = dict.fromkeys(MODELS, provider.url) | {"gpt-4-1106-preview": wrong.url}
+        first = runner.run(job(urls), run_id="t", progress=quiet_progress())
+    assert first.exit_code == 1
+    second = runner.run(job(dict.fromkeys(MODELS, provider.url)), run_id="t", force=True,
+                        progress=quiet_progress())
+    after = pl.read_parquet(second.folder.sub("results"))  # one schema over every shard
+    assert second.exit_code == 0 and len(after) == N
+    assert sorted(after["ticket_id"]) == list(range(1000, 1000 + N))
+    assert after.schema["ticket_id"] == pl.Int64
+    assert set(after["label"]) <= {"billing", "bug", "other"}
+    assert after["label"].null_count() == 0
