@@ -336,22 +336,26 @@ class ModelDispatcher:
         parser = None if asked else self._parser
         spent: Answer | None = None  # the unusable answers so far: billed all the same
         invalid = 0
+
+        def fail(error: DispatchError) -> _CallOutcome:
+            # Unusable answers before a final failure were billed: they stay on the row.
+            return self._finish("failed", spent, attempt, None, error, started, asked,
+                                invalid=invalid)
+
         while True:
             if self._auth_failure is not None:  # fast path: no need to queue for admission
-                return self._finish("failed", None, attempt, None, self._auth_failure, started,
-                                    asked)
+                return fail(self._auth_failure)
             await self._limits.acquire(tokens)
             try:
                 # Checked again after admission: hundreds of rows queue at the limiter, and
                 # a 401 or a Retry-After may have arrived while they waited.
                 if self._auth_failure is not None:
-                    return self._finish("failed", None, attempt, None, self._auth_failure,
-                                        started, asked)
+                    return fail(self._auth_failure)
                 await self._wait_for_pause()
                 if self._alive is not None and not self._alive():
                     self.stats.abandoned += 1
-                    return self._finish("failed", None, attempt, None, Abandoned(
-                        "not sent: the run that asked for it is gone"), started, asked)
+                    return fail(Abandoned(
+                        "not sent: the run that asked for it is gone"))
                 attempt += 1
                 self.stats.attempts += 1
                 started = started or datetime.now(UTC)
@@ -388,17 +392,17 @@ class ModelDispatcher:
                 continue  # the same model again, at once: nothing to back off from
             except AuthError as exc:
                 self._auth_failure = exc
-                return self._finish("failed", None, attempt, None, exc, started, asked)
+                return fail(exc)
             except TerminalDispatchError as exc:
-                return self._finish("failed", None, attempt, None, exc, started, asked)
+                return fail(exc)
             except (TransientDispatchError, httpx.HTTPError) as exc:
                 err = _transient(exc)
                 if err.status is not None and 200 <= err.status < 300:
                     # A 2xx the provider billed but whose body could not be read.
                     self.stats.unrecovered_micro_usd += est_micro
             except Exception as exc:  # a bug or an unforeseen reply must not end the job
-                return self._finish("failed", None, attempt, None, InternalDispatchError(
-                    f"{type(exc).__name__}: {exc}"), started, asked)
+                return fail(InternalDispatchError(
+                    f"{type(exc).__name__}: {exc}"))
             finally:
                 self._limits.release()  # never hold a connection slot through a backoff
             if isinstance(err, RateLimited):
@@ -410,7 +414,7 @@ class ModelDispatcher:
                 if err.retry_after_s is not None:
                     self._pause(err.retry_after_s)
             if attempt >= self.policy.max_attempts:
-                return self._finish("failed", None, attempt, None, err, started, asked)
+                return fail(err)
             self.stats.retries += 1
             await self._sleep(self._backoff(attempt, err))
 

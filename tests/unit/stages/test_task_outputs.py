@@ -241,3 +241,15 @@ def test_an_answer_cut_at_max_tokens_is_not_retried_and_escalates_as_length() ->
     rows, bodies, _, _ = _run(job, {CHEAP: lambda b, k: cut})
     assert len(bodies[CHEAP]) == 1 and rows[0]["error_type"] == "invalid_output"
     assert rows[0]["error_message"].startswith("answer cut at max_tokens (16)")
+
+
+def test_an_unusable_answer_stays_billed_when_the_retry_then_fails() -> None:
+    job = _job({"labels": LABELS, "retries_on_invalid": 1})
+    replies = {1: _openai("no idea", prompt_tokens=10, completion_tokens=4)}
+    rows, bodies, _, _ = _run(job, {CHEAP: lambda b, k: replies.get(
+        k, httpx.Response(503, json={"error": {"message": "overloaded"}}))})
+    r = rows[0]
+    assert (r["status"], r["error_type"], r["invalid_answers"]) == ("failed", "transient", 1)
+    assert len(bodies[CHEAP]) == 2  # max_attempts = 2 counts the unusable answer too
+    assert (r["input_tokens"], r["output_tokens"]) == (10, 4)
+    assert r["cost_micro_usd"] == job.models[CHEAP].cost_micro_usd(10, 4) > 0
