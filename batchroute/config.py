@@ -79,6 +79,17 @@ class ModelConfig:
     # response_format), "tool" (Anthropic's forced tool), "vllm" (vLLM's structured_outputs),
     # "vllm-guided" (vLLM before 0.12: guided_choice / guided_json). "" until parsed.
     structured_output: str = ""
+    # The name of the output-token cap on the wire: "max_tokens", or "max_completion_tokens"
+    # (OpenAI's reasoning models, the o-series and GPT-5, refuse max_tokens). "" until parsed:
+    # the model's family decides, and an explicit value wins.
+    token_param: str = ""
+    reasoning_effort: str = ""  # OpenAI reasoning models: minimal, low, medium or high
+    thinking_budget_tokens: int = 0  # Anthropic extended thinking; 0: off
+
+    @property
+    def reasoning(self) -> bool:
+        """A reasoning model: it thinks in billed output tokens and takes no temperature."""
+        return self.token_param == "max_completion_tokens" or self.thinking_budget_tokens > 0
 
     @property
     def wire_name(self) -> str:
@@ -334,6 +345,16 @@ def parse(raw: Mapping[str, Any], *, source: str = "<memory>", input_override: s
                           "json_schema (free text is never invalid)")
     for m in models.values():
         task.check_wire(the_task.output, m.name, m.structured_output)
+        if m.thinking_budget_tokens:
+            where = f"models.{m.name}.thinking_budget_tokens"
+            if m.thinking_budget_tokens >= dispatch.default_max_tokens:
+                raise ConfigError(
+                    f"{where}: {m.thinking_budget_tokens} must be below the output budget it "
+                    f"is part of (dispatch.default_max_tokens = {dispatch.default_max_tokens})")
+            if the_task.output.structured:
+                raise ConfigError(f"{where}: extended thinking cannot be combined with the "
+                                  "forced tool a [task.output] needs; use another model for "
+                                  "labels or JSON outputs")
 
     for m in models.values():
         if m.tpm < dispatch.default_max_tokens:
@@ -424,7 +445,42 @@ def _model(name: str, t: Mapping[str, Any], dated: tuple[Price, ...]) -> ModelCo
         timeout_s=_num(t, "timeout_s", where, minimum=0.001, default=60.0),
         remote_name=str(t.get("remote_name", "")),
         structured_output=_structured(t, provider, where),
+        **_reasoning(t, provider, where, str(t.get("remote_name", "")) or name),
     )
+
+
+# OpenAI's reasoning families, by the model id sent on the wire: they take
+# max_completion_tokens and only the default temperature.
+_OPENAI_REASONING = re.compile(r"^(o\d|gpt-5)", re.IGNORECASE)
+TOKEN_PARAMS = ("max_tokens", "max_completion_tokens")
+REASONING_EFFORTS = ("minimal", "low", "medium", "high")
+MIN_THINKING_BUDGET = 1024  # Anthropic's smallest extended-thinking budget
+
+
+def _reasoning(t: Mapping[str, Any], provider: str, where: str, wire: str) -> dict[str, Any]:
+    family = ("max_completion_tokens" if provider == "openai" and _OPENAI_REASONING.match(wire)
+              else "max_tokens")
+    param = t.get("token_param", family)
+    if param not in TOKEN_PARAMS:
+        raise ConfigError(f"{where}token_param: {param!r} is not one of {', '.join(TOKEN_PARAMS)}")
+    if provider == "anthropic" and param != "max_tokens":
+        raise ConfigError(f"{where}token_param: Anthropic's messages API takes max_tokens only")
+    effort = t.get("reasoning_effort", "")
+    if effort:
+        if provider != "openai":
+            raise ConfigError(f"{where}reasoning_effort: an OpenAI setting (for Anthropic, "
+                              "set thinking_budget_tokens)")
+        if effort not in REASONING_EFFORTS:
+            raise ConfigError(f"{where}reasoning_effort: {effort!r} is not one of "
+                              f"{', '.join(REASONING_EFFORTS)}")
+    budget = 0
+    if "thinking_budget_tokens" in t:
+        if provider != "anthropic":
+            raise ConfigError(f"{where}thinking_budget_tokens: an Anthropic setting (for "
+                              "OpenAI, set reasoning_effort)")
+        budget = _int(t, "thinking_budget_tokens", where, minimum=MIN_THINKING_BUDGET,
+                      maximum=MAX_TOKENS)
+    return {"token_param": param, "reasoning_effort": effort, "thinking_budget_tokens": budget}
 
 
 # What each wire can be asked with; the first is the default.

@@ -23,7 +23,8 @@ TIMESTAMP = pa.timestamp("us", tz="UTC")
 ESCALATION = pa.struct([
     pa.field("model", pa.string()), pa.field("reason", pa.string()),
     pa.field("input_tokens", pa.int64()), pa.field("cached_input_tokens", pa.int64()),
-    pa.field("output_tokens", pa.int64()), pa.field("cost_micro_usd", pa.int64()),
+    pa.field("output_tokens", pa.int64()), pa.field("reasoning_tokens", pa.int64()),
+    pa.field("cost_micro_usd", pa.int64()),
     pa.field("attempts", pa.int32()), pa.field("invalid_answers", pa.int32()),
 ])
 
@@ -110,6 +111,9 @@ RESULTS = pa.schema([
     _f("cached_input_tokens", pa.int64(),
        "The part of input_tokens the provider served from its prompt cache.", nullable=False),
     _f("output_tokens", pa.int64(), "Output tokens as reported by the provider.", nullable=False),
+    _f("reasoning_tokens", pa.int64(),
+       "The part of output_tokens a reasoning model spent thinking, where the provider reports "
+       "it (OpenAI's completion_tokens_details); billed as output.", nullable=False),
     _f("cost_micro_usd", pa.int64(),
        "What the row cost in all, in whole micro-dollars: the answering model's tokens at the "
        "prices in force on the run's date (uncached input, cached input and output prices per "
@@ -163,6 +167,9 @@ ROLLUPS = pa.schema([
     _f("cached_input_tokens", pa.int64(), "The cached part of input_tokens, likewise.",
        nullable=False),
     _f("output_tokens", pa.int64(), "Output tokens billed by this model, likewise.",
+       nullable=False),
+    _f("reasoning_tokens", pa.int64(),
+       "The part of output_tokens spent thinking (reasoning models), likewise.",
        nullable=False),
     _f("cost_micro_usd", pa.int64(),
        "What this model billed, escalation attempts included, in micro-dollars; the sum over "

@@ -234,13 +234,14 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from statistics import NormalDist
 from types import TracebackType
@@ -623,6 +624,8 @@ class _Call:
     route_text: str = ""
     # Any other structured output the request asks for (labels, JSON extraction).
     structured: _Structured | None = None
+    # Output tokens a reasoning model thinks before it answers (billed as output).
+    reasoning_tokens: int = 0
 
     @property
     def token_cost(self) -> int:
@@ -1267,7 +1270,10 @@ def _parse_call(wire: Wire, body: object) -> _Call:
         if message["role"] == "user":
             last_user = text
     system = ""
+    thinking = 0
     if wire == "openai":
+        if is_reasoning_model(model):
+            _check_reasoning_request(body)
         raw_max = body.get("max_completion_tokens", body.get("max_tokens"))
         max_tokens = None if raw_max is None else _positive_int(raw_max, "max_tokens")
     else:
@@ -1275,6 +1281,7 @@ def _parse_call(wire: Wire, body: object) -> _Call:
             raise _BadRequest("'max_tokens' is required")
         max_tokens = _positive_int(body["max_tokens"], "max_tokens")
         system = _text_of(body.get("system"))
+        thinking = _thinking_budget(body, max_tokens)
     prompt_tokens = count_tokens(system) + sum(count_tokens(t) for t in texts)
     schema = _route_schema(wire, body)
     structured = _structured_output(wire, body) if schema is None else None
@@ -1295,7 +1302,53 @@ def _parse_call(wire: Wire, body: object) -> _Call:
         route=None if schema is None else _route_labels(schema),
         route_text=last_user,
         structured=structured,
+        reasoning_tokens=_reasoning_tokens(digest, max_tokens, thinking) if (
+            thinking or (wire == "openai" and is_reasoning_model(model))) else 0,
     )
+
+
+# OpenAI's reasoning families (the o-series, GPT-5), by model id, as the real API treats them.
+_REASONING_MODEL = re.compile(r"^(o\d|gpt-5)", re.IGNORECASE)
+
+
+def is_reasoning_model(model: str) -> bool:
+    return bool(_REASONING_MODEL.match(model))
+
+
+def _check_reasoning_request(body: dict[str, Any]) -> None:
+    """What OpenAI refuses from a reasoning model, with its wording."""
+    if "max_tokens" in body:
+        raise _BadRequest("Unsupported parameter: 'max_tokens' is not supported with this "
+                          "model. Use 'max_completion_tokens' instead.")
+    temperature = body.get("temperature")
+    if temperature is not None and temperature != 1:
+        raise _BadRequest(f"Unsupported value: 'temperature' does not support {temperature} "
+                          "with this model. Only the default (1) value is supported.")
+
+
+def _thinking_budget(body: dict[str, Any], max_tokens: int) -> int:
+    """Anthropic's extended thinking budget (0 without one), checked as the API checks it."""
+    thinking = body.get("thinking")
+    if thinking is None:
+        return 0
+    if not isinstance(thinking, dict) or thinking.get("type") != "enabled":
+        raise _BadRequest("thinking: expected {\"type\": \"enabled\", \"budget_tokens\": N}")
+    budget = _positive_int(thinking.get("budget_tokens"), "thinking.budget_tokens")
+    if budget < 1024:
+        raise _BadRequest("thinking.budget_tokens: Input should be greater than or equal to 1024")
+    if budget >= max_tokens:
+        raise _BadRequest("`max_tokens` must be greater than `thinking.budget_tokens`")
+    if "temperature" in body and body["temperature"] != 1:
+        raise _BadRequest("`temperature` may only be set to 1 when thinking is enabled")
+    return budget
+
+
+def _reasoning_tokens(digest: bytes, cap: int | None, budget: int) -> int:
+    """Tokens the simulated model thinks: 64-511 by the digest, within its budget."""
+    tokens = 64 + int.from_bytes(digest[13:15], "big") % 448
+    if budget:
+        tokens = min(tokens, budget)
+    return tokens if cap is None else min(tokens, cap // 2)
 
 
 def _positive_int(value: object, name: str) -> int:
@@ -1596,6 +1649,9 @@ class _MockServer:
         tool_input: dict[str, Any] | None = None
         tool_name = ROUTE_DECISION
         invalid: bool | None = None
+        reasoning = call.reasoning_tokens
+        if reasoning and call.max_tokens is not None:  # thinking comes out of the same cap
+            call = replace(call, max_tokens=call.max_tokens - reasoning)
         if call.route is not None or call.structured is not None:
             if call.structured is not None:
                 answer = _structured_answer(call, self._invalid_rates.get(
@@ -1611,7 +1667,7 @@ class _MockServer:
                 text, tool_input = text[: cap * _CHARS_PER_TOKEN], None
         else:
             text, truncated = _answer(call)
-        completion_tokens = count_tokens(text)
+        completion_tokens = count_tokens(text) + reasoning
         self._seq += 1
         suffix = f"{self._seq:08x}{call.digest.hex()[:16]}"
         body: dict[str, Any]
@@ -1634,6 +1690,8 @@ class _MockServer:
                     "total_tokens": call.prompt_tokens + completion_tokens,
                 },
             }
+            if reasoning:
+                body["usage"]["completion_tokens_details"] = {"reasoning_tokens": reasoning}
         else:
             content: list[dict[str, Any]] = [{"type": "text", "text": text}]
             stop = "max_tokens" if truncated else "end_turn"
@@ -1641,6 +1699,9 @@ class _MockServer:
                 content = [{"type": "tool_use", "id": f"toolu_mock{suffix}",
                             "name": tool_name, "input": tool_input}]
                 stop = "tool_use"
+            if reasoning:  # billed in output_tokens, not reported apart
+                content = [{"type": "thinking", "thinking": "(simulated)",
+                            "signature": f"mock{suffix}"}, *content]
             body = {
                 "id": f"msg_mock{suffix}",
                 "type": "message",

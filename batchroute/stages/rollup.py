@@ -31,7 +31,8 @@ from batchroute.stages.sink import RunFolder
 FrameT = TypeVar("FrameT", pl.DataFrame, pl.LazyFrame)
 
 COLUMNS = ["request_id", "model", "status", "input_tokens", "cached_input_tokens",
-           "output_tokens", "cost_micro_usd", "latency_ms", "attempts", "invalid_answers",
+           "output_tokens", "reasoning_tokens", "cost_micro_usd", "latency_ms", "attempts",
+           "invalid_answers",
            "escalations", "route_cost_micro_usd"]
 # Result shards are small (one dispatch batch each): frames of about this many rows keep each
 # aggregation cheap without holding much.
@@ -53,7 +54,8 @@ def read_results(folder: RunFolder) -> Iterator[pl.DataFrame]:
         if "cost_micro_usd" not in table.column_names:  # written before integer money
             micro = pc.round(pc.multiply(table.column("cost_usd"), 1e6))
             table = table.append_column("cost_micro_usd", pc.cast(micro, pa.int64()))
-        for counter in ("cached_input_tokens", "invalid_answers"):  # newer than the shard
+        # Counters newer than the shard: 0.
+        for counter in ("cached_input_tokens", "reasoning_tokens", "invalid_answers"):
             if counter not in table.column_names:
                 table = table.append_column(counter, pa.array(
                     [0] * table.num_rows, schemas.RESULTS.field(counter).type))

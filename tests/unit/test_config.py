@@ -250,6 +250,7 @@ NUMERIC_KEYS: dict[tuple[str, str], str] = {
     **{("ModelConfig", f): f"models.{CHEAP}.{f}" for f in (
         "input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok",
         "batch_discount", "rpm", "tpm", "concurrency", "context_window", "timeout_s")},
+    ("ModelConfig", "thinking_budget_tokens"): f"models.{MID}.thinking_budget_tokens",
     **{("Rule", f): f"router.rules.0.{f}"
        for f in ("min_chars", "max_chars", "min_tokens", "max_tokens")},
     ("RouterConfig", "thresholds"): f"router.thresholds.{CHEAP}",

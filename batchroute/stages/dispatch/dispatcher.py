@@ -153,8 +153,12 @@ class ModelDispatcher:
         # Some providers echo part or all of a rejected key: every provider text this
         # dispatcher keeps or logs goes through it first.
         self.scrubber = Scrubber(api_key)
-        self._provider = PROVIDERS[model.provider](model.base_url, self._api_key,
-                                                   model.wire_name, model.structured_output)
+        self._provider = PROVIDERS[model.provider](
+            model.base_url, self._api_key, model.wire_name, model.structured_output,
+            token_param=model.token_param or "max_tokens",
+            reasoning_effort=model.reasoning_effort,
+            thinking_budget_tokens=model.thinking_budget_tokens)
+        self._warned_temperature = False
         if transport is None:
             from batchroute.stages.dispatch.transport import AiohttpTransport
 
@@ -245,6 +249,11 @@ class ModelDispatcher:
             "est_output_tokens")}
 
         system = [] if asked else self._system
+        if (not self._provider.takes_temperature and not self._warned_temperature
+                and pc.any(pc.is_valid(routed.column("temperature"))).as_py()):
+            self._warned_temperature = True  # once per model, not per row
+            log.warning("%s is a reasoning model, which takes only its default temperature: "
+                        "the rows' temperature is not sent", self.model.name)
 
         async def row(i: int) -> _CallOutcome:
             outcome = await self._one(
@@ -489,6 +498,7 @@ class ModelDispatcher:
             input_tokens=[a.input_tokens if a else 0 for a in answers],
             cached_input_tokens=[a.cached_input_tokens if a else 0 for a in answers],
             output_tokens=[a.output_tokens if a else 0 for a in answers],
+            reasoning_tokens=[a.reasoning_tokens if a else 0 for a in answers],
             cost_micro_usd=[o.cost_micro_usd for o in outcomes],
             latency_ms=[o.latency_ms for o in outcomes],
             attempts=[o.attempts for o in outcomes],
@@ -522,7 +532,8 @@ def _plus(answer: Answer, spent: Answer | None) -> Answer:
         return answer
     return replace(answer, input_tokens=answer.input_tokens + spent.input_tokens,
                    output_tokens=answer.output_tokens + spent.output_tokens,
-                   cached_input_tokens=answer.cached_input_tokens + spent.cached_input_tokens)
+                   cached_input_tokens=answer.cached_input_tokens + spent.cached_input_tokens,
+                   reasoning_tokens=answer.reasoning_tokens + spent.reasoning_tokens)
 
 
 def _transient(exc: Exception) -> DispatchError:

@@ -42,6 +42,7 @@ class Answer:
     input_tokens: int  # the whole prompt, cached part included
     output_tokens: int
     cached_input_tokens: int = 0  # the part of the prompt served from the provider's cache
+    reasoning_tokens: int = 0  # the part of output_tokens spent thinking (where reported)
 
 
 @dataclass(frozen=True)
@@ -73,11 +74,22 @@ class Provider:
     path = ""
 
     def __init__(self, base_url: str, api_key: str, model: str,
-                 structured: str = "") -> None:
+                 structured: str = "", *, token_param: str = "max_tokens",
+                 reasoning_effort: str = "", thinking_budget_tokens: int = 0) -> None:
         self.url = base_url.rstrip("/") + self.path
         self._api_key = api_key
         self.model = model
-        self.structured = structured  # how structured output is asked (ModelConfig)
+        # What the endpoint needs (see ModelConfig): how structured output is asked, the
+        # name of the output cap, a reasoning effort or thinking budget.
+        self.structured = structured
+        self.token_param = token_param
+        self.reasoning_effort = reasoning_effort
+        self.thinking_budget_tokens = thinking_budget_tokens
+
+    @property
+    def takes_temperature(self) -> bool:
+        """Reasoning models accept only the default temperature: it is not sent to them."""
+        return self.token_param == "max_tokens" and not self.thinking_budget_tokens
 
     def headers(self) -> dict[str, str]:
         raise NotImplementedError
@@ -98,9 +110,11 @@ class OpenAIChat(Provider):
 
     def body(self, req: Request) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "messages": req.messages,
-                                "max_tokens": req.max_tokens}
-        if req.temperature is not None:
+                                self.token_param: req.max_tokens}
+        if req.temperature is not None and self.takes_temperature:
             body["temperature"] = req.temperature
+        if self.reasoning_effort:
+            body["reasoning_effort"] = self.reasoning_effort
         out = req.output
         if out is None:
             return body
@@ -122,9 +136,11 @@ class OpenAIChat(Provider):
         choice = payload["choices"][0]
         usage = payload["usage"]
         details = usage.get("prompt_tokens_details") or {}
+        out_details = usage.get("completion_tokens_details") or {}
         tokens = {"input_tokens": _tokens(usage["prompt_tokens"]),
                   "output_tokens": _tokens(usage["completion_tokens"]),
-                  "cached_input_tokens": _tokens(details.get("cached_tokens") or 0)}
+                  "cached_input_tokens": _tokens(details.get("cached_tokens") or 0),
+                  "reasoning_tokens": _tokens(out_details.get("reasoning_tokens") or 0)}
         refusal = choice["message"].get("refusal")
         if refusal:  # OpenAI says "stop" and puts the refusal beside the content
             return Answer(text=_str(refusal), finish_reason="refusal", **tokens)
@@ -150,7 +166,11 @@ class AnthropicMessages(Provider):
             "messages": [m for m in req.messages if m["role"] != "system"]}
         if system:
             body["system"] = system
-        if req.temperature is not None:
+        if self.thinking_budget_tokens:
+            # The budget is part of max_tokens, which must stay above it.
+            body["max_tokens"] = max(req.max_tokens, self.thinking_budget_tokens + 1)
+            body["thinking"] = {"type": "enabled", "budget_tokens": self.thinking_budget_tokens}
+        if req.temperature is not None and self.takes_temperature:
             body["temperature"] = req.temperature
         if req.output is not None:
             tool: dict[str, Any] = {"name": req.output.name,

@@ -47,7 +47,7 @@ def write_run(base: Path, run_id: str, day: str, rows: list[Row], *, job: str = 
         if escalated and model in (MID, STRONG) and status != "rejected":
             esc = [{"model": CHEAP, "reason": "length", "input_tokens": tin,
                     "cached_input_tokens": 0, "output_tokens": 64, "attempts": 1,
-                    "invalid_answers": 0,
+                    "invalid_answers": 0, "reasoning_tokens": 0,
                     "cost_micro_usd": JOB.models[CHEAP].cost_micro_usd(tin, 64)}]
         total = own + sum(e["cost_micro_usd"] for e in esc or [])
         values = {"request_id": f"{run_id}-{i}", "run_id": run_id, "model": model,
@@ -55,7 +55,7 @@ def write_run(base: Path, run_id: str, day: str, rows: list[Row], *, job: str = 
                   "cached_input_tokens": 0, "output_tokens": tout if billed else 0,
                   "cost_micro_usd": total, "cost_usd": total / 1e6,
                   "latency_ms": 100.0 + i if billed else None, "attempts": int(billed),
-                  "invalid_answers": 0, "escalations": esc, "escalated_from": CHEAP if esc else None, "tags": tags,
+                  "invalid_answers": 0, "reasoning_tokens": 0, "escalations": esc, "escalated_from": CHEAP if esc else None, "tags": tags,
                   "route_cost_micro_usd": 0,
                   "finished_at": pa.scalar(0, schemas.TIMESTAMP).as_py()}
         for name in cols:

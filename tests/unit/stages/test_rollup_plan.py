@@ -38,7 +38,7 @@ def _results(rows: list[Row], escalations: list[list[Escalation]] | None = None,
            for (m, s, i, o), c in zip(rows, cached, strict=True)]
     earlier = [[{"model": m, "reason": "length", "input_tokens": i, "cached_input_tokens": 0,
                  "output_tokens": o, "cost_micro_usd": _micro(m, i, o), "attempts": 1,
-                 "invalid_answers": 0}
+                 "invalid_answers": 0, "reasoning_tokens": 0}
                 for m, i, o in esc] or None for esc in escalations]
     table = pa.table({
         "request_id": [f"r{i}" for i in range(len(rows))],
@@ -49,6 +49,7 @@ def _results(rows: list[Row], escalations: list[list[Escalation]] | None = None,
                            for c, r, esc in zip(own, routing, earlier, strict=True)],
         "latency_ms": [100.0 + i for i in range(len(rows))],
         "attempts": [1] * len(rows), "invalid_answers": [0] * len(rows),
+        "reasoning_tokens": [0] * len(rows),
         "escalations": earlier, "route_cost_micro_usd": routing,
     }, schema=pa.schema([schemas.RESULTS.field(c) for c in rollup.COLUMNS]))
     frame = pl.from_arrow(table)
