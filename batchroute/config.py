@@ -85,6 +85,10 @@ class ModelConfig:
     token_param: str = ""
     reasoning_effort: str = ""  # OpenAI reasoning models: minimal, low, medium or high
     thinking_budget_tokens: int = 0  # Anthropic extended thinking; 0: off
+    # How the key is presented: "bearer" (Authorization: Bearer, OpenAI and compatible
+    # servers), "api-key" (Azure OpenAI), "x-api-key" (Anthropic). "" until parsed.
+    auth: str = ""
+    api_version: str = ""  # Azure OpenAI: sent as the api-version query parameter
 
     @property
     def reasoning(self) -> bool:
@@ -446,7 +450,13 @@ def _model(name: str, t: Mapping[str, Any], dated: tuple[Price, ...]) -> ModelCo
         remote_name=str(t.get("remote_name", "")),
         structured_output=_structured(t, provider, where),
         **_reasoning(t, provider, where, str(t.get("remote_name", "")) or name),
+        auth=_choice(t, "auth", where, AUTH, _AUTH_DEFAULT[provider]),
+        api_version=_str(t, "api_version", where) if "api_version" in t else "",
     )
+
+
+AUTH = ("bearer", "api-key", "x-api-key")
+_AUTH_DEFAULT = {"openai": "bearer", "anthropic": "x-api-key"}
 
 
 # OpenAI's reasoning families, by the model id sent on the wire: they take

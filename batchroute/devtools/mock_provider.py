@@ -1422,6 +1422,7 @@ _ERROR_TYPES: Final[Mapping[Wire, Mapping[int, tuple[str, str | None]]]] = {
     "openai": {
         400: ("invalid_request_error", None),
         401: ("invalid_request_error", "invalid_api_key"),
+        404: ("invalid_request_error", "DeploymentNotFound"),
         429: ("requests", "rate_limit_exceeded"),
         500: ("server_error", None),
         503: ("server_error", "service_unavailable"),
@@ -1466,6 +1467,9 @@ class _MockServer:
         app = web.Application(client_max_size=32 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._openai)
         app.router.add_post("/v1/messages", self._anthropic)
+        # Gemini's OpenAI-compatible endpoint, and Azure OpenAI's deployment URLs.
+        app.router.add_post("/v1beta/openai/chat/completions", self._openai)
+        app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._azure)
         app.router.add_get("/health", self._health)
         app.router.add_get("/stats", self._stats)
         return app
@@ -1483,6 +1487,15 @@ class _MockServer:
 
     async def _anthropic(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, "anthropic")
+
+    async def _azure(self, request: web.Request) -> web.StreamResponse:
+        """Azure OpenAI: the OpenAI wire at a deployment's URL, which needs ``api-version``
+        (Azure answers 404 without it) and takes its key in an ``api-key`` header."""
+        if not request.query.get("api-version"):
+            self.counters["requests"] += 1
+            return _error("openai", 404, "Resource not found: the api-version query "
+                          "parameter is required")
+        return await self._handle(request, "openai")
 
     # -- the API endpoints -----------------------------------------------------------------
 
@@ -1718,6 +1731,8 @@ class _MockServer:
 def _presented_key(wire: Wire, headers: Mapping[str, str]) -> str | None:
     if wire == "anthropic":
         return headers.get("x-api-key") or None
+    if headers.get("api-key"):  # Azure OpenAI
+        return headers["api-key"]
     auth = headers.get("Authorization", "")
     scheme, _, token = auth.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():

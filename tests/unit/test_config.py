@@ -112,7 +112,9 @@ def test_cost_is_tokens_times_prices() -> None:
     assert m.cost_usd(1000, 0) == pytest.approx(0.003)
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "jobs").glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted([*(REPO / "jobs").glob("*.toml"),
+                                         *(REPO / "jobs" / "providers").glob("*.toml")]),
+                         ids=lambda p: p.name)
 def test_every_example_job_loads_and_fits_the_bundled_router(path: Path) -> None:
     from batchroute.routers import classifier as rt
     from batchroute.stages.route import RouteSpec, check_compatible

@@ -157,7 +157,8 @@ class ModelDispatcher:
             model.base_url, self._api_key, model.wire_name, model.structured_output,
             token_param=model.token_param or "max_tokens",
             reasoning_effort=model.reasoning_effort,
-            thinking_budget_tokens=model.thinking_budget_tokens)
+            thinking_budget_tokens=model.thinking_budget_tokens, auth=model.auth,
+            api_version=model.api_version)
         self._warned_temperature = False
         if transport is None:
             from batchroute.stages.dispatch.transport import AiohttpTransport

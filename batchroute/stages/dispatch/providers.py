@@ -20,6 +20,7 @@ import json
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
+from urllib.parse import urlencode
 
 import httpx
 
@@ -72,12 +73,17 @@ class Provider:
     """A wire format. Subclasses know their path, auth headers and body shapes."""
 
     path = ""
+    default_auth = "bearer"
 
     def __init__(self, base_url: str, api_key: str, model: str,
                  structured: str = "", *, token_param: str = "max_tokens",
-                 reasoning_effort: str = "", thinking_budget_tokens: int = 0) -> None:
+                 reasoning_effort: str = "", thinking_budget_tokens: int = 0,
+                 auth: str = "", api_version: str = "") -> None:
         self.url = base_url.rstrip("/") + self.path
+        if api_version:  # Azure OpenAI
+            self.url += "?" + urlencode({"api-version": api_version})
         self._api_key = api_key
+        self.auth = auth or self.default_auth
         self.model = model
         # What the endpoint needs (see ModelConfig): how structured output is asked, the
         # name of the output cap, a reasoning effort or thinking budget.
@@ -104,9 +110,10 @@ class Provider:
 
 class OpenAIChat(Provider):
     path = "/chat/completions"
+    default_auth = "bearer"
 
     def headers(self) -> dict[str, str]:
-        return {"authorization": f"Bearer {self._api_key}"}
+        return _auth(self.auth, self._api_key)
 
     def body(self, req: Request) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "messages": req.messages,
@@ -156,8 +163,10 @@ class AnthropicMessages(Provider):
     _STOP: ClassVar[dict[str, str]] = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
              "tool_use": "tool_calls", "refusal": "refusal"}
 
+    default_auth = "x-api-key"
+
     def headers(self) -> dict[str, str]:
-        return {"x-api-key": self._api_key, "anthropic-version": ANTHROPIC_VERSION}
+        return {**_auth(self.auth, self._api_key), "anthropic-version": ANTHROPIC_VERSION}
 
     def body(self, req: Request) -> dict[str, Any]:
         system = "\n".join(m["content"] for m in req.messages if m["role"] == "system")
@@ -202,6 +211,16 @@ class AnthropicMessages(Provider):
                       input_tokens=_tokens(usage["input_tokens"]) + cached + written,
                       output_tokens=_tokens(usage["output_tokens"]),
                       cached_input_tokens=cached)
+
+
+def _auth(scheme: str, key: str) -> dict[str, str]:
+    """The header that carries the key: ``Authorization: Bearer`` (OpenAI and compatible
+    servers), ``api-key`` (Azure OpenAI) or ``x-api-key`` (Anthropic)."""
+    if scheme == "api-key":
+        return {"api-key": key}
+    if scheme == "x-api-key":
+        return {"x-api-key": key}
+    return {"authorization": f"Bearer {key}"}
 
 
 def _str(value: Any) -> str:

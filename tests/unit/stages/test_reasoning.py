@@ -153,3 +153,21 @@ def test_the_mock_refuses_what_the_providers_refuse_and_reports_thinking() -> No
     assert status == 200 and body["content"][0]["type"] == "thinking"
     plain = _mock("anthropic", {"model": "claude", "messages": msg, "max_tokens": 4000})[1]
     assert body["usage"]["output_tokens"] > plain["usage"]["output_tokens"]
+
+
+def test_auth_and_api_version_shape_the_request() -> None:
+    from batchroute.stages.dispatch.providers import AnthropicMessages, OpenAIChat
+
+    azure = OpenAIChat("https://r.openai.azure.com/openai/deployments/d", "k", "gpt-4o",
+                       auth="api-key", api_version="2024-10-21")
+    assert azure.url == ("https://r.openai.azure.com/openai/deployments/d/chat/completions"
+                         "?api-version=2024-10-21")
+    assert azure.headers() == {"api-key": "k"}
+    assert OpenAIChat("http://x/v1", "k", "m").headers() == {"authorization": "Bearer k"}
+    assert AnthropicMessages("http://x", "k", "m").headers()["x-api-key"] == "k"
+    job = _job(cheap={"auth": "api-key", "api_version": "2024-10-21"})
+    assert (job.models[CHEAP].auth, job.models[CHEAP].api_version) == ("api-key",
+                                                                        "2024-10-21")
+    assert job.models[MID].auth == "x-api-key"
+    with pytest.raises(ConfigError, match=r"models\.cheap-model\.auth: must be one of bearer"):
+        _job(cheap={"auth": "basic"})
