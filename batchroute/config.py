@@ -339,7 +339,9 @@ def parse(raw: Mapping[str, Any], *, source: str = "<memory>", input_override: s
     dispatch = _dispatch(_table(raw, "dispatch", required=False), models)
     router = _router(_table(raw, "router", required=False), models)
     id_column = _str(job, "id_column", "job.") if "id_column" in job else "request_id"
-    reserved = [n for n in (*schemas.RESULTS.names, task.LABEL_COLUMN, task.OUTPUT_COLUMN)
+    # Carried input columns may not take a name the requests, routed or results tables use.
+    reserved = [n for n in dict.fromkeys((*schemas.ROUTED.names, *schemas.RESULTS.names,
+                                          task.LABEL_COLUMN, task.OUTPUT_COLUMN))
                 if n != "request_id"]
     if id_column in reserved:
         raise ConfigError(f"job.id_column: {id_column!r} is already a results column")
@@ -355,10 +357,11 @@ def parse(raw: Mapping[str, Any], *, source: str = "<memory>", input_override: s
                 raise ConfigError(
                     f"{where}: {m.thinking_budget_tokens} must be below the output budget it "
                     f"is part of (dispatch.default_max_tokens = {dispatch.default_max_tokens})")
-            if the_task.output.structured:
+            if the_task.output.structured or (
+                    "llm" in router.stages and router.llm.model == m.name):
                 raise ConfigError(f"{where}: extended thinking cannot be combined with the "
-                                  "forced tool a [task.output] needs; use another model for "
-                                  "labels or JSON outputs")
+                                  "forced tool a [task.output] or the llm router needs; use "
+                                  "another model for labels, JSON outputs or routing calls")
 
     for m in models.values():
         if m.tpm < dispatch.default_max_tokens:

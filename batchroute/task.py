@@ -382,7 +382,7 @@ class OutputParser:
         if self._fast is not None:
             try:
                 self._fast(value)
-                return value, None
+                return self._fitting(value)
             except self._fast_refusal:
                 pass  # the reference decides, and says why
         errors = sorted(self._validator.iter_errors(value), key=lambda e: list(e.path))
@@ -393,6 +393,16 @@ class OutputParser:
             at = "/".join(str(p) for p in err.absolute_path) or "(top)"
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
             return None, f"answer does not match the schema at {at}: {err.message}{more}"
+        return self._fitting(value)
+
+    def _fitting(self, value: Any) -> tuple[Any, str | None]:
+        """A valid answer that its column can also hold: JSON allows what Arrow does not (an
+        integer beyond int64, a lone surrogate in a string), and that is an unusable answer
+        too, not a failed batch."""
+        try:
+            values_array(self.output, [value], strict=True)
+        except _UNFIT as exc:
+            return None, f"answer does not fit the output column: {type(exc).__name__}: {exc}"
         return value, None
 
     def _label(self, text: str) -> tuple[str | None, str | None]:
@@ -419,15 +429,33 @@ def _shown(text: str) -> str:
                       ensure_ascii=False)
 
 
-def values_array(output: OutputSpec, values: Sequence[Any]) -> pa.Array:
-    """The ``label`` or ``output`` column for parsed values (None for rows without one)."""
+# What converting a parsed answer into its column can raise.
+_UNFIT = (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError,
+          UnicodeError)
+
+
+def values_array(output: OutputSpec, values: Sequence[Any], *, strict: bool = False
+                 ) -> pa.Array:
+    """The ``label`` or ``output`` column for parsed values (None for rows without one).
+    A value the column cannot hold becomes null, unless ``strict`` (then it raises)."""
     (f,) = result_fields(output)
     if output.kind == "labels":
         return pa.array(values, pa.string())
     try:  # valid answers convert as they are: extra properties are left out, 3.0 becomes 3
         return pa.array(values, f.type)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
-        return pa.array([_shaped(v, f.type) for v in values], f.type)
+    except _UNFIT:
+        if strict and len(values) == 1:
+            pa.array([_shaped(values[0], f.type)], f.type)  # raises if it cannot fit
+        shaped = []
+        for v in values:
+            try:
+                pa.array([_shaped(v, f.type)], f.type)
+                shaped.append(_shaped(v, f.type))
+            except _UNFIT:
+                if strict:
+                    raise
+                shaped.append(None)
+        return pa.array(shaped, f.type)
 
 
 def _shaped(value: Any, t: pa.DataType) -> Any:

@@ -159,11 +159,16 @@ def _carried_type(t: pa.DataType) -> pa.DataType:
 
 
 def _common_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
-    """One type for a kept column two files write differently: integers widen to int64,
-    numbers to float64; None when there is none."""
+    """One type for a kept column two files write differently: an all-null column takes the
+    other's type, text and bytes are text, integers widen to int64 (not uint64: its values
+    may not fit), numbers to float64; None when there is none."""
+    if pa.types.is_null(a) or pa.types.is_null(b):
+        return b if pa.types.is_null(a) else a
+    if _is_string(a) and _is_string(b):
+        return pa.string()
     ints = pa.types.is_integer(a) and pa.types.is_integer(b)
     if ints:
-        return pa.int64()
+        return None if pa.uint64() in (a, b) else pa.int64()
     if all(pa.types.is_integer(x) or pa.types.is_floating(x) for x in (a, b)):
         return pa.float64()
     return None

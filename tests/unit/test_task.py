@@ -319,3 +319,39 @@ def test_schemas_beyond_the_portable_keywords_are_checked_by_the_reference_alone
         parser = task.OutputParser(task.OutputSpec(kind="json", schema=schema))
         assert parser._fast is None
         assert parser.parse("{}")[1] is not None  # a missing "a" is never filled in
+
+
+def test_a_valid_answer_its_column_cannot_hold_is_unusable_not_a_failed_batch() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"},
+                                               "s": {"type": "string"}}, "required": ["a"]}
+    spec = task.OutputSpec(kind="json", schema=schema)
+    p = task.OutputParser(spec)
+    for text in ('{"a": 123456789012345678901234567890}', '{"a": 1, "s": "\\ud800"}'):
+        value, why = p.parse(text)
+        assert value is None and why is not None and "does not fit the output column" in why
+    good, _ = p.parse('{"a": 1, "s": "x"}')
+    arr = task.values_array(spec, [good, {"a": 10**30}])  # one bad value never sinks the rest
+    assert arr.to_pylist() == [{"a": 1, "s": "x"}, None]
+
+
+def test_kept_columns_may_not_take_a_name_the_job_uses_and_odd_files_unify(
+        tmp_path: Path) -> None:
+    for name in ("prompt", "max_tokens", "row", "model"):
+        with pytest.raises(ConfigError, match=rf"'{name}' is already a results column"):
+            _parse({"keep_columns": [name]})
+    with pytest.raises(ConfigError, match=r"job\.id_column: 'row'"):
+        _parse({}, id_column="row")
+    # an all-null column takes the other file's type; uint64 beside int64 is refused
+    pq.write_table(pa.table({"t": pa.array([1], pa.int64()), "b": ["x"],
+                             "p": pa.nulls(1, pa.null())}), tmp_path / "1.parquet")
+    pq.write_table(pa.table({"t": pa.array([2], pa.int64()), "b": ["y"],
+                             "p": pa.array([b"hi"], pa.binary())}), tmp_path / "2.parquet")
+    data = source.open_input(str(tmp_path), id_column="t",
+                             task=task.parse({"template": "{{ b }}", "keep_columns": ["p"]}))
+    assert {f.name: f.type for f in data.carried} == {"t": pa.int64(), "p": pa.binary()}
+    assert pa.concat_tables(source.read_requests(data)).column("p").to_pylist() == [None, b"hi"]
+    pq.write_table(pa.table({"t": pa.array([2**63 + 5], pa.uint64()), "b": ["z"],
+                             "p": ["q"]}), tmp_path / "3.parquet")
+    with pytest.raises(SchemaError, match=r"column 't' has type uint64"):
+        source.open_input(str(tmp_path), id_column="t",
+                          task=task.parse({"template": "{{ b }}", "keep_columns": ["p"]}))

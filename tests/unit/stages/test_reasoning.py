@@ -171,3 +171,16 @@ def test_auth_and_api_version_shape_the_request() -> None:
     assert job.models[MID].auth == "x-api-key"
     with pytest.raises(ConfigError, match=r"models\.cheap-model\.auth: must be one of bearer"):
         _job(cheap={"auth": "basic"})
+
+
+def test_a_thinking_model_cannot_answer_the_llm_routers_forced_tool() -> None:
+    doc = job_doc()
+    doc["dispatch"]["default_max_tokens"] = 4096
+    doc["models"][MID]["thinking_budget_tokens"] = 2048
+    doc["router"]["stages"] = ["llm"]
+    doc["router"]["llm"] = {"model": MID, "labels": {"easy": CHEAP, "hard": MID},
+                            "default": MID}
+    with pytest.raises(ConfigError, match=r"or the llm router needs"):
+        config.parse(doc)
+    doc["router"]["llm"]["model"] = CHEAP
+    assert config.parse(doc).models[MID].reasoning
