@@ -399,10 +399,9 @@ class OutputParser:
         """A valid answer that its column can also hold: JSON allows what Arrow does not (an
         integer beyond int64, a lone surrogate in a string), and that is an unusable answer
         too, not a failed batch."""
-        try:
-            values_array(self.output, [value], strict=True)
-        except _UNFIT as exc:
-            return None, f"answer does not fit the output column: {type(exc).__name__}: {exc}"
+        why = _unfit(value)
+        if why is not None:
+            return None, f"answer does not fit the output column: {why}"
         return value, None
 
     def _label(self, text: str) -> tuple[str | None, str | None]:
@@ -427,6 +426,33 @@ class OutputParser:
 def _shown(text: str) -> str:
     return json.dumps(text[:MAX_SHOWN] + ("..." if len(text) > MAX_SHOWN else ""),
                       ensure_ascii=False)
+
+
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _unfit(value: Any) -> str | None:
+    """Why a parsed JSON value cannot become Arrow data, or None: the two things JSON allows
+    and Arrow does not, an integer beyond int64 and a string that is not valid Unicode (a
+    lone surrogate escape). A plain walk: converting each answer alone costs ten times more."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, bool):
+            continue
+        elif isinstance(v, int):
+            if not _INT64[0] <= v <= _INT64[1]:
+                return f"the integer {v} is beyond int64"
+        elif isinstance(v, str):
+            try:
+                v.encode()
+            except UnicodeEncodeError:
+                return "a string holds a lone surrogate (not valid Unicode)"
+    return None
 
 
 # What converting a parsed answer into its column can raise.
