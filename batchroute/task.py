@@ -460,27 +460,23 @@ _UNFIT = (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowErr
           UnicodeError)
 
 
-def values_array(output: OutputSpec, values: Sequence[Any], *, strict: bool = False
-                 ) -> pa.Array:
+def values_array(output: OutputSpec, values: Sequence[Any]) -> pa.Array:
     """The ``label`` or ``output`` column for parsed values (None for rows without one).
-    A value the column cannot hold becomes null, unless ``strict`` (then it raises)."""
+    A value the column cannot hold becomes null (OutputParser refuses those already)."""
     (f,) = result_fields(output)
     if output.kind == "labels":
         return pa.array(values, pa.string())
     try:  # valid answers convert as they are: extra properties are left out, 3.0 becomes 3
         return pa.array(values, f.type)
     except _UNFIT:
-        if strict and len(values) == 1:
-            pa.array([_shaped(values[0], f.type)], f.type)  # raises if it cannot fit
         shaped = []
-        for v in values:
+        for v in values:  # the rare batch with an odd value: row by row, nulling it
+            value = _shaped(v, f.type)
             try:
-                pa.array([_shaped(v, f.type)], f.type)
-                shaped.append(_shaped(v, f.type))
+                pa.array([value], f.type)
             except _UNFIT:
-                if strict:
-                    raise
-                shaped.append(None)
+                value = None
+            shaped.append(value)
         return pa.array(shaped, f.type)
 
 

@@ -137,8 +137,7 @@ def test_an_extraction_job_fills_a_typed_output_struct(tmp_path: Path, provider:
     assert types["total"] == pl.Float64 and types["line_items"] == pl.List(pl.String)
     assert types["paid"] == pl.Boolean
     ok = results.filter(pl.col("status") == "ok")
-    assert set(ok["model"]) == {"claude-3-5-sonnet", "mixtral-8x7b-instruct"} or len(
-        set(ok["model"])) >= 2
+    assert len(set(ok["model"])) >= 2  # both wires answered
     assert len(ok) == 40, results.filter(pl.col("status") != "ok").select(
         "model", "error_type", "error_message", "response").to_dicts()
     assert ok["output"].struct.field("currency").is_in(
