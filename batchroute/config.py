@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 PROVIDERS = ("openai", "anthropic")
 _RESOLVED_PRICE = {"input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok",
-                   "batch_discount"}
+                   "cache_write_input_usd_per_mtok", "batch_discount"}
 # Integers a job file may hold: what Arrow and numpy hold in an int64 (TOML allows more).
 MAX_INT = 2**63 - 1
 # A token budget travels as an int32 (schemas.REQUESTS.max_tokens).
@@ -47,6 +47,8 @@ class Price:
     input_usd_per_mtok: float
     output_usd_per_mtok: float
     cached_input_usd_per_mtok: float | None = None  # None: cached prompt tokens cost as input
+    # Prompt tokens written to the cache (Anthropic bills them at 1.25x input); None: as input.
+    cache_write_input_usd_per_mtok: float | None = None
     # Share taken off every token price, for endpoints billed at batch rates.
     batch_discount: float = 0.0
     effective_from: date | None = None
@@ -74,7 +76,11 @@ class ModelConfig:
     # run's date (see priced_on).
     prices: tuple[Price, ...] = ()
     cached_input_usd_per_mtok: float | None = None
+    cache_write_input_usd_per_mtok: float | None = None
     batch_discount: float = 0.0
+    # The shortest prefix the provider caches (Anthropic: 1,024 tokens for most models, 2,048
+    # for Haiku; OpenAI: 1,024): a shorter one is sent unmarked and forecast uncached.
+    cache_min_tokens: int = 1024
     # How structured output ([task.output]) is asked for: "json_schema" (OpenAI strict
     # response_format), "tool" (Anthropic's forced tool), "vllm" (vLLM's structured_outputs),
     # "vllm-guided" (vLLM before 0.12: guided_choice / guided_json). "" until parsed.
@@ -119,24 +125,39 @@ class ModelConfig:
         return replace(self, input_usd_per_mtok=p.input_usd_per_mtok,
                        output_usd_per_mtok=p.output_usd_per_mtok,
                        cached_input_usd_per_mtok=p.cached_input_usd_per_mtok,
+                       cache_write_input_usd_per_mtok=p.cache_write_input_usd_per_mtok,
                        batch_discount=p.batch_discount)
 
+    @property
+    def cached_price(self) -> float:
+        """Per million prompt tokens read from the provider's cache."""
+        return (self.input_usd_per_mtok if self.cached_input_usd_per_mtok is None
+                else self.cached_input_usd_per_mtok)
+
+    @property
+    def cache_write_price(self) -> float:
+        """Per million prompt tokens written to the provider's cache."""
+        return (self.input_usd_per_mtok if self.cache_write_input_usd_per_mtok is None
+                else self.cache_write_input_usd_per_mtok)
+
     def cost_usd(self, input_tokens: float, output_tokens: float,
-                 cached_input_tokens: float = 0) -> float:
-        """The exact cost; ``cached_input_tokens`` is the part of ``input_tokens`` the
-        provider served from its prompt cache."""
-        cached_price = (self.input_usd_per_mtok if self.cached_input_usd_per_mtok is None
-                        else self.cached_input_usd_per_mtok)
-        full = ((input_tokens - cached_input_tokens) * self.input_usd_per_mtok
-                + cached_input_tokens * cached_price
+                 cached_input_tokens: float = 0, cache_write_input_tokens: float = 0) -> float:
+        """The exact cost. ``cached_input_tokens`` (read from the provider's prompt cache) and
+        ``cache_write_input_tokens`` (written to it) are parts of ``input_tokens``, each at
+        its own price."""
+        uncached = input_tokens - cached_input_tokens - cache_write_input_tokens
+        full = (uncached * self.input_usd_per_mtok
+                + cached_input_tokens * self.cached_price
+                + cache_write_input_tokens * self.cache_write_price
                 + output_tokens * self.output_usd_per_mtok)
         return full * (1.0 - self.batch_discount) / 1e6
 
     def cost_micro_usd(self, input_tokens: int, output_tokens: int,
-                       cached_input_tokens: int = 0) -> int:
+                       cached_input_tokens: int = 0, cache_write_input_tokens: int = 0) -> int:
         """The cost in whole micro-dollars (rounded half to even): what result rows record,
         so that any sum of them is exact."""
-        return round(self.cost_usd(input_tokens, output_tokens, cached_input_tokens) * 1e6)
+        return round(self.cost_usd(input_tokens, output_tokens, cached_input_tokens,
+                                   cache_write_input_tokens) * 1e6)
 
 
 @dataclass(frozen=True)
@@ -455,6 +476,7 @@ def _model(name: str, t: Mapping[str, Any], dated: tuple[Price, ...]) -> ModelCo
         **_reasoning(t, provider, where, str(t.get("remote_name", "")) or name),
         auth=_choice(t, "auth", where, AUTH, _AUTH_DEFAULT[provider]),
         api_version=_str(t, "api_version", where) if "api_version" in t else "",
+        cache_min_tokens=_int(t, "cache_min_tokens", where, minimum=1, default=1024),
     )
 
 
@@ -509,8 +531,8 @@ def _structured(t: Mapping[str, Any], provider: str, where: str) -> str:
     return str(value)
 
 
-_PRICE_KEYS = ("input_usd_per_mtok", "cached_input_usd_per_mtok", "output_usd_per_mtok",
-               "batch_discount")
+_PRICE_KEYS = ("input_usd_per_mtok", "cached_input_usd_per_mtok",
+               "cache_write_input_usd_per_mtok", "output_usd_per_mtok", "batch_discount")
 
 
 def _price(t: Mapping[str, Any], where: str, day: date | None) -> Price:
@@ -526,6 +548,10 @@ def _price(t: Mapping[str, Any], where: str, day: date | None) -> Price:
         cached_input_usd_per_mtok=(_num(t, "cached_input_usd_per_mtok", where, minimum=0.0,
                                         maximum=MAX_USD_PER_MTOK)
                                    if "cached_input_usd_per_mtok" in t else None),
+        cache_write_input_usd_per_mtok=(
+            _num(t, "cache_write_input_usd_per_mtok", where, minimum=0.0,
+                 maximum=MAX_USD_PER_MTOK)
+            if "cache_write_input_usd_per_mtok" in t else None),
         batch_discount=discount, effective_from=day)
 
 

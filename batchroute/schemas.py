@@ -23,6 +23,7 @@ TIMESTAMP = pa.timestamp("us", tz="UTC")
 ESCALATION = pa.struct([
     pa.field("model", pa.string()), pa.field("reason", pa.string()),
     pa.field("input_tokens", pa.int64()), pa.field("cached_input_tokens", pa.int64()),
+    pa.field("cache_write_input_tokens", pa.int64()),
     pa.field("output_tokens", pa.int64()), pa.field("reasoning_tokens", pa.int64()),
     pa.field("cost_micro_usd", pa.int64()),
     pa.field("attempts", pa.int32()), pa.field("invalid_answers", pa.int32()),
@@ -110,14 +111,17 @@ RESULTS = pa.schema([
     _f("input_tokens", pa.int64(), "Prompt tokens as reported by the provider.", nullable=False),
     _f("cached_input_tokens", pa.int64(),
        "The part of input_tokens the provider served from its prompt cache.", nullable=False),
+    _f("cache_write_input_tokens", pa.int64(),
+       "The part of input_tokens written to the provider's prompt cache (Anthropic reports "
+       "it apart and bills it at its own price).", nullable=False),
     _f("output_tokens", pa.int64(), "Output tokens as reported by the provider.", nullable=False),
     _f("reasoning_tokens", pa.int64(),
        "The part of output_tokens a reasoning model spent thinking, where the provider reports "
        "it (OpenAI's completion_tokens_details); billed as output.", nullable=False),
     _f("cost_micro_usd", pa.int64(),
        "What the row cost in all, in whole micro-dollars: the answering model's tokens at the "
-       "prices in force on the run's date (uncached input, cached input and output prices per "
-       "million, less any batch discount), rounded half to even, plus the cost of its "
+       "prices in force on the run's date (uncached input, cached input, cache-write input and "
+       "output prices per million, less any batch discount), rounded half to even, plus the cost of its "
        "escalations and of routing it (route_cost_micro_usd). Sum this column for totals: "
        "integer sums are exact.", nullable=False),
     _f("cost_usd", pa.float64(), "cost_micro_usd / 1,000,000, for reading.", nullable=False),
@@ -166,6 +170,8 @@ ROLLUPS = pa.schema([
        "attempts made on it.", nullable=False),
     _f("cached_input_tokens", pa.int64(), "The cached part of input_tokens, likewise.",
        nullable=False),
+    _f("cache_write_input_tokens", pa.int64(),
+       "The part of input_tokens written to the prompt cache, likewise.", nullable=False),
     _f("output_tokens", pa.int64(), "Output tokens billed by this model, likewise.",
        nullable=False),
     _f("reasoning_tokens", pa.int64(),

@@ -76,9 +76,31 @@ class TaskConfig:
     keep_columns: tuple[str, ...] = ()
     output: OutputSpec = field(default_factory=OutputSpec)
     variables: tuple[str, ...] = ()  # the input columns the template reads, sorted
+    # Mark the shared prefix for the provider's prompt cache; None: on for Anthropic when
+    # there is a shared prefix (OpenAI caches a long enough one unasked).
+    cache_prefix: bool | None = None
+    # The template's literal text before its first tag: the start every prompt shares.
+    template_prefix: str = ""
 
     def system_messages(self) -> list[dict[str, str]]:
         return [{"role": "system", "content": self.system}] if self.system else []
+
+    def marks_cache(self, provider: str) -> bool:
+        """Whether requests to a ``provider`` model carry a cache breakpoint (Anthropic's
+        ``cache_control``): asked for, or by default where there is a shared prefix."""
+        shared = bool(self.system or self.template_prefix or self.output.structured)
+        if provider != "anthropic" or not shared:
+            return False
+        return self.cache_prefix is not False
+
+    def prefix_tokens(self) -> int:
+        """Estimated tokens of what every request starts with (output schema, system prompt,
+        the template's literal start): the most of each prompt a provider can cache."""
+        from batchroute import tokens
+
+        chars = self.fixed_input_chars() + len(self.template_prefix)
+        return (tokens.from_chars(chars)
+                + (tokens.MESSAGE_OVERHEAD_TOKENS if self.system else 0)) if chars else 0
 
     def fixed_input_chars(self) -> int:
         """Characters every request carries besides its own text: the system prompt and the
@@ -94,12 +116,17 @@ class TaskConfig:
 def parse(t: Mapping[str, Any], *, reserved: Sequence[str] = ()) -> TaskConfig:
     """The ``[task]`` table (``{}`` when absent). ``reserved`` are column names the results
     already have, which ``keep_columns`` may not reuse."""
-    _known(t, "task", {"system", "template", "keep_columns", "output"})
+    _known(t, "task", {"system", "template", "keep_columns", "output", "cache_prefix"})
     system = _text(t, "system")
     template = _text(t, "template")
+    cache = t.get("cache_prefix")
+    if cache is not None and not isinstance(cache, bool):
+        raise ConfigError("task.cache_prefix: must be true or false")
     variables: tuple[str, ...] = ()
+    prefix = ""
     if template:
-        variables = tuple(sorted(_template_variables(template)))
+        found, prefix = _template_variables(template)
+        variables = tuple(sorted(found))
         if not variables:
             raise ConfigError("task.template: names no input column; every row would get "
                               "the same prompt")
@@ -115,7 +142,8 @@ def parse(t: Mapping[str, Any], *, reserved: Sequence[str] = ()) -> TaskConfig:
     if not isinstance(out, Mapping):
         raise ConfigError("task.output: must be a table")
     return TaskConfig(system=system, template=template, keep_columns=tuple(keep),
-                      output=_output(out), variables=variables)
+                      output=_output(out), variables=variables, cache_prefix=cache,
+                      template_prefix=prefix)
 
 
 def _output(t: Mapping[str, Any]) -> OutputSpec:
@@ -515,15 +543,23 @@ def _environment() -> Any:
                                 keep_trailing_newline=True)
 
 
-def _template_variables(source: str) -> set[str]:
-    from jinja2 import TemplateSyntaxError, meta
+def _template_variables(source: str) -> tuple[set[str], str]:
+    """The input columns a template reads, and its literal start (the text before its first
+    tag, whitespace control applied): what every rendered prompt begins with."""
+    from jinja2 import TemplateSyntaxError, meta, nodes
 
     try:
         ast = _environment().parse(source)
     except TemplateSyntaxError as exc:
         raise ConfigError(f"task.template: syntax error at line {exc.lineno}"
                           f"{_tag_column(source, exc.lineno)}: {exc.message}") from None
-    return set(meta.find_undeclared_variables(ast))
+    prefix = []
+    if ast.body and isinstance(ast.body[0], nodes.Output):
+        for node in ast.body[0].nodes:
+            if not isinstance(node, nodes.TemplateData):
+                break
+            prefix.append(node.data)
+    return set(meta.find_undeclared_variables(ast)), "".join(prefix)
 
 
 def _tag_column(source: str, lineno: int) -> str:

@@ -14,7 +14,8 @@ Endpoints
         {"id", "object": "chat.completion", "created", "model",
          "choices": [{"index": 0, "message": {"role": "assistant", "content"},
                       "finish_reason": "stop" | "length"}],
-         "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}
+         "usage": {"prompt_tokens", "completion_tokens", "total_tokens",
+                   "prompt_tokens_details": {"cached_tokens"}}}
 
     Errors: ``{"error": {"message", "type", "code"}}``.
 ``POST /v1/messages`` (Anthropic messages)
@@ -23,7 +24,8 @@ Endpoints
 
         {"id", "type": "message", "role": "assistant", "model",
          "content": [{"type": "text", "text"}], "stop_reason": "end_turn" | "max_tokens",
-         "stop_sequence": null, "usage": {"input_tokens", "output_tokens"}}
+         "stop_sequence": null, "usage": {"input_tokens", "cache_creation_input_tokens",
+                                          "cache_read_input_tokens", "output_tokens"}}
 
     or, answering a forced tool, ``"content": [{"type": "tool_use", "id", "name",
     "input"}]`` with ``"stop_reason": "tool_use"``.
@@ -151,6 +153,25 @@ Only values outside ``anyOf``/``oneOf`` branches are spoiled (another branch mig
 them). An invalid answer is still a 200 with usage, and is cut by ``max_tokens`` like any
 other.
 
+Prompt caching
+--------------
+Simulated as the providers describe it, per model, for ``cache_ttl_s`` (default 300 s) after
+an entry's last use, and never for a prefix shorter than ``cache_min_tokens`` (default 1,024):
+
+* Anthropic caches what comes before and includes the last block marked ``cache_control``
+  (tools, then system, then messages; ``system`` and message ``content`` may be lists of text
+  blocks). The first request of a prefix reports it as ``cache_creation_input_tokens``, later
+  ones as ``cache_read_input_tokens``; ``input_tokens`` leaves both out. Unmarked requests
+  cache nothing.
+* OpenAI caches every prompt of 1,024 tokens or more unasked, in steps of 128 tokens, and
+  reports the longest cached prefix in ``usage.prompt_tokens_details.cached_tokens`` (always
+  present, 0 when nothing was cached).
+
+An entry serves requests that arrive after the reply that wrote it was sent: requests already
+waiting when it is written write it again, as on the real services, so a client that sends
+the first call of a prefix alone pays one write. Splitting a message into blocks changes no
+answer. ``/stats`` counts ``cached_prompt_tokens`` and ``cache_write_tokens``.
+
 Latency
 -------
 Each answer waits ``latency_ms`` scaled by a log-normal factor (sigma 0.4, capped at 4x) drawn
@@ -270,6 +291,7 @@ __all__ = [
 
 MIN_ANSWER_TOKENS: Final = 20
 MAX_ANSWER_TOKENS: Final = 400
+CACHE_MIN_TOKENS: Final = 1024  # the shortest prefix either provider caches (by default)
 ROUTE_DECISION: Final = "route_decision"
 """Name of the structured output (OpenAI) or forced tool (Anthropic) answered with a difficulty."""
 DEFAULT_ROUTE_LABELS: Final = ("easy", "medium", "hard")
@@ -401,6 +423,10 @@ class MockProviderConfig:
     # Per model (its wire name), a share that replaces invalid_rate: ((name, rate), ...).
     model_invalid_rates: tuple[tuple[str, float], ...] = ()
     hang_s: float = 30.0
+    # Prompt caching: how long an entry lives after its last use, and the shortest prefix
+    # cached (shorter marked prefixes are silently not cached, as on Anthropic).
+    cache_ttl_s: float = 300.0
+    cache_min_tokens: int = CACHE_MIN_TOKENS
     api_key: str | None = field(default=None, repr=False)
     expired_keys: frozenset[str] = field(default=frozenset(), repr=False)
     seed: int = 0
@@ -422,7 +448,9 @@ class MockProviderConfig:
         if not (isinstance(window, int | float) and not isinstance(window, bool)
                 and math.isfinite(window) and 0 < window <= 60):
             raise ConfigError(f"mock provider window_s must be > 0 and <= 60, got {window!r}")
-        for name in ("latency_ms", "hang_s"):
+        if not (isinstance(self.cache_min_tokens, int) and self.cache_min_tokens >= 1):
+            raise ConfigError("mock provider cache_min_tokens must be a whole number >= 1")
+        for name in ("latency_ms", "hang_s", "cache_ttl_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"mock provider {name} must be a finite number >= 0")
@@ -626,6 +654,9 @@ class _Call:
     structured: _Structured | None = None
     # Output tokens a reasoning model thinks before it answers (billed as output).
     reasoning_tokens: int = 0
+    # Prefixes the prompt cache may hold, shortest first: (tokens, digest). Anthropic: the
+    # prefix up to its cache_control breakpoint; OpenAI: every 128-token step from 1,024.
+    cache_points: tuple[tuple[int, bytes], ...] = ()
 
     @property
     def token_cost(self) -> int:
@@ -1269,6 +1300,9 @@ def _parse_call(wire: Wire, body: object) -> _Call:
         texts.append(text)
         if message["role"] == "user":
             last_user = text
+    # What the model reads: a message's text, whether sent whole or in content blocks (a
+    # cache breakpoint splits it), so marking a cache changes no answer.
+    read = [{"role": m["role"], "content": t} for m, t in zip(messages, texts, strict=True)]
     system = ""
     thinking = 0
     if wire == "openai":
@@ -1290,8 +1324,9 @@ def _parse_call(wire: Wire, body: object) -> _Call:
         prompt_tokens += count_tokens(json.dumps(billed, separators=(",", ":")))
     # Hash what defines the answer. max_tokens is left out on purpose: it only truncates,
     # so a smaller cap yields a prefix of the same answer.
-    key = json.dumps([model, system, messages], sort_keys=True, separators=(",", ":"))
+    key = json.dumps([model, system, read], sort_keys=True, separators=(",", ":"))
     digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
+    billed_text = "" if billed is None else json.dumps(billed, separators=(",", ":"))
     return _Call(
         wire=wire,
         model=model,
@@ -1304,7 +1339,62 @@ def _parse_call(wire: Wire, body: object) -> _Call:
         structured=structured,
         reasoning_tokens=_reasoning_tokens(digest, max_tokens, thinking) if (
             thinking or (wire == "openai" and is_reasoning_model(model))) else 0,
+        cache_points=(_anthropic_cache(body, model, billed_text) if wire == "anthropic"
+                      else _openai_cache(model, billed_text, read)),
     )
+
+
+# Prompt caching, as the providers describe it. Anthropic caches what comes before and
+# includes a block marked cache_control (in the order tools, system, messages), if it is at
+# least the model's minimum; OpenAI caches any prompt of 1,024 tokens or more, unasked, and
+# reports the longest cached prefix in steps of 128 tokens. Both count the cached prefix in
+# tokens of the same rule as the prompt (count_tokens per part).
+_CACHE_STEP_TOKENS: Final = 128
+
+
+def _marked(part: object) -> bool:
+    return isinstance(part, dict) and isinstance(part.get("cache_control"), dict)
+
+
+def _anthropic_cache(body: dict[str, Any], model: str,
+                     billed: str) -> tuple[tuple[int, bytes], ...]:
+    """The one prefix a request's last cache_control breakpoint marks, or none."""
+    parts: list[str] = [billed]
+    point = 0 if any(_marked(t) for t in body.get("tools") or []) else -1
+    system = body.get("system")
+    for block in system if isinstance(system, list) else [system]:
+        parts.append(_text_of([block]) if isinstance(block, dict) else _text_of(block))
+        if _marked(block):
+            point = len(parts) - 1
+    for message in body["messages"]:
+        content = message.get("content")
+        for block in content if isinstance(content, list) else [content]:
+            parts.append(_text_of([block]) if isinstance(block, dict) else _text_of(block))
+            if _marked(block):
+                point = len(parts) - 1
+    if point < 0:
+        return ()
+    prefix = parts[: point + 1]
+    digest = hashlib.blake2b(json.dumps([model, prefix]).encode(), digest_size=16).digest()
+    return ((sum(count_tokens(p) for p in prefix), digest),)
+
+
+def _openai_cache(model: str, billed: str,
+                  read: list[dict[str, str]]) -> tuple[tuple[int, bytes], ...]:
+    """Every cacheable prefix of the prompt: 1,024 tokens, then each 128 more."""
+    text = billed + "".join(f"\x00{m['role']}\x00{m['content']}" for m in read)
+    total = len(text) // _CHARS_PER_TOKEN
+    if total < CACHE_MIN_TOKENS:
+        return ()
+    h = hashlib.blake2b(model.encode(), digest_size=16)
+    points = []
+    done = 0
+    for tokens_ in range(CACHE_MIN_TOKENS, total + 1, _CACHE_STEP_TOKENS):
+        end = tokens_ * _CHARS_PER_TOKEN
+        h.update(text[done:end].encode())
+        done = end
+        points.append((tokens_, h.copy().digest()))
+    return tuple(points)
 
 
 # OpenAI's reasoning families (the o-series, GPT-5), by model id, as the real API treats them.
@@ -1383,6 +1473,8 @@ class ProviderStats(TypedDict):
     completion_tokens: int
     structured: int
     invalid_answers: int
+    cached_prompt_tokens: int
+    cache_write_tokens: int
 
 
 def _empty_stats() -> ProviderStats:
@@ -1396,6 +1488,8 @@ def _empty_stats() -> ProviderStats:
         completion_tokens=0,
         structured=0,
         invalid_answers=0,
+        cached_prompt_tokens=0,
+        cache_write_tokens=0,
     )
 
 
@@ -1410,6 +1504,8 @@ def _copy_stats(stats: ProviderStats) -> ProviderStats:
         completion_tokens=stats["completion_tokens"],
         structured=stats["structured"],
         invalid_answers=stats["invalid_answers"],
+        cached_prompt_tokens=stats["cached_prompt_tokens"],
+        cache_write_tokens=stats["cache_write_tokens"],
     )
 
 
@@ -1453,6 +1549,8 @@ class _MockServer:
         self._limits: dict[tuple[str, str], _Limits] = {}
         self.counters = _empty_stats()
         self._seq = 0
+        # prefix digest -> (when the reply that wrote it was sent, when it expires)
+        self._cache: dict[bytes, tuple[float, float]] = {}
         self._bands: list[tuple[float, str]] = []
         edge = 0.0
         for (_, rate), fault in zip(config._fault_rates(), _RATE_FAULTS, strict=True):
@@ -1553,6 +1651,7 @@ class _MockServer:
                 return _error(wire, 429, "Rate limit exceeded, please retry shortly.",
                               headers=rl_headers, code="rate_limit_exceeded")
 
+        arrived = self._clock()
         delay = self.config.hang_s if fault == "timeout" else _latency_s(
             call, self.config.latency_ms
         )
@@ -1565,7 +1664,7 @@ class _MockServer:
         if fault == "503":
             return _error(wire, 503, "The server is overloaded, please retry.",
                           headers=rl_headers)
-        payload, completion_tokens, invalid = self._reply(call)
+        payload, completion_tokens, invalid = self._reply(call, arrived)
         if fault == "malformed":
             return _raw_response(200, payload[: len(payload) // 2], rl_headers)
         if fault == "drop":
@@ -1655,10 +1754,38 @@ class _MockServer:
                 return fault
         return None
 
-    def _reply(self, call: _Call) -> tuple[bytes, int, bool | None]:
+    def _cached(self, call: _Call, arrived: float | None) -> tuple[int, int]:
+        """(prompt tokens read from the cache, written to it) for a reply sent now to a
+        request that arrived at ``arrived``. An entry serves requests that arrive after the
+        reply that wrote it was sent (a request already waiting writes it again), until
+        ``cache_ttl_s`` after its last use. Only Anthropic reports (and bills) writes."""
+        points = [p for p in call.cache_points if p[0] >= self.config.cache_min_tokens]
+        if not points:
+            return 0, 0
+        now = self._clock()
+        seen = now if arrived is None else arrived
+        cache = self._cache
+        hit = 0
+        for n, digest in points:
+            ready, until = cache.get(digest, (math.inf, -math.inf))
+            if ready <= seen < until:
+                hit = max(hit, n)
+        if len(cache) > 100_000:  # forget what expired, now and then
+            for digest in [d for d, (_, until) in cache.items() if until <= now]:
+                del cache[digest]
+        for _, digest in points:
+            ready, _ = cache.get(digest, (now, now))
+            cache[digest] = (min(ready, now), now + self.config.cache_ttl_s)
+        if call.wire == "anthropic" and not hit:
+            return 0, points[-1][0]
+        return hit, 0
+
+    def _reply(self, call: _Call, arrived: float | None = None
+               ) -> tuple[bytes, int, bool | None]:
         """The JSON body of a successful reply, its completion tokens, and, when it answers a
         structured output other than route_decision, whether that answer was made invalid on
-        purpose (None otherwise)."""
+        purpose (None otherwise). ``arrived``: when the request came in (None: now), for the
+        prompt cache."""
         tool_input: dict[str, Any] | None = None
         tool_name = ROUTE_DECISION
         invalid: bool | None = None
@@ -1681,6 +1808,9 @@ class _MockServer:
         else:
             text, truncated = _answer(call)
         completion_tokens = count_tokens(text) + reasoning
+        cached, written = self._cached(call, arrived)
+        self.counters["cached_prompt_tokens"] += cached
+        self.counters["cache_write_tokens"] += written
         self._seq += 1
         suffix = f"{self._seq:08x}{call.digest.hex()[:16]}"
         body: dict[str, Any]
@@ -1701,6 +1831,7 @@ class _MockServer:
                     "prompt_tokens": call.prompt_tokens,
                     "completion_tokens": completion_tokens,
                     "total_tokens": call.prompt_tokens + completion_tokens,
+                    "prompt_tokens_details": {"cached_tokens": cached},
                 },
             }
             if reasoning:
@@ -1723,7 +1854,12 @@ class _MockServer:
                 "content": content,
                 "stop_reason": stop,
                 "stop_sequence": None,
-                "usage": {"input_tokens": call.prompt_tokens, "output_tokens": completion_tokens},
+                # Anthropic's input_tokens leaves out what was read from or written to
+                # the cache.
+                "usage": {"input_tokens": call.prompt_tokens - cached - written,
+                          "cache_creation_input_tokens": written,
+                          "cache_read_input_tokens": cached,
+                          "output_tokens": completion_tokens},
             }
         return json.dumps(body, separators=(",", ":")).encode(), completion_tokens, invalid
 
@@ -2078,6 +2214,11 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "several, e.g. gpt-4o=0 for a strong model that never answers off-label")
     add("--hang-s", type=_non_negative_float, default=30.0, metavar="S",
         help="seconds a --timeout-rate request hangs (default 30)")
+    add("--cache-ttl-s", type=_non_negative_float, default=300.0, metavar="S",
+        help="seconds a prompt-cache entry lives after its last use (default 300, "
+             "Anthropic's 5 minutes)")
+    add("--cache-min-tokens", type=whole_number(1), default=CACHE_MIN_TOKENS, metavar="N",
+        help=f"shortest prefix cached, in tokens (default {CACHE_MIN_TOKENS})")
     add("--api-key-env", default=None, metavar="NAME",
         help="name of an environment variable holding the one API key to accept; other keys "
              "get HTTP 401. The key itself is never passed on the command line "
@@ -2117,6 +2258,7 @@ def _run_cli(args: argparse.Namespace) -> int:
             drop_rate=args.drop_rate, malformed_rate=args.malformed_rate,
             burst_429_rate=args.burst_429_rate, route_garbage_rate=args.route_garbage_rate,
             invalid_rate=args.invalid_rate, hang_s=args.hang_s, api_key=api_key,
+            cache_ttl_s=args.cache_ttl_s, cache_min_tokens=args.cache_min_tokens,
             model_invalid_rates=tuple(args.model_invalid_rates or ()),
             seed=args.seed,
         )

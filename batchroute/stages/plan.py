@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from batchroute.config import JobConfig
+from batchroute.config import JobConfig, ModelConfig
 from batchroute.stages import results
 from batchroute.stages.sink import ResultSink, RunFolder
 
@@ -111,19 +111,24 @@ def forecast(folder: RunFolder, job: JobConfig, rejected: int) -> dict[str, Any]
     for row in sums.iter_rows(named=True):
         m = job.models[row["model"]]
         tokens = row["est_input_tokens"] + row["est_output_tokens"]
+        cached, written = cache_forecast(job, m, row["rows"])
+        both = (row["est_input_tokens"], row["est_output_tokens"])
+        # The reference model's own rows would be cached as well; other models' would not.
+        as_ref = (*both, cached, written) if m.name == ref.name else both
         models[row["model"]] = {
             "rows": row["rows"],
             "est_input_tokens": row["est_input_tokens"],
             "est_output_tokens": row["est_output_tokens"],
-            "est_cost_usd": round(m.cost_usd(row["est_input_tokens"],
-                                             row["est_output_tokens"]), 6),
-            "est_reference_cost_usd": round(ref.cost_usd(row["est_input_tokens"],
-                                                         row["est_output_tokens"]), 6),
+            "est_cached_input_tokens": cached,
+            "est_cache_write_input_tokens": written,
+            "est_cost_usd": round(m.cost_usd(*both, cached, written), 6),
+            "est_reference_cost_usd": round(ref.cost_usd(*as_ref), 6),
             "est_wall_s": round(60.0 * max(row["rows"] / m.rpm, tokens / m.tpm), 1),
             "bound_by": "rpm" if row["rows"] / m.rpm >= tokens / m.tpm else "tpm",
         }
     total_cost = sum(v["est_cost_usd"] for v in models.values())
     total_ref = sum(v["est_reference_cost_usd"] for v in models.values())
+    total_in = sum(v["est_input_tokens"] for v in models.values())
     return {
         "run_id": folder.run_id,
         "reference_model": job.reference_model,
@@ -133,10 +138,46 @@ def forecast(folder: RunFolder, job: JobConfig, rejected: int) -> dict[str, Any]
         "est_cost_usd": round(total_cost, 6),
         "est_reference_cost_usd": round(total_ref, 6),
         "est_savings_usd": round(total_ref - total_cost, 6),
+        "est_cached_share": round(sum(v["est_cached_input_tokens"] for v in models.values())
+                                  / total_in, 4) if total_in else 0.0,
+        "cache_prefix_tokens": job.task.prefix_tokens(),
+        "cache_notes": _cache_notes(job, list(models)),
         # Models are dispatched concurrently, so the slowest one bounds the job.
         "est_wall_s": max((v["est_wall_s"] for v in models.values()), default=0.0),
         "note": "estimates use 4 characters per token and the full max_tokens budget",
     }
+
+
+def cache_forecast(job: JobConfig, m: ModelConfig, rows: int) -> tuple[int, int]:
+    """(input tokens read from the prompt cache, written to it) forecast for ``rows`` rows
+    on ``m``: every row after the first reads the shared prefix (system prompt, output
+    schema, the template's literal start) if the provider caches it. Anthropic caches a
+    marked prefix of at least the model's minimum, written once; OpenAI caches any prefix of
+    1,024 tokens or more unasked, in steps of 128."""
+    prefix = job.task.prefix_tokens()
+    if rows == 0 or prefix < m.cache_min_tokens:
+        return 0, 0
+    if m.provider == "anthropic":
+        return (prefix * (rows - 1), prefix) if job.task.marks_cache(m.provider) else (0, 0)
+    step = m.cache_min_tokens + OPENAI_CACHE_STEP * ((prefix - m.cache_min_tokens)
+                                                      // OPENAI_CACHE_STEP)
+    return step * (rows - 1), 0
+
+
+OPENAI_CACHE_STEP = 128
+
+
+def _cache_notes(job: JobConfig, names: list[str]) -> list[str]:
+    """Why a model that could cache the shared prefix will not."""
+    prefix, notes = job.task.prefix_tokens(), []
+    for name in names:
+        m = job.models[name]
+        if 0 < prefix < m.cache_min_tokens and (m.provider == "openai"
+                                                 or job.task.marks_cache(m.provider)):
+            notes.append(f"{name}: the shared prefix (system prompt, output schema, the "
+                         f"template's literal start) is about {prefix} tokens, below the "
+                         f"{m.cache_min_tokens} the provider caches: it is not cached")
+    return notes
 
 
 def format_forecast(f: Mapping[str, Any]) -> str:
@@ -149,4 +190,9 @@ def format_forecast(f: Mapping[str, Any]) -> str:
     lines.append(f"rejected before dispatch: {f['rejected']}   est total ${f['est_cost_usd']:.4f}"
                  f" vs ${f['est_reference_cost_usd']:.4f} all on {f['reference_model']}"
                  f"   est wall {f['est_wall_s']:.0f}s")
+    if f.get("est_cached_share"):
+        lines.append(f"prompt cache: {f['est_cached_share']:.1%} of input tokens forecast "
+                     f"read from the provider's cache (a shared prefix of about "
+                     f"{f['cache_prefix_tokens']} tokens), priced at the cache prices")
+    lines.extend(f"prompt cache: {note}" for note in f.get("cache_notes", []))
     return "\n".join(lines)

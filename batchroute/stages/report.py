@@ -46,7 +46,7 @@ from batchroute.stages.sink import RunFolder
 DIMENSIONS = ("day", "job", "model", "tag")
 NO_TAG = "(none)"
 RESULT_COLUMNS = ["request_id", "model", "status", "input_tokens", "cached_input_tokens",
-                  "output_tokens", "reasoning_tokens", "cost_micro_usd", "attempts",
+                  "cache_write_input_tokens", "output_tokens", "reasoning_tokens", "cost_micro_usd", "attempts",
                   "invalid_answers", "latency_ms",
                   "tags", "escalations"]
 # The billed amounts the report sums (the rollups also count HTTP attempts).
@@ -167,6 +167,7 @@ def _results(fs: pafs.FileSystem, run: Run) -> pl.LazyFrame:
         cost_micro_usd=pl.coalesce("cost_micro_usd",
                                    (pl.col("cost_usd") * 1e6).round(0).cast(pl.Int64)),
         cached_input_tokens=pl.col("cached_input_tokens").fill_null(0),
+        cache_write_input_tokens=pl.col("cache_write_input_tokens").fill_null(0),
         invalid_answers=pl.col("invalid_answers").fill_null(0),
         reasoning_tokens=pl.col("reasoning_tokens").fill_null(0),
         run_id=pl.lit(run.run_id), job=pl.lit(run.job), day=pl.lit(run.day)).drop("cost_usd")
@@ -376,8 +377,8 @@ def _html(report: Report, tables: dict[str, pl.DataFrame], pngs: dict[str, Path]
     money = ["cost_micro_usd", "failed_cost_micro_usd", "reference_cost_micro_usd"]
     # invalid: answers that were not one of the labels or did not match the schema.
     columns = [*by, "rows", "ok", "failed", "rejected", "invalid_answers", "invalid_rate",
-               "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens",
-               *money, "savings_pct"]
+               "input_tokens", "cached_input_tokens", "cache_write_input_tokens",
+               "output_tokens", "reasoning_tokens", *money, "savings_pct"]
     charts = "".join(
         f'<figure><img alt="{name}" src="data:image/png;base64,'
         f'{base64.b64encode(pngs[name].read_bytes()).decode()}"></figure>' for name in CHARTS)

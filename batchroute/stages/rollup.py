@@ -31,7 +31,7 @@ from batchroute.stages.sink import RunFolder
 FrameT = TypeVar("FrameT", pl.DataFrame, pl.LazyFrame)
 
 COLUMNS = ["request_id", "model", "status", "input_tokens", "cached_input_tokens",
-           "output_tokens", "reasoning_tokens", "cost_micro_usd", "latency_ms", "attempts",
+           "cache_write_input_tokens", "output_tokens", "reasoning_tokens", "cost_micro_usd", "latency_ms", "attempts",
            "invalid_answers",
            "escalations", "route_cost_micro_usd"]
 # Result shards are small (one dispatch batch each): frames of about this many rows keep each
@@ -39,7 +39,7 @@ COLUMNS = ["request_id", "model", "status", "input_tokens", "cached_input_tokens
 FRAME_ROWS = 65_536
 _COUNTS = ["rows", "ok", "failed", "rejected", "escalated", *BILLED, "failed_cost_micro_usd",
            "routing_cost_micro_usd",
-           "ok_input", "ok_cached", "ok_output"]
+           "ok_input", "ok_cached", "ok_cache_write", "ok_output"]
 
 
 def read_results(folder: RunFolder) -> Iterator[pl.DataFrame]:
@@ -55,7 +55,8 @@ def read_results(folder: RunFolder) -> Iterator[pl.DataFrame]:
             micro = pc.round(pc.multiply(table.column("cost_usd"), 1e6))
             table = table.append_column("cost_micro_usd", pc.cast(micro, pa.int64()))
         # Counters newer than the shard: 0.
-        for counter in ("cached_input_tokens", "reasoning_tokens", "invalid_answers"):
+        for counter in ("cached_input_tokens", "cache_write_input_tokens", "reasoning_tokens",
+                        "invalid_answers"):
             if counter not in table.column_names:
                 table = table.append_column(counter, pa.array(
                     [0] * table.num_rows, schemas.RESULTS.field(counter).type))
@@ -124,6 +125,7 @@ def _sums(frame: pl.DataFrame) -> pl.DataFrame:
         routing_cost_micro_usd=pl.col("route_cost_micro_usd").fill_null(0).sum(),
         ok_input=pl.col("input_tokens").filter(ok).sum(),
         ok_cached=pl.col("cached_input_tokens").filter(ok).sum(),
+        ok_cache_write=pl.col("cache_write_input_tokens").filter(ok).sum(),
         ok_output=pl.col("output_tokens").filter(ok).sum())
     billed = charges(frame, ["status"]).group_by("model").agg(
         escalated=pl.col("passed_up").sum(), **{c: pl.col(c).sum() for c in BILLED},
@@ -173,13 +175,13 @@ def rollup(results: pl.DataFrame | pl.LazyFrame | Iterable[pl.DataFrame], *, run
                                                                          nulls_last=True)
     ratio, ratio_from = output_ratio(totals, reference_model, reference_output_ratio)
     ref = models[reference_model]
-    cached_price = (ref.input_usd_per_mtok if ref.cached_input_usd_per_mtok is None
-                    else ref.cached_input_usd_per_mtok)
     # Linear in the sums: the reference model's own answers at their actual tokens, every
     # other model's ok rows as the same prompt with output at the ratio.
     as_reference = pl.when(pl.col("model") == reference_model).then(
-        (pl.col("ok_input") - pl.col("ok_cached")) * ref.input_usd_per_mtok
-        + pl.col("ok_cached") * cached_price
+        (pl.col("ok_input") - pl.col("ok_cached") - pl.col("ok_cache_write"))
+        * ref.input_usd_per_mtok
+        + pl.col("ok_cached") * ref.cached_price
+        + pl.col("ok_cache_write") * ref.cache_write_price
         + pl.col("ok_output") * ref.output_usd_per_mtok).otherwise(
         pl.col("ok_input") * (ref.input_usd_per_mtok + ratio * ref.output_usd_per_mtok))
 

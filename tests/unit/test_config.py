@@ -157,6 +157,7 @@ model = "{CHEAP}"
 effective_from = 2026-11-15
 input_usd_per_mtok = 0.20
 cached_input_usd_per_mtok = 0.05
+cache_write_input_usd_per_mtok = 0.25
 output_usd_per_mtok = 1.00
 batch_discount = 0.5
 
@@ -176,6 +177,7 @@ def test_a_price_change_applies_from_its_date(tmp_path: Path) -> None:
     assert before.models[CHEAP].cost_micro_usd(1_000_000, 0) == 250_000
     assert after.models[CHEAP].cost_micro_usd(1_000_000, 0) == 100_000  # 0.20, half off
     assert after.models[CHEAP].cost_micro_usd(1_000_000, 0, 1_000_000) == 25_000
+    assert after.models[CHEAP].cost_micro_usd(1_000_000, 0, 0, 1_000_000) == 125_000
     assert before.config_hash == after.config_hash == job.config_hash  # same run either day
     with pytest.raises(ConfigError, match=rf"models.{re.escape(CHEAP)}: no price in force on "
                                           r"2026-10-31 \(the first takes effect on 2026-11-01"):
@@ -251,7 +253,8 @@ NUMERIC_KEYS: dict[tuple[str, str], str] = {
     ("JobConfig", "reference_output_ratio"): "job.reference_output_ratio",
     **{("ModelConfig", f): f"models.{CHEAP}.{f}" for f in (
         "input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok",
-        "batch_discount", "rpm", "tpm", "concurrency", "context_window", "timeout_s")},
+        "cache_write_input_usd_per_mtok", "batch_discount", "rpm", "tpm", "concurrency",
+        "context_window", "timeout_s", "cache_min_tokens")},
     ("ModelConfig", "thinking_budget_tokens"): f"models.{MID}.thinking_budget_tokens",
     **{("Rule", f): f"router.rules.0.{f}"
        for f in ("min_chars", "max_chars", "min_tokens", "max_tokens")},
@@ -268,7 +271,7 @@ NUMERIC_KEYS: dict[tuple[str, str], str] = {
 }
 # Price entries of a catalog share the model's price keys (test_price_catalog_numbers...).
 PRICE_KEYS = ("input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok",
-              "batch_discount")
+              "cache_write_input_usd_per_mtok", "batch_discount")
 
 
 def test_every_numeric_field_is_covered() -> None:

@@ -8,7 +8,7 @@ from batchroute.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    bench = sub.add_parser("bench", help="benchmarks: memory, dispatch, route, task",
+    bench = sub.add_parser("bench", help="benchmarks: memory, dispatch, route, task, cache",
                            description="Measure the job. `memory` runs the whole job on N "
                            "generated prompts against the mock provider with high limits and "
                            "prints peak memory over every process of the job (driver and Ray "
@@ -69,6 +69,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bt.add_argument("--workdir", metavar="DIR", help="keep the generated files here")
     bt.add_argument("--json", action="store_true", help="print the figures as JSON")
     bt.set_defaults(func=_bench_task)
+    bc = bench_sub.add_parser(
+        "cache", help="the tickets job on its Anthropic model with and without [task] "
+        "cache_prefix: input cost, total cost, share of input from cache")
+    bc.add_argument("--job", default="jobs/classify-tickets.toml", metavar="JOB.toml",
+                    help="the job (default jobs/classify-tickets.toml)")
+    bc.add_argument("--rows", type=int, default=3000, metavar="N",
+                    help="generated tickets (default 3000, as in the demo)")
+    bc.add_argument("--latency-ms", type=float, default=250.0, metavar="L",
+                    help="the mock's median latency (default 250, as in the demo)")
+    bc.add_argument("--workdir", metavar="DIR", help="keep the input and runs here")
+    bc.add_argument("--json", action="store_true", help="print the figures as JSON")
+    bc.set_defaults(func=_bench_cache)
 
 
 def _bench_dispatch(args: argparse.Namespace) -> int:
@@ -135,6 +147,18 @@ def _bench_task(args: argparse.Namespace) -> int:
     result = bench_task.bench(args.n, rounds=args.rounds, parse_rows=args.parse_rows,
                               workdir=args.workdir)
     print(json.dumps(result, indent=2) if args.json else bench_task.format_table(result))
+    return 0
+
+
+def _bench_cache(args: argparse.Namespace) -> int:
+    import json
+
+    from batchroute.devtools.bench import cache
+
+    if args.rows < 1:
+        raise ConfigError("bench cache: --rows must be at least 1")
+    result = cache.run(args.job, args.rows, args.latency_ms, args.workdir)
+    print(json.dumps(result, indent=2) if args.json else cache.format_figures(result))
     return 0
 
 

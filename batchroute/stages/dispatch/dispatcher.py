@@ -142,6 +142,7 @@ class ModelDispatcher:
         self.run_id = run_id
         # What the job asks of every row ([task]): a system prompt, a structured output.
         self._system = task.system_messages() if task is not None else []
+        self._prefix = task.template_prefix if task is not None else ""
         self._output = task.output if task is not None and task.output.structured else None
         self._parser = OutputParser(self._output) if self._output is not None else None
         self._outputs = result_fields(self._output) if self._output is not None else ()
@@ -158,7 +159,14 @@ class ModelDispatcher:
             token_param=model.token_param or "max_tokens",
             reasoning_effort=model.reasoning_effort,
             thinking_budget_tokens=model.thinking_budget_tokens, auth=model.auth,
-            api_version=model.api_version)
+            api_version=model.api_version,
+            cache_prefix=task is not None and task.marks_cache(model.provider))
+        # A provider caches a prefix once its first request has been answered: until then,
+        # every request sent writes it again (and Anthropic bills each write at 1.25x). So
+        # where the shared prefix is cached, the first row goes alone and the rest follow.
+        self._warm_up = task is not None and task.prefix_tokens() >= model.cache_min_tokens and (
+            self._provider.cache_prefix or model.provider == "openai")
+        self._warmed: asyncio.Event | None = None
         self._warned_temperature = False
         if transport is None:
             from batchroute.stages.dispatch.transport import AiohttpTransport
@@ -256,12 +264,27 @@ class ModelDispatcher:
             log.warning("%s is a reasoning model, which takes only its default temperature: "
                         "the rows' temperature is not sent", self.model.name)
 
-        async def row(i: int) -> _CallOutcome:
-            outcome = await self._one(
+        prefix = "" if asked else self._prefix
+
+        async def call(i: int) -> _CallOutcome:
+            return await self._one(
                 Request(messages=system + _messages(cols["prompt"][i], cols["messages"][i]),
                         max_tokens=int(cols["est_output_tokens"][i]),
-                        temperature=cols["temperature"][i], output=output),
+                        temperature=cols["temperature"][i], output=output, prefix=prefix),
                 int(cols["est_input_tokens"][i]), cols["request_id"][i], asked)
+
+        async def row(i: int) -> _CallOutcome:
+            if self._warm_up and not asked:  # the model's first call: alone
+                self._warm_up = False
+                self._warmed = asyncio.Event()
+                try:
+                    outcome = await call(i)
+                finally:
+                    self._warmed.set()
+            else:
+                if self._warmed is not None and not asked:
+                    await self._warmed.wait()
+                outcome = await call(i)
             if journal and (self._up is None
                             or _escalation_reason(outcome, self.policy.escalate_on) is None):
                 self._final.append((routed, i, outcome))
@@ -461,7 +484,8 @@ class ModelDispatcher:
                 invalid: int = 0) -> _CallOutcome:
         s = self.stats
         micro = 0 if answer is None else self.model.cost_micro_usd(
-            answer.input_tokens, answer.output_tokens, answer.cached_input_tokens)
+            answer.input_tokens, answer.output_tokens, answer.cached_input_tokens,
+            answer.cache_write_input_tokens)
         cost = micro / 1e6
         if asked:
             s.asked += 1
@@ -498,6 +522,7 @@ class ModelDispatcher:
             finish_reason=[a.finish_reason if a else None for a in answers],
             input_tokens=[a.input_tokens if a else 0 for a in answers],
             cached_input_tokens=[a.cached_input_tokens if a else 0 for a in answers],
+            cache_write_input_tokens=[a.cache_write_input_tokens if a else 0 for a in answers],
             output_tokens=[a.output_tokens if a else 0 for a in answers],
             reasoning_tokens=[a.reasoning_tokens if a else 0 for a in answers],
             cost_micro_usd=[o.cost_micro_usd for o in outcomes],
@@ -534,6 +559,8 @@ def _plus(answer: Answer, spent: Answer | None) -> Answer:
     return replace(answer, input_tokens=answer.input_tokens + spent.input_tokens,
                    output_tokens=answer.output_tokens + spent.output_tokens,
                    cached_input_tokens=answer.cached_input_tokens + spent.cached_input_tokens,
+                   cache_write_input_tokens=(answer.cache_write_input_tokens
+                                             + spent.cache_write_input_tokens),
                    reasoning_tokens=answer.reasoning_tokens + spent.reasoning_tokens)
 
 

@@ -43,6 +43,7 @@ class Answer:
     input_tokens: int  # the whole prompt, cached part included
     output_tokens: int
     cached_input_tokens: int = 0  # the part of the prompt served from the provider's cache
+    cache_write_input_tokens: int = 0  # the part written to it (Anthropic reports it apart)
     reasoning_tokens: int = 0  # the part of output_tokens spent thinking (where reported)
 
 
@@ -67,6 +68,9 @@ class Request:
     max_tokens: int
     temperature: float | None
     output: OutputSchema | None = None
+    # The start of the first user message every row shares (a template's literal text before
+    # its first column): with the system prompt and the output schema, the cacheable prefix.
+    prefix: str = ""
 
 
 class Provider:
@@ -78,7 +82,7 @@ class Provider:
     def __init__(self, base_url: str, api_key: str, model: str,
                  structured: str = "", *, token_param: str = "max_tokens",
                  reasoning_effort: str = "", thinking_budget_tokens: int = 0,
-                 auth: str = "", api_version: str = "") -> None:
+                 auth: str = "", api_version: str = "", cache_prefix: bool = False) -> None:
         self.url = base_url.rstrip("/") + self.path
         if api_version:  # Azure OpenAI
             self.url += "?" + urlencode({"api-version": api_version})
@@ -91,6 +95,9 @@ class Provider:
         self.token_param = token_param
         self.reasoning_effort = reasoning_effort
         self.thinking_budget_tokens = thinking_budget_tokens
+        # Mark the shared prefix for the provider's prompt cache (Anthropic's cache_control;
+        # OpenAI caches a long enough prefix without being asked).
+        self.cache_prefix = cache_prefix
 
     @property
     def takes_temperature(self) -> bool:
@@ -170,9 +177,9 @@ class AnthropicMessages(Provider):
 
     def body(self, req: Request) -> dict[str, Any]:
         system = "\n".join(m["content"] for m in req.messages if m["role"] == "system")
-        body: dict[str, Any] = {
-            "model": self.model, "max_tokens": req.max_tokens,
-            "messages": [m for m in req.messages if m["role"] != "system"]}
+        messages: list[dict[str, Any]] = [m for m in req.messages if m["role"] != "system"]
+        body: dict[str, Any] = {"model": self.model, "max_tokens": req.max_tokens,
+                                "messages": messages}
         if system:
             body["system"] = system
         if self.thinking_budget_tokens:
@@ -188,6 +195,8 @@ class AnthropicMessages(Provider):
                 tool["description"] = req.output.description
             body["tools"] = [tool]
             body["tool_choice"] = {"type": "tool", "name": req.output.name}
+        if self.cache_prefix:
+            _mark_cache(body, req.prefix)
         return body
 
     def parse(self, payload: Any, output: OutputSchema | None = None) -> Answer:
@@ -210,7 +219,32 @@ class AnthropicMessages(Provider):
         return Answer(text=text, finish_reason=self._STOP.get(stop, stop),
                       input_tokens=_tokens(usage["input_tokens"]) + cached + written,
                       output_tokens=_tokens(usage["output_tokens"]),
-                      cached_input_tokens=cached)
+                      cached_input_tokens=cached, cache_write_input_tokens=written)
+
+
+_EPHEMERAL = {"type": "ephemeral"}
+
+
+def _mark_cache(body: dict[str, Any], prefix: str) -> None:
+    """One cache breakpoint at the end of what every row shares. Anthropic caches in the
+    order tools, system, messages, up to and including the marked block, so marking the last
+    shared block caches all of it: the template's literal start (split off the first user
+    message as a block of its own), else the system prompt, else the output tool."""
+    messages = body["messages"]
+    first = messages[0] if messages else None
+    if (prefix and first is not None and first["role"] == "user"
+            and isinstance(first["content"], str) and first["content"].startswith(prefix)):
+        rest = first["content"][len(prefix):]
+        blocks: list[dict[str, Any]] = [{"type": "text", "text": prefix,
+                                         "cache_control": _EPHEMERAL}]
+        if rest:
+            blocks.append({"type": "text", "text": rest})
+        messages[0] = {"role": "user", "content": blocks}
+    elif "system" in body:
+        body["system"] = [{"type": "text", "text": body["system"],
+                           "cache_control": _EPHEMERAL}]
+    elif "tools" in body:
+        body["tools"][-1] = {**body["tools"][-1], "cache_control": _EPHEMERAL}
 
 
 def _auth(scheme: str, key: str) -> dict[str, str]:

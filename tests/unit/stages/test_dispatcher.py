@@ -401,7 +401,8 @@ def test_truncated_refused_and_failed_rows_escalate_once_with_both_costs() -> No
         first_cost = cheap.cost_micro_usd(10, out_tok) if out_tok else 0
         assert r["escalations"] == [{"model": CHEAP, "reason": reason,
                                      "input_tokens": 10 if out_tok else 0,
-                                     "cached_input_tokens": 0, "output_tokens": out_tok,
+                                     "cached_input_tokens": 0, "cache_write_input_tokens": 0,
+                                     "output_tokens": out_tok,
                                      "cost_micro_usd": first_cost,
                                      "attempts": attempts, "invalid_answers": 0,
                                      "reasoning_tokens": 0}]

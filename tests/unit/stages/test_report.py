@@ -46,13 +46,13 @@ def write_run(base: Path, run_id: str, day: str, rows: list[Row], *, job: str = 
         esc = None
         if escalated and model in (MID, STRONG) and status != "rejected":
             esc = [{"model": CHEAP, "reason": "length", "input_tokens": tin,
-                    "cached_input_tokens": 0, "output_tokens": 64, "attempts": 1,
+                    "cached_input_tokens": 0, "cache_write_input_tokens": 0, "output_tokens": 64, "attempts": 1,
                     "invalid_answers": 0, "reasoning_tokens": 0,
                     "cost_micro_usd": JOB.models[CHEAP].cost_micro_usd(tin, 64)}]
         total = own + sum(e["cost_micro_usd"] for e in esc or [])
         values = {"request_id": f"{run_id}-{i}", "run_id": run_id, "model": model,
                   "status": status, "input_tokens": tin if billed else 0,
-                  "cached_input_tokens": 0, "output_tokens": tout if billed else 0,
+                  "cached_input_tokens": 0, "cache_write_input_tokens": 0, "output_tokens": tout if billed else 0,
                   "cost_micro_usd": total, "cost_usd": total / 1e6,
                   "latency_ms": 100.0 + i if billed else None, "attempts": int(billed),
                   "invalid_answers": 0, "reasoning_tokens": 0, "escalations": esc, "escalated_from": CHEAP if esc else None, "tags": tags,

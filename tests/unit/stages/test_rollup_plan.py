@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchroute import config, schemas
+from batchroute.config import ModelConfig
 from batchroute.stages import plan, rollup
 from batchroute.stages.sink import ResultSink, RunFolder
 from tests.helpers import CHEAP, MID, STRONG, job_doc
@@ -25,17 +27,21 @@ Row = tuple[str | None, str, int, int]
 Escalation = tuple[str, int, int]  # an earlier attempt: model, input tokens, output tokens
 
 
-def _micro(model: str, i: int, o: int, cached: int = 0) -> int:
-    return JOB.models[model].cost_micro_usd(i, o, cached)
+def _micro(model: str, i: int, o: int, cached: int = 0, written: int = 0,
+           models: Mapping[str, ModelConfig] = JOB.models) -> int:
+    return models[model].cost_micro_usd(i, o, cached, written)
 
 
 def _results(rows: list[Row], escalations: list[list[Escalation]] | None = None, *,
-             cached: list[int] | None = None, routing: list[int] | None = None) -> pl.DataFrame:
+             cached: list[int] | None = None, written: list[int] | None = None,
+             routing: list[int] | None = None,
+             models: Mapping[str, ModelConfig] = JOB.models) -> pl.DataFrame:
     escalations = escalations or [[] for _ in rows]
     cached = cached or [0] * len(rows)
+    written = written or [0] * len(rows)
     routing = routing or [0] * len(rows)
-    own = [_micro(m, i, o, c) if m and s == "ok" else 0
-           for (m, s, i, o), c in zip(rows, cached, strict=True)]
+    own = [_micro(m, i, o, c, w, models) if m and s == "ok" else 0
+           for (m, s, i, o), c, w in zip(rows, cached, written, strict=True)]
     earlier = [[{"model": m, "reason": "length", "input_tokens": i, "cached_input_tokens": 0,
                  "output_tokens": o, "cost_micro_usd": _micro(m, i, o), "attempts": 1,
                  "invalid_answers": 0, "reasoning_tokens": 0}
@@ -44,7 +50,7 @@ def _results(rows: list[Row], escalations: list[list[Escalation]] | None = None,
         "request_id": [f"r{i}" for i in range(len(rows))],
         "model": [r[0] for r in rows], "status": [r[1] for r in rows],
         "input_tokens": [r[2] for r in rows], "cached_input_tokens": cached,
-        "output_tokens": [r[3] for r in rows],
+        "cache_write_input_tokens": written, "output_tokens": [r[3] for r in rows],
         "cost_micro_usd": [c + r + sum(e["cost_micro_usd"] for e in esc or [])
                            for c, r, esc in zip(own, routing, earlier, strict=True)],
         "latency_ms": [100.0 + i for i in range(len(rows))],
@@ -123,6 +129,24 @@ def test_counterfactual_by_hand() -> None:
     assert r[CHEAP]["latency_p50_ms"] == 100.0
     assert "TOTAL" in rollup.format_table(
         rollup.rollup(res, run_id="r", models=JOB.models, reference_model=STRONG))
+
+
+def test_cache_reads_and_writes_are_each_billed_at_their_own_price() -> None:
+    from dataclasses import replace
+
+    strong = replace(JOB.models[STRONG], cached_input_usd_per_mtok=1.5,
+                     cache_write_input_usd_per_mtok=18.75)
+    models = {**JOB.models, STRONG: strong}
+    # 4,000 prompt tokens: 1,000 written to the cache, then 1,000 read from it.
+    micro = [strong.cost_micro_usd(4000, 100, 0, 1000), strong.cost_micro_usd(4000, 100, 1000)]
+    assert micro == [3000 * 15 + 1000 * 18.75 + 100 * 75, 3000 * 15 + 1000 * 1.5 + 100 * 75]
+    res = _results([(STRONG, "ok", 4000, 100)] * 2, cached=[0, 1000], written=[1000, 0],
+                   models=models)
+    assert res["cost_micro_usd"].to_list() == micro
+    r = rollup.rollup(res, run_id="r", models=models, reference_model=STRONG).to_pylist()[0]
+    assert (r["cached_input_tokens"], r["cache_write_input_tokens"]) == (1000, 1000)
+    # The reference model's own rows count at what they cost: no saving claimed on them.
+    assert r["reference_cost_micro_usd"] == r["cost_micro_usd"] == sum(micro)
 
 
 def test_unrecovered_spend_is_reported_per_model_apart_from_the_rows_cost() -> None:

@@ -121,7 +121,9 @@ def test_labels_over_anthropic_force_a_tool_with_the_enum() -> None:
                                                                      {"label": "how-to"})},
                               first=MID)
     body = bodies[MID][0]
-    assert body["system"] == "Label it."
+    # The shared prefix (tool, system prompt) is marked for Anthropic's cache by default.
+    assert body["system"] == [{"type": "text", "text": "Label it.",
+                               "cache_control": {"type": "ephemeral"}}]
     assert body["tool_choice"] == {"type": "tool", "name": "label"}
     assert body["tools"][0]["input_schema"]["properties"]["label"]["enum"] == LABELS
     assert (rows[0]["status"], rows[0]["label"]) == ("ok", "how-to")
