@@ -400,8 +400,12 @@ class MockProviderConfig:
     together must not exceed 1 (one draw decides at most one fault). ``seed`` fixes the fault
     draws. ``route_garbage_rate`` in [0, 1] is the share of prompts whose difficulty answer is
     malformed (chosen by prompt digest, not drawn); ``invalid_rate`` in [0, 1] the share of
-    other structured requests answered invalidly (chosen by request digest). Raises :class:`ConfigError` naming the
-    offending field.
+    other structured requests answered invalidly (chosen by request digest). The ``batch_*``
+    fields drive the batch endpoints (see :mod:`batchroute.devtools.mock_batches`):
+    ``batch_delay_s`` (>= 0) is how long a batch takes, ``batch_expire_share`` and
+    ``batch_line_error_rate`` in [0, 1] the shares of lines that expire or error, and
+    ``batch_queue_tokens`` (None or 0: unlimited) the enqueued-token cap per model and key.
+    Raises :class:`ConfigError` naming the offending field.
     """
 
     host: str = "127.0.0.1"
@@ -430,6 +434,10 @@ class MockProviderConfig:
     api_key: str | None = field(default=None, repr=False)
     expired_keys: frozenset[str] = field(default=frozenset(), repr=False)
     seed: int = 0
+    batch_delay_s: float = 2.0
+    batch_expire_share: float = 0.0
+    batch_line_error_rate: float = 0.0
+    batch_queue_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not _is_loopback(self.host):
@@ -439,7 +447,7 @@ class MockProviderConfig:
             )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"mock provider port must be in 0..65535, got {self.port}")
-        for name in ("rpm", "tpm"):
+        for name in ("rpm", "tpm", "batch_queue_tokens"):
             _check_limit(name, getattr(self, name))
         if not isinstance(self.model_limits, _ModelLimits):
             # A dict would make the frozen config unhashable and allow later mutation.
@@ -450,7 +458,7 @@ class MockProviderConfig:
             raise ConfigError(f"mock provider window_s must be > 0 and <= 60, got {window!r}")
         if not (isinstance(self.cache_min_tokens, int) and self.cache_min_tokens >= 1):
             raise ConfigError("mock provider cache_min_tokens must be a whole number >= 1")
-        for name in ("latency_ms", "hang_s", "cache_ttl_s"):
+        for name in ("latency_ms", "hang_s", "cache_ttl_s", "batch_delay_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"mock provider {name} must be a finite number >= 0")
@@ -461,6 +469,8 @@ class MockProviderConfig:
             (str(m), r) for m, r in dict(self.model_invalid_rates).items()))
         shares = [("route_garbage_rate", self.route_garbage_rate),
                   ("invalid_rate", self.invalid_rate),
+                  ("batch_expire_share", self.batch_expire_share),
+                  ("batch_line_error_rate", self.batch_line_error_rate),
                   *((f"model_invalid_rates[{m!r}]", r) for m, r in self.model_invalid_rates)]
         for name, share in shares:
             if not (isinstance(share, int | float) and 0.0 <= share <= 1.0):
@@ -1462,6 +1472,15 @@ class ProviderStats(TypedDict):
     replies that answer a structured output other than route_decision (labels, choice, JSON
     extraction), and ``invalid_answers`` how many of those were made invalid on purpose
     (``invalid_rate``; a valid answer cut by ``max_tokens`` does not count).
+
+    Batches (see :mod:`batchroute.devtools.mock_batches`): ``requests`` and ``by_status``
+    count the batch endpoints' HTTP calls too, never their lines; the lines a batch completes
+    add their usage to the token totals (and to ``structured``/``invalid_answers``) when its
+    results are written. ``batch_lines_received`` counts the lines accepted into batches
+    (both wires), ``batch_duplicate_custom_ids`` the custom_ids received more than once over
+    the server's life (across batches and wires), ``batches_by_status`` every batch by its
+    current status, and ``batch_by_model`` / ``batch_by_key`` the first two per model and per
+    API key (named by a short digest, never the key itself).
     """
 
     requests: int
@@ -1475,6 +1494,11 @@ class ProviderStats(TypedDict):
     invalid_answers: int
     cached_prompt_tokens: int
     cache_write_tokens: int
+    batch_lines_received: int
+    batch_duplicate_custom_ids: int
+    batches_by_status: dict[str, int]
+    batch_by_model: dict[str, dict[str, int]]
+    batch_by_key: dict[str, dict[str, int]]
 
 
 def _empty_stats() -> ProviderStats:
@@ -1490,6 +1514,11 @@ def _empty_stats() -> ProviderStats:
         invalid_answers=0,
         cached_prompt_tokens=0,
         cache_write_tokens=0,
+        batch_lines_received=0,
+        batch_duplicate_custom_ids=0,
+        batches_by_status={},
+        batch_by_model={},
+        batch_by_key={},
     )
 
 
@@ -1506,6 +1535,11 @@ def _copy_stats(stats: ProviderStats) -> ProviderStats:
         invalid_answers=stats["invalid_answers"],
         cached_prompt_tokens=stats["cached_prompt_tokens"],
         cache_write_tokens=stats["cache_write_tokens"],
+        batch_lines_received=stats["batch_lines_received"],
+        batch_duplicate_custom_ids=stats["batch_duplicate_custom_ids"],
+        batches_by_status=dict(stats["batches_by_status"]),
+        batch_by_model={k: dict(v) for k, v in stats["batch_by_model"].items()},
+        batch_by_key={k: dict(v) for k, v in stats["batch_by_key"].items()},
     )
 
 
@@ -2223,6 +2257,20 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="name of an environment variable holding the one API key to accept; other keys "
              "get HTTP 401. The key itself is never passed on the command line "
              "(default: accept any key)")
+    add("--batch-delay-s", type=_non_negative_float, default=2.0, metavar="S",
+        help="seconds a batch (OpenAI /v1/batches, Anthropic /v1/messages/batches) takes "
+             "from creation to completed/ended; its lines finish spread over that time "
+             "(default 2)")
+    add("--batch-expire-share", type=_probability, default=0.0, metavar="S",
+        help="share of batch lines, from 0 to 1, never processed: the batch ends expired "
+             "at --batch-delay-s and those lines are reported expired (default 0)")
+    add("--batch-line-error-rate", type=_probability, default=0.0, metavar="R",
+        help="share of batch lines, from 0 to 1, answered with a 500 error instead of a "
+             "reply (default 0; a body the sync endpoint would refuse always errors)")
+    add("--batch-queue-tokens", type=whole_number(0), default=None, metavar="N",
+        help="enqueued-token limit per model and API key for OpenAI batches (prompt "
+             "tokens plus max_tokens of every line of the unfinished batches); a batch "
+             "over it fails with token_limit_exceeded (default: unlimited)")
     add("--seed", type=int, default=0, metavar="N",
         help="seed for the random fault choices, so a run can be replayed exactly (default 0)")
     add("--wait-ready", action="store_true",
@@ -2260,7 +2308,10 @@ def _run_cli(args: argparse.Namespace) -> int:
             invalid_rate=args.invalid_rate, hang_s=args.hang_s, api_key=api_key,
             cache_ttl_s=args.cache_ttl_s, cache_min_tokens=args.cache_min_tokens,
             model_invalid_rates=tuple(args.model_invalid_rates or ()),
-            seed=args.seed,
+            seed=args.seed, batch_delay_s=args.batch_delay_s,
+            batch_expire_share=args.batch_expire_share,
+            batch_line_error_rate=args.batch_line_error_rate,
+            batch_queue_tokens=args.batch_queue_tokens,
         )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
