@@ -34,6 +34,11 @@ Endpoints
 ``GET /health`` → ``{"ok": true, "server": "batchroute-mock-provider"}``; ``GET /stats`` → the counters of :meth:`MockProvider.stats`
 (see :class:`ProviderStats`; ``structured`` and ``invalid_answers`` count the structured
 answers below).
+``/v1/files``, ``/v1/batches`` (OpenAI Batch API) and ``/v1/messages/batches`` (Anthropic
+Message Batches)
+    The batch tier: each line answered exactly as the endpoints above answer the same body,
+    with the same auth; progress follows the server clock (``batch_*`` switches). Documented
+    in :mod:`batchroute.devtools.mock_batches`.
 
 Message ``content`` may be a string or a list of ``{"type": "text", "text"}`` parts (both APIs
 accept either); non-text parts count as empty. ``temperature`` is accepted and ignored, and
@@ -1576,6 +1581,8 @@ class _MockServer:
     """
 
     def __init__(self, config: MockProviderConfig, clock: Callable[[], float]) -> None:
+        from batchroute.devtools.mock_batches import BatchStore  # it imports this module
+
         self.config = config
         self._clock = clock
         self._invalid_rates = dict(config.model_invalid_rates)
@@ -1591,6 +1598,7 @@ class _MockServer:
             if rate > 0:
                 edge += rate
                 self._bands.append((edge, fault))
+        self.batches = BatchStore(self)
 
     def build_app(self) -> web.Application:
         from aiohttp import web
@@ -1604,6 +1612,7 @@ class _MockServer:
         app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._azure)
         app.router.add_get("/health", self._health)
         app.router.add_get("/stats", self._stats)
+        self.batches.mount(app)
         return app
 
     # -- small endpoints ------------------------------------------------------------------
@@ -1612,6 +1621,7 @@ class _MockServer:
         return _json_response(200, {"ok": True, "server": SERVER_NAME})
 
     async def _stats(self, request: web.Request) -> web.StreamResponse:
+        self.batches.count_statuses()
         return _json_response(200, self.counters)
 
     async def _openai(self, request: web.Request) -> web.StreamResponse:
@@ -2084,6 +2094,7 @@ class MockProvider:
         return _copy_stats(self._server.counters)
 
     async def _snapshot(self) -> ProviderStats:
+        self._server.batches.count_statuses()
         return _copy_stats(self._server.counters)
 
     def __enter__(self) -> Self:
@@ -2188,7 +2199,8 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="run a local fake OpenAI/Anthropic server for demos and tests",
         description=(
             "Serve fake OpenAI chat-completions (/v1/chat/completions) and Anthropic messages "
-            "(/v1/messages) endpoints on 127.0.0.1. Answers are deterministic, usage is "
+            "(/v1/messages) endpoints on 127.0.0.1, and their batch APIs (/v1/files with "
+            "/v1/batches, /v1/messages/batches). Answers are deterministic, usage is "
             "counted at 4 characters per token, and the server can enforce rate limits and "
             "inject faults so a job's retry handling can be watched without spending money. "
             "Any header 'x-mock-fault: 500|503|timeout|drop|malformed|429|401' forces one "
