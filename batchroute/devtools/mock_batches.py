@@ -68,11 +68,14 @@ OpenAI (Batch API)
     non-empty string), ``invalid_url`` (a url other than the batch's endpoint),
     ``duplicate_custom_id``, ``mismatched_model`` (lines naming more than one model) and
     ``too_many_requests`` (over 50,000 lines). Blank lines are skipped. Its lines are not
-    received.
+    received. These codes are the mock's rendering of OpenAI's (only ``token_limit_exceeded``
+    below is quoted from OpenAI): a client should act on the ``failed`` status and show the
+    messages, not branch on the codes.
 
     ``batch_queue_tokens`` N caps the enqueued tokens per model and API key: a batch costs
     the sum over its lines of prompt tokens + ``max_tokens`` (or ``max_completion_tokens``;
-    400 without either), as the sync limiter estimates a call. If the unfinished batches of
+    ``MAX_ANSWER_TOKENS`` without either), as the sync limiter estimates a call (a line the
+    sync endpoint would refuse costs nothing). If the unfinished batches of
     that model and key plus this one exceed N, the batch is ``failed`` with code
     ``token_limit_exceeded`` and OpenAI's message ("Enqueued token limit reached for MODEL in
     organization org-mock. Limit: N enqueued tokens. Please try again once some in_progress
@@ -86,8 +89,9 @@ OpenAI (Batch API)
 ``GET /v1/batches/{id}``
     The object, its progress as of now.
 ``POST /v1/batches/{id}/cancel``
-    The object with ``cancelling`` (and ``cancelling_at``); every later read says
-    ``cancelled`` (``cancelled_at`` = ``cancelling_at``). Lines processed at or before the
+    For a batch in_progress or finalizing: the object with ``cancelling`` (and
+    ``cancelling_at``); every later read says ``cancelled`` (``cancelled_at`` =
+    ``cancelling_at``). Lines processed at or before the
     cancel are in the output (or error) file, the rest in the error file with code
     ``batch_cancelled``. Cancelling a cancelled batch returns it again; one that already
     ended (completed, expired, failed) is a 409.
@@ -154,7 +158,9 @@ more than once over the server's life, across batches and wires (0 for a client 
 sends a row twice), ``batches_by_status`` every batch by its current status (OpenAI statuses
 and Anthropic processing statuses side by side), ``batch_by_model`` and ``batch_by_key`` the
 first two per model and per API key (the key named by a short BLAKE2 digest, never itself).
-custom_ids are remembered as 64-bit digests, about 100 bytes each.
+custom_ids are remembered as 64-bit digests, about 100 bytes each. ``requests`` and
+``by_status`` count the batch endpoints' HTTP calls like the sync ones (never lines), and the
+token totals grow when a batch's results are written (above), not when ``/stats`` is read.
 """
 
 from __future__ import annotations

@@ -180,6 +180,8 @@ def test_openai_batch_runs_its_lifecycle_and_answers_as_the_sync_endpoint() -> N
         assert (file["object"], file["purpose"], file["filename"]) == ("file", "batch",
                                                                        "input.jsonl")
 
+        assert mock.provider.stats()["batches_by_status"] == {"in_progress": 1}
+
         mock.clock.now += 5  # halfway: lines finish spread over the delay
         running = get(mock, created)
         assert running["status"] == "in_progress"
@@ -195,6 +197,8 @@ def test_openai_batch_runs_its_lifecycle_and_answers_as_the_sync_endpoint() -> N
         assert finalizing["finalizing_at"] is not None and finalizing["completed_at"] is None
 
         mock.clock.now += 0.5
+        # the stats follow the clock, with no read of the batch in between
+        assert mock.provider.stats()["batches_by_status"] == {"completed": 1}
         done = get(mock, created)
         assert done["status"] == "completed"
         assert abs(done["completed_at"] - created["created_at"] - 10) <= 1
