@@ -4,8 +4,9 @@ Two wire formats cover the field: OpenAI chat completions (also vLLM, llama.cpp,
 Ollama and other OpenAI-compatible servers) and Anthropic messages. Base URLs follow each SDK's
 convention: OpenAI's includes ``/v1``, Anthropic's does not.
 
-HTTP outcomes become exceptions in exactly one place, :func:`raise_for_response`, most specific
-first; the dispatcher turns them into retries or result rows.
+HTTP outcomes become exceptions in exactly one place, :func:`raise_for_status` (which
+:func:`raise_for_response` and the batch wires share), most specific first; the dispatcher
+turns them into retries or result rows.
 
 A request may carry an :class:`OutputSchema` (structured output, used by the llm router's
 difficulty call). OpenAI takes it as ``response_format`` and answers with the JSON text as the
@@ -26,6 +27,7 @@ import httpx
 
 from batchroute.errors import (
     AuthError,
+    DispatchError,
     RateLimited,
     TerminalDispatchError,
     TransientDispatchError,
@@ -363,15 +365,34 @@ def raise_for_response(resp: httpx.Response, provider: Provider,
             raise TransientDispatchError(
                 f"malformed response body from provider ({type(exc).__name__})",
                 status=status) from None
-    message = f"HTTP {status}: {_error_message(resp)}"
+    raise _failure(resp)
+
+
+def raise_for_status(resp: httpx.Response, step: str = "") -> None:
+    """Nothing for a 2xx response; otherwise the exception that classifies the failure, as
+    :func:`raise_for_response` does, its message led by ``step`` (what was being done:
+    "creating batch for file x.jsonl") when given. The body must have been read.
+
+    Raises AuthError (401/403), RateLimited (429), TransientDispatchError (408, 409, 5xx) and
+    TerminalDispatchError (any other status).
+    """
+    if not 200 <= resp.status_code < 300:
+        raise _failure(resp, step)
+
+
+def _failure(resp: httpx.Response, step: str = "") -> DispatchError:
+    """The exception for a reply outside 2xx, most specific first."""
+    status = resp.status_code
+    message = f"{step}: " if step else ""
+    message += f"HTTP {status}: {_error_message(resp)}"
     if status in (401, 403):
-        raise AuthError(message, status=status)
+        return AuthError(message, status=status)
     if status == 429:
-        raise RateLimited(message, status=status, retry_after_s=retry_after_s(resp.headers))
+        return RateLimited(message, status=status, retry_after_s=retry_after_s(resp.headers))
     if status in RETRYABLE_STATUS or status >= 500:
-        raise TransientDispatchError(message, status=status,
-                                     retry_after_s=retry_after_s(resp.headers))
-    raise TerminalDispatchError(message, status=status)
+        return TransientDispatchError(message, status=status,
+                                      retry_after_s=retry_after_s(resp.headers))
+    return TerminalDispatchError(message, status=status)
 
 
 def _error_message(resp: httpx.Response) -> str:
