@@ -853,7 +853,15 @@ def test_anthropic_find_reads_newest_first_and_stops_before_created_after() -> N
 
 def test_a_list_whose_cursor_does_not_move_is_an_error_not_a_loop() -> None:
     page = {"data": [FakeOpenAI().add_batch()], "has_more": True, "last_id": "batch_000"}
-    wire = _wire("openai", lambda req: httpx.Response(200, json=page))
+    calls = 0
+
+    def same_page(req: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        assert calls <= 3, "still asking for the same page"
+        return httpx.Response(200, json=page)
+
+    wire = _wire("openai", same_page)
     with pytest.raises(TransientDispatchError, match="cursor did not move"):
         _run(wire.find({}, 0))
 
