@@ -46,7 +46,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -258,7 +259,7 @@ class BatchWire:
         raise NotImplementedError
 
     def results(self, state: BatchState,
-                output: OutputSchema | None) -> AsyncIterator[LineOutcome]:
+                output: OutputSchema | None) -> AsyncGenerator[LineOutcome, None]:
         """One outcome per result line of an ended batch, streamed: answers are read by
         ``provider.parse(payload, output)``. A line that is not a result at all (no custom
         id) raises TransientDispatchError naming the line: the document was cut or is not
@@ -319,7 +320,7 @@ class BatchWire:
                 f"{step}: malformed batch object ({type(exc).__name__}: {exc})")) from None
 
     async def _pages(self, step: str, url: httpx.URL,
-                     cursor: str) -> AsyncIterator[list[BatchState]]:
+                     cursor: str) -> AsyncGenerator[list[BatchState], None]:
         """Every page of a batch list, following ``last_id`` as the ``cursor`` parameter
         while the provider says it ``has_more``."""
         after: str | None = None
@@ -342,26 +343,30 @@ class BatchWire:
             after = str(last)
 
     async def _outcomes(self, step: str, url: httpx.URL,
-                        output: OutputSchema | None) -> AsyncIterator[LineOutcome]:
-        async for number, raw in self._stream_lines(step, url):
-            try:
-                obj = json.loads(raw)
-                custom_id = obj["custom_id"]
-                if not isinstance(custom_id, str):
-                    raise TypeError("custom_id is not text")
-            except _MALFORMED as exc:
-                # Its content is someone's prompt or answer: only its place and size are told.
-                raise TransientDispatchError(
-                    f"{step}: line {number} ({len(raw)} bytes) is not a result line "
-                    f"({type(exc).__name__})") from None
-            try:
-                outcome = self._outcome(custom_id, obj, output)
-            except _MALFORMED as exc:
-                outcome = LineOutcome(custom_id, ERRORED, error_type="malformed_result",
-                                      message=self._clip(
-                                          f"the result line for {custom_id} could not be "
-                                          f"read ({type(exc).__name__}: {exc})"))
-            yield outcome
+                        output: OutputSchema | None) -> AsyncGenerator[LineOutcome, None]:
+        # Closed as soon as this stops (read to the end, failed or closed): so is the response.
+        async with aclosing(self._stream_lines(step, url)) as lines:
+            async for number, raw in lines:
+                yield self._line_outcome(step, number, raw, output)
+
+    def _line_outcome(self, step: str, number: int, raw: bytes,
+                      output: OutputSchema | None) -> LineOutcome:
+        try:
+            obj = json.loads(raw)
+            custom_id = obj["custom_id"]
+            if not isinstance(custom_id, str):
+                raise TypeError("custom_id is not text")
+        except _MALFORMED as exc:
+            # Its content is someone's prompt or answer: only its place and size are told.
+            raise TransientDispatchError(
+                f"{step}: line {number} ({len(raw)} bytes) is not a result line "
+                f"({type(exc).__name__})") from None
+        try:
+            return self._outcome(custom_id, obj, output)
+        except _MALFORMED as exc:
+            return LineOutcome(custom_id, ERRORED, error_type="malformed_result",
+                               message=self._clip(f"the result line for {custom_id} could "
+                                                  f"not be read ({type(exc).__name__}: {exc})"))
 
     def _outcome(self, custom_id: str, obj: Any, output: OutputSchema | None) -> LineOutcome:
         raise NotImplementedError
@@ -378,7 +383,7 @@ class BatchWire:
         return LineOutcome(custom_id, SUCCEEDED, answer, status_code=status)
 
     async def _stream_lines(self, step: str,
-                            url: httpx.URL) -> AsyncIterator[tuple[int, bytes]]:
+                            url: httpx.URL) -> AsyncGenerator[tuple[int, bytes], None]:
         """(line number, line) for every non-blank line of a JSONL document, streamed."""
         try:
             async with self._client.stream("GET", url, headers=self._headers) as resp:
@@ -494,13 +499,15 @@ class OpenAIBatches(BatchWire):
         ``created_after``. OpenAI does not document the order of its list, so every page is
         read (``after=`` the last id of the one before)."""
         found: list[BatchState] = []
-        async for page in self._pages("listing batches", self._at("/batches"), "after"):
-            found += [b for b in page
-                      if b.metadata == metadata and b.created_at >= created_after]
+        async with aclosing(self._pages("listing batches", self._at("/batches"),
+                                        "after")) as pages:
+            async for page in pages:
+                found += [b for b in page
+                          if b.metadata == metadata and b.created_at >= created_after]
         return found
 
     async def results(self, state: BatchState,
-                      output: OutputSchema | None) -> AsyncIterator[LineOutcome]:
+                      output: OutputSchema | None) -> AsyncGenerator[LineOutcome, None]:
         """The output file's lines, then the error file's (requests that failed, and those an
         expired or cancelled batch never ran). A batch that failed validation has neither."""
         _check_ended(state)
@@ -510,8 +517,9 @@ class OpenAIBatches(BatchWire):
                 continue
             step = f"reading the {which} file {file_id} of batch {state.id}"
             url = self._at(f"/files/{quote(file_id, safe='')}/content")
-            async for outcome in self._outcomes(step, url, output):
-                yield outcome
+            async with aclosing(self._outcomes(step, url, output)) as outcomes:
+                async for outcome in outcomes:
+                    yield outcome
 
     def _outcome(self, custom_id: str, obj: Any, output: OutputSchema | None) -> LineOutcome:
         # {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error": null}
@@ -621,14 +629,16 @@ class AnthropicBatches(BatchWire):
         of an ended batch (their custom ids) prove it. The list is documented newest first,
         so reading stops at the first page reaching back before ``created_after``."""
         found: list[BatchState] = []
-        async for page in self._pages("listing batches", self._batches, "after_id"):
-            found += [b for b in page if b.created_at >= created_after]
-            if any(b.created_at < created_after for b in page):
-                break
+        async with aclosing(self._pages("listing batches", self._batches,
+                                        "after_id")) as pages:
+            async for page in pages:
+                found += [b for b in page if b.created_at >= created_after]
+                if any(b.created_at < created_after for b in page):
+                    break
         return found
 
     async def results(self, state: BatchState,
-                      output: OutputSchema | None) -> AsyncIterator[LineOutcome]:
+                      output: OutputSchema | None) -> AsyncGenerator[LineOutcome, None]:
         """The lines at ``results_url``. The key goes only to the configured host: a
         ``results_url`` elsewhere raises TerminalDispatchError."""
         _check_ended(state)
@@ -642,8 +652,9 @@ class AnthropicBatches(BatchWire):
             raise TerminalDispatchError(
                 f"{step}: results_url {url} is not on the configured host "
                 f"{self._batches.host}: the API key is not sent there")
-        async for outcome in self._outcomes(step, url, output):
-            yield outcome
+        async with aclosing(self._outcomes(step, url, output)) as outcomes:
+            async for outcome in outcomes:
+                yield outcome
 
     def _outcome(self, custom_id: str, obj: Any, output: OutputSchema | None) -> LineOutcome:
         # {"custom_id", "result": {"type": "succeeded", "message"}}, {"type": "errored",

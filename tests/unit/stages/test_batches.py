@@ -759,11 +759,15 @@ class _Trickle(httpx.AsyncByteStream):
     def __init__(self, body: bytes, size: int) -> None:
         self.chunks = [body[i:i + size] for i in range(0, len(body), size)]
         self.served = 0
+        self.closed = False
 
     async def __aiter__(self) -> Any:
         for chunk in self.chunks:
             self.served += 1
             yield chunk
+
+    async def aclose(self) -> None:
+        self.closed = True
 
 
 @pytest.mark.parametrize("kind", ["openai", "anthropic"])
@@ -781,7 +785,10 @@ def test_results_are_streamed_line_by_line(kind: str) -> None:
 
     async def first_two() -> list[str]:
         async with contextlib.aclosing(wire.results(state, None)) as outcomes:
-            return [o.custom_id async for o in _take(outcomes, 2)]
+            seen = [o.custom_id async for o in _take(outcomes, 2)]
+            assert not body.closed
+        assert body.closed  # closing the results closes the response, at once
+        return seen
 
     assert _run(first_two()) == ["r0", "r1"]
     assert body.served < len(body.chunks) / 10  # the rest was never read
