@@ -14,7 +14,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from batchroute.task import TaskConfig
 
 PROVIDERS = ("openai", "anthropic")
+TIERS = ("sync", "batch", "flex")
+DISCOUNTED_TIERS = ("batch", "flex")  # billed at batch_discount off
 _RESOLVED_PRICE = {"input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok",
                    "cache_write_input_usd_per_mtok", "batch_discount"}
 # Integers a job file may hold: what Arrow and numpy hold in an int64 (TOML allows more).
@@ -78,6 +80,18 @@ class ModelConfig:
     cached_input_usd_per_mtok: float | None = None
     cache_write_input_usd_per_mtok: float | None = None
     batch_discount: float = 0.0
+    # How the model is called: "sync" (one request per row, full price), "batch" (the
+    # provider's batch API: files of requests answered within 24 h, at batch_discount off) or
+    # "flex" (OpenAI's service_tier=flex: synchronous calls at batch prices that may be
+    # refused as resource-unavailable).
+    tier: str = "sync"
+    # The provider's cap on tokens queued in this model's unfinished batches (OpenAI's
+    # enqueued-token limit); 0: none known. Files are submitted as earlier ones finish.
+    batch_queue_tokens: int = 0
+    # The expected time a batch takes, for the plan's wall-time forecast.
+    batch_turnaround_s: float = 3600.0
+    # flex: a row still refused after its attempts goes to the standard tier at full price.
+    flex_fallback: bool = False
     # The shortest prefix the provider caches (Anthropic: 1,024 tokens for most models, 2,048
     # for Haiku; OpenAI: 1,024): a shorter one is sent unmarked and forecast uncached.
     cache_min_tokens: int = 1024
@@ -141,23 +155,27 @@ class ModelConfig:
                 else self.cache_write_input_usd_per_mtok)
 
     def cost_usd(self, input_tokens: float, output_tokens: float,
-                 cached_input_tokens: float = 0, cache_write_input_tokens: float = 0) -> float:
-        """The exact cost. ``cached_input_tokens`` (read from the provider's prompt cache) and
-        ``cache_write_input_tokens`` (written to it) are parts of ``input_tokens``, each at
-        its own price."""
+                 cached_input_tokens: float = 0, cache_write_input_tokens: float = 0, *,
+                 tier: str = "sync") -> float:
+        """The exact cost of a call billed at ``tier``: the batch and flex tiers take
+        ``batch_discount`` off every price. ``cached_input_tokens`` (read from the
+        provider's prompt cache) and ``cache_write_input_tokens`` (written to it) are parts
+        of ``input_tokens``, each at its own price."""
         uncached = input_tokens - cached_input_tokens - cache_write_input_tokens
         full = (uncached * self.input_usd_per_mtok
                 + cached_input_tokens * self.cached_price
                 + cache_write_input_tokens * self.cache_write_price
                 + output_tokens * self.output_usd_per_mtok)
-        return full * (1.0 - self.batch_discount) / 1e6
+        discount = self.batch_discount if tier in DISCOUNTED_TIERS else 0.0
+        return full * (1.0 - discount) / 1e6
 
     def cost_micro_usd(self, input_tokens: int, output_tokens: int,
-                       cached_input_tokens: int = 0, cache_write_input_tokens: int = 0) -> int:
+                       cached_input_tokens: int = 0, cache_write_input_tokens: int = 0, *,
+                       tier: str = "sync") -> int:
         """The cost in whole micro-dollars (rounded half to even): what result rows record,
         so that any sum of them is exact."""
         return round(self.cost_usd(input_tokens, output_tokens, cached_input_tokens,
-                                   cache_write_input_tokens) * 1e6)
+                                   cache_write_input_tokens, tier=tier) * 1e6)
 
 
 @dataclass(frozen=True)
@@ -260,6 +278,18 @@ class DispatchConfig:
     escalate_on: tuple[str, ...] = ()
     # Models from cheapest to dearest; by default the whole catalog ordered by price.
     escalation_ladder: tuple[str, ...] = ()
+    # When batch-tier answers are due: "6h" after the run started, or an ISO 8601 time
+    # ("2026-12-02T06:00:00+00:00"). Batches unfinished then are cancelled, their completed
+    # lines kept, and the rest sent synchronously at full price. "": none.
+    deadline: str = ""
+
+    def deadline_at(self, started: datetime) -> datetime | None:
+        """The deadline of a run that started at ``started`` (UTC), or None."""
+        if not self.deadline:
+            return None
+        if self.deadline[0].isdigit() and not _ISO_DATE.match(self.deadline):
+            return started + timedelta(seconds=duration_s(self.deadline, "dispatch.deadline"))
+        return _iso_time(self.deadline)
 
     def escalates_to(self, model: str) -> str | None:
         """The model a row escalates to from ``model``, or None."""
@@ -477,7 +507,42 @@ def _model(name: str, t: Mapping[str, Any], dated: tuple[Price, ...]) -> ModelCo
         auth=_choice(t, "auth", where, AUTH, _AUTH_DEFAULT[provider]),
         api_version=_str(t, "api_version", where) if "api_version" in t else "",
         cache_min_tokens=_int(t, "cache_min_tokens", where, minimum=1, default=1024),
+        **_tier(t, provider, where),
     )
+
+
+def _tier(t: Mapping[str, Any], provider: str, where: str) -> dict[str, Any]:
+    tier = _choice(t, "tier", where, TIERS, "sync")
+    if tier == "flex" and provider != "openai":
+        raise ConfigError(f"{where}tier: flex is OpenAI's service tier (Anthropic's batch "
+                          "discount is its Message Batches: tier = \"batch\")")
+    fallback = t.get("flex_fallback", False)
+    if not isinstance(fallback, bool):
+        raise ConfigError(f"{where}flex_fallback: must be true or false")
+    turnaround = t.get("batch_turnaround", "1h")
+    return {"tier": tier, "flex_fallback": fallback,
+            "batch_queue_tokens": _int(t, "batch_queue_tokens", where, minimum=0, default=0),
+            "batch_turnaround_s": duration_s(turnaround, f"{where}batch_turnaround")}
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def duration_s(value: object, where: str) -> float:
+    """Seconds in "6h", "90m", "1h30m", "45s" (or a number of seconds)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if not _finite(value) or value <= 0:
+            raise ConfigError(f"{where}: must be a positive duration, got {value!r}")
+        return float(value)
+    m = _DURATION.fullmatch(value) if isinstance(value, str) else None
+    if not value or m is None or not any(m.groups()):
+        raise ConfigError(f"{where}: {value!r} is not a duration such as \"6h\", \"90m\" or "
+                          "\"1h30m\"")
+    h, mi, se = (float(g) if g else 0.0 for g in m.groups())
+    seconds = h * 3600 + mi * 60 + se
+    if seconds <= 0:
+        raise ConfigError(f"{where}: must be a positive duration, got {value!r}")
+    return seconds
 
 
 AUTH = ("bearer", "api-key", "x-api-key")
@@ -724,6 +789,16 @@ def _llm(t: Mapping[str, Any], models: Mapping[str, ModelConfig], used: bool) ->
 
 
 ESCALATE_ON = ("length", "refusal", "failed", "invalid")
+_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
+
+
+def _iso_time(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"dispatch.deadline: {text!r} is neither a duration (\"6h\") nor an "
+                          "ISO 8601 time (\"2026-12-02T06:00:00+00:00\")") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def _dispatch(t: Mapping[str, Any], models: Mapping[str, ModelConfig]) -> DispatchConfig:
@@ -757,12 +832,25 @@ def _dispatch(t: Mapping[str, Any], models: Mapping[str, ModelConfig]) -> Dispat
         batch_rows=_int(t, "batch_rows", "dispatch.", minimum=1, default=d.batch_rows),
         batches_in_flight=_int(t, "batches_in_flight", "dispatch.", minimum=1,
                                default=d.batches_in_flight),
+        deadline=_deadline(t),
         max_retry_after_s=_num(t, "max_retry_after_s", "dispatch.", minimum=0.0,
                                default=d.max_retry_after_s),
     )
 
 
 _KIND_NAMES = {bool: "true or false", int: "a non-negative integer", str: "a string"}
+
+
+def _deadline(t: Mapping[str, Any]) -> str:
+    value = t.get("deadline", "")
+    if isinstance(value, datetime):  # a TOML datetime
+        value = value.isoformat()
+    if not isinstance(value, str):
+        raise ConfigError("dispatch.deadline: must be a duration such as \"6h\" or an ISO 8601 "
+                          "time")
+    if value:
+        DispatchConfig(deadline=value).deadline_at(datetime.now(UTC))  # refused now if bad
+    return value
 
 
 def _is_kind(value: object, kind: type) -> bool:

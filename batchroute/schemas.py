@@ -27,6 +27,7 @@ ESCALATION = pa.struct([
     pa.field("output_tokens", pa.int64()), pa.field("reasoning_tokens", pa.int64()),
     pa.field("cost_micro_usd", pa.int64()),
     pa.field("attempts", pa.int32()), pa.field("invalid_answers", pa.int32()),
+    pa.field("tier", pa.string()),
 ])
 
 
@@ -126,6 +127,9 @@ RESULTS = pa.schema([
        "integer sums are exact.", nullable=False),
     _f("cost_usd", pa.float64(), "cost_micro_usd / 1,000,000, for reading.", nullable=False),
     _f("latency_ms", pa.float64(), "Wall time of the successful attempt, in milliseconds."),
+    _f("tier", pa.string(),
+       "The tier this model's call was billed at: sync (full price), batch (the provider's "
+       "batch API) or flex (OpenAI's flex service tier); null for rows never sent."),
     _f("attempts", pa.int32(), "HTTP attempts made on this model (0 for rejected rows).",
        nullable=False),
     _f("invalid_answers", pa.int32(),
@@ -209,6 +213,23 @@ ROLLUPS = pa.schema([
     _f("savings_usd", pa.float64(), "reference_cost_usd - cost_usd.", nullable=False),
     _f("savings_pct", pa.float64(),
        "savings_usd as a percentage of reference_cost_usd (null when that is 0)."),
+    _f("standard_cost_micro_usd", pa.int64(),
+       "What this model's bills would have cost at its standard (sync) price: cost_micro_usd "
+       "with the batch and flex discounts undone.", nullable=False),
+    _f("routing_savings_usd", pa.float64(),
+       "The savings from routing: reference_cost_usd - standard cost (the reference model "
+       "at its standard price against the chosen model at its standard price).",
+       nullable=False),
+    _f("tier_savings_usd", pa.float64(),
+       "The savings from the tier: standard cost - cost_usd (the chosen model at its "
+       "standard price against the tier it was billed at). routing_savings_usd + "
+       "tier_savings_usd = savings_usd.", nullable=False),
+    _f("sync_cost_micro_usd", pa.int64(), "The part of cost_micro_usd billed at the sync "
+       "tier.", nullable=False),
+    _f("batch_cost_micro_usd", pa.int64(), "The part billed through the provider's batch "
+       "API.", nullable=False),
+    _f("flex_cost_micro_usd", pa.int64(), "The part billed at OpenAI's flex tier.",
+       nullable=False),
     _f("share_of_requests", pa.float64(), "rows / all result rows of the run.", nullable=False),
     _f("latency_p50_ms", pa.float64(), "Median latency of ok rows."),
     _f("latency_p95_ms", pa.float64(), "95th percentile latency of ok rows."),

@@ -43,9 +43,9 @@ from batchroute.stages.manifest import Manifest
 from batchroute.stages.results import BILLED
 from batchroute.stages.sink import RunFolder
 
-DIMENSIONS = ("day", "job", "model", "tag")
+DIMENSIONS = ("day", "job", "model", "tag", "tier")
 NO_TAG = "(none)"
-RESULT_COLUMNS = ["request_id", "model", "status", "input_tokens", "cached_input_tokens",
+RESULT_COLUMNS = ["request_id", "model", "status", "tier", "input_tokens", "cached_input_tokens",
                   "cache_write_input_tokens", "output_tokens", "reasoning_tokens", "cost_micro_usd", "attempts",
                   "invalid_answers", "latency_ms",
                   "tags", "escalations"]
@@ -106,6 +106,8 @@ def build(runs_uri: str, out_dir: str | Path, *, date_from: date | None = None,
         "daily": _grouped(rows, charges, rollups, ["day", "model"]),
         "tags": _grouped(rows, charges, rollups, ["tag"]).sort("cost_micro_usd",
                                                               descending=True),
+        # Spend by the tier each call was billed at (sync, batch, flex).
+        "tiers": _grouped(rows, charges, rollups, ["tier"]),
         "forecast": _forecast(fs, runs, rollups),
     }
     for name, table in tables.items():
@@ -212,7 +214,7 @@ def _grouped(rows: pl.LazyFrame, charges: pl.LazyFrame, rollups: pl.DataFrame,
     table = requests.join(billed, on=by, how="full", coalesce=True, nulls_equal=True)
     counts = ["rows", "ok", "failed", "rejected", *AMOUNTS, "failed_cost_micro_usd"]
     table = table.with_columns(pl.col(counts).fill_null(0))
-    if "tag" not in by:
+    if "tag" not in by and "tier" not in by:
         reference = rollups.lazy().group_by(by).agg(
             reference_cost_micro_usd=pl.col("reference_cost_micro_usd").sum())
         table = table.join(reference, on=by, how="left", nulls_equal=True)
@@ -407,6 +409,9 @@ listed below, kept in integer micro-dollars and rounded to the cent only here.
 Source: <code>{html.escape(runs_uri)}</code>.</p>
 <h2>Charts</h2>{charts}
 <h2>By {html.escape(", ".join(by))}</h2>{_table_html(main, columns)}
+<h2>Spend by tier</h2>
+{_table_html(tables["tiers"], ["tier", "rows", "ok", "input_tokens", "output_tokens",
+                               "cost_micro_usd"])}
 <h2>Forecast against actual, per run and model</h2>
 {_table_html(tables["forecast"], ["run_id", "model", "forecast_micro_usd",
                                   "actual_micro_usd", "error_pct"])}

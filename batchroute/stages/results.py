@@ -28,7 +28,7 @@ from batchroute import schemas
 # (the column's empty value: null, or 0 for the counters).
 Values: TypeAlias = pa.Array | pa.ChunkedArray | Sequence[Any] | str | int | float | datetime | None
 # What a call bills: the same columns in a results row and in each of its escalation attempts.
-BILLED = [f.name for f in schemas.ESCALATION if f.name not in ("model", "reason")]
+BILLED = [f.name for f in schemas.ESCALATION if f.name not in ("model", "reason", "tier")]
 _ZERO = set(BILLED)
 # Carried unchanged from the routed rows.
 _FROM_ROUTED = ("request_id", "reject_reason", "route_reason", "router_scores", "threshold",

@@ -30,15 +30,17 @@ from batchroute.stages.sink import RunFolder
 
 FrameT = TypeVar("FrameT", pl.DataFrame, pl.LazyFrame)
 
-COLUMNS = ["request_id", "model", "status", "input_tokens", "cached_input_tokens",
-           "cache_write_input_tokens", "output_tokens", "reasoning_tokens", "cost_micro_usd", "latency_ms", "attempts",
-           "invalid_answers",
-           "escalations", "route_cost_micro_usd"]
+COLUMNS = ["request_id", "model", "status", "tier", "input_tokens", "cached_input_tokens",
+           "cache_write_input_tokens", "output_tokens", "reasoning_tokens", "cost_micro_usd",
+           "latency_ms", "attempts", "invalid_answers", "escalations", "route_cost_micro_usd"]
 # Result shards are small (one dispatch batch each): frames of about this many rows keep each
 # aggregation cheap without holding much.
 FRAME_ROWS = 65_536
+# Bills at a discounted tier: their cost, and their tokens (to price them at standard).
+_DISCOUNTED = ["d_input", "d_cached", "d_cache_write", "d_output", "d_cost"]
 _COUNTS = ["rows", "ok", "failed", "rejected", "escalated", *BILLED, "failed_cost_micro_usd",
-           "routing_cost_micro_usd",
+           "routing_cost_micro_usd", "sync_cost_micro_usd", "batch_cost_micro_usd",
+           "flex_cost_micro_usd", *_DISCOUNTED,
            "ok_input", "ok_cached", "ok_cache_write", "ok_output"]
 
 
@@ -103,15 +105,16 @@ def charges(frame: FrameT, keys: Sequence[str] = ()) -> FrameT:
     already includes its attempts' and its own share is the rest."""
     moved = pl.col("escalations").list.eval(
         pl.element().struct.field("cost_micro_usd")).list.sum().fill_null(0)
-    own = frame.select(*keys, "model", *[c for c in BILLED if c != "cost_micro_usd"],
+    own = frame.select(*keys, "model", "tier", *[c for c in BILLED if c != "cost_micro_usd"],
                        cost_micro_usd=pl.col("cost_micro_usd") - moved,
                        passed_up=pl.lit(False))
     attempts = (frame.select(*keys, e=pl.col("escalations")).explode("e")
                 .filter(pl.col("e").is_not_null())
                 .select(*keys, pl.col("e").struct.field("model"),
+                        pl.col("e").struct.field("tier"),
                         *[pl.col("e").struct.field(c) for c in BILLED],
                         passed_up=pl.lit(True)))
-    columns = [*keys, "model", *BILLED, "passed_up"]
+    columns = [*keys, "model", "tier", *BILLED, "passed_up"]
     return pl.concat([own.select(columns), attempts.select(columns)], how="vertical_relaxed")
 
 
@@ -127,10 +130,17 @@ def _sums(frame: pl.DataFrame) -> pl.DataFrame:
         ok_cached=pl.col("cached_input_tokens").filter(ok).sum(),
         ok_cache_write=pl.col("cache_write_input_tokens").filter(ok).sum(),
         ok_output=pl.col("output_tokens").filter(ok).sum())
+    tier = pl.col("tier").fill_null("sync")
+    discounted = tier.is_in(["batch", "flex"])
     billed = charges(frame, ["status"]).group_by("model").agg(
         escalated=pl.col("passed_up").sum(), **{c: pl.col(c).sum() for c in BILLED},
         failed_cost_micro_usd=pl.col("cost_micro_usd").filter(
-            pl.col("status") == "failed").sum())
+            pl.col("status") == "failed").sum(),
+        **{f"{t}_cost_micro_usd": pl.col("cost_micro_usd").filter(tier == t).sum()
+           for t in ("sync", "batch", "flex")},
+        **{d: pl.col(c).filter(discounted).sum() for d, c in zip(_DISCOUNTED, (
+            "input_tokens", "cached_input_tokens", "cache_write_input_tokens",
+            "output_tokens", "cost_micro_usd"), strict=True)})
     table = requests.join(billed, on="model", how="full", coalesce=True, nulls_equal=True)
     return table.select("model", *[pl.col(c).fill_null(0).cast(pl.Int64) for c in _COUNTS])
 
@@ -189,10 +199,17 @@ def rollup(results: pl.DataFrame | pl.LazyFrame | Iterable[pl.DataFrame], *, run
         return pl.Series([pl.concat(latencies[m]).quantile(q, "linear") if m in latencies
                           else None for m in totals["model"]], dtype=pl.Float64)
 
+    # The discounted bills at their model's standard price (one rounding per model); the
+    # rest of the bill is at standard already.
+    undone = pl.Series([
+        round(models[m].cost_usd(i, o, c, w) * 1e6) if m is not None else 0
+        for m, i, c, w, o in totals.select("model", "d_input", "d_cached", "d_cache_write",
+                                           "d_output").iter_rows()], dtype=pl.Int64)
     frame = (
         totals.with_columns(
-            reference_cost_micro_usd=(as_reference * (1.0 - ref.batch_discount)).round(0)
-            .cast(pl.Int64),
+            # The counterfactual is the reference model at its standard (sync) price.
+            reference_cost_micro_usd=as_reference.round(0).cast(pl.Int64),
+            standard_cost_micro_usd=pl.col("cost_micro_usd") - pl.col("d_cost") + undone,
             latency_p50_ms=quantile(0.5), latency_p95_ms=quantile(0.95),
             unrecovered_cost_micro_usd=pl.col("model").replace_strict(
                 dict(unrecovered or {}), default=0, return_dtype=pl.Int64))
@@ -204,6 +221,10 @@ def rollup(results: pl.DataFrame | pl.LazyFrame | Iterable[pl.DataFrame], *, run
             cost_usd=pl.col("cost_micro_usd") / 1e6,
             reference_cost_usd=pl.col("reference_cost_micro_usd") / 1e6,
             savings_usd=(pl.col("reference_cost_micro_usd") - pl.col("cost_micro_usd")) / 1e6,
+            routing_savings_usd=(pl.col("reference_cost_micro_usd")
+                                 - pl.col("standard_cost_micro_usd")) / 1e6,
+            tier_savings_usd=(pl.col("standard_cost_micro_usd")
+                              - pl.col("cost_micro_usd")) / 1e6,
             share_of_requests=pl.col("rows") / pl.col("rows").sum().clip(lower_bound=1),
             invalid=pl.col("invalid_answers"),
             invalid_rate=pl.when((pl.col("invalid_answers") + pl.col("ok")) > 0).then(

@@ -175,9 +175,12 @@ def test_a_price_change_applies_from_its_date(tmp_path: Path) -> None:
     job = config.parse(_with_catalog(tmp_path, CATALOG))
     before, after = job.priced_on(date(2026, 11, 14)), job.priced_on(date(2026, 11, 15))
     assert before.models[CHEAP].cost_micro_usd(1_000_000, 0) == 250_000
-    assert after.models[CHEAP].cost_micro_usd(1_000_000, 0) == 100_000  # 0.20, half off
-    assert after.models[CHEAP].cost_micro_usd(1_000_000, 0, 1_000_000) == 25_000
-    assert after.models[CHEAP].cost_micro_usd(1_000_000, 0, 0, 1_000_000) == 125_000
+    m = after.models[CHEAP]
+    assert m.cost_micro_usd(1_000_000, 0) == 200_000  # 0.20 at the sync tier
+    assert m.cost_micro_usd(1_000_000, 0, tier="batch") == 100_000  # half off in batch ...
+    assert m.cost_micro_usd(1_000_000, 0, tier="flex") == 100_000  # ... and flex
+    assert m.cost_micro_usd(1_000_000, 0, 1_000_000, tier="batch") == 25_000
+    assert m.cost_micro_usd(1_000_000, 0, 0, 1_000_000, tier="batch") == 125_000
     assert before.config_hash == after.config_hash == job.config_hash  # same run either day
     with pytest.raises(ConfigError, match=rf"models.{re.escape(CHEAP)}: no price in force on "
                                           r"2026-10-31 \(the first takes effect on 2026-11-01"):
@@ -254,7 +257,8 @@ NUMERIC_KEYS: dict[tuple[str, str], str] = {
     **{("ModelConfig", f): f"models.{CHEAP}.{f}" for f in (
         "input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok",
         "cache_write_input_usd_per_mtok", "batch_discount", "rpm", "tpm", "concurrency",
-        "context_window", "timeout_s", "cache_min_tokens")},
+        "context_window", "timeout_s", "cache_min_tokens", "batch_queue_tokens")},
+    ("ModelConfig", "batch_turnaround_s"): f"models.{CHEAP}.batch_turnaround",
     ("ModelConfig", "thinking_budget_tokens"): f"models.{MID}.thinking_budget_tokens",
     **{("Rule", f): f"router.rules.0.{f}"
        for f in ("min_chars", "max_chars", "min_tokens", "max_tokens")},

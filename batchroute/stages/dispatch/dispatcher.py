@@ -124,6 +124,7 @@ class _CallOutcome:
     cost_micro_usd: int
     value: Any = None  # the parsed answer (a label, or the output object) of an ok row
     invalid: int = 0  # unusable answers this model gave for the row
+    tier: str | None = "sync"  # what the calls were billed at (None: no call was made)
 
 
 class ModelDispatcher:
@@ -343,7 +344,8 @@ class ModelDispatcher:
         fields = rows.BILLED
         mine = results.select(fields).take(pa.array(own, pa.int64())).to_pydict()
         earlier = upper.column("escalations").to_pylist()
-        escalations = [[{"model": self.model.name, "reason": reasons[i],
+        tiers = results.column("tier").take(pa.array(own, pa.int64())).to_pylist()
+        escalations = [[{"model": self.model.name, "reason": reasons[i], "tier": tiers[k],
                          **{f: mine[f][k] for f in fields}},
                         *(earlier[k] or [])] for k, i in enumerate(own)]
         upper = rows.add_cost(upper, pa.array(mine["cost_micro_usd"], pa.int64()))
@@ -481,11 +483,11 @@ class ModelDispatcher:
     def _finish(self, status: str, answer: Answer | None, attempts: int,
                 latency_ms: float | None, error: DispatchError | None,
                 started: datetime | None, asked: bool, *, value: Any = None,
-                invalid: int = 0) -> _CallOutcome:
+                invalid: int = 0, tier: str = "sync") -> _CallOutcome:
         s = self.stats
         micro = 0 if answer is None else self.model.cost_micro_usd(
             answer.input_tokens, answer.output_tokens, answer.cached_input_tokens,
-            answer.cache_write_input_tokens)
+            answer.cache_write_input_tokens, tier=tier)
         cost = micro / 1e6
         if asked:
             s.asked += 1
@@ -504,7 +506,8 @@ class ModelDispatcher:
             kind = error.error_type if error else "unknown"
             s.errors[kind] = s.errors.get(kind, 0) + 1
         return _CallOutcome(status, answer, attempts, latency_ms, error, started,
-                            datetime.now(UTC), micro, value, invalid)
+                            datetime.now(UTC), micro, value, invalid,
+                            tier if attempts else None)
 
     def _results(self, routed: pa.Table, outcomes: list[_CallOutcome], *,
                  asked: bool = False) -> pa.Table:
@@ -528,6 +531,7 @@ class ModelDispatcher:
             cost_micro_usd=[o.cost_micro_usd for o in outcomes],
             latency_ms=[o.latency_ms for o in outcomes],
             attempts=[o.attempts for o in outcomes],
+            tier=[o.tier for o in outcomes],
             error_type=[o.error.error_type if o.error else None for o in outcomes],
             error_message=[self.scrubber.scrub(str(o.error)) if o.error else None
                            for o in outcomes],

@@ -405,7 +405,7 @@ def test_truncated_refused_and_failed_rows_escalate_once_with_both_costs() -> No
                                      "output_tokens": out_tok,
                                      "cost_micro_usd": first_cost,
                                      "attempts": attempts, "invalid_answers": 0,
-                                     "reasoning_tokens": 0}]
+                                     "reasoning_tokens": 0, "tier": "sync"}]
         assert r["cost_micro_usd"] == first_cost + mid.cost_micro_usd(20, 8)
     fine = by_id["r4"]
     assert (fine["model"], fine["escalated_from"], fine["escalations"]) == (CHEAP, None, None)

@@ -28,19 +28,19 @@ Escalation = tuple[str, int, int]  # an earlier attempt: model, input tokens, ou
 
 
 def _micro(model: str, i: int, o: int, cached: int = 0, written: int = 0,
-           models: Mapping[str, ModelConfig] = JOB.models) -> int:
-    return models[model].cost_micro_usd(i, o, cached, written)
+           models: Mapping[str, ModelConfig] = JOB.models, tier: str = "sync") -> int:
+    return models[model].cost_micro_usd(i, o, cached, written, tier=tier)
 
 
 def _results(rows: list[Row], escalations: list[list[Escalation]] | None = None, *,
              cached: list[int] | None = None, written: list[int] | None = None,
-             routing: list[int] | None = None,
+             routing: list[int] | None = None, tier: str = "sync",
              models: Mapping[str, ModelConfig] = JOB.models) -> pl.DataFrame:
     escalations = escalations or [[] for _ in rows]
     cached = cached or [0] * len(rows)
     written = written or [0] * len(rows)
     routing = routing or [0] * len(rows)
-    own = [_micro(m, i, o, c, w, models) if m and s == "ok" else 0
+    own = [_micro(m, i, o, c, w, models, tier) if m and s == "ok" else 0
            for (m, s, i, o), c, w in zip(rows, cached, written, strict=True)]
     earlier = [[{"model": m, "reason": "length", "input_tokens": i, "cached_input_tokens": 0,
                  "output_tokens": o, "cost_micro_usd": _micro(m, i, o), "attempts": 1,
@@ -49,6 +49,7 @@ def _results(rows: list[Row], escalations: list[list[Escalation]] | None = None,
     table = pa.table({
         "request_id": [f"r{i}" for i in range(len(rows))],
         "model": [r[0] for r in rows], "status": [r[1] for r in rows],
+        "tier": [None if r[1] == "rejected" else tier for r in rows],
         "input_tokens": [r[2] for r in rows], "cached_input_tokens": cached,
         "cache_write_input_tokens": written, "output_tokens": [r[3] for r in rows],
         "cost_micro_usd": [c + r + sum(e["cost_micro_usd"] for e in esc or [])
@@ -149,6 +150,24 @@ def test_cache_reads_and_writes_are_each_billed_at_their_own_price() -> None:
     assert r["reference_cost_micro_usd"] == r["cost_micro_usd"] == sum(micro)
 
 
+def test_savings_split_into_routing_and_tier_and_spend_by_tier() -> None:
+    from dataclasses import replace
+
+    models = {**JOB.models, CHEAP: replace(JOB.models[CHEAP], batch_discount=0.5)}
+    batch = _results([(CHEAP, "ok", 1000, 100)] * 3, tier="batch", models=models)
+    sync = _results([(CHEAP, "ok", 1000, 100)], models=models)
+    r = rollup.rollup(pl.concat([batch, sync]), run_id="r", models=models,
+                      reference_model=STRONG, reference_output_ratio=0.25).to_pylist()[0]
+    full = 1000 * 0.25 + 100 * 1.25  # one row at standard price, micro-dollars
+    assert (r["batch_cost_micro_usd"], r["sync_cost_micro_usd"], r["flex_cost_micro_usd"]) == (
+        3 * round(full / 2), round(full), 0)
+    assert r["standard_cost_micro_usd"] == 4 * full
+    assert r["reference_cost_micro_usd"] == 4 * (1000 * 15 + 250 * 75)  # at standard price
+    assert r["tier_savings_usd"] == pytest.approx((4 * full - r["cost_micro_usd"]) / 1e6)
+    assert r["tier_savings_usd"] == pytest.approx((3 * full - r["batch_cost_micro_usd"]) / 1e6)
+    assert r["routing_savings_usd"] + r["tier_savings_usd"] == pytest.approx(r["savings_usd"])
+
+
 def test_unrecovered_spend_is_reported_per_model_apart_from_the_rows_cost() -> None:
     res = _results([(CHEAP, "ok", 1000, 100), (MID, "ok", 2000, 10)])
     plain = {x["model"]: x for x in
@@ -178,10 +197,11 @@ def test_cached_prompt_tokens_are_priced_at_the_cached_price() -> None:
     doc = job_doc()
     doc["models"][CHEAP].update(cached_input_usd_per_mtok=0.125, batch_discount=0.5)
     cheap = config.parse(doc).models[CHEAP]
-    # 1,000 prompt tokens of which 600 cached, 100 output; then half off.
-    assert cheap.cost_micro_usd(1000, 100, 600) == round(
+    # 1,000 prompt tokens of which 600 cached, 100 output; then half off at the batch tier.
+    assert cheap.cost_micro_usd(1000, 100, 600, tier="batch") == round(
         (400 * 0.25 + 600 * 0.125 + 100 * 1.25) * 0.5)
-    assert cheap.cost_usd(1000, 100, 600) == pytest.approx(150 / 1e6)
+    assert cheap.cost_usd(1000, 100, 600, tier="batch") == pytest.approx(150 / 1e6)
+    assert cheap.cost_usd(1000, 100, 600) == pytest.approx(300 / 1e6)
 
 
 def _routed(models: list[str | None], reasons: list[str | None]) -> pa.Table:
