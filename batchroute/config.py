@@ -90,6 +90,8 @@ class ModelConfig:
     batch_queue_tokens: int = 0
     # The expected time a batch takes, for the plan's wall-time forecast.
     batch_turnaround_s: float = 3600.0
+    # Requests per batch file; 0: the provider's limit (OpenAI 50,000, Anthropic 100,000).
+    batch_max_lines: int = 0
     # flex: a row still refused after its attempts goes to the standard tier at full price.
     flex_fallback: bool = False
     # The shortest prefix the provider caches (Anthropic: 1,024 tokens for most models, 2,048
@@ -522,6 +524,8 @@ def _tier(t: Mapping[str, Any], provider: str, where: str) -> dict[str, Any]:
     turnaround = t.get("batch_turnaround", "1h")
     return {"tier": tier, "flex_fallback": fallback,
             "batch_queue_tokens": _int(t, "batch_queue_tokens", where, minimum=0, default=0),
+            "batch_max_lines": _int(t, "batch_max_lines", where, minimum=0,
+                                    maximum=100_000, default=0),
             "batch_turnaround_s": duration_s(turnaround, f"{where}batch_turnaround")}
 
 

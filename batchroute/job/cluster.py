@@ -10,6 +10,7 @@ and :mod:`batchroute.job.runner` the order they run in.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -19,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
+from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
@@ -265,6 +267,7 @@ class _DispatchActor:
         self._upper: Any = None  # the actor of the next model up the escalation ladder
         self._journal: Any = None
         self._heard = time.monotonic()
+        self._tier: Any = None  # the batch tier (tier = "batch"), once started
 
     def has_key(self) -> bool:
         return bool(os.environ.get(self._args[0].api_key_env))
@@ -330,8 +333,52 @@ class _DispatchActor:
         if self._dispatcher is not None:
             self._dispatcher.flush_journal()
 
+    async def start_batches(self, answered: pa.Array, deadline: str | None) -> None:
+        """Start this model's batch tier (tier = "batch"): its results are taken with
+        :meth:`batch_results`."""
+        import httpx
+
+        from batchroute.stages.dispatch.batch_tier import BatchTier
+
+        dispatcher = self._get()
+        model, _, folder = self._args
+        # Streams uploads and results (the sync path's transport reads bodies whole); a
+        # 200 MB upload takes a while.
+        client = httpx.AsyncClient(timeout=httpx.Timeout(max(model.timeout_s, 300.0)))
+        self._tier = BatchTier(dispatcher, folder, client=client, answered=answered,
+                               deadline=datetime.fromisoformat(deadline) if deadline else None,
+                               max_lines=model.batch_max_lines or None)
+        self._tier_results: asyncio.Queue[pa.Table] = asyncio.Queue()
+
+        async def run() -> None:
+            try:
+                with dispatcher.scrubber.exceptions():
+                    await self._tier.run(self._tier_results.put)
+            finally:
+                await client.aclose()
+
+        self._tier_task = asyncio.ensure_future(run())
+
+    async def batch_results(self) -> tuple[pa.Table | None, bool]:
+        """The batch tier's next result rows (waiting up to a second), and whether it has
+        finished; raises what ended it, if it failed."""
+        queue = self._tier_results
+        try:
+            table: pa.Table | None = await asyncio.wait_for(queue.get(), 1.0)
+        except TimeoutError:
+            table = None
+        if table is None and self._tier_task.done():
+            if not queue.empty():
+                return queue.get_nowait(), False
+            self._tier_task.result()
+            return None, True
+        return table, False
+
     async def stats(self) -> dict[str, Any]:
-        return asdict(self._dispatcher.stats) if self._dispatcher else {}
+        stats = asdict(self._dispatcher.stats) if self._dispatcher else {}
+        if self._tier is not None:
+            stats["batch"] = self._tier.summary()
+        return stats
 
     async def close(self) -> None:
         if self._dispatcher is not None:
@@ -401,18 +448,30 @@ class DispatchActors:
 
     def dispatch(self, folder: RunFolder, planned: dict[str, int], sink: ResultSink,
                  progress: Progress, answered: pa.Array | None = None, *,
-                 stop: Callable[[], None] = lambda: None) -> dict[str, Any]:
+                 stop: Callable[[], None] = lambda: None,
+                 deadline: datetime | None = None) -> dict[str, Any]:
         """Feed every model's actor until its plan is done; return each actor's counters.
         ``stop`` is called at every turn of the loop and may raise to end it early.
 
         Rows whose request_id is in ``answered`` (a resumed run's ``ok`` rows) are not sent.
         A batch whose actor call fails (the actor died, a bug) becomes ``failed`` rows with
         the error, so every planned row still ends in exactly one result row.
+
+        A batch-tier model's actor sends its rows through the provider's batch API itself
+        (:mod:`batchroute.stages.dispatch.batch_tier`, until ``deadline``); the loop takes its
+        results as they come.
         """
         policy = self.job.dispatch
         self.failed_batches = 0
-        readers = {m: _batches(folder, m, policy.batch_rows, answered) for m in planned}
-        in_flight: dict[Any, tuple[str, pa.Table]] = {}
+        tiered = [m for m in planned if self.job.models[m].tier == "batch"]
+        readers = {m: _batches(folder, m, policy.batch_rows, answered) for m in planned
+                   if m not in tiered}
+        in_flight: dict[Any, tuple[str, pa.Table | None]] = {}
+        done_ids = answered if answered is not None else pa.array([], pa.string())
+        ray.get([self.actors[m].start_batches.remote(
+            done_ids, deadline.isoformat() if deadline else None) for m in tiered])
+        for m in tiered:
+            in_flight[self.actors[m].batch_results.remote()] = (m, None)
         per_model = dict.fromkeys(planned, 0)
         used = {m: self.actors[m] for m in with_escalation_targets(planned, policy)}
 
@@ -437,6 +496,13 @@ class DispatchActors:
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.25)
             for ref in ready:
                 m, batch = in_flight.pop(ref)
+                if batch is None:  # the batch tier's results (a failure stops the run)
+                    table, finished = ray.get(ref)
+                    if table is not None:
+                        sink.write(results.with_route_cost(table))
+                    if not finished:
+                        in_flight[self.actors[m].batch_results.remote()] = (m, None)
+                    continue
                 per_model[m] -= 1
                 try:
                     sink.write(results.with_route_cost(ray.get(ref)))

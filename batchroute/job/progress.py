@@ -61,7 +61,8 @@ class Progress:
         for name, s in self.models.items():
             parts.append(f"{name} {s.get('done', 0)}/{self.planned.get(name, 0)} "
                          f"ok={s.get('ok', 0)} failed={s.get('failed', 0)} "
-                         f"429s={s.get('rate_limited', 0)} ${s.get('cost_usd', 0.0):.4f}")
+                         f"429s={s.get('rate_limited', 0)} ${s.get('cost_usd', 0.0):.4f}"
+                         + batch_line(s.get("batch")))
         print(" | ".join(parts), file=self.stream, flush=True)
 
     def _render(self) -> Any:
@@ -80,5 +81,24 @@ class Progress:
                           str(s.get("ok", 0)), str(s.get("failed", 0)),
                           str(s.get("rate_limited", 0)), str(s.get("retries", 0)),
                           f"{s.get('cost_usd', 0.0):.4f}")
-        table.caption = f"errors so far: {errors}"
+        batches = [f"{name}{batch_line(self.models.get(name, {}).get('batch'))}"
+                   for name in self.planned if self.models.get(name, {}).get("batch")]
+        table.caption = "\n".join([f"errors so far: {errors}", *batches])
         return table
+
+
+def batch_line(batch: Mapping[str, Any] | None) -> str:
+    """A batch-tier model's batches: by status, lines, and the time left to the deadline."""
+    if not batch:
+        return ""
+    statuses = ", ".join(f"{n} {s}" for s, n in sorted(batch["batches_by_status"].items()))
+    left = ""
+    if batch.get("deadline"):
+        from datetime import UTC, datetime
+
+        seconds = (datetime.fromisoformat(batch["deadline"]) - datetime.now(UTC)).total_seconds()
+        left = (f", deadline in {seconds / 60:.0f} min" if seconds > 0
+                else ", deadline passed: the rest goes sync")
+    return (f" [batches: {statuses or 'none yet'}; {batch['files']} files, "
+            f"{batch['lines_submitted']} lines sent, {batch['succeeded']} answered, "
+            f"{batch['errored']} errored{left}]")

@@ -30,6 +30,7 @@ from batchroute.job.progress import Progress
 from batchroute.routers import classifier as rt
 from batchroute.routers import embed
 from batchroute.stages import journal, plan, results, rollup, source
+from batchroute.stages.dispatch import batch_tier
 from batchroute.stages.lock import LOCK_ONLY, RunLock
 from batchroute.stages.manifest import Manifest, now
 from batchroute.stages.route import RouteSpec, check_compatible
@@ -200,8 +201,9 @@ def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
             log.info("resuming %s: %d rows already answered ok are skipped", folder.uri,
                      len(answered))
         try:
+            deadline = batch_tier.deadline_of(job.dispatch.deadline, manifest.started_at)
             manifest.dispatch = actors.dispatch(folder, planned, sink, progress, answered,
-                                                stop=stop.check)
+                                                stop=stop.check, deadline=deadline)
         except (Interrupted, KeyboardInterrupt) as exc:
             signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
             actors.flush()  # every answer received so far reaches the journal ...

@@ -252,6 +252,51 @@ class ModelDispatcher:
         return self._results(routed, await self._call_all(routed, output, journal=False,
                                                           asked=True), asked=True)
 
+    # -- what the batch tier (batch_tier.py) shares with the sync path -----------------------
+
+    def requests(self, routed: pa.Table) -> list[tuple[Request, int]]:
+        """Each routed row's request, exactly as :meth:`dispatch` sends it, and its estimated
+        tokens (prompt + max output)."""
+        cols = {name: routed.column(name).to_pylist() for name in (
+            "prompt", "messages", "max_tokens", "temperature", "est_input_tokens",
+            "est_output_tokens")}
+        return [(Request(messages=self._system + _messages(cols["prompt"][i],
+                                                           cols["messages"][i]),
+                         max_tokens=int(cols["est_output_tokens"][i]),
+                         temperature=cols["temperature"][i], output=self._schema,
+                         prefix=self._prefix),
+                 int(cols["est_input_tokens"][i]) + int(cols["est_output_tokens"][i]))
+                for i in range(routed.num_rows)]
+
+    def batch_outcome(self, answer: Answer | None, error: DispatchError | None,
+                      attempts: int) -> _CallOutcome:
+        """How a row sent through the provider's batch API ends: its answer read as a sync
+        answer would be (parsed, checked against the task's output), billed at the batch
+        tier; or its error."""
+        if answer is None:
+            return self._finish("failed", None, attempts, None, error, None, False,
+                                tier="batch")
+        if self._parser is None or answer.finish_reason == "refusal":
+            return self._finish("ok", answer, attempts, None, None, None, False, tier="batch")
+        value, why = self._parser.parse(answer.text)
+        if why is None:
+            return self._finish("ok", answer, attempts, None, None, None, False, value=value,
+                                tier="batch")
+        self.stats.invalid += 1
+        if answer.finish_reason == "length":
+            why = f"answer cut at max_tokens before it was complete: {why}"
+        return self._finish("failed", answer, attempts, None, InvalidOutput(why), None, False,
+                            invalid=1, tier="batch")
+
+    async def settle(self, routed: pa.Table, outcomes: list[_CallOutcome]) -> pa.Table:
+        """Result rows for outcomes reached outside :meth:`dispatch` (the batch tier), with
+        the escalation ladder applied as dispatch applies it."""
+        results = self._results(routed, outcomes)
+        if self._up is None:
+            return results
+        return await self._escalated(routed, results, outcomes, self._up,
+                                     journal=self._journal is not None)
+
     async def _call_all(self, routed: pa.Table, output: OutputSchema | None, *,
                         journal: bool, asked: bool) -> list[_CallOutcome]:
         cols = {name: routed.column(name).to_pylist() for name in (
