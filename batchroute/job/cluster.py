@@ -346,8 +346,7 @@ class _DispatchActor:
         # 200 MB upload takes a while.
         client = httpx.AsyncClient(timeout=httpx.Timeout(max(model.timeout_s, 300.0)))
         self._tier = BatchTier(dispatcher, folder, client=client, answered=answered,
-                               deadline=datetime.fromisoformat(deadline) if deadline else None,
-                               max_lines=model.batch_max_lines or None)
+                               deadline=datetime.fromisoformat(deadline) if deadline else None)
         self._tier_results: asyncio.Queue[pa.Table] = asyncio.Queue()
 
         async def run() -> None:

@@ -89,6 +89,9 @@ LINE_OVERHEAD_BYTES = 400
 # the record of the attempt (providers' clocks differ from ours).
 FIND_MARGIN_S = 600.0
 RETRYABLE_STATUS = frozenset({408, 409, 429})
+# A file refused this often for a full queue while none of the run's batches was queued can
+# never fit (it alone is over the provider's limit): its rows fail, naming the setting.
+MAX_LONE_REFUSALS = 5
 
 Emit = Callable[[pa.Table], Awaitable[None]]
 
@@ -106,6 +109,7 @@ class _File:
     adopted: bool = False  # found at the provider after a crash, not yet confirmed ours
     done: bool = False
     submit_after: float = 0.0
+    refusals: int = 0  # refused for a full queue while none of ours was queued
 
 
 @dataclass
@@ -192,8 +196,8 @@ class BatchTier:
         self.model = dispatcher.model
         self.folder = folder
         provider = dispatcher._provider
-        self.wire: BatchWire = WIRES[self.model.provider](provider, client,
-                                                          max_lines=max_lines)
+        self.wire: BatchWire = WIRES[self.model.provider](
+            provider, client, max_lines=max_lines or self.model.batch_max_lines or None)
         self.ledger = Ledger(folder, self.model.name)
         self.tag = hashlib.blake2b(f"{folder.run_id}/{self.model.name}".encode(),
                                    digest_size=5).hexdigest()
@@ -464,6 +468,16 @@ class BatchTier:
                 f.batch_id = None
                 f.submit_after = self._now() + POLL_MIN_S
                 self.stats.refused_for_queue += 1
+                if not self._queued_tokens():
+                    f.refusals += 1
+                if f.refusals >= MAX_LONE_REFUSALS:
+                    await self._fail_rows(f, self.ledger.read_rows(f.n), TerminalDispatchError(
+                        f"a batch of {f.est_tokens} estimated tokens was refused for "
+                        f"{self.model.name}'s enqueued-token limit {f.refusals} times with "
+                        "none of this run's batches queued: set models."
+                        f"{self.model.name}.batch_queue_tokens to the provider's limit "
+                        f"({state.failed_reason})"), emit)
+                    progressed = True
                 continue
             await self._read(f, state, emit)
             progressed = True
