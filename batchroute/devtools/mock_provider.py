@@ -177,6 +177,13 @@ waiting when it is written write it again, as on the real services, so a client 
 the first call of a prefix alone pays one write. Splitting a message into blocks changes no
 answer. ``/stats`` counts ``cached_prompt_tokens`` and ``cache_write_tokens``.
 
+OpenAI flex
+-----------
+A request with ``service_tier: "flex"`` is answered like any other, except that
+``flex_unavailable_rate`` of them (drawn from their own seeded source) get a 429 with code
+``resource_unavailable``, as flex capacity is not guaranteed. ``/stats`` counts
+``flex_requests`` and ``flex_unavailable``.
+
 Latency
 -------
 Each answer waits ``latency_ms`` scaled by a log-normal factor (sigma 0.4, capped at 4x) drawn
@@ -435,6 +442,9 @@ class MockProviderConfig:
     # Prompt caching: how long an entry lives after its last use, and the shortest prefix
     # cached (shorter marked prefixes are silently not cached, as on Anthropic).
     cache_ttl_s: float = 300.0
+    # OpenAI flex: the share of service_tier="flex" requests refused with a 429
+    # resource_unavailable (flex capacity is not guaranteed).
+    flex_unavailable_rate: float = 0.0
     cache_min_tokens: int = CACHE_MIN_TOKENS
     api_key: str | None = field(default=None, repr=False)
     expired_keys: frozenset[str] = field(default=frozenset(), repr=False)
@@ -473,6 +483,7 @@ class MockProviderConfig:
         object.__setattr__(self, "model_invalid_rates", tuple(
             (str(m), r) for m, r in dict(self.model_invalid_rates).items()))
         shares = [("route_garbage_rate", self.route_garbage_rate),
+                  ("flex_unavailable_rate", self.flex_unavailable_rate),
                   ("invalid_rate", self.invalid_rate),
                   ("batch_expire_share", self.batch_expire_share),
                   ("batch_line_error_rate", self.batch_line_error_rate),
@@ -1499,6 +1510,8 @@ class ProviderStats(TypedDict):
     invalid_answers: int
     cached_prompt_tokens: int
     cache_write_tokens: int
+    flex_requests: int
+    flex_unavailable: int
     batch_lines_received: int
     batch_duplicate_custom_ids: int
     batches_by_status: dict[str, int]
@@ -1519,6 +1532,8 @@ def _empty_stats() -> ProviderStats:
         invalid_answers=0,
         cached_prompt_tokens=0,
         cache_write_tokens=0,
+        flex_requests=0,
+        flex_unavailable=0,
         batch_lines_received=0,
         batch_duplicate_custom_ids=0,
         batches_by_status={},
@@ -1540,6 +1555,8 @@ def _copy_stats(stats: ProviderStats) -> ProviderStats:
         invalid_answers=stats["invalid_answers"],
         cached_prompt_tokens=stats["cached_prompt_tokens"],
         cache_write_tokens=stats["cache_write_tokens"],
+        flex_requests=stats["flex_requests"],
+        flex_unavailable=stats["flex_unavailable"],
         batch_lines_received=stats["batch_lines_received"],
         batch_duplicate_custom_ids=stats["batch_duplicate_custom_ids"],
         batches_by_status=dict(stats["batches_by_status"]),
@@ -1592,6 +1609,7 @@ class _MockServer:
         self._seq = 0
         # prefix digest -> (when the reply that wrote it was sent, when it expires)
         self._cache: dict[bytes, tuple[float, float]] = {}
+        self._flex_rng = random.Random(config.seed + 1)
         self._bands: list[tuple[float, str]] = []
         edge = 0.0
         for (_, rate), fault in zip(config._fault_rates(), _RATE_FAULTS, strict=True):
@@ -1688,6 +1706,15 @@ class _MockServer:
                 return self._rate_limited(call, admission)
             fault = self._draw_fault()
         rl_headers = admission.headers
+        if wire == "openai" and body.get("service_tier") == "flex":
+            counters["flex_requests"] += 1
+            rate = self.config.flex_unavailable_rate
+            if rate and self._flex_rng.random() < rate:
+                counters["flex_unavailable"] += 1
+                return _error(wire, 429, "Resource unavailable: flex processing is "
+                              "temporarily out of capacity. Please retry later or use the "
+                              "default service tier.", headers=rl_headers,
+                              code="resource_unavailable")
         if fault is not None:
             counters["faults"][fault] += 1
             if fault == "429":
@@ -2260,6 +2287,9 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "several, e.g. gpt-4o=0 for a strong model that never answers off-label")
     add("--hang-s", type=_non_negative_float, default=30.0, metavar="S",
         help="seconds a --timeout-rate request hangs (default 30)")
+    add("--flex-unavailable-rate", type=_probability, default=0.0, metavar="R",
+        help="share of OpenAI service_tier=flex requests refused with a 429 "
+             "resource_unavailable, as flex capacity may be (default 0)")
     add("--cache-ttl-s", type=_non_negative_float, default=300.0, metavar="S",
         help="seconds a prompt-cache entry lives after its last use (default 300, "
              "Anthropic's 5 minutes)")
@@ -2319,6 +2349,7 @@ def _run_cli(args: argparse.Namespace) -> int:
             burst_429_rate=args.burst_429_rate, route_garbage_rate=args.route_garbage_rate,
             invalid_rate=args.invalid_rate, hang_s=args.hang_s, api_key=api_key,
             cache_ttl_s=args.cache_ttl_s, cache_min_tokens=args.cache_min_tokens,
+            flex_unavailable_rate=args.flex_unavailable_rate,
             model_invalid_rates=tuple(args.model_invalid_rates or ()),
             seed=args.seed, batch_delay_s=args.batch_delay_s,
             batch_expire_share=args.batch_expire_share,

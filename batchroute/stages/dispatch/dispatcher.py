@@ -11,6 +11,7 @@ Seams for tests: the httpx transport, the sleep function, the clock and the rand
 from __future__ import annotations
 
 import asyncio
+import copy
 import gc
 import logging
 import random
@@ -89,6 +90,7 @@ class Stats:
     last_rate_limited_at: float | None = None  # clock reading of the latest 429
     retries: int = 0
     escalated: int = 0  # rows passed up the ladder (dispatch.escalate_on)
+    flex_fallbacks: int = 0  # flex rows sent at the standard tier after their attempts
     # Answers that were not one of the labels or did not match the schema ([task.output]);
     # each was retried, escalated or ended its row as failed (error_type invalid_output).
     invalid: int = 0
@@ -161,13 +163,17 @@ class ModelDispatcher:
             reasoning_effort=model.reasoning_effort,
             thinking_budget_tokens=model.thinking_budget_tokens, auth=model.auth,
             api_version=model.api_version,
-            cache_prefix=task is not None and task.marks_cache(model.provider))
+            cache_prefix=task is not None and task.marks_cache(model.provider),
+            service_tier="flex" if model.tier == "flex" else "")
         # A provider caches a prefix once its first request has been answered: until then,
         # every request sent writes it again (and Anthropic bills each write at 1.25x). So
         # where the shared prefix is cached, the first row goes alone and the rest follow.
         self._warm_up = task is not None and task.prefix_tokens() >= model.cache_min_tokens and (
             self._provider.cache_prefix or model.provider == "openai")
         self._warmed: asyncio.Event | None = None
+        # The standard tier of a flex model, for flex_fallback.
+        self._standard = copy.copy(self._provider)
+        self._standard.service_tier = ""
         self._warned_temperature = False
         if transport is None:
             from batchroute.stages.dispatch.transport import AiohttpTransport
@@ -412,7 +418,9 @@ class ModelDispatcher:
         tokens = est_input + req.max_tokens
         est_micro = self.model.cost_micro_usd(est_input, req.max_tokens)
         attempt = 0
+        tier = "flex" if self._provider.service_tier == "flex" else "sync"
         body = dumps(self._provider.body(req))
+        tier_start = 0  # the attempt at which this tier began (flex falls back to standard)
         parser = None if asked else self._parser
         spent: Answer | None = None  # the unusable answers so far: billed all the same
         invalid = 0
@@ -420,7 +428,7 @@ class ModelDispatcher:
         def fail(error: DispatchError) -> _CallOutcome:
             # Unusable answers before a final failure were billed: they stay on the row.
             return self._finish("failed", spent, attempt, None, error, started, asked,
-                                invalid=invalid)
+                                invalid=invalid, tier=tier)
 
         while True:
             if self._auth_failure is not None:  # fast path: no need to queue for admission
@@ -454,21 +462,23 @@ class ModelDispatcher:
                 latency = (self._clock() - t0) * 1000.0
                 if parser is None or answer.finish_reason == "refusal":
                     return self._finish("ok", _plus(answer, spent), attempt, latency, None,
-                                        started, asked, invalid=invalid)
+                                        started, asked, invalid=invalid, tier=tier)
                 value, why = parser.parse(answer.text)
                 if why is None:
                     return self._finish("ok", _plus(answer, spent), attempt, latency, None,
-                                        started, asked, value=value, invalid=invalid)
+                                        started, asked, value=value, invalid=invalid,
+                                        tier=tier)
                 invalid += 1
                 self.stats.invalid += 1
                 spent = _plus(answer, spent)
                 if answer.finish_reason == "length":  # the same cap would cut it again
                     return self._finish("failed", spent, attempt, latency, InvalidOutput(
                         f"answer cut at max_tokens ({req.max_tokens}) before it was complete: "
-                        f"{why}"), started, asked, invalid=invalid)
+                        f"{why}"), started, asked, invalid=invalid, tier=tier)
                 if invalid > self._output_retries:
                     return self._finish("failed", spent, attempt, latency,
-                                        InvalidOutput(why), started, asked, invalid=invalid)
+                                        InvalidOutput(why), started, asked, invalid=invalid,
+                                        tier=tier)
                 continue  # the same model again, at once: nothing to back off from
             except AuthError as exc:
                 self._auth_failure = exc
@@ -493,8 +503,14 @@ class ModelDispatcher:
                                                  self._limits.factor)
                 if err.retry_after_s is not None:
                     self._pause(err.retry_after_s)
-            if attempt >= self.policy.max_attempts:
-                return fail(err)
+            if attempt - tier_start >= self.policy.max_attempts:
+                if tier != "flex" or not self.model.flex_fallback or spent is not None:
+                    return fail(err)
+                # Flex capacity ran out for this row: the standard tier, at full price.
+                tier, tier_start = "sync", attempt
+                self.stats.flex_fallbacks += 1
+                body = dumps(self._standard.body(req))
+                continue
             self.stats.retries += 1
             await self._sleep(self._backoff(attempt, err))
 

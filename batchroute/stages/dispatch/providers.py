@@ -84,7 +84,8 @@ class Provider:
     def __init__(self, base_url: str, api_key: str, model: str,
                  structured: str = "", *, token_param: str = "max_tokens",
                  reasoning_effort: str = "", thinking_budget_tokens: int = 0,
-                 auth: str = "", api_version: str = "", cache_prefix: bool = False) -> None:
+                 auth: str = "", api_version: str = "", cache_prefix: bool = False,
+                 service_tier: str = "") -> None:
         self.url = base_url.rstrip("/") + self.path
         if api_version:  # Azure OpenAI
             self.url += "?" + urlencode({"api-version": api_version})
@@ -100,6 +101,7 @@ class Provider:
         # Mark the shared prefix for the provider's prompt cache (Anthropic's cache_control;
         # OpenAI caches a long enough prefix without being asked).
         self.cache_prefix = cache_prefix
+        self.service_tier = service_tier  # OpenAI's "flex": batch prices, synchronously
 
     @property
     def takes_temperature(self) -> bool:
@@ -131,6 +133,8 @@ class OpenAIChat(Provider):
             body["temperature"] = req.temperature
         if self.reasoning_effort:
             body["reasoning_effort"] = self.reasoning_effort
+        if self.service_tier:
+            body["service_tier"] = self.service_tier
         out = req.output
         if out is None:
             return body

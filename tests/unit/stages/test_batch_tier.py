@@ -236,3 +236,62 @@ def test_after_the_deadline_the_rest_is_sent_sync_at_full_price(tmp_path: Path) 
         m.cost_micro_usd(i, o) for i, o in rows.select("input_tokens", "output_tokens")
         .iter_rows()]  # full price
     assert served["batches_by_status"].get("cancelled", 0) >= 1
+
+
+# --- OpenAI flex ------------------------------------------------------------------------------
+
+
+def _flex(tmp: Path, rate: float, fallback: bool) -> tuple[pl.DataFrame, dict[str, Any],
+                                                            config.JobConfig]:
+    cfg = MockProviderConfig(api_key=KEY, flex_unavailable_rate=rate)
+    with MockProvider(cfg) as provider:
+        doc = job_doc(provider.url + "/v1")
+        doc["models"][CHEAP].update(tier="flex", batch_discount=0.5, flex_fallback=fallback)
+        job = config.parse(doc)
+        routed = pa.Table.from_batches(pq_rows(_folder(tmp, CHEAP), CHEAP))
+
+        async def go() -> pa.Table:
+            d = ModelDispatcher(job.models[CHEAP], job.dispatch, run_id="r", api_key=KEY)
+            try:
+                return await d.dispatch(routed)
+            finally:
+                await d.aclose()
+
+        rows = pl.from_arrow(asyncio.run(go()))
+        served = provider.stats()
+    assert isinstance(rows, pl.DataFrame)
+    return rows, served, job
+
+
+def pq_rows(folder: RunFolder, model: str) -> list[pa.RecordBatch]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(folder.shards(folder.routed_dir(model))[0]).to_batches()
+
+
+def test_flex_calls_are_billed_at_the_flex_price(tmp_path: Path) -> None:
+    rows, served, job = _flex(tmp_path, 0.3, fallback=False)
+    assert served["flex_requests"] >= N and served["flex_unavailable"] > 0
+    ok = rows.filter(pl.col("status") == "ok")
+    assert set(rows["tier"]) == {"flex"} and len(ok) > N * 0.9  # refusals were retried
+    m = job.models[CHEAP]
+    assert ok["cost_micro_usd"].to_list() == [
+        m.cost_micro_usd(i, o, tier="flex") for i, o in
+        ok.select("input_tokens", "output_tokens").iter_rows()]
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_a_row_flex_never_serves_goes_standard_only_when_asked(tmp_path: Path,
+                                                               fallback: bool) -> None:
+    rows, served, job = _flex(tmp_path, 1.0, fallback=fallback)
+    if fallback:
+        # Three flex attempts refused, then the standard tier at full price.
+        assert set(rows["status"]) == {"ok"} and set(rows["tier"]) == {"sync"}
+        assert (rows["attempts"] == 4).all()
+        m = job.models[CHEAP]
+        assert rows["cost_micro_usd"].to_list() == [
+            m.cost_micro_usd(i, o) for i, o in rows.select("input_tokens", "output_tokens")
+            .iter_rows()]
+    else:
+        assert set(rows["status"]) == {"failed"} and set(rows["error_type"]) == {"rate_limited"}
+        assert served["requests"] == served["flex_unavailable"] == 3 * N
