@@ -9,6 +9,7 @@ at each model's catalog prices and limits before a cent is spent.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import polars as pl
@@ -108,6 +109,9 @@ def forecast(folder: RunFolder, job: JobConfig, rejected: int) -> dict[str, Any]
         engine="streaming")
     ref = job.models[job.reference_model]
     models: dict[str, dict[str, Any]] = {}
+    now = datetime.now(UTC)
+    deadline = job.dispatch.deadline_at(now)
+    window = (deadline - now).total_seconds() if deadline is not None else None
     for row in sums.iter_rows(named=True):
         m = job.models[row["model"]]
         tokens = row["est_input_tokens"] + row["est_output_tokens"]
@@ -121,10 +125,12 @@ def forecast(folder: RunFolder, job: JobConfig, rejected: int) -> dict[str, Any]
             "est_output_tokens": row["est_output_tokens"],
             "est_cached_input_tokens": cached,
             "est_cache_write_input_tokens": written,
-            "est_cost_usd": round(m.cost_usd(*both, cached, written), 6),
+            "tier": m.tier,
+            # At the tier's price; the counterfactual at the reference's standard price.
+            "est_cost_usd": round(m.cost_usd(*both, cached, written, tier=m.tier), 6),
+            "est_standard_cost_usd": round(m.cost_usd(*both, cached, written), 6),
             "est_reference_cost_usd": round(ref.cost_usd(*as_ref), 6),
-            "est_wall_s": round(60.0 * max(row["rows"] / m.rpm, tokens / m.tpm), 1),
-            "bound_by": "rpm" if row["rows"] / m.rpm >= tokens / m.tpm else "tpm",
+            **_wall(m, row["rows"], tokens, window),
         }
     total_cost = sum(v["est_cost_usd"] for v in models.values())
     total_ref = sum(v["est_reference_cost_usd"] for v in models.values())
@@ -144,8 +150,22 @@ def forecast(folder: RunFolder, job: JobConfig, rejected: int) -> dict[str, Any]
         "cache_notes": _cache_notes(job, list(models)),
         # Models are dispatched concurrently, so the slowest one bounds the job.
         "est_wall_s": max((v["est_wall_s"] for v in models.values()), default=0.0),
-        "note": "estimates use 4 characters per token and the full max_tokens budget",
+        "note": "estimates use 4 characters per token and the full max_tokens budget; "
+                "batch and flex models at their tier's price",
     }
+
+
+def _wall(m: ModelConfig, rows: int, tokens: int, window: float | None) -> dict[str, Any]:
+    """A model's expected wall time: its limits bound a sync model once concurrency covers
+    latency; a batch-tier model takes its expected turnaround, capped by the deadline."""
+    if m.tier == "batch":
+        wall = m.batch_turnaround_s if window is None else min(m.batch_turnaround_s,
+                                                              max(0.0, window))
+        return {"est_wall_s": round(wall, 1),
+                "bound_by": "deadline" if wall < m.batch_turnaround_s else "batch turnaround"}
+    by_rpm, by_tpm = rows / m.rpm, tokens / m.tpm
+    return {"est_wall_s": round(60.0 * max(by_rpm, by_tpm), 1),
+            "bound_by": "rpm" if by_rpm >= by_tpm else "tpm"}
 
 
 def cache_forecast(job: JobConfig, m: ModelConfig, rows: int) -> tuple[int, int]:

@@ -87,6 +87,11 @@ def test_batch_tier_models_are_answered_at_half_price_and_sync_ones_at_full(
     # Half price, to the rounding of each row's cost (at most half a micro-dollar a row).
     assert mixtral["standard_cost_micro_usd"] == pytest.approx(
         2 * mixtral["cost_micro_usd"], abs=len(by_model["mixtral-8x7b-instruct"]))
+    # The plan forecast the batch models at half price and their expected turnaround.
+    forecast = out.forecast["models"]["mixtral-8x7b-instruct"]
+    assert forecast["tier"] == "batch" and forecast["bound_by"] == "batch turnaround"
+    assert forecast["est_cost_usd"] == pytest.approx(forecast["est_standard_cost_usd"] / 2,
+                                                     abs=1e-6)
 
 
 def test_at_the_deadline_only_the_unfinished_rest_goes_sync(

@@ -359,3 +359,19 @@ def test_answered_ids_are_read_without_touching_the_shards(tmp_path: Path) -> No
     left = pq.read_table(tmp_path / "r" / "results")
     assert sorted(left.column("request_id").to_pylist()) == ["a", "b"]
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "r" / "results").iterdir()) == before
+
+
+def test_batch_models_are_forecast_at_the_batch_price_and_their_turnaround() -> None:
+    from dataclasses import replace
+
+    from batchroute.stages.plan import _wall
+
+    cheap = JOB.models[CHEAP]
+    batch = replace(cheap, tier="batch", batch_discount=0.5, batch_turnaround_s=5400.0)
+    assert batch.cost_usd(10_000, 1_000, tier=batch.tier) == pytest.approx(
+        cheap.cost_usd(10_000, 1_000) / 2)
+    assert _wall(batch, 100_000, 10**9, None) == {"est_wall_s": 5400.0,
+                                                  "bound_by": "batch turnaround"}
+    assert _wall(batch, 100_000, 10**9, 3600.0) == {"est_wall_s": 3600.0,
+                                                    "bound_by": "deadline"}
+    assert _wall(cheap, 600, 10, None)["bound_by"] == "rpm"  # sync: its limits
