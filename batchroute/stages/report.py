@@ -61,6 +61,9 @@ class Run:
     day: str  # the date its calls were priced, ISO
     path: str
     rows: int
+    # Batch-tier models whose deadline passed, and the rows sent sync at full price then.
+    deadline_passed: str = ""
+    sent_sync_after_deadline: int = 0
 
 
 @dataclass
@@ -156,8 +159,14 @@ def _discover(fs: pafs.FileSystem, base: str, date_from: date | None,
         day = manifest.day
         if (date_from and day < date_from.isoformat()) or (date_to and day > date_to.isoformat()):
             continue
+        batches = {m: s["batch"] for m, s in (manifest.dispatch or {}).items()
+                   if isinstance(s, dict) and s.get("batch")}
+        late = [m for m, b in batches.items() if b.get("deadline_passed")]
         runs.append(Run(run_id=manifest.run_id, job=manifest.job, day=day, path=info.path,
-                        rows=int(sum(manifest.counts.values()))))
+                        rows=int(sum(manifest.counts.values())),
+                        deadline_passed=",".join(sorted(late)),
+                        sent_sync_after_deadline=sum(int(b.get("sent_sync_after_deadline", 0))
+                                                     for b in batches.values())))
     return runs, skipped
 
 
@@ -386,8 +395,11 @@ def _html(report: Report, tables: dict[str, pl.DataFrame], pngs: dict[str, Path]
         f'{base64.b64encode(pngs[name].read_bytes()).decode()}"></figure>' for name in CHARTS)
     reference = (int(main["reference_cost_micro_usd"].fill_null(0).sum())
                  if "tag" not in by else None)
-    runs_list = "".join(f"<li>{html.escape(r.run_id)} ({html.escape(r.job)}, {r.day}, "
-                        f"{r.rows:,} rows)</li>" for r in report.runs)
+    runs_list = "".join(
+        f"<li>{html.escape(r.run_id)} ({html.escape(r.job)}, {r.day}, {r.rows:,} rows)"
+        + (f": the batch deadline passed for {html.escape(r.deadline_passed)}, "
+           f"{r.sent_sync_after_deadline:,} rows sent sync at full price"
+           if r.deadline_passed else "") + "</li>" for r in report.runs)
     skipped = "".join(f"<li>{html.escape(p)}: {html.escape(w)}</li>" for p, w in report.skipped)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>batchroute spend report</title>

@@ -8,7 +8,7 @@ from batchroute.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    bench = sub.add_parser("bench", help="benchmarks: memory, dispatch, route, task, cache",
+    bench = sub.add_parser("bench", help="benchmarks: memory, dispatch, route, task, cache, tiers",
                            description="Measure the job. `memory` runs the whole job on N "
                            "generated prompts against the mock provider with high limits and "
                            "prints peak memory over every process of the job (driver and Ray "
@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bm.add_argument("--kind", choices=("prompts", "tickets"), default="prompts",
                     help="prompts: the demo's queue (default); tickets: the tickets job "
                          "(template, labels) on `batchroute sample --kind tickets`")
+    bm.add_argument("--tier", choices=("sync", "batch"), default="sync",
+                    help="sync (default), or batch: every model through the mock's batch "
+                         "API (one-second batches)")
     bm.add_argument("--json", action="store_true", help="print JSON only")
     bm.set_defaults(func=_bench_memory)
     bd = bench_sub.add_parser(
@@ -81,6 +84,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bc.add_argument("--workdir", metavar="DIR", help="keep the input and runs here")
     bc.add_argument("--json", action="store_true", help="print the figures as JSON")
     bc.set_defaults(func=_bench_cache)
+    bti = bench_sub.add_parser(
+        "tiers", help="the demo input's cost four ways: all on the reference model or routed, "
+        "each at sync prices and through the batch API")
+    bti.add_argument("--job", default="jobs/demo.toml", metavar="JOB.toml",
+                     help="the job (default jobs/demo.toml)")
+    bti.add_argument("--rows", type=int, default=20_000, metavar="N",
+                     help="sample rows (default 20000, as in the demo)")
+    bti.add_argument("--workdir", metavar="DIR", help="keep the input and runs here")
+    bti.add_argument("--json", action="store_true", help="print the figures as JSON")
+    bti.set_defaults(func=_bench_tiers)
 
 
 def _bench_dispatch(args: argparse.Namespace) -> int:
@@ -162,12 +175,24 @@ def _bench_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_tiers(args: argparse.Namespace) -> int:
+    import json
+
+    from batchroute.devtools.bench import tiers
+
+    if args.rows < 1:
+        raise ConfigError("bench tiers: --rows must be at least 1")
+    result = tiers.run(args.job, args.rows, args.workdir)
+    print(json.dumps(result, indent=2) if args.json else tiers.format_figures(result))
+    return 0
+
+
 def _bench_memory(args: argparse.Namespace) -> int:
     import json
 
     from batchroute.devtools.bench import memory as bench
 
-    result = bench.memory(args.rows, workdir=args.workdir, kind=args.kind)
+    result = bench.memory(args.rows, workdir=args.workdir, kind=args.kind, tier=args.tier)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2))
     else:
@@ -176,5 +201,8 @@ def _bench_memory(args: argparse.Namespace) -> int:
               f"peak memory of the whole job: {result['peak_pss_mib']} MiB PSS "
               f"(RSS sum {result['peak_rss_sum_mib']} MiB, driver {result['peak_driver_rss_mib']}"
               " MiB)")
+        for model, b in result["batches"].items():
+            print(f"{model}: {b['files']} files, {b['lines_submitted']} lines; writing and "
+                  f"uploading {b['submit_s']} s, reading results into rows {b['read_s']} s")
     return int(result["exit_code"] != 0)
 

@@ -75,15 +75,17 @@ rpm = 10000000
 tpm = 10000000000
 concurrency = 128
 context_window = 200000
-"""
+{tier}"""
 MODELS = (("mixtral-8x7b-instruct", "openai", 0.25, 0.75),
           ("claude-3-5-sonnet", "anthropic", 3.0, 15.0),
           ("gpt-4-1106-preview", "openai", 10.0, 30.0))
 
 
-def memory(rows: int, *, workdir: str | None = None, kind: str = "prompts") -> dict[str, Any]:
+def memory(rows: int, *, workdir: str | None = None, kind: str = "prompts",
+           tier: str = "sync") -> dict[str, Any]:
     """Run the job on ``rows`` generated rows of ``kind`` (prompts: the demo's queue;
-    tickets: the tickets job); return rate and peak memory figures."""
+    tickets: the tickets job), every model at ``tier`` (sync, or batch: the provider's batch
+    API, against the mock's with a one-second batch); return rate and peak memory figures."""
     import psutil
 
     tmp = Path(workdir or tempfile.mkdtemp(prefix="batchroute-bench-"))
@@ -96,8 +98,9 @@ def memory(rows: int, *, workdir: str | None = None, kind: str = "prompts") -> d
     env = {**os.environ, "BATCHROUTE_BENCH_KEY": key}
     env.pop("RAY_ADDRESS", None)
     port = _free_port()
+    batch = ["--batch-delay-s", "1"] if tier == "batch" else []
     mock = subprocess.Popen([*cli, "mock-provider", "--port", str(port),
-                             "--api-key-env", "BATCHROUTE_BENCH_KEY"],
+                             "--api-key-env", "BATCHROUTE_BENCH_KEY", *batch],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         subprocess.run([*cli, "mock-provider", "--wait-ready", "--port", str(port)], check=True)
@@ -106,7 +109,9 @@ def memory(rows: int, *, workdir: str | None = None, kind: str = "prompts") -> d
                           job_extra=TICKETS_JOB if tickets else ""
                           ) + (TICKETS_TASK if tickets else "") + "".join(
             MODEL.format(name=n, provider=p, pin=i, pout=o,
-                         url=url + ("/v1" if p == "openai" else ""))
+                         url=url + ("/v1" if p == "openai" else ""),
+                         tier='tier = "batch"\nbatch_discount = 0.5\n' if tier == "batch"
+                         else "")
             for n, p, i, o in MODELS)
         (tmp / "job.toml").write_text(text)
         t0 = time.monotonic()
@@ -142,7 +147,11 @@ def memory(rows: int, *, workdir: str | None = None, kind: str = "prompts") -> d
         "peak_pss_mib": round(peak_pss / mib, 1), "peak_rss_sum_mib": round(peak_rss / mib, 1),
         "peak_driver_rss_mib": round(peak_driver / mib, 1),
         "peak_at_s": peak_at, "peak_pss_by_process_mib": _mib(peak_parts),
-        "counts": manifest.get("counts", {}), "workdir": str(tmp),
+        "counts": manifest.get("counts", {}), "workdir": str(tmp), "tier": tier,
+        # Per batch-tier model: files, lines, and the actor's seconds writing + uploading
+        # files (submit_s) and reading results into rows (read_s).
+        "batches": {m: s["batch"] for m, s in (manifest.get("dispatch") or {}).items()
+                    if s.get("batch")},
         "table": out.strip().splitlines()[-12:] if out else [],
     }
 

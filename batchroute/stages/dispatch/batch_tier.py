@@ -125,6 +125,9 @@ class BatchStats:
     deadline: str | None = None
     deadline_passed: bool = False
     sent_sync_after_deadline: int = 0
+    # Seconds spent writing, uploading and creating files, and reading results into rows.
+    submit_s: float = 0.0
+    read_s: float = 0.0
 
     def summary(self, live: dict[str, str]) -> dict[str, Any]:
         by_status: dict[str, int] = {}
@@ -135,7 +138,8 @@ class BatchStats:
                 "resubmitted": self.resubmitted, "refused_for_queue": self.refused_for_queue,
                 "recovered_batches": self.recovered_batches, "batches_by_status": by_status,
                 "deadline": self.deadline, "deadline_passed": self.deadline_passed,
-                "sent_sync_after_deadline": self.sent_sync_after_deadline}
+                "sent_sync_after_deadline": self.sent_sync_after_deadline,
+                "submit_s": round(self.submit_s, 3), "read_s": round(self.read_s, 3)}
 
 
 class Ledger:
@@ -398,7 +402,9 @@ class BatchTier:
             cap = self.model.batch_queue_tokens
             if cap and self._queued_tokens() + f.est_tokens > cap and self._queued_tokens():
                 continue  # the provider's queue is full: after earlier batches finish
+            t0 = time.perf_counter()
             progressed |= await self._create(f, emit)
+            self.stats.submit_s += time.perf_counter() - t0
         return progressed
 
     async def _create(self, f: _File, emit: Emit) -> bool:
@@ -479,7 +485,9 @@ class BatchTier:
                         f"({state.failed_reason})"), emit)
                     progressed = True
                 continue
+            t0 = time.perf_counter()
             await self._read(f, state, emit)
+            self.stats.read_s += time.perf_counter() - t0
             progressed = True
         return progressed
 
