@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml
 ## demo: sample data + bundled mock provider + jobs/demo.toml on local Ray, then the tickets
 # job (jobs/classify-tickets.toml: a template over a tickets table, labels parsed into a column;
 # the mock answers 5% of structured requests off-label, except gpt-4's, so the invalid counts
-# and their escalations show too)
+# and their escalations show too), then jobs/demo-batch.toml (the demo job with every model on
+# the batch tier: the mock's batch endpoints, half price, savings split into routing and tier)
 # The mock enforces 6,000 RPM per model over 10 s windows, and only 3,000 RPM for gpt-4 whose
 # catalog entry claims 3,600: the demo shows the client limiter pacing every model, and gpt-4
 # slowed to the provider's 3,000 from its rate-limit headers before any 429.
@@ -42,7 +43,9 @@ demo: $(STAMP)
 	$(BIN)/batchroute mock-provider --wait-ready --port $(DEMO_PORT); \
 	$(BIN)/batchroute run jobs/demo.toml; \
 	echo; echo "== the tickets job: a template over a table, answers parsed into a label column =="; \
-	$(BIN)/batchroute run jobs/classify-tickets.toml
+	$(BIN)/batchroute run jobs/classify-tickets.toml; \
+	echo; echo "== the demo job again on the batch tier: routed, then through the batch APIs at half price =="; \
+	$(BIN)/batchroute run jobs/demo-batch.toml
 
 ## test: lint, then every tier (unit, integration on one local Ray session, slow)
 test: lint browser

@@ -51,7 +51,7 @@ class Price:
     cached_input_usd_per_mtok: float | None = None  # None: cached prompt tokens cost as input
     # Prompt tokens written to the cache (Anthropic bills them at 1.25x input); None: as input.
     cache_write_input_usd_per_mtok: float | None = None
-    # Share taken off every token price, for endpoints billed at batch rates.
+    # Share taken off every token price of calls billed at the batch or flex tier.
     batch_discount: float = 0.0
     effective_from: date | None = None
 
@@ -476,7 +476,7 @@ def _resolve(uri: str) -> str:
 def _model(name: str, t: Mapping[str, Any], dated: tuple[Price, ...]) -> ModelConfig:
     where = f"models.{name}."
     _known(t, f"models.{name}", {f.name for f in ModelConfig.__dataclass_fields__.values()}
-           - {"name", "prices"})
+           - {"name", "prices", "batch_turnaround_s"} | {"batch_turnaround"})
     provider = _str(t, "provider", where)
     if provider not in PROVIDERS:
         raise ConfigError(f"{where}provider: {provider!r} is not one of {', '.join(PROVIDERS)}")

@@ -257,7 +257,8 @@ NUMERIC_KEYS: dict[tuple[str, str], str] = {
     **{("ModelConfig", f): f"models.{CHEAP}.{f}" for f in (
         "input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok",
         "cache_write_input_usd_per_mtok", "batch_discount", "rpm", "tpm", "concurrency",
-        "context_window", "timeout_s", "cache_min_tokens", "batch_queue_tokens")},
+        "context_window", "timeout_s", "cache_min_tokens", "batch_queue_tokens",
+        "batch_max_lines")},
     ("ModelConfig", "batch_turnaround_s"): f"models.{CHEAP}.batch_turnaround",
     ("ModelConfig", "thinking_budget_tokens"): f"models.{MID}.thinking_budget_tokens",
     **{("Rule", f): f"router.rules.0.{f}"
@@ -388,3 +389,34 @@ def test_safe_job_names_load(tmp_path: Path) -> None:
         config.load(tmp_path / "my job.toml")
     (tmp_path / "my-job.toml").write_text(to_toml(doc))
     assert config.load(tmp_path / "my-job.toml").name == "my-job"
+
+
+def test_tiers_and_the_deadline_are_checked_at_load() -> None:
+    from datetime import UTC, datetime
+
+    doc = job_doc()
+    doc["models"][CHEAP].update(tier="batch", batch_turnaround="1h30m", batch_queue_tokens=5)
+    doc["dispatch"]["deadline"] = "6h"
+    job = config.parse(doc)
+    m = job.models[CHEAP]
+    assert (m.tier, m.batch_turnaround_s, m.batch_queue_tokens) == ("batch", 5400.0, 5)
+    started = datetime(2026, 12, 1, 22, 0, tzinfo=UTC)
+    assert job.dispatch.deadline_at(started) == datetime(2026, 12, 2, 4, 0, tzinfo=UTC)
+    doc["dispatch"]["deadline"] = "2026-12-02T06:00:00+01:00"
+    assert config.parse(doc).dispatch.deadline_at(started) == datetime(2026, 12, 2, 5, 0,
+                                                                       tzinfo=UTC)
+    for where, key, value, message in [
+        (MID, "tier", "flex", "flex is OpenAI's service tier"),
+        (CHEAP, "tier", "cheap", "must be one of sync, batch, flex, got 'cheap'"),
+        (CHEAP, "batch_turnaround", "soon", "is not a duration"),
+        (CHEAP, "flex_fallback", "yes", "must be true or false"),
+    ]:
+        bad = job_doc()
+        bad["models"][where][key] = value
+        with pytest.raises(ConfigError, match=re.escape(f"models.{where}.{key}")) as err:
+            config.parse(bad)
+        assert message in str(err.value)
+    bad = job_doc()
+    bad["dispatch"]["deadline"] = "tomorrow"
+    with pytest.raises(ConfigError, match=r"dispatch\.deadline: 'tomorrow' is neither"):
+        config.parse(bad)
