@@ -216,6 +216,7 @@ class BatchTier:
         self._superseded: dict[int, set[str]] = {}  # file -> its rows sent again later
         self._next = 0
         self._cancelled = False
+        self._known: set[str] = set()  # every batch id the ledger holds or this run made
 
     # -- the run ---------------------------------------------------------------------------
 
@@ -275,7 +276,8 @@ class BatchTier:
                               again.column("n").to_pylist(), strict=True):
                 if n != last[rid]:
                     self._superseded.setdefault(n, set()).add(rid)
-        known = {r["batch_id"] for (_, _, step), r in records.items() if step == "created"}
+        self._known = {r["batch_id"] for (_, _, step), r in records.items()
+                       if step == "created"}
         for n, f in sorted(files.items()):
             col = ids[sorted(files).index(n)]
             if pc.all(pc.is_in(col, value_set=self.answered)).as_py():
@@ -290,11 +292,11 @@ class BatchTier:
                 f.batch_id = records[(n, k, "created")]["batch_id"]
                 f.adopted = bool(records[(n, k, "created")].get("adopted"))
             elif (n, k, "creating") in records and (n, k, "refused") not in records:
-                await self._find(f, k, float(records[(n, k, "creating")]["at"]), known)
+                await self._find(f, k, float(records[(n, k, "creating")]["at"]))
             if f.batch_id:
                 self._live[f.batch_id] = "recovered"
 
-    async def _find(self, f: _File, k: int, at: float, known: set[str]) -> None:
+    async def _find(self, f: _File, k: int, at: float) -> None:
         """A create whose outcome was never recorded: the batch it may have made."""
         try:
             found = await self.wire.find(self._metadata(f.n, k), at - FIND_MARGIN_S)
@@ -303,7 +305,7 @@ class BatchTier:
                         "again", self.model.name, f.n, exc)
             f.creating_at = at
             return
-        mine = [b for b in found if b.id not in known and (
+        mine = [b for b in found if b.id not in self._known and (
             self.model.provider == "openai" or b.total == f.lines)]
         if mine:
             batch = mine[-1]  # the oldest candidate: the first create after the record
@@ -311,7 +313,7 @@ class BatchTier:
             self.ledger.record(f.n, k, "created", {"batch_id": batch.id, "adopted": adopted,
                                                    "found": True})
             f.batch_id, f.adopted = batch.id, adopted
-            known.add(batch.id)
+            self._known.add(batch.id)
             self.stats.recovered_batches += 1
             log.info("%s: file %d's batch %s, created before the interruption, was found at "
                      "the provider and is not sent again", self.model.name, f.n, batch.id)
@@ -391,7 +393,7 @@ class BatchTier:
                 # A create whose outcome is unknown: look for it before creating again (not
                 # found: created again next turn).
                 at, f.creating_at = f.creating_at, None
-                await self._find(f, f.creates - 1, at, set(self._live))
+                await self._find(f, f.creates - 1, at)
                 continue
             if self._past_deadline():
                 await self._send_sync(f, self.ledger.read_rows(f.n), emit)
@@ -434,6 +436,7 @@ class BatchTier:
                 f.creating_at = self._now()
                 return False
             self.ledger.record(f.n, k, "created", {"batch_id": state.id})
+            self._known.add(state.id)
             f.batch_id = state.id
             self._live[state.id] = state.status
             self.stats.lines_submitted += f.lines

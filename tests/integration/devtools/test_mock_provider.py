@@ -146,6 +146,7 @@ def test_anthropic_reply_has_the_messages_shape_and_counts_the_system_prompt(
     assert block["type"] == "text"
     assert body["usage"] == {
         "input_tokens": count_tokens("You are terse.") + count_tokens("hello there"),
+        "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
         "output_tokens": count_tokens(block["text"]),
     }
 

@@ -167,6 +167,46 @@ def test_a_crash_anywhere_then_a_resume_loses_no_row_and_pays_none_twice(
         assert tier.stats.recovered_batches == 1
 
 
+@pytest.mark.parametrize("model", [CHEAP, MID], ids=["openai", "anthropic"])
+def test_a_create_whose_reply_was_lost_is_found_and_not_sent_again(tmp_path: Path,
+                                                                   model: str) -> None:
+    from batchroute.errors import TransientDispatchError
+
+    cfg = MockProviderConfig(api_key=KEY, batch_delay_s=0.0)
+    with MockProvider(cfg) as provider:
+        job = _job(provider.url)
+        committed: list[pa.Table] = []
+        lost = {"n": 0}
+
+        def arm(tier: BatchTier) -> None:
+            create = tier.wire.create
+
+            async def flaky(*args: Any) -> Any:
+                state = await create(*args)  # the provider made it ...
+                if lost["n"] < 2:
+                    lost["n"] += 1  # ... and the reply never arrived
+                    raise TransientDispatchError("creating batch: connection dropped")
+                return state
+            tier.wire.create = flaky  # type: ignore[method-assign]
+
+        import batchroute.stages.dispatch.batch_tier as bt
+
+        real_run = bt.BatchTier.run
+
+        async def run(self: BatchTier, emit: Any) -> None:
+            arm(self)
+            await real_run(self, emit)
+
+        bt.BatchTier.run = run  # type: ignore[method-assign]
+        try:
+            tier = asyncio.run(_go(job, model, _folder(tmp_path, model), committed))
+        finally:
+            bt.BatchTier.run = real_run  # type: ignore[method-assign]
+        served = provider.stats()
+    _check(job, model, committed, served)
+    assert tier.stats.recovered_batches == 2
+
+
 def test_expired_and_errored_lines_come_back_in_later_batches_and_errors_fail(
         tmp_path: Path) -> None:
     cfg = MockProviderConfig(api_key=KEY, batch_delay_s=0.0, batch_expire_share=0.3,
