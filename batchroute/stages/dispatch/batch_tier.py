@@ -56,6 +56,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchroute.errors import (
+    Abandoned,
     AuthError,
     DispatchError,
     RateLimited,
@@ -94,6 +95,8 @@ RETRYABLE_STATUS = frozenset({408, 409, 429})
 MAX_LONE_REFUSALS = 5
 
 Emit = Callable[[pa.Table], Awaitable[None]]
+# What a request is built from (ModelDispatcher.requests).
+REQUEST_COLUMNS = ("prompt", "messages", "temperature", "est_input_tokens", "est_output_tokens")
 
 
 @dataclass
@@ -107,6 +110,7 @@ class _File:
     creating_at: float | None = None  # the last attempt's record, if it has no batch yet
     batch_id: str | None = None
     adopted: bool = False  # found at the provider after a crash, not yet confirmed ours
+    lost_at: float = 0.0  # when the create whose outcome is unknown was recorded
     done: bool = False
     submit_after: float = 0.0
     refusals: int = 0  # refused for a full queue while none of ours was queued
@@ -227,16 +231,17 @@ class BatchTier:
         self._scratch = self._scratch or Path(tempfile.mkdtemp(prefix="batchroute-batches-"))
         try:
             await self._recover()
-            self._write_pending(self._unsent())
+            # Long stretches of Python (a file is 50,000 requests) run in a thread, so the
+            # actor's event loop still hears the driver's heartbeat meanwhile.
+            await asyncio.to_thread(self._write_pending, self._unsent())
             poll = POLL_MIN_S
             while any(not f.done for f in self.files.values()):
                 alive = self.d._alive
                 if alive is not None and not alive():
                     # The run that asked is gone: what is submitted stays in the ledger,
-                    # and its resume picks it up.
-                    log.warning("%s: the driver is gone; the batch tier stops",
-                                self.model.name)
-                    return
+                    # and its resume picks it up. Never a normal end: rows are unfinished.
+                    raise Abandoned(f"{self.model.name}: the batch tier stopped: the run "
+                                    "that asked is gone (resume it to finish)")
                 if self._past_deadline() and not self._cancelled:
                     await self._cancel_all()
                 progressed = await self._submit_ready(emit)
@@ -312,7 +317,7 @@ class BatchTier:
             adopted = self.model.provider != "openai"
             self.ledger.record(f.n, k, "created", {"batch_id": batch.id, "adopted": adopted,
                                                    "found": True})
-            f.batch_id, f.adopted = batch.id, adopted
+            f.batch_id, f.adopted, f.lost_at = batch.id, adopted, at
             self._known.add(batch.id)
             self.stats.recovered_batches += 1
             log.info("%s: file %d's batch %s, created before the interruption, was found at "
@@ -410,12 +415,14 @@ class BatchTier:
         return progressed
 
     async def _create(self, f: _File, emit: Emit) -> bool:
-        rows = self.ledger.read_rows(f.n)
+        rows = self.ledger.read_rows(f.n, list(REQUEST_COLUMNS))
         k = f.creates
         assert self._scratch is not None
         lines = ((self._custom_id(f.n, i), req, tokens)
                  for i, (req, tokens) in enumerate(self.d.requests(rows)))
-        files = list(self.wire.write_files(lines, self._scratch, f"{self.tag}-{f.n}-{k}"))
+        stem = f"{self.tag}-{f.n}-{k}"
+        files = await asyncio.to_thread(
+            lambda: list(self.wire.write_files(lines, self._scratch or Path("."), stem)))
         try:
             if len(files) != 1:
                 raise TerminalDispatchError(
@@ -446,7 +453,7 @@ class BatchTier:
             self.stats.refused_for_queue += 1
             return False
         except (AuthError, TerminalDispatchError) as exc:
-            await self._fail_rows(f, rows, exc, emit)
+            await self._fail_rows(f, self.ledger.read_rows(f.n), exc, emit)
             return True
         finally:
             for bf in files:
@@ -510,10 +517,14 @@ class BatchTier:
                 # A candidate found after a crash that was someone else's batch.
                 log.info("%s: batch %s is not file %d's; the file is created again",
                          self.model.name, state.id, f.n)
-                self.ledger.record(f.n, f.creates - 1, "refused", {"batch_id": state.id,
-                                                                   "not_ours": True})
+                self.ledger.record(f.n, f.creates - 1, "refused", {
+                    "batch_id": state.id, "not_ours": True})
                 self._live.pop(state.id, None)
-                f.batch_id, f.adopted = None, False
+                # Ours may be another batch made since: look again, as a new attempt whose
+                # create time is the lost one's (the rejected batch is known now).
+                self.ledger.record(f.n, f.creates, "creating", {"at": f.lost_at})
+                f.creates += 1
+                f.batch_id, f.adopted, f.creating_at = None, False, f.lost_at
                 return
             f.adopted = False
         rows = self.ledger.read_rows(f.n)
@@ -565,7 +576,7 @@ class BatchTier:
             if self._past_deadline():
                 await self._send_sync(None, sub, emit)
             else:
-                self._write_pending(iter([sub]))
+                await asyncio.to_thread(self._write_pending, iter([sub]))
 
     async def _fail_rows(self, f: _File, rows: pa.Table, error: DispatchError,
                          emit: Emit) -> None:

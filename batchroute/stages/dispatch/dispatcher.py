@@ -16,7 +16,7 @@ import gc
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -260,19 +260,22 @@ class ModelDispatcher:
 
     # -- what the batch tier (batch_tier.py) shares with the sync path -----------------------
 
-    def requests(self, routed: pa.Table) -> list[tuple[Request, int]]:
+    def requests(self, routed: pa.Table, chunk: int = 1024) -> Iterator[tuple[Request, int]]:
         """Each routed row's request, exactly as :meth:`dispatch` sends it, and its estimated
-        tokens (prompt + max output)."""
-        cols = {name: routed.column(name).to_pylist() for name in (
-            "prompt", "messages", "max_tokens", "temperature", "est_input_tokens",
-            "est_output_tokens")}
-        return [(Request(messages=self._system + _messages(cols["prompt"][i],
-                                                           cols["messages"][i]),
-                         max_tokens=int(cols["est_output_tokens"][i]),
-                         temperature=cols["temperature"][i], output=self._schema,
-                         prefix=self._prefix),
-                 int(cols["est_input_tokens"][i]) + int(cols["est_output_tokens"][i]))
-                for i in range(routed.num_rows)]
+        tokens (prompt + max output), ``chunk`` rows' worth of Python objects at a time (a
+        batch file holds 50,000 rows, and prompts can be long documents)."""
+        for start in range(0, routed.num_rows, chunk):
+            part = routed.slice(start, chunk)
+            cols = {name: part.column(name).to_pylist() for name in (
+                "prompt", "messages", "temperature", "est_input_tokens",
+                "est_output_tokens")}
+            for i in range(part.num_rows):
+                yield (Request(messages=self._system + _messages(cols["prompt"][i],
+                                                                 cols["messages"][i]),
+                               max_tokens=int(cols["est_output_tokens"][i]),
+                               temperature=cols["temperature"][i], output=self._schema,
+                               prefix=self._prefix),
+                       int(cols["est_input_tokens"][i]) + int(cols["est_output_tokens"][i]))
 
     def batch_outcome(self, answer: Answer | None, error: DispatchError | None,
                       attempts: int) -> _CallOutcome:

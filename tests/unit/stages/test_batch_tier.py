@@ -207,6 +207,56 @@ def test_a_create_whose_reply_was_lost_is_found_and_not_sent_again(tmp_path: Pat
     assert tier.stats.recovered_batches == 2
 
 
+def test_an_anthropic_batch_of_someone_else_found_after_a_crash_is_not_taken_for_ours(
+        tmp_path: Path) -> None:
+    """Anthropic batches carry no metadata: after a crash between create and its record, a
+    batch of the same size that another client made in that moment is a candidate. Its
+    results' custom ids tell it apart; ours is then found, and nothing is sent twice."""
+    cfg = MockProviderConfig(api_key=KEY, batch_delay_s=0.0)
+    with MockProvider(cfg) as provider:
+        job = _job(provider.url)
+        folder = _folder(tmp_path, MID)
+        committed: list[pa.Table] = []
+
+        def foreign(lines: int) -> None:
+            requests = [{"custom_id": f"other-{i}", "params": {
+                "model": "claude-x", "max_tokens": 8,
+                "messages": [{"role": "user", "content": f"someone else's {i}"}]}}
+                for i in range(lines)]
+            httpx.post(provider.url + "/v1/messages/batches", json={"requests": requests},
+                       headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"}
+                       ).raise_for_status()
+
+        import batchroute.stages.dispatch.batch_tier as bt
+
+        real_run = bt.BatchTier.run
+        state = {"armed": True}
+
+        async def run(self: BatchTier, emit: Any) -> None:
+            create = self.wire.create
+
+            async def create_then_crash(f: Any, file_id: Any, metadata: Any) -> Any:
+                if not state["armed"]:
+                    return await create(f, file_id, metadata)
+                state["armed"] = False
+                foreign(f.lines)  # made after our "creating" record, before ours
+                await create(f, file_id, metadata)
+                raise Crash("created")
+            self.wire.create = create_then_crash  # type: ignore[method-assign]
+            await real_run(self, emit)
+
+        bt.BatchTier.run = run  # type: ignore[method-assign]
+        try:
+            with pytest.raises(Crash):
+                asyncio.run(_go(job, MID, folder, committed))
+        finally:
+            bt.BatchTier.run = real_run  # type: ignore[method-assign]
+        tier = asyncio.run(_go(job, MID, folder, committed))
+        served = provider.stats()
+    _check(job, MID, committed, served)
+    assert tier.stats.recovered_batches == 2  # the other client's, then ours
+
+
 def test_expired_and_errored_lines_come_back_in_later_batches_and_errors_fail(
         tmp_path: Path) -> None:
     cfg = MockProviderConfig(api_key=KEY, batch_delay_s=0.0, batch_expire_share=0.3,
