@@ -347,7 +347,9 @@ class _DispatchActor:
         client = httpx.AsyncClient(timeout=httpx.Timeout(max(model.timeout_s, 300.0)))
         self._tier = BatchTier(dispatcher, folder, client=client, answered=answered,
                                deadline=datetime.fromisoformat(deadline) if deadline else None)
-        self._tier_results: asyncio.Queue[pa.Table] = asyncio.Queue()
+        # Bounded: a batch tier that reads results faster than the driver commits them
+        # waits, instead of holding every file's rows (a file is 50,000 answers).
+        self._tier_results: asyncio.Queue[pa.Table] = asyncio.Queue(maxsize=2)
 
         async def run() -> None:
             try:
