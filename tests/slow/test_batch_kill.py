@@ -1,5 +1,5 @@
-"""kill -9 a real run whose models go through the provider's batch APIs, at each step of the
-batch tier, then resume it: one result row per input row, no custom id received twice by the
+"""kill -9 a real run whose models go through the provider's batch APIs, just after a create
+and while reading results, then resume it: one result row per input row, no custom id received twice by the
 provider, rollups equal to the rows, and every row costing its tokens at its tier's price.
 (The same steps are crashed exactly, on both wires, five seeds each, without Ray, in
 tests/unit/stages/test_batch_tier.py.)"""
@@ -24,7 +24,7 @@ from batchroute.devtools.mock_provider import MockProvider, MockProviderConfig
 from tests.helpers import demo_job_doc, to_toml
 
 pytestmark = pytest.mark.slow
-N = 600
+N = 300
 MODELS = ("mixtral-8x7b-instruct", "claude-3-5-sonnet", "gpt-4-1106-preview")
 
 
@@ -45,11 +45,13 @@ def _reached(stage: str, ledger: Path, results: Path) -> bool:
     if stage == "created":
         return bool(created)
     if stage == "polling":
-        return len(created) >= 4
-    return bool(created) and len(list(results.glob("part-*"))) >= 3  # downloading
+        return len(created) >= 3
+    return bool(created) and len(list(results.glob("part-*"))) >= 2  # downloading
 
 
-@pytest.mark.parametrize("stage", ["writing", "created", "polling", "downloading"])
+# (Kills while the ledger's files are written and while polling are crashed exactly, at each
+# step and on both wires, in the unit tier.)
+@pytest.mark.parametrize("stage", ["created", "downloading"])
 def test_kill_the_batch_tier_anywhere_then_resume(tmp_path: Path, stage: str, api_key: str,
                                                   ray_session: None) -> None:
     import ray
@@ -59,7 +61,7 @@ def test_kill_the_batch_tier_anywhere_then_resume(tmp_path: Path, stage: str, ap
         "request_id": [f"b{i}" for i in range(N)],
         "prompt": [f"Summarise case {i}: the invoice total is wrong." for i in range(N)],
         "force_model": [MODELS[i % 3] for i in range(N)]}), tmp_path / "in.parquet")
-    cfg = MockProviderConfig(api_key=api_key, latency_ms=5.0, batch_delay_s=1.5,
+    cfg = MockProviderConfig(api_key=api_key, latency_ms=5.0, batch_delay_s=0.8,
                              batch_expire_share=0.05, seed=3)
     with MockProvider(cfg) as provider:
         job = _job(tmp_path, provider.url)

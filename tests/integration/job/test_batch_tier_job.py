@@ -100,7 +100,7 @@ def test_at_the_deadline_only_the_unfinished_rest_goes_sync(
 
     _input(tmp_path / "in.parquet")
     # Time to route and submit the batches (the session's Ray is up), none to finish them.
-    deadline = (datetime.now(UTC) + timedelta(seconds=8)).isoformat()
+    deadline = (datetime.now(UTC) + timedelta(seconds=6)).isoformat()
     results, out, served, _ = _run(
         tmp_path, api_key,
         lambda url: _job(tmp_path, url, tiers={"mixtral-8x7b-instruct": "batch"},

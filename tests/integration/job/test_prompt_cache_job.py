@@ -22,7 +22,7 @@ from tests.helpers import REPO, quiet_progress
 
 pytestmark = pytest.mark.integration
 CLAUDE = "claude-3-5-sonnet"
-N = 150
+N = 80
 
 
 def _job(tmp: Path, url: str, **task: Any) -> config.JobConfig:

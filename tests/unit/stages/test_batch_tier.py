@@ -24,7 +24,7 @@ from batchroute.stages.sink import RunFolder
 from tests.helpers import CHEAP, MID, STRONG, job_doc
 
 KEY = "sk-batch-tier-test-7777"
-N = 90
+N = 60
 
 
 class Crash(Exception):
@@ -277,8 +277,8 @@ def test_expired_and_errored_lines_come_back_in_later_batches_and_errors_fail(
 
 
 def test_a_full_queue_waits_and_is_not_a_failure(tmp_path: Path) -> None:
-    # Four files of 20 rows x 41 tokens (820 each); the provider queues 1,700 tokens.
-    cfg = MockProviderConfig(api_key=KEY, batch_delay_s=0.05, batch_queue_tokens=1_700)
+    # Three files of 20 rows (about 740 tokens each to the provider); it queues 1,000.
+    cfg = MockProviderConfig(api_key=KEY, batch_delay_s=0.05, batch_queue_tokens=1_000)
     with MockProvider(cfg) as provider:
         job = _job(provider.url)  # batch_queue_tokens unknown to the job: refusals happen
         committed: list[pa.Table] = []
@@ -291,9 +291,9 @@ def test_a_full_queue_waits_and_is_not_a_failure(tmp_path: Path) -> None:
 
 
 def test_a_known_queue_cap_holds_files_back_instead(tmp_path: Path) -> None:
-    cfg = MockProviderConfig(api_key=KEY, batch_delay_s=0.05, batch_queue_tokens=1_700)
+    cfg = MockProviderConfig(api_key=KEY, batch_delay_s=0.05, batch_queue_tokens=1_000)
     with MockProvider(cfg) as provider:
-        job = _job(provider.url, batch_queue_tokens=1_700)
+        job = _job(provider.url, batch_queue_tokens=1_000)
         committed: list[pa.Table] = []
         tier = asyncio.run(_go(job, CHEAP, _folder(tmp_path, CHEAP), committed))
         served = provider.stats()
