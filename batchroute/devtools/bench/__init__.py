@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from batchroute.errors import ConfigError
+
+
+def on_mock(models: dict[str, dict[str, Any]], url: str, key_env: str, **extra: Any) -> None:
+    """Point a job document's ``[models]`` at the mock provider on ``url`` (OpenAI-wire
+    models under ``/v1``), with limits that do not bind and ``extra`` keys."""
+    for m in models.values():
+        m.update(base_url=url if m["provider"] == "anthropic" else url + "/v1",
+                 api_key_env=key_env, rpm=10_000_000, tpm=10_000_000_000, **extra)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-DEFAULT_JOB = "jobs/classify-tickets.toml"
+from batchroute.devtools.bench import on_mock
 
 
 def run(job_path: str, rows: int, latency_ms: float, workdir: str | None) -> dict[str, Any]:
@@ -79,9 +79,7 @@ def _job(doc: dict[str, Any], model: str, url: str, tickets: Path, runs: Path,
     doc["router"] = {"stages": ["rules"], "fallback": model,
                      "rules": [{"name": "all", "min_chars": 1, "model": model}]}
     doc["dispatch"]["escalate_on"] = []
-    for m in doc["models"].values():
-        m.update(base_url=url if m["provider"] == "anthropic" else url + "/v1",
-                 api_key_env="BATCHROUTE_BENCH_KEY", rpm=1_000_000, tpm=1_000_000_000)
+    on_mock(doc["models"], url, "BATCHROUTE_BENCH_KEY")
     return doc
 
 

@@ -21,7 +21,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-DEFAULT_JOB = "jobs/demo.toml"
+from batchroute.devtools.bench import on_mock
+
 RUNS = (("reference, sync", False, False), ("reference, batch", False, True),
         ("routed, sync", True, False), ("routed, batch", True, True))
 
@@ -72,10 +73,8 @@ def _job(doc: dict[str, Any], url: str, folder: Path, routed: bool,
     if not routed:
         doc["router"] = {"stages": ["rules"], "fallback": reference,
                          "rules": [{"name": "all", "min_chars": 1, "model": reference}]}
-    for m in doc["models"].values():
-        m.update(base_url=url if m["provider"] == "anthropic" else url + "/v1",
-                 api_key_env="BATCHROUTE_BENCH_KEY", rpm=10_000_000, tpm=10_000_000_000,
-                 concurrency=128, batch_discount=0.5, tier="batch" if batched else "sync")
+    on_mock(doc["models"], url, "BATCHROUTE_BENCH_KEY", concurrency=128, batch_discount=0.5,
+            tier="batch" if batched else "sync")
     return doc
 
 

@@ -45,7 +45,7 @@ import tempfile
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -125,7 +125,6 @@ class BatchStats:
     resubmitted: int = 0
     refused_for_queue: int = 0
     recovered_batches: int = 0
-    statuses: dict[str, int] = field(default_factory=dict)  # batch id -> status, summarised
     deadline: str | None = None
     deadline_passed: bool = False
     sent_sync_after_deadline: int = 0
@@ -221,6 +220,7 @@ class BatchTier:
         self._next = 0
         self._cancelled = False
         self._known: set[str] = set()  # every batch id the ledger holds or this run made
+        self._ledger_ids: list[pa.ChunkedArray] = []  # each ledger file's request ids, at start
 
     # -- the run ---------------------------------------------------------------------------
 
@@ -283,8 +283,8 @@ class BatchTier:
                     self._superseded.setdefault(n, set()).add(rid)
         self._known = {r["batch_id"] for (_, _, step), r in records.items()
                        if step == "created"}
-        for n, f in sorted(files.items()):
-            col = ids[sorted(files).index(n)]
+        self._ledger_ids = ids
+        for (n, f), col in zip(sorted(files.items()), ids, strict=True):
             if pc.all(pc.is_in(col, value_set=self.answered)).as_py():
                 f.done = True  # every row is committed ok
                 continue
@@ -331,8 +331,7 @@ class BatchTier:
 
     def _unsent(self) -> Iterator[pa.Table]:
         """The model's routed rows that are neither answered nor in any ledger file."""
-        inside = [self.ledger.read_rows(n, ["request_id"]).column("request_id")
-                  for n in sorted(self.files)]
+        inside = self._ledger_ids  # read by _recover
         skip = pa.concat_arrays([self.answered.cast(pa.string()), *(
             c.combine_chunks() for c in inside)]) if inside else self.answered
         for path in self.folder.shards(self.folder.routed_dir(self.model.name)):

@@ -265,16 +265,9 @@ class ModelDispatcher:
         tokens (prompt + max output), ``chunk`` rows' worth of Python objects at a time (a
         batch file holds 50,000 rows, and prompts can be long documents)."""
         for start in range(0, routed.num_rows, chunk):
-            part = routed.slice(start, chunk)
-            cols = {name: part.column(name).to_pylist() for name in (
-                "prompt", "messages", "temperature", "est_input_tokens",
-                "est_output_tokens")}
-            for i in range(part.num_rows):
-                yield (Request(messages=self._system + _messages(cols["prompt"][i],
-                                                                 cols["messages"][i]),
-                               max_tokens=int(cols["est_output_tokens"][i]),
-                               temperature=cols["temperature"][i], output=self._schema,
-                               prefix=self._prefix),
+            cols = _request_columns(routed.slice(start, chunk))
+            for i in range(len(cols["prompt"])):
+                yield (_request(cols, i, self._system, self._schema, self._prefix),
                        int(cols["est_input_tokens"][i]) + int(cols["est_output_tokens"][i]))
 
     def batch_outcome(self, answer: Answer | None, error: DispatchError | None,
@@ -308,9 +301,8 @@ class ModelDispatcher:
 
     async def _call_all(self, routed: pa.Table, output: OutputSchema | None, *,
                         journal: bool, asked: bool) -> list[_CallOutcome]:
-        cols = {name: routed.column(name).to_pylist() for name in (
-            "request_id", "prompt", "messages", "max_tokens", "temperature", "est_input_tokens",
-            "est_output_tokens")}
+        cols = _request_columns(routed)
+        cols["request_id"] = routed.column("request_id").to_pylist()
 
         system = [] if asked else self._system
         if (not self._provider.takes_temperature and not self._warned_temperature
@@ -322,11 +314,9 @@ class ModelDispatcher:
         prefix = "" if asked else self._prefix
 
         async def call(i: int) -> _CallOutcome:
-            return await self._one(
-                Request(messages=system + _messages(cols["prompt"][i], cols["messages"][i]),
-                        max_tokens=int(cols["est_output_tokens"][i]),
-                        temperature=cols["temperature"][i], output=output, prefix=prefix),
-                int(cols["est_input_tokens"][i]), cols["request_id"][i], asked)
+            return await self._one(_request(cols, i, system, output, prefix),
+                                   int(cols["est_input_tokens"][i]), cols["request_id"][i],
+                                   asked)
 
         async def row(i: int) -> _CallOutcome:
             if self._warm_up and not asked:  # the model's first call: alone
@@ -643,6 +633,20 @@ def _transient(exc: Exception) -> DispatchError:
     if isinstance(exc, httpx.TransportError):
         return TransientDispatchError(f"connection error: {type(exc).__name__}")
     return TransientDispatchError(f"http error: {type(exc).__name__}")
+
+
+def _request_columns(routed: pa.Table) -> dict[str, list[Any]]:
+    """The routed columns a row's request is built from, as Python lists."""
+    return {name: routed.column(name).to_pylist() for name in (
+        "prompt", "messages", "temperature", "est_input_tokens", "est_output_tokens")}
+
+
+def _request(cols: dict[str, list[Any]], i: int, system: list[dict[str, str]],
+             output: OutputSchema | None, prefix: str) -> Request:
+    """Row ``i``'s request: the one home of what a row sends (sync and batch tier alike)."""
+    return Request(messages=system + _messages(cols["prompt"][i], cols["messages"][i]),
+                   max_tokens=int(cols["est_output_tokens"][i]),
+                   temperature=cols["temperature"][i], output=output, prefix=prefix)
 
 
 def _messages(prompt: str | None, messages: list[dict[str, Any]] | None) -> list[dict[str, str]]:
