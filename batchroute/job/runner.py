@@ -272,6 +272,7 @@ def _plan(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
     planned = writer.close()
     forecast = plan.forecast(folder, job, writer.rejected)
     folder.write_json("forecast.json", forecast)
+    log.info("forecast: est $%.4f (%s)", forecast["est_cost_usd"], plan.basis_line(forecast))
     manifest.counts = dict(sink.counts)
     # What decided each routed row (rule:<name>, classifier, llm:<label>, llm:default, ...)
     # and what routing itself cost (the llm router's calls).

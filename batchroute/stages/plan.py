@@ -4,6 +4,14 @@ This is the checkpoint between the cheap stage and the expensive one. Rows rejec
 source or route stage are final here and go straight to the results as ``rejected`` rows;
 everything else is written to ``routed/model=NAME/`` for dispatch. The forecast prices the plan
 at each model's catalog prices and limits before a cent is spent.
+
+Input tokens are estimated from the prompts (:mod:`batchroute.tokens`). Output tokens are
+each model's billed tokens per answer in the job's last finished runs
+(:mod:`batchroute.stages.history`) times its rows, never more than those rows' ``max_tokens``
+in all; a model with no such history is forecast at the full ``max_tokens``, and the forecast
+says which basis each model's figure has. Wall time keeps the full ``max_tokens``: the
+limiters (ours and the provider's) admit a call at prompt plus ``max_tokens``, whatever it
+answers.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from batchroute.config import JobConfig, ModelConfig
-from batchroute.stages import results
+from batchroute.stages import history, results
 from batchroute.stages.sink import ResultSink, RunFolder
 
 
@@ -87,12 +95,16 @@ def routed_dataset(folder: RunFolder) -> ds.Dataset | None:
     return ds.dataset(path, filesystem=folder.fs, format="parquet", partitioning=PARTITIONING)
 
 
-def forecast(folder: RunFolder, job: JobConfig, rejected: int) -> dict[str, Any]:
-    """Rows, tokens, cost and wall time per model, from the plan alone (no model calls).
+def forecast(folder: RunFolder, job: JobConfig, rejected: int,
+             past: history.History | None = None) -> dict[str, Any]:
+    """Rows, tokens, cost and wall time per model, from the plan alone (no model calls), with
+    output tokens from ``past`` (default: the job's earlier runs beside ``folder``).
 
     Wall time is the larger of rows / RPM and tokens / TPM: the model's limits, not its
     latency, bound a batch job once concurrency covers latency.
     """
+    past = history.read(folder, job.name) if past is None else past
+    per_answer = {m: h.per_answer for m, h in past.models.items() if m in job.models}
     columns = ["model", "est_input_tokens", "est_output_tokens"]
     routed = routed_dataset(folder)
     if routed is None:
@@ -102,11 +114,18 @@ def forecast(folder: RunFolder, job: JobConfig, rejected: int) -> dict[str, Any]
         frame = empty.lazy()
     else:
         frame = pl.scan_pyarrow_dataset(routed).select(columns)
+    # A model's answers at its mean per answer, never above the rows' max_tokens (the routed
+    # est_output_tokens) in all; a model without history at max_tokens (min skips the null).
+    # Not capped row by row: the mean already holds the rows whose answers were cut at a small
+    # max_tokens, so a night of the same mix would be counted short twice.
+    expected = (pl.col("rows") * pl.col("model").replace_strict(
+        per_answer, default=None, return_dtype=pl.Float64)).round(0).cast(pl.Int64)
     # Streamed: the plan is never loaded whole, however many rows it has.
     sums = frame.group_by("model").agg(
         rows=pl.len(), est_input_tokens=pl.col("est_input_tokens").sum(),
-        est_output_tokens=pl.col("est_output_tokens").sum()).sort("model").collect(
-        engine="streaming")
+        output_budget_tokens=pl.col("est_output_tokens").sum()).with_columns(
+        est_output_tokens=pl.min_horizontal("output_budget_tokens", expected)).sort(
+        "model").collect(engine="streaming")
     ref = job.models[job.reference_model]
     models: dict[str, dict[str, Any]] = {}
     now = datetime.now(UTC)
@@ -114,7 +133,7 @@ def forecast(folder: RunFolder, job: JobConfig, rejected: int) -> dict[str, Any]
     window = (deadline - now).total_seconds() if deadline is not None else None
     for row in sums.iter_rows(named=True):
         m = job.models[row["model"]]
-        tokens = row["est_input_tokens"] + row["est_output_tokens"]
+        tokens = row["est_input_tokens"] + row["output_budget_tokens"]
         cached, written = cache_forecast(job, m, row["rows"])
         both = (row["est_input_tokens"], row["est_output_tokens"])
         # The reference model's own rows would be cached as well; other models' would not.
@@ -131,10 +150,13 @@ def forecast(folder: RunFolder, job: JobConfig, rejected: int) -> dict[str, Any]
             "est_standard_cost_usd": round(m.cost_usd(*both, cached, written), 6),
             "est_reference_cost_usd": round(ref.cost_usd(*as_ref), 6),
             **_wall(m, row["rows"], tokens, window),
+            "output_budget_tokens": row["output_budget_tokens"],
+            **_output_basis(past, row["model"]),
         }
     total_cost = sum(v["est_cost_usd"] for v in models.values())
     total_ref = sum(v["est_reference_cost_usd"] for v in models.values())
     total_in = sum(v["est_input_tokens"] for v in models.values())
+    bases = {v["output_basis"] for v in models.values()}
     return {
         "run_id": folder.run_id,
         "reference_model": job.reference_model,
@@ -150,9 +172,34 @@ def forecast(folder: RunFolder, job: JobConfig, rejected: int) -> dict[str, Any]
         "cache_notes": _cache_notes(job, list(models)),
         # Models are dispatched concurrently, so the slowest one bounds the job.
         "est_wall_s": max((v["est_wall_s"] for v in models.values()), default=0.0),
-        "note": "estimates use 4 characters per token and the full max_tokens budget; "
-                "batch and flex models at their tier's price",
+        "note": "input estimated at 4 characters per token; output at each model's billed "
+                "tokens per answer in the job's last finished runs (output_basis \"history\"),"
+                " else the full max_tokens budget (\"max_tokens\"); batch and flex models at "
+                "their tier's price",
+        # "history", "max_tokens", or "mixed" (some models each way).
+        "output_basis": bases.pop() if len(bases) == 1 else (
+            "mixed" if bases else "history" if past.runs else "max_tokens"),
+        "output_history": {"runs": list(past.runs),
+                           "skipped": [{"run": r, "why": w} for r, w in past.skipped]},
     }
+
+
+def _output_basis(past: history.History, model: str) -> dict[str, Any]:
+    """Where a model's output estimate comes from, as keys of its forecast."""
+    h = past.models.get(model)
+    if h is None:
+        why = ("no earlier finished run of this job" if not past.runs else
+               f"not used in the last {_runs(len(past.runs))}")
+        return {"output_basis": "max_tokens", "output_tokens_per_answer": None,
+                "output_history_runs": 0, "output_basis_note": f"at max_tokens: {why}"}
+    return {"output_basis": "history", "output_tokens_per_answer": round(h.per_answer, 1),
+            "output_history_runs": h.runs,
+            "output_basis_note": f"{h.per_answer:,.0f} tokens/answer from the last "
+                                 f"{_runs(h.runs)}"}
+
+
+def _runs(n: int) -> str:
+    return "run" if n == 1 else f"{n} runs"
 
 
 def _wall(m: ModelConfig, rows: int, tokens: int, window: float | None) -> dict[str, Any]:
@@ -202,17 +249,37 @@ def _cache_notes(job: JobConfig, names: list[str]) -> list[str]:
 
 def format_forecast(f: Mapping[str, Any]) -> str:
     lines = [f"{'model':<26}{'rows':>8}{'est in tok':>13}{'est out tok':>13}"
-             f"{'est cost $':>12}{'est wall s':>12}  bound"]
+             f"{'est cost $':>12}{'est wall s':>12}  {'bound':<8}output estimate"]
     for name, v in f["models"].items():
+        # Forecasts written before the output basis existed priced output at max_tokens.
+        basis = v.get("output_basis_note", "at max_tokens")
         lines.append(f"{name:<26}{v['rows']:>8}{v['est_input_tokens']:>13}"
                      f"{v['est_output_tokens']:>13}{v['est_cost_usd']:>12.4f}"
-                     f"{v['est_wall_s']:>12.1f}  {v['bound_by']}")
+                     f"{v['est_wall_s']:>12.1f}  {v['bound_by']:<8}{basis}")
     lines.append(f"rejected before dispatch: {f['rejected']}   est total ${f['est_cost_usd']:.4f}"
-                 f" vs ${f['est_reference_cost_usd']:.4f} all on {f['reference_model']}"
-                 f"   est wall {f['est_wall_s']:.0f}s")
+                 f" ({basis_line(f)}) vs ${f['est_reference_cost_usd']:.4f} all on "
+                 f"{f['reference_model']}   est wall {f['est_wall_s']:.0f}s")
     if f.get("est_cached_share"):
         lines.append(f"prompt cache: {f['est_cached_share']:.1%} of input tokens forecast "
                      f"read from the provider's cache (a shared prefix of about "
                      f"{f['cache_prefix_tokens']} tokens), priced at the cache prices")
     lines.extend(f"prompt cache: {note}" for note in f.get("cache_notes", []))
+    past = f.get("output_history", {})
+    if past.get("runs"):
+        lines.append("output history: billed output tokens per answer in "
+                     + ", ".join(past["runs"]) + ", times the rows, capped at their max_tokens")
+    lines.extend(f"output history: {s['run']} not used: {s['why']}"
+                 for s in past.get("skipped", []))
     return "\n".join(lines)
+
+
+def basis_line(f: Mapping[str, Any]) -> str:
+    """The basis of the total's output tokens, in a few words."""
+    basis = f.get("output_basis", "max_tokens")
+    if basis == "max_tokens":
+        return "output at max_tokens: no earlier run to learn from"
+    runs = len(f.get("output_history", {}).get("runs", []))
+    if basis == "history":
+        return f"output from the last {_runs(runs)}"
+    fallback = [m for m, v in f["models"].items() if v.get("output_basis") == "max_tokens"]
+    return f"output from the last {_runs(runs)}; at max_tokens for {', '.join(fallback)}"

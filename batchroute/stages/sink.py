@@ -81,6 +81,16 @@ class RunFolder:
         # URI-encoded like pyarrow's hive partitioning, so model names with "/" stay one level.
         return self.sub("routed", "model=" + urllib.parse.quote(model, safe=""))
 
+    def siblings(self) -> list[RunFolder]:
+        """The other folders beside this one under the same output, sorted by name: the
+        job's earlier runs among them (and other jobs' runs, and folders that are no run)."""
+        base = self.path.rpartition("/")[0] or "/"
+        if self.fs.get_file_info(base).type != pafs.FileType.Directory:
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(base))
+        return [RunFolder.on(self.fs, i.path) for i in sorted(infos, key=lambda i: i.path)
+                if i.type == pafs.FileType.Directory and i.path.rstrip("/") != self.path]
+
     def exists(self) -> bool:
         return bool(self.fs.get_file_info(self.path).type != pafs.FileType.NotFound)
 
