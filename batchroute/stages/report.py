@@ -244,7 +244,9 @@ def _grouped(rows: pl.LazyFrame, charges: pl.LazyFrame, rollups: pl.DataFrame,
 
 
 def _forecast(fs: pafs.FileSystem, runs: list[Run], rollups: pl.DataFrame) -> pl.DataFrame:
-    """The plan's estimated cost per model against what the model billed."""
+    """The plan's estimated cost per model against what the model billed, with the basis of
+    its output tokens (``history`` or ``max_tokens``; a forecast written before the basis was
+    recorded priced every answer at max_tokens)."""
     est = []
     for run in runs:
         try:
@@ -253,9 +255,11 @@ def _forecast(fs: pafs.FileSystem, runs: list[Run], rollups: pl.DataFrame) -> pl
         except (FileNotFoundError, OSError):
             continue
         est += [{"run_id": run.run_id, "model": m,
-                 "forecast_micro_usd": round(float(v["est_cost_usd"]) * 1e6)}
+                 "forecast_micro_usd": round(float(v["est_cost_usd"]) * 1e6),
+                 "output_basis": str(v.get("output_basis", "max_tokens"))}
                 for m, v in forecast.get("models", {}).items()]
-    schema = {"run_id": pl.String, "model": pl.String, "forecast_micro_usd": pl.Int64}
+    schema = {"run_id": pl.String, "model": pl.String, "forecast_micro_usd": pl.Int64,
+              "output_basis": pl.String}
     frame = pl.DataFrame(est, schema=schema)
     actual = rollups.filter(pl.col("model").is_not_null()).select(
         "run_id", "day", "job", "model", actual_micro_usd="cost_micro_usd")
@@ -426,7 +430,7 @@ Source: <code>{html.escape(runs_uri)}</code>.</p>
                                "cost_micro_usd"])}
 <h2>Forecast against actual, per run and model</h2>
 {_table_html(tables["forecast"], ["run_id", "model", "forecast_micro_usd",
-                                  "actual_micro_usd", "error_pct"])}
+                                  "actual_micro_usd", "error_pct", "output_basis"])}
 <h2>Runs covered</h2><ul>{runs_list}</ul>
 {"<h2>Not covered</h2><ul>" + skipped + "</ul>" if skipped else ""}
 </body></html>

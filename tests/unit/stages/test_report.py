@@ -125,6 +125,10 @@ def test_date_range_and_unfinished_runs(tmp_path: Path) -> None:
         write_run(runs, f"r-{day}", day, [(0, "ok", 100, 10, [], False)])
     write_run(runs, "r-running", "2026-11-02", [(0, "ok", 100, 10, [], False)],
               finished=False)
+    # MID's forecast is as written before the output basis was recorded: at max_tokens.
+    (runs / "r-2026-11-02" / "forecast.json").write_text(json.dumps({"models": {
+        CHEAP: {"est_cost_usd": 0.0001, "output_basis": "history"},
+        MID: {"est_cost_usd": 0.0001}}}))
     from datetime import date
 
     out = report.build(str(runs), tmp_path / "out", date_from=date(2026, 11, 2),
@@ -134,6 +138,10 @@ def test_date_range_and_unfinished_runs(tmp_path: Path) -> None:
         ("r-running", "not finished (no rollup yet)")]
     page = (tmp_path / "out" / "report.html").read_text()
     assert "r-2026-11-02" in page and "r-2026-11-03" not in page
+    forecast = pl.read_csv(tmp_path / "out" / "forecast.csv")
+    assert dict(forecast.select("model", "output_basis").iter_rows()) == {
+        CHEAP: "history", MID: "max_tokens"}
+    assert "<th>output_basis</th>" in page
     assert page.count('src="data:image/png;base64,') == len(report.CHARTS)
     with pytest.raises(ConfigError, match="no finished run"):
         report.build(str(runs), tmp_path / "o2", date_from=date(2027, 1, 1))
