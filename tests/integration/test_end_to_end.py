@@ -136,6 +136,17 @@ def test_manifest_and_forecast(finished_run: dict[str, Any]) -> None:
     assert f["routed"] + f["rejected"] == ROWS
 
 
+def test_the_next_plan_of_the_job_forecasts_from_the_finished_run(
+        finished_run: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    tmp = finished_run["tmp"]
+    assert cli.main(["plan", str(tmp / "job.toml"), "--run-id", "e2e-next"]) == 0
+    assert "tokens/answer from the last run" in capsys.readouterr().out
+    f = json.loads((tmp / "runs" / "e2e-next" / "forecast.json").read_text())
+    assert f["output_basis"] == "history" and f["output_history"]["runs"] == ["e2e"]
+    bill = pl.read_parquet(finished_run["folder"] / "rollups")["cost_micro_usd"].sum() / 1e6
+    assert abs(f["est_cost_usd"] - bill) / bill <= 0.10, (f["est_cost_usd"], bill)
+
+
 def test_outputs_read_back_in_polars_pandas_and_duckdb(finished_run: dict[str, Any]) -> None:
     folder = finished_run["folder"]
     for name in ("results", "rollups", "routed"):
