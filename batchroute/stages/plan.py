@@ -192,10 +192,11 @@ def _output_basis(past: history.History, model: str) -> dict[str, Any]:
                f"not used in the last {_runs(len(past.runs))}")
         return {"output_basis": "max_tokens", "output_tokens_per_answer": None,
                 "output_history_runs": 0, "output_basis_note": f"at max_tokens: {why}"}
+    among = (f"the last {_runs(h.runs)}" if h.runs == len(past.runs)
+             else f"{h.runs} of the last {_runs(len(past.runs))}")
     return {"output_basis": "history", "output_tokens_per_answer": round(h.per_answer, 1),
             "output_history_runs": h.runs,
-            "output_basis_note": f"{h.per_answer:,.0f} tokens/answer from the last "
-                                 f"{_runs(h.runs)}"}
+            "output_basis_note": f"{h.per_answer:,.0f} tokens/answer from {among}"}
 
 
 def _runs(n: int) -> str:
@@ -276,9 +277,13 @@ def format_forecast(f: Mapping[str, Any]) -> str:
 def basis_line(f: Mapping[str, Any]) -> str:
     """The basis of the total's output tokens, in a few words."""
     basis = f.get("output_basis", "max_tokens")
-    if basis == "max_tokens":
-        return "output at max_tokens: no earlier run to learn from"
     runs = len(f.get("output_history", {}).get("runs", []))
+    if basis == "max_tokens":
+        if "output_history" not in f:  # written before the history was read
+            return "output at max_tokens"
+        return ("output at max_tokens: no earlier run to learn from" if not runs else
+                f"output at max_tokens: none of these models answered in the last "
+                f"{_runs(runs)}")
     if basis == "history":
         return f"output from the last {_runs(runs)}"
     fallback = [m for m, v in f["models"].items() if v.get("output_basis") == "max_tokens"]

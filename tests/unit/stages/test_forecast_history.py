@@ -118,7 +118,9 @@ def test_history_sets_output_per_answer_and_the_basis_is_printed(tmp_path: Path)
 
 
 def test_a_model_new_in_the_job_falls_back_to_max_tokens(tmp_path: Path) -> None:
-    _finished(tmp_path, "last-night", _ok([CHEAP, CHEAP], [10, 10], [20, 40]))
+    _finished(tmp_path, "older", _ok([CHEAP, CHEAP], [10, 10], [20, 40]),
+              at="2026-11-29T04:00:00+00:00")
+    _finished(tmp_path, "newer", _ok([STRONG], [10], [100]))
     tonight = _night(tmp_path, "tonight", [CHEAP, MID, MID], np.full(3, 10))
     f = plan.forecast(tonight, JOB, rejected=0)
     assert f["models"][CHEAP]["est_output_tokens"] == 30
@@ -126,8 +128,14 @@ def test_a_model_new_in_the_job_falls_back_to_max_tokens(tmp_path: Path) -> None
     assert (mid["output_basis"], mid["est_output_tokens"]) == ("max_tokens", 2 * MAX)
     assert f["output_basis"] == "mixed"
     text = plan.format_forecast(f)
-    assert "at max_tokens: not used in the last run" in text
-    assert f"output from the last run; at max_tokens for {MID}" in text
+    assert "30 tokens/answer from 1 of the last 2 runs" in text
+    assert "at max_tokens: not used in the last 2 runs" in text
+    assert f"output from the last 2 runs; at max_tokens for {MID}" in text
+    only_new = _night(tmp_path, "only-new", [MID], np.full(1, 10))
+    f = plan.forecast(only_new, JOB, rejected=0)
+    assert f["output_basis"] == "max_tokens" and f["models"][MID]["est_output_tokens"] == MAX
+    assert ("output at max_tokens: none of these models answered in the last 2 runs"
+            in plan.format_forecast(f))
 
 
 def test_the_estimate_is_capped_at_the_rows_max_tokens(tmp_path: Path) -> None:
