@@ -119,9 +119,9 @@ def read(folder: RunFolder, job: str, *, limit: int = HISTORY_RUNS) -> History:
 
 def _rollups(folder: RunFolder) -> pa.Table | str:
     """The run's rollups (the columns the history needs), or why they cannot be read."""
-    if not folder.shards(folder.sub("rollups")):
-        return "finished, but it holds no rollups"
     try:
+        if not folder.shards(folder.sub("rollups")):
+            return "finished, but it holds no rollups"
         # By name, against today's schema: rollups written before a column existed read it
         # as nulls (counted as 0).
         dataset = ds.dataset(folder.sub("rollups"), filesystem=folder.fs, format="parquet",
