@@ -33,16 +33,15 @@ import numpy as np
 import pyarrow as pa
 
 from batchroute.errors import RouterError
+from batchroute.routers.words import MAX_CHARS
+
+__all__ = ["MAX_CHARS"]  # its home is batchroute.routers.words; re-exported for old callers
 
 TOKEN_PATTERN = "[a-z0-9]+"
 OPSETS = {"": 18, "ai.onnx.ml": 3, "com.microsoft": 1}
 # onnxruntime's StringNormalizer defaults to en_US.UTF-8, which minimal images lack.
 LOCALE = "C.UTF-8"
 PAD = ""
-# The graph pads every row to the batch's longest token list, so one 150,000-character
-# document would make a whole batch cost as much as thousands of prompts. Routing looks at the
-# first MAX_CHARS characters only, in training and in serving alike.
-MAX_CHARS = 2048
 
 
 def clip(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
