@@ -1,14 +1,24 @@
 """The router file: an ONNX graph from raw prompt strings to one success probability per model.
 
-The text featurisation lives inside the graph, so serving needs only onnxruntime:
+The text featurisation lives inside the graph, so the file alone defines the router:
 
     prompt ─► lowercase ─► tokens [a-z0-9]+ ─► vocabulary ids ─► Σ weights / √n + a·log1p(n) + b ─► sigmoid
                                                   (unknown words share one learned weight)
 
 Everything the job needs to trust the file travels in its metadata: the model names in output
 order, default thresholds, version, a hash of the training data, featurisation settings and the
-training metrics. :func:`build_graph` is the single place the graph is written, and training
-computes its features with the same tokenizer subgraph, so serving equals training exactly.
+training metrics. :func:`build_graph` is the single place the graph is written.
+
+Serving does not run that graph through onnxruntime: its string ops (StringNormalizer and the
+regex Tokenizer) were 90% of its time. :class:`WordsModel` reads the vocabulary (the
+LabelEncoder's keys) and the weights (the initializers) out of the graph once at load, and
+:meth:`Router.score` computes the same function in numpy: the tokens of
+:func:`batchroute.routers.words.tokens`, vocabulary ids from a :class:`~batchroute.routers.words.Lookup`,
+one gather of the weight rows and a segment sum per row. Its scores equal onnxruntime's on the
+same file to float rounding (the tests hold them within 1e-5), except on the two characters
+:mod:`batchroute.routers.words` documents. A file whose graph is not exactly the one
+:func:`build_graph` writes is run by onnxruntime as before. Training computes its features with
+the same :func:`~batchroute.routers.words.tokens`, so serving equals training.
 
 A second kind of file (``batchroute train --features embed``, written by
 :func:`build_embed_graph`) is the MiniLM sentence encoder of :mod:`batchroute.routers.embed` followed
@@ -33,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 
 from batchroute.errors import RouterError
+from batchroute.routers import words
 from batchroute.routers.words import MAX_CHARS
 
 __all__ = ["MAX_CHARS"]  # its home is batchroute.routers.words; re-exported for old callers
@@ -50,6 +61,11 @@ def clip(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
     clipped = pc.utf8_slice_codeunits(pc.fill_null(texts, ""), 0, MAX_CHARS)
     return np.asarray(clipped.to_numpy(zero_copy_only=False), dtype=object)
+
+
+# The graph build_graph writes, node by node: WordsModel serves only a file of exactly this form.
+WORDS_OPS = ("StringNormalizer", "Tokenizer", "LabelEncoder", "Gather", "ReduceSum", "Gather",
+             "ReduceSum", "Max", "Sqrt", "Div", "Add", "Log", "Mul", "Add", "Add", "Sigmoid")
 
 
 def _tokenizer_nodes(input_name: str, output_name: str) -> list[Any]:
@@ -201,6 +217,79 @@ def session(model_bytes: bytes) -> Any:
 
 
 @dataclass(frozen=True)
+class WordsModel:
+    """A words router's function, read out of its graph: ``weights`` [V + 1, M] holds one row
+    per vocabulary word, then the unknown words' row; ``a`` and ``b`` are [M]."""
+
+    vocab: tuple[str, ...]
+    weights: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+
+    @classmethod
+    def from_graph(cls, model_bytes: bytes) -> WordsModel | None:
+        """The function of a graph :func:`build_graph` wrote, or None for any other graph."""
+        import onnx
+        from onnx import helper as h
+        from onnx import numpy_helper
+
+        graph = onnx.load_from_string(model_bytes).graph
+        if tuple(n.op_type for n in graph.node) != WORDS_OPS:
+            return None
+        attrs = [{a.name: h.get_attribute_value(a) for a in n.attribute} for n in graph.node]
+        norm, tok, enc = attrs[:3]
+        init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        keys = [k.decode() for k in enc.get("keys_strings", [])]
+        v = len(keys) - 1
+        table = init.get("W")
+        same_function = (
+            norm.get("case_change_action") == b"LOWER"
+            and tok.get("tokenexp") == TOKEN_PATTERN.encode() and tok.get("mark") == 0
+            and tok.get("mincharnum") == 1 and keys[:1] == [PAD]
+            and list(enc.get("values_int64s", [])) == list(range(v + 1))
+            and enc.get("default_int64") == v + 1
+            and table is not None and table.ndim == 2 and table.shape[0] == v + 2
+            and not table[0].any() and {"a", "b", "is_token"} <= init.keys()
+            and np.array_equal(init["is_token"], (np.arange(v + 2) > 0).astype(np.float32)))
+        if not same_function:
+            return None
+        assert table is not None
+        m = table.shape[1]
+        a, b = init["a"].astype(np.float32), init["b"].astype(np.float32)
+        if a.shape != (m,) or b.shape != (m,):
+            return None
+        return cls(tuple(keys[1:]), np.ascontiguousarray(table[1:], np.float32), a, b)
+
+    def scorer(self) -> WordsScorer:
+        return WordsScorer(self)
+
+
+class WordsScorer:
+    """:class:`WordsModel` in numpy: tokens, vocabulary ids, gathered weights, segment sums."""
+
+    def __init__(self, model: WordsModel) -> None:
+        self.model = model
+        self._lookup = words.Lookup(model.vocab)
+
+    def score(self, texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Probabilities [N, M] (float32): sigmoid(Σ w / √max(n, 1) + a·log1p(n) + b)."""
+        toks = words.tokens(texts, max_chars=MAX_CHARS)
+        m = self.model
+        rows, n_models = len(toks), m.weights.shape[1]
+        n = toks.counts()
+        sums = np.zeros((rows, n_models), np.float32)
+        filled = n > 0
+        if filled.any():
+            gathered = np.take(m.weights, self._lookup.ids(toks.hashes), axis=0)
+            # Only non-empty rows start a segment, so each runs exactly to its row's end.
+            sums[filled] = np.add.reduceat(gathered, toks.offsets[:-1][filled], axis=0)
+        nf = n.astype(np.float32)[:, None]
+        z = sums / np.sqrt(np.maximum(nf, np.float32(1))) + np.log1p(nf) * m.a + m.b
+        out: np.ndarray = (np.float32(1) / (np.float32(1) + np.exp(-z))).astype(np.float32)
+        return out
+
+
+@dataclass(frozen=True)
 class RouterInfo:
     models: tuple[str, ...]
     thresholds: Mapping[str, float]
@@ -242,14 +331,26 @@ def inspect(model_bytes: bytes, *, path: str = "<router>") -> RouterInfo:
 
 
 class Router:
-    """Loads a router once; :meth:`score` runs one onnxruntime call per batch (per
-    ``embed_batch`` rows of similar length for an embedding router)."""
+    """Loads a router once. A words router scores in numpy (:class:`WordsScorer`); any other
+    file runs one onnxruntime call per batch (per ``embed_batch`` rows of similar length for
+    an embedding router). ``engine="onnxruntime"`` runs a words router's graph itself."""
 
     def __init__(self, model_bytes: bytes, *, path: str = "<router>",
-                 embed_batch: int = 64) -> None:
+                 embed_batch: int = 64, engine: str = "auto") -> None:
+        if engine not in ("auto", "onnxruntime"):
+            raise ValueError(f"engine must be auto or onnxruntime, got {engine!r}")
         self.info = inspect(model_bytes, path=path)
         self._tokenizer: Any = None
         self._embed_batch = embed_batch
+        self.words: WordsScorer | None = None  # set: a words router, scored in numpy
+        if engine == "auto" and "tokenizer_json" not in self.info.metadata:
+            found = WordsModel.from_graph(model_bytes)
+            try:
+                self.words = found.scorer() if found is not None else None
+            except ValueError:  # two vocabulary words share a hash: onnxruntime serves it
+                self.words = None
+            if self.words is not None:
+                return
         if "tokenizer_json" in self.info.metadata:
             from batchroute.routers import embed
 
@@ -268,6 +369,8 @@ class Router:
         empty ones, and only the first MAX_CHARS characters count."""
         if len(texts) == 0:
             return np.zeros((0, len(self.info.models)), np.float32)
+        if self.words is not None:
+            return self.words.score(texts)
         if self._tokenizer is not None:
             from batchroute.routers import embed
 

@@ -134,6 +134,29 @@ def hash_words(words: Sequence[str]) -> np.ndarray:
     return toks.hashes
 
 
+def token_text(texts: pa.Array | pa.ChunkedArray, *,
+               max_chars: int = MAX_CHARS) -> pa.LargeStringArray:
+    """Every token :func:`tokens` finds, as its lowercase text, flat and in the same order (so
+    ``token_text(x)[i]`` is the word whose hash is ``tokens(x).hashes[i]``). For building a
+    vocabulary and for reading; serving needs only the hashes."""
+    if max_chars < 0:
+        raise ValueError(f"max_chars must be >= 0, got {max_chars}")
+    chunks = texts.chunks if isinstance(texts, pa.ChunkedArray) else [texts]
+    out = [pa.array([], pa.large_string())]
+    for chunk in chunks:
+        arr = _as_string_array(chunk, max_chars)
+        _, spans = _chunk(arr)
+        if not len(spans):
+            continue
+        low = np.frombuffer(arr.buffers()[2], np.uint8) | np.uint8(0x20)
+        # Offsets s0, e0, s1, e1, ... give the tokens at even positions, the gaps between them
+        # at odd ones.
+        both = pa.LargeStringArray.from_buffers(
+            2 * len(spans) - 1, pa.py_buffer(spans.astype(np.int64).ravel()), pa.py_buffer(low))
+        out.append(both.take(pa.array(np.arange(0, len(both), 2))))
+    return pa.concat_arrays(out)
+
+
 class Lookup:
     """Token hashes to vocabulary ids through an open-addressing hash table (linear probing)
     of at least four slots per word, indexed by a hash's top bits. A lookup is one vectorised
@@ -223,11 +246,16 @@ def _offsets(arr: pa.Array) -> np.ndarray:
 
 
 def _chunk_tokens(arr: pa.Array, max_chars: int) -> Tokens:
-    arr = _as_string_array(arr, max_chars)
+    return _chunk(_as_string_array(arr, max_chars))[0]
+
+
+def _chunk(arr: pa.Array) -> tuple[Tokens, np.ndarray]:
+    """The tokens of a clipped, null-free string array, and each token's [start, end) in its
+    value buffer (int64 [T, 2])."""
     offsets = _offsets(arr).astype(np.int64)
     data_buf = arr.buffers()[2]
     if data_buf is None or offsets[-1] == offsets[0]:
-        return Tokens(np.empty(0, _U64), np.zeros(len(arr) + 1, np.int64))
+        return Tokens(np.empty(0, _U64), np.zeros(len(arr) + 1, np.int64)), np.empty((0, 2), int)
     data = np.frombuffer(data_buf, np.uint8)
     # Whole rows per block: row r starts a new block when its start crosses a BLOCK multiple.
     rel = offsets - offsets[0]
@@ -236,16 +264,18 @@ def _chunk_tokens(arr: pa.Array, max_chars: int) -> Tokens:
     if cuts[0] != 0:
         cuts = np.insert(cuts, 0, 0)
     parts = [_block(data, offsets[r0:r1 + 1]) for r0, r1 in pairwise(cuts)]
-    return parts[0] if len(parts) == 1 else _concat(parts)
+    if len(parts) == 1:
+        return parts[0]
+    return _concat([t for t, _ in parts]), np.concatenate([sp for _, sp in parts])
 
 
-def _block(data: np.ndarray, offsets: np.ndarray) -> Tokens:
-    """The tokens of the rows whose bytes are data[offsets[0]:offsets[-1]]."""
+def _block(data: np.ndarray, offsets: np.ndarray) -> tuple[Tokens, np.ndarray]:
+    """The tokens of the rows whose bytes are data[offsets[0]:offsets[-1]], and their spans."""
     lo = int(offsets[0])
     n_bytes = int(offsets[-1]) - lo
     rows = offsets - lo
     if n_bytes == 0:
-        return Tokens(np.empty(0, _U64), np.zeros(len(rows), np.int64))
+        return Tokens(np.empty(0, _U64), np.zeros(len(rows), np.int64)), np.empty((0, 2), int)
     raw = data[lo:lo + n_bytes]
     # OR 0x20 lowercases A-Z and keeps a-z and 0-9; separators' values never reach a hash.
     low = raw | np.uint8(0x20)
@@ -271,7 +301,8 @@ def _block(data: np.ndarray, offsets: np.ndarray) -> Tokens:
         np.cumsum(g[1:], out=g[1:])
         h = g[ends] - g[starts]
         h *= p[starts]
-    return Tokens(_fmix64(h), np.searchsorted(starts, rows).astype(np.int64))
+    toks = Tokens(_fmix64(h), np.searchsorted(starts, rows).astype(np.int64))
+    return toks, np.stack([starts, ends], axis=1) + lo
 
 
 def _fmix64(h: np.ndarray) -> np.ndarray:

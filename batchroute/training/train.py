@@ -4,9 +4,10 @@ Labels are long-form Parquet (``request_id, prompt, model, score``, see
 ``schemas/labels.schema.json``). The model is one logistic regression per target model over
 one of two featurisations (``--features``):
 
-- ``words`` (default): a bag of words over the router graph's own tokens (see
-  :mod:`batchroute.routers.classifier`), so the exported ONNX file reproduces training-time probabilities
-  exactly; a few hundred KB, tens of thousands of prompts/s per core.
+- ``words`` (default): a bag of words over the router's own tokens
+  (:func:`batchroute.routers.words.tokens`, the tokenizer serving uses), so the exported ONNX
+  file reproduces training-time probabilities exactly; a few hundred KB, over a hundred
+  thousand prompts/s per core.
 - ``embed``: the unit-length all-MiniLM-L6-v2 sentence embedding of the prompt's first
   MAX_CHARS characters, 128 tokens at most (see :mod:`batchroute.routers.embed`); the file holds the
   encoder, so it is about 90 MB and scores a few hundred prompts/s per core.
@@ -31,6 +32,7 @@ import pyarrow.dataset as ds
 
 from batchroute.errors import RouterError, SchemaError
 from batchroute.routers import classifier as rt
+from batchroute.routers import words
 
 LABEL_COLUMNS = {"request_id": pl.String, "prompt": pl.String, "model": pl.String,
                  "score": pl.Float64}
@@ -122,30 +124,17 @@ def wide(labels: pl.DataFrame, models: Sequence[str] | None = None) -> tuple[pl.
     return w, chosen
 
 
-def tokens(prompts: Sequence[str] | np.ndarray, batch: int = 2048) -> list[np.ndarray]:
-    """The router graph's own tokens for each prompt (padding removed)."""
-    sess = rt.session(rt.tokenizer_model())
-    arr = rt.clip(pa.array(list(prompts), pa.string()))
-    out: list[np.ndarray] = []
-    for i in range(0, len(arr), batch):
-        toks = sess.run(None, {"prompt": arr[i:i + batch]})[0]
-        out.extend(row[row != rt.PAD] for row in toks)
-    return out
-
-
-def featurise(toks: list[np.ndarray], vocab: dict[str, int]) -> tuple[object, np.ndarray]:
+def featurise(toks: words.Tokens, lookup: words.Lookup) -> tuple[object, np.ndarray]:
     """Sparse [N, V+1] scaled counts (last column: unknown words) and the length feature,
-    matching the graph: counts / sqrt(max(n, 1)) and log1p(n)."""
+    matching the router: counts / sqrt(max(n, 1)) and log1p(n)."""
     from scipy import sparse
 
-    unk = len(vocab)
-    lengths = np.array([len(t) for t in toks], dtype=np.int64)
-    flat = np.concatenate(toks) if toks else np.array([], dtype=object)
-    ids = (pl.Series(flat.astype(str), dtype=pl.String)
-           .replace_strict(vocab, default=unk, return_dtype=pl.Int64).to_numpy())
-    rows = np.repeat(np.arange(len(toks)), lengths)
+    unk = lookup.size
+    lengths = toks.counts()
+    ids = lookup.ids(toks.hashes)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
     counts = sparse.csr_matrix((np.ones(len(ids), np.float64), (rows, ids)),
-                               shape=(len(toks), unk + 1))
+                               shape=(len(lengths), unk + 1))
     scale = 1.0 / np.sqrt(np.maximum(lengths, 1))
     return sparse.diags(scale) @ counts, np.log1p(lengths.astype(np.float64))
 
@@ -166,16 +155,20 @@ def words_features(prompts: np.ndarray, hold: np.ndarray) -> Features:
     """Scaled bag-of-words counts + log1p(token count), vocabulary from the training rows."""
     from scipy import sparse
 
-    toks = tokens(prompts)
-    train_toks = [t for t, h in zip(toks, hold, strict=True) if not h]
+    # The serving tokenizer itself (the first MAX_CHARS characters), so serving equals training.
+    arr = pa.array(prompts.tolist(), pa.string())
+    toks = words.tokens(arr, max_chars=rt.MAX_CHARS)
+    rows = np.repeat(np.arange(len(toks)), toks.counts())
     # Document frequency on the training split only; ties broken alphabetically so the
     # vocabulary (and hence the file) is deterministic.
-    df = (pl.Series("token", np.concatenate([np.unique(t) for t in train_toks]).astype(str))
-          .value_counts().filter(pl.col("count") >= MIN_DF)
+    train_rows = pa.array(~hold[rows])
+    pairs = pl.DataFrame({"row": pa.array(rows).filter(train_rows),
+                          "token": words.token_text(arr, max_chars=rt.MAX_CHARS)
+                          .filter(train_rows)}).unique()
+    df = (pairs["token"].value_counts().filter(pl.col("count") >= MIN_DF)
           .sort(["count", "token"], descending=[True, False]))
     vocab_list = df["token"].head(MAX_VOCAB).to_list()
-    vocab = {w: i for i, w in enumerate(vocab_list)}
-    x_tok, x_len = featurise(toks, vocab)
+    x_tok, x_len = featurise(toks, words.Lookup(vocab_list))
     x = sparse.hstack([x_tok, x_len[:, None]]).tocsr()
 
     def export(coef: np.ndarray, bias: np.ndarray, names: Sequence[str],
@@ -183,7 +176,7 @@ def words_features(prompts: np.ndarray, hold: np.ndarray) -> Features:
         return rt.build_graph(vocab_list, coef[:-1], coef[-1], bias, names, meta)
 
     settings = {"kind": ROUTER_KIND, "lowercase": True, "token_pattern": rt.TOKEN_PATTERN,
-                "max_chars": rt.MAX_CHARS, "min_df": MIN_DF, "vocab_size": len(vocab),
+                "max_chars": rt.MAX_CHARS, "min_df": MIN_DF, "vocab_size": len(vocab_list),
                 "scaling": "counts/sqrt(n) + log1p(n)"}
     return Features(x, C_GRID, ROUTER_KIND, settings, {}, export)
 
