@@ -23,8 +23,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                            "prints peak memory over every process of the job (driver and Ray "
                            "workers) and rows per second. `dispatch` measures dispatch against "
                            "the mock provider's rate limits. `route` measures the router's "
-                           "scoring rate on one core and the Ray route stage for each actor "
-                           "count.")
+                           "scoring rate on one core, alternately with a scikit-learn "
+                           "baseline, and the Ray route stage for each actor count.")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
     bm = bench_sub.add_parser("memory", help="peak memory and rate of the whole job")
     bm.add_argument("--rows", type=int, default=200_000, help="prompts to generate (200000)")
@@ -51,8 +51,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bd.add_argument("--json", action="store_true", help="print the figures as JSON")
     bd.set_defaults(func=_bench_dispatch)
     br = bench_sub.add_parser(
-        "route", help="router scoring rate on one core, and the Ray route stage's rows/s and "
-        "efficiency for each actor count")
+        "route", help="router scoring rate on one core beside a scikit-learn baseline (their "
+        "ratio: baseline_ratio), and the Ray route stage's rows/s and efficiency for each "
+        "actor count")
     br.add_argument("--n", type=int, default=1_000_000, metavar="N",
                     help="generated prompts (default 1000000)")
     br.add_argument("--actors", type=_int_list, default=[1, 2], metavar="K1,K2",
@@ -60,7 +61,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     br.add_argument("--chars", type=int, default=940, metavar="C",
                     help="characters per prompt, about (default 940)")
     br.add_argument("--batch-size", type=int, default=4096, metavar="B",
-                    help="rows per onnxruntime call, alone and in the stage (default 4096)")
+                    help="rows per scoring call, alone and in the stage (default 4096)")
     br.add_argument("--router", default=None, metavar="ROUTER.onnx",
                     help="router file (default: the bundled one)")
     br.add_argument("--workdir", metavar="DIR", help="keep the generated shards here "

@@ -1,10 +1,21 @@
 """``batchroute bench route``: how fast the shipped router scores, alone and in the Ray stage.
 
-Two figures, on N generated prompts of about ``chars`` characters:
+The figures, on N generated prompts of about ``chars`` characters:
 
-- ``prompts_per_s_per_core``: the bundled router (:class:`batchroute.routers.classifier.Router`, one
-  single-threaded onnxruntime session) scoring whole batches in this process. Only the
-  ``score`` calls are timed: no reading, no policy.
+- ``prompts_per_s_per_core``: the bundled router (:class:`batchroute.routers.classifier.Router`:
+  numpy for a words router, else one single-threaded onnxruntime session; ``engine`` says
+  which) scoring whole batches in this process. Only the ``score`` calls are timed: no
+  reading, no policy.
+- ``baseline_prompts_per_s_per_core`` and ``baseline_ratio``: the plainest Python pipeline
+  for the same job, timed on the same batches in the same process, alternately with the
+  router (batch by batch, the order swapped every batch, at least :data:`ALTERNATIONS`
+  alternations): scikit-learn's ``HashingVectorizer`` (unigrams of the router's own token
+  pattern, lowercase, 2^18 features, no alternating sign, l2 norm) then one fitted
+  ``LogisticRegression.predict_proba`` per router model, from the Arrow batch (``to_pylist``
+  is timed too) to probabilities [N, M]. Its logistic regressions are fitted on
+  :data:`FIT_ROWS` other generated prompts labelled by the router's own scores (above or below
+  each model's median), so their coefficients are real. Both run on one thread
+  (threadpoolctl). ``baseline_ratio`` is the router's rate over the baseline's, from this run.
 - for each actor count k, the Ray route stage exactly as a job runs it
   (:func:`batchroute.job.runner.route_shards`: a pool of k routing actors reads the ``requests``
   shards, scores them and applies the policy), timed from the first read to the last routed
@@ -25,7 +36,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +55,8 @@ from batchroute.stages.sink import RunFolder
 
 DEFAULT_CHARS = 940
 DEFAULT_BATCH = 4096
+ALTERNATIONS = 3  # router/baseline alternations at least (small inputs are scored again)
+FIT_ROWS = 2000  # prompts the baseline's logistic regressions are fitted on
 POOL = 4096  # distinct bodies; every prompt still differs by its request number
 WORDS = (
     "the", "of", "and", "to", "in", "is", "for", "that", "on", "with", "as", "by", "this",
@@ -101,7 +114,8 @@ def route(n: int, actors: Sequence[int] = (1, 2), *, chars: int = DEFAULT_CHARS,
     load_before = os.getloadavg()
     try:
         shards = _write_requests(prompts(n, chars), tmp)
-        single = _score_alone(router_bytes, shards, batch_size)
+        single = score_alternately(router_bytes, lambda: _batches(shards, batch_size),
+                                   chars=chars)
         # A local Ray gets one logical CPU per routing actor, as the job's own sizing (one
         # actor per CPU, up to router.actors) would give it.
         cluster.start_ray(ray_address, num_cpus=max(counts))
@@ -122,8 +136,12 @@ def route(n: int, actors: Sequence[int] = (1, 2), *, chars: int = DEFAULT_CHARS,
     return {
         "n": n, "chars_mean": single["chars_mean"], "batch_size": batch_size,
         "router_version": info.version,
+        "engine": single["engine"],
         "prompts_per_s_per_core": round(single["rate"], 1),
         "single_core_s": round(single["seconds"], 2),
+        "baseline_prompts_per_s_per_core": round(single["baseline_rate"], 1),
+        "baseline_ratio": single["baseline_ratio"],
+        "baseline": single["baseline"],
         "stages": stages,
         # The headline: the largest pool measured, against that many cores of bare scoring.
         "ray_efficiency": stages[-1]["ray_efficiency"],
@@ -143,20 +161,84 @@ def _write_requests(table: pa.Table, tmp: Path) -> list[str]:
             for i, batch in enumerate(source.read_requests(data, runner.SOURCE_SHARD_ROWS))]
 
 
-def _score_alone(router_bytes: bytes, shards: list[str], batch_size: int) -> dict[str, float]:
-    router = rt.Router(router_bytes)
-    seconds = 0.0
-    rows = chars = 0
+def _batches(shards: list[str], batch_size: int) -> Iterable[pa.Array | pa.ChunkedArray]:
+    """The text column of the shards, ``batch_size`` rows at a time, as the stage reads it."""
     scanner = ds.dataset(shards, format="parquet").to_batches(
         columns=["prompt", "messages"], batch_size=batch_size)
     for batch in scanner:
-        text = source.request_text(pa.Table.from_batches([batch]))
-        t0 = time.perf_counter()
-        router.score(text)
-        seconds += time.perf_counter() - t0
-        rows += len(text)
-        chars += int(pc.sum(pc.utf8_length(text)).as_py() or 0)
-    return {"rate": rows / seconds, "seconds": seconds, "chars_mean": round(chars / rows, 1)}
+        yield source.request_text(pa.Table.from_batches([batch]))
+
+
+class Baseline:
+    """scikit-learn's plainest pipeline for the router's job: hashed unigram counts of the same
+    tokens, then one logistic regression per model. ``score`` maps an Arrow batch of texts to
+    probabilities [N, M] like :meth:`Router.score`."""
+
+    def __init__(self, texts: pa.Array | pa.ChunkedArray, scores: np.ndarray) -> None:
+        """Fit one regression per column of ``scores`` (the router's scores of ``texts``):
+        label 1 above that column's median rank, else 0."""
+        from sklearn.feature_extraction.text import HashingVectorizer
+        from sklearn.linear_model import LogisticRegression
+
+        self.vectorizer = HashingVectorizer(
+            ngram_range=(1, 1), n_features=2**18, alternate_sign=False, lowercase=True,
+            token_pattern=rt.TOKEN_PATTERN)
+        x = self.vectorizer.transform(texts.to_pylist())
+        ranks = np.argsort(np.argsort(scores, axis=0, kind="stable"), axis=0)
+        labels = (ranks >= len(scores) // 2).astype(int)
+        self.models = [LogisticRegression(max_iter=200).fit(x, labels[:, j])
+                       for j in range(scores.shape[1])]
+
+    def score(self, texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        x = self.vectorizer.transform(texts.to_pylist())
+        return np.stack([m.predict_proba(x)[:, 1] for m in self.models], axis=1)
+
+
+def score_alternately(router_bytes: bytes,
+                      batches: Callable[[], Iterable[pa.Array | pa.ChunkedArray]], *,
+                      chars: int = DEFAULT_CHARS, alternations: int = ALTERNATIONS,
+                      fit_rows: int = FIT_ROWS) -> dict[str, Any]:
+    """Time the router and the :class:`Baseline` on the same batches, one batch each in turn
+    (the first to run swaps every batch), on one thread each. ``batches`` is called again for
+    another pass until there were at least ``alternations`` batches. Returns the router's
+    ``rate`` (rows/s over its timed ``seconds``), ``baseline_rate``, their ``baseline_ratio``,
+    ``chars_mean``, ``engine`` and the ``baseline`` details (per-pass rates)."""
+    from threadpoolctl import threadpool_limits
+
+    router = rt.Router(router_bytes)
+    fit = prompts(fit_rows, chars, seed=1)["prompt"]
+    with threadpool_limits(limits=1):
+        baseline = Baseline(fit, router.score(fit))
+        spent = {"router": 0.0, "baseline": 0.0}
+        passes: list[dict[str, float]] = []
+        rows = chars_total = done = 0
+        while done < alternations:
+            pass_rows, pass_spent = 0, {"router": 0.0, "baseline": 0.0}
+            for text in batches():
+                order = [("router", router.score), ("baseline", baseline.score)]
+                for name, score in order if done % 2 == 0 else order[::-1]:
+                    t0 = time.perf_counter()
+                    score(text)
+                    pass_spent[name] += time.perf_counter() - t0
+                done += 1
+                pass_rows += len(text)
+                chars_total += int(pc.sum(pc.utf8_length(text)).as_py() or 0)
+            if pass_rows == 0:
+                raise ValueError("no prompts to score")
+            rows += pass_rows
+            for name in spent:
+                spent[name] += pass_spent[name]
+            passes.append({f"{k}_rate": round(pass_rows / v, 1) for k, v in pass_spent.items()})
+    rate, baseline_rate = rows / spent["router"], rows / spent["baseline"]
+    return {"rate": rate, "seconds": spent["router"], "chars_mean": round(chars_total / rows, 1),
+            "engine": "numpy" if router.words is not None else "onnxruntime",
+            "baseline_rate": baseline_rate, "baseline_ratio": round(rate / baseline_rate, 2),
+            "baseline": {
+                "pipeline": "HashingVectorizer(unigrams, token_pattern=[a-z0-9]+, lowercase, "
+                            "2^18, alternate_sign=False, norm=l2) + LogisticRegression."
+                            "predict_proba per model, one thread",
+                "seconds": round(spent["baseline"], 3), "alternations": done,
+                "fit_rows": fit_rows, "passes": passes}}
 
 
 def _ray_stages(shards: list[str], router_bytes: bytes, spec: RouteSpec, counts: list[int],
@@ -186,7 +268,10 @@ def _ray_stages(shards: list[str], router_bytes: bytes, spec: RouteSpec, counts:
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"{result['n']:,} prompts of ~{result['chars_mean']:.0f} chars, batches of "
              f"{result['batch_size']}; router {result['router_version']}",
-             f"scoring alone, one core: {result['prompts_per_s_per_core']:,.0f} prompts/s",
+             f"scoring alone, one core: {result['prompts_per_s_per_core']:,.0f} prompts/s "
+             f"({result['engine']}); scikit-learn baseline "
+             f"{result['baseline_prompts_per_s_per_core']:,.0f} prompts/s, ratio "
+             f"{result['baseline_ratio']:.2f}",
              "",
              f"{'actors':>6}{'wall s':>9}{'rows/s':>11}{'efficiency':>12}{'ray_eff':>9}"]
     for s in result["stages"]:

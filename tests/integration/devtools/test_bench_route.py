@@ -44,6 +44,10 @@ def test_bench_route_routes_every_prompt_with_each_pool() -> None:
     assert [(s["actors"], s["rows"]) for s in r["stages"]] == [(1, N), (2, N)]
     assert 0.85 * 600 < r["chars_mean"] < 1.15 * 600  # it scored what it generated
     assert r["prompts_per_s_per_core"] > 0 and all(s["wall_s"] > 0 for s in r["stages"])
+    # The scikit-learn baseline ran beside the router in the same run (an interface key).
+    assert r["baseline_ratio"] == pytest.approx(
+        r["prompts_per_s_per_core"] / r["baseline_prompts_per_s_per_core"], abs=0.01)
+    assert r["baseline"]["alternations"] >= 3 and r["engine"] == "numpy"
 
 
 def test_bench_route_refuses_bad_actor_lists() -> None:

@@ -49,8 +49,9 @@ texts = st.one_of(st.none(), st.text(alphabet=alphabet, max_size=60),
 @settings(max_examples=150, deadline=None)
 @given(st.lists(texts, max_size=12), st.integers(0, 70))
 def test_tokens_equal_the_plain_python_reference(rows: list[str | None], max_chars: int) -> None:
-    _as_lists(words.tokens(pa.array(rows, pa.string()), max_chars=max_chars),
-              _reference(rows, max_chars))
+    arr, ref = pa.array(rows, pa.string()), _reference(rows, max_chars)
+    _as_lists(words.tokens(arr, max_chars=max_chars), ref)
+    assert words.token_text(arr, max_chars=max_chars).to_pylist() == [t for r in ref for t in r]
 
 
 graph_texts = st.text(alphabet=st.characters(codec="utf-8", exclude_characters=GRAPH_ONLY),
@@ -127,6 +128,7 @@ def test_sliced_chunked_large_and_view_arrays() -> None:
     _as_lists(words.tokens(pa.array(rows, pa.large_string()).slice(1)), ref[1:])
     chunked = pa.chunked_array([arr.slice(0, 2), pa.array([], pa.string()), arr.slice(2)])
     _as_lists(words.tokens(chunked), ref)
+    assert words.token_text(chunked.slice(1)).to_pylist() == [t for r in ref[1:] for t in r]
     _as_lists(words.tokens(arr.cast(pa.string_view())), ref)
     _as_lists(words.tokens(arr.dictionary_encode()), ref)
     with pytest.raises(TypeError, match="strings"):
