@@ -246,12 +246,12 @@ def _offsets(arr: pa.Array) -> np.ndarray:
 
 
 def _chunk_tokens(arr: pa.Array, max_chars: int) -> Tokens:
-    return _chunk(_as_string_array(arr, max_chars))[0]
+    return _chunk(_as_string_array(arr, max_chars), spans=False)[0]
 
 
-def _chunk(arr: pa.Array) -> tuple[Tokens, np.ndarray]:
-    """The tokens of a clipped, null-free string array, and each token's [start, end) in its
-    value buffer (int64 [T, 2])."""
+def _chunk(arr: pa.Array, *, spans: bool = True) -> tuple[Tokens, np.ndarray]:
+    """The tokens of a clipped, null-free string array, and (with ``spans``) each token's
+    [start, end) in its value buffer (int64 [T, 2]; else [0, 2])."""
     offsets = _offsets(arr).astype(np.int64)
     data_buf = arr.buffers()[2]
     if data_buf is None or offsets[-1] == offsets[0]:
@@ -263,13 +263,13 @@ def _chunk(arr: pa.Array) -> tuple[Tokens, np.ndarray]:
     cuts = np.append(cuts, len(arr))
     if cuts[0] != 0:
         cuts = np.insert(cuts, 0, 0)
-    parts = [_block(data, offsets[r0:r1 + 1]) for r0, r1 in pairwise(cuts)]
+    parts = [_block(data, offsets[r0:r1 + 1], spans) for r0, r1 in pairwise(cuts)]
     if len(parts) == 1:
         return parts[0]
     return _concat([t for t, _ in parts]), np.concatenate([sp for _, sp in parts])
 
 
-def _block(data: np.ndarray, offsets: np.ndarray) -> tuple[Tokens, np.ndarray]:
+def _block(data: np.ndarray, offsets: np.ndarray, spans: bool) -> tuple[Tokens, np.ndarray]:
     """The tokens of the rows whose bytes are data[offsets[0]:offsets[-1]], and their spans."""
     lo = int(offsets[0])
     n_bytes = int(offsets[-1]) - lo
@@ -302,7 +302,7 @@ def _block(data: np.ndarray, offsets: np.ndarray) -> tuple[Tokens, np.ndarray]:
         h = g[ends] - g[starts]
         h *= p[starts]
     toks = Tokens(_fmix64(h), np.searchsorted(starts, rows).astype(np.int64))
-    return toks, np.stack([starts, ends], axis=1) + lo
+    return toks, (np.stack([starts, ends], axis=1) + lo) if spans else np.empty((0, 2), int)
 
 
 def _fmix64(h: np.ndarray) -> np.ndarray:
