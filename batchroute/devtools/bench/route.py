@@ -186,7 +186,9 @@ class Baseline:
         x = self.vectorizer.transform(texts.to_pylist())
         ranks = np.argsort(np.argsort(scores, axis=0, kind="stable"), axis=0)
         labels = (ranks >= len(scores) // 2).astype(int)
-        self.models = [LogisticRegression(max_iter=200).fit(x, labels[:, j])
+        # liblinear: a few times faster to fit on 2^18 sparse columns than lbfgs; scoring
+        # (predict_proba) is the same sparse product either way.
+        self.models = [LogisticRegression(solver="liblinear").fit(x, labels[:, j])
                        for j in range(scores.shape[1])]
 
     def score(self, texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
