@@ -7,16 +7,16 @@ tokens of a whole batch as two flat numpy arrays, never one Python object per ro
     hashes  uint64 [T]      one hash of each token's bytes, tokens in text order
     offsets int64  [N + 1]  row i's tokens are hashes[offsets[i]:offsets[i + 1]]
 
-How, on the UTF-8 value buffer of the Arrow array (read zero-copy; sliced, chunked and
-large_string arrays alike):
+How, on the UTF-8 value buffer of the Arrow array (read zero-copy for string and large_string,
+sliced or not, chunk by chunk; string_view and dictionary arrays are cast first):
 
 1. Clipping. A row of at most ``max_chars`` bytes has at most that many characters, so only
    when some row is longer is the array clipped (``pyarrow.compute.utf8_slice_codeunits``,
    which counts code points). Nulls are filled with "" first.
 2. Token bytes: ``a-z`` and ``0-9`` after ``A-Z`` are lowercased (``byte | 0x20``); every other
    byte is a separator, every byte >= 0x80 (all of non-ASCII UTF-8) among them.
-3. Token bounds. Runs of non-zero bytes start where the mask rises and end where it falls (one
-   ``diff`` over the mask); a run that crosses from one row into the next is cut at the row
+3. Token bounds. Runs of token bytes start where the mask rises and end where it falls (the
+   mask compared with itself shifted by one); a run that crosses from one row into the next is cut at the row
    start, so a token never spans two rows.
 4. Hashes. A polynomial hash from one prefix sum, in wrapping uint64 arithmetic (mod 2^64):
    with ``G[k] = sum_{j<k} b_j Q^j`` and ``Q`` odd, the hash of bytes ``[s, e)`` is
@@ -29,7 +29,8 @@ large_string arrays alike):
 
 Against the ONNX graph's tokenizer (StringNormalizer LOWER in C.UTF-8, then the ``[a-z0-9]+``
 Tokenizer) this is exact for ASCII text, and for non-ASCII text it differs only where a
-non-ASCII character lowercases to an ASCII letter: the KELVIN SIGN (U+212A, lowercase ``k``) and
+non-ASCII character lowercases to an ASCII letter, which (checked over every code point) only
+two do: the KELVIN SIGN (U+212A, lowercase ``k``) and
 LATIN CAPITAL LETTER I WITH DOT ABOVE (U+0130, lowercase ``i`` in the C locale, ``i`` + U+0307 in
 Python). Here they stay separators, so ``"5\u212a"`` is the token ``5`` instead of ``5k``.
 Every other non-ASCII character is a separator in both. The tests check the two agree on the
@@ -38,7 +39,7 @@ bundled MMLU prompts and on the bench's prompts.
 Hash collisions: two different tokens may share a hash with probability about 2^-64 per
 pair; :class:`Lookup` refuses a vocabulary with a collision inside it, so only an unknown word
 colliding with a known one could be misread, and wrapping polynomial hashes can be made to
-collide on purpose (Thue-Morse strings of a few thousand bytes): an adversary could at most
+collide on purpose (Thue-Morse strings of 2,048 bytes, for any odd ``Q``): an adversary could at most
 have one of its own tokens scored as a vocabulary word.
 """
 
@@ -52,9 +53,9 @@ from itertools import pairwise
 import numpy as np
 import pyarrow as pa
 
-# The graph pads every row to the batch's longest token list, so one 150,000-character
-# document would make a whole batch cost as much as thousands of prompts. Routing looks at the
-# first MAX_CHARS characters only, in training and in serving alike.
+# Routing looks at the first MAX_CHARS characters only, in training and in serving alike. (The
+# ONNX graph pads every row to the batch's longest token list, so there one 150,000-character
+# document would make a whole batch cost as much as thousands of prompts.)
 MAX_CHARS = 2048
 # Bytes hashed per pass (whole rows; a single longer row is a block of its own).
 BLOCK = 1 << 18
