@@ -282,10 +282,19 @@ def train(labels_uri: str, out: str, *, models: Sequence[str] | None = None,
     }
     model_bytes = feats.export(weights, bias, names, meta)
 
-    check = rt.Router(model_bytes).score(pa.array(prompts[hold].tolist(), pa.string()))
-    err = float(np.abs(check - hold_probs).max()) if len(check) else 0.0
-    if err > 1e-5:
-        raise RouterError(f"exported router disagrees with the trained model by {err:.2e}")
+    # Every way the file is served: as the job does (numpy for a words router) and, for a
+    # words router, also its graph in onnxruntime, which any other reader of the file runs.
+    held = pa.array(prompts[hold].tolist(), pa.string())
+    served = rt.Router(model_bytes)
+    routers = {"served": served}
+    if served.words is not None:
+        routers["onnxruntime"] = rt.Router(model_bytes, engine="onnxruntime")
+    for how, router in routers.items():
+        check = router.score(held)
+        err = float(np.abs(check - hold_probs).max()) if len(check) else 0.0
+        if err > 1e-5:
+            raise RouterError(f"exported router ({how}) disagrees with the trained model by "
+                              f"{err:.2e}")
     write_atomic(out, model_bytes)
     return TrainReport(names, thresholds, metrics, version, int((~hold).sum()), int(hold.sum()))
 

@@ -267,3 +267,23 @@ def test_training_and_policy_for_three_models_on_synthetic_labels(tmp_path: Path
     by_id = dict(zip(routed.column("request_id").to_pylist(),
                      routed.column("model").to_pylist(), strict=True))
     assert by_id == {"easy": "small", "medium": "medium", "hard": "large"}
+
+
+def test_a_wrong_words_export_is_caught_at_training_time(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [(f"q{i}", f"{'easy' if i % 2 else 'hard'} question {i % 7}", m,
+             float(i % 2 == 1 or (m == "big" and i % 3 > 0))) for i in range(200)
+            for m in ("small", "big")]
+    ids, prompts, models, scores = zip(*rows, strict=True)
+    pq.write_table(pa.table({"request_id": ids, "prompt": prompts, "model": models,
+                             "score": scores}), tmp_path / "labels.parquet")
+    build = rt.build_graph
+
+    def off_by_a_bit(vocab: list[str], w: np.ndarray, a: np.ndarray, b: np.ndarray,
+                     *args: object) -> bytes:
+        return build(vocab, w, a, b + 1e-3, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rt, "build_graph", off_by_a_bit)
+    with pytest.raises(RouterError, match=r"\(served\) disagrees with the trained model"):
+        train.train(str(tmp_path / "labels.parquet"), str(tmp_path / "r.onnx"))
+    assert not (tmp_path / "r.onnx").exists()
