@@ -251,11 +251,11 @@ class RouterConfig:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
     llm: LLMRouterConfig = field(default_factory=LLMRouterConfig)
-    # Rows per onnxruntime call: larger batches amortise call overhead, but the text graph pads
-    # every row to the batch's longest prompt, so very large batches waste work on padding.
+    # Rows per scoring call: larger batches amortise call overhead (an embedding router's graph
+    # pads every row to the batch's longest prompt, so there very large batches waste work).
     batch_size: int = 1024
-    # Routing actors. Each holds one single-threaded onnxruntime session and one CPU; more
-    # than the cluster's CPUs are not started.
+    # Routing actors. Each holds one router (numpy or a single-threaded onnxruntime session)
+    # and one CPU; more than the cluster's CPUs are not started.
     actors: int = 1
 
 

@@ -21,8 +21,8 @@ Every row records the stage that decided (``route_stage``), the detail (``route_
 each stage's evidence: classifier scores, nearest-neighbour scores and similarity, the llm's
 label and what asking it cost.
 
-The classifier runs once per batch on every row: one onnxruntime call is cheaper than slicing
-out the rows that need it, and the scores are evidence worth keeping on every row. Similarity
+The classifier runs once per batch on every row: one scoring call over the batch is cheaper
+than slicing out the rows that need it, and the scores are evidence worth keeping on every row. Similarity
 and llm run only on the rows still open when their turn comes: they cost more per row.
 """
 
