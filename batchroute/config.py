@@ -197,6 +197,8 @@ class Rule:
 
 
 ROUTER_STAGES = ("rules", "similarity", "classifier", "llm")
+# The similarity router's sentence embedders (routers/similarity.py's embedder_for).
+SIMILARITY_FEATURES = ("static", "minilm")
 POLICIES = ("success", "relative")
 
 
@@ -208,8 +210,11 @@ class SimilarityConfig:
     k: int = 16
     # Neighbours less similar than this (cosine) are ignored; a row with none passes on.
     min_similarity: float = 0.3
-    # exact (matrix product), hnsw (faiss), or auto: hnsw from 200,000 bank entries.
+    # exact (matrix product), ivf or hnsw (faiss), or auto: ivf from 50,000 bank entries.
     index: str = "auto"
+    # The sentence embedder: "static" (word vectors distilled from MiniLM) or "minilm" (the
+    # transformer); "" takes the one the bank was built with.
+    features: str = ""
     # Rows whose predicted success of the cheapest model falls in [low, high] pass on to the
     # next stage (a cascade's uncertain band); None: this stage decides every row it sees.
     uncertain: tuple[float, float] | None = None
@@ -734,7 +739,8 @@ def _rule(r: Mapping[str, Any], i: int, models: Mapping[str, ModelConfig]) -> Ru
 
 
 def _band(t: Mapping[str, Any], where: str) -> tuple[float, float] | None:
-    _known(t, where.rstrip("."), {"uncertain"} | ({"bank", "k", "min_similarity", "index"}
+    _known(t, where.rstrip("."), {"uncertain"} | ({"bank", "k", "min_similarity", "index",
+                                                   "features"}
                                                   if "similarity" in where else set()))
     if "uncertain" not in t:
         return None
@@ -755,7 +761,8 @@ def _similarity(t: Mapping[str, Any], used: bool) -> SimilarityConfig:
         bank=_resolve(_str(t, "bank", where)), k=_int(t, "k", where, minimum=1, default=16),
         min_similarity=_num(t, "min_similarity", where, minimum=-1.0, maximum=1.0,
                             default=0.3),
-        index=_choice(t, "index", where, ("auto", "exact", "hnsw"), "auto"),
+        index=_choice(t, "index", where, ("auto", "exact", "ivf", "hnsw"), "auto"),
+        features=_choice(t, "features", where, ("", *SIMILARITY_FEATURES), ""),
         uncertain=band)
 
 

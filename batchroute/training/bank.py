@@ -18,10 +18,12 @@ import pyarrow.parquet as pq
 
 from batchroute.errors import ConfigError
 from batchroute.routers.similarity import (
+    DEFAULT_FEATURES,
     META_EMBEDDER,
     TextEmbedder,
     bank_schema,
-    default_embedder,
+    embedder_for,
+    features_of,
     text_keys,
 )
 from batchroute.stages.manifest import Manifest
@@ -76,20 +78,22 @@ def outcomes_from_run(run_folder: str) -> pl.DataFrame:
 
 
 def add(bank_path: str, outcomes: pl.DataFrame, *, source: str,
-        embedder: TextEmbedder | None = None) -> dict[str, int]:
+        embedder: TextEmbedder | None = None, features: str = "") -> dict[str, int]:
     """Embed the new prompts and merge their outcomes into the bank at ``bank_path`` (created
     if absent). A prompt already in the bank keeps its embedding; a newer outcome for the same
-    (prompt, model) replaces the older one. Returns counts."""
-    embedder = embedder or default_embedder()
+    (prompt, model) replaces the older one. The embedder is ``embedder``, else the one
+    ``features`` names, else the existing bank's own, else the default. Returns counts."""
     texts = pa.array(outcomes["prompt"].to_list(), pa.string())
     frame = outcomes.with_columns(key=pl.Series(text_keys(texts)))
     old = None
+    was = ""
     if Path(bank_path).exists():
         old = pq.read_table(bank_path)
         was = (old.schema.metadata or {}).get(META_EMBEDDER, b"").decode()
-        if was and was != embedder.name:
-            raise ConfigError(f"memory bank {bank_path} was embedded with {was!r}, not "
-                              f"{embedder.name!r}")
+    embedder = embedder or embedder_for(features or features_of(was) or DEFAULT_FEATURES)
+    if was and was != embedder.name:
+        raise ConfigError(f"memory bank {bank_path} was embedded with {was!r}, not "
+                          f"{embedder.name!r}")
     known = set(old.column("key").to_pylist()) if old is not None else set()
     fresh = frame.unique("key", keep="first", maintain_order=True).filter(
         ~pl.col("key").is_in(list(known)))

@@ -44,7 +44,8 @@ ROUTER_KIND = "bow-lr-1"
 # Unit-length 384-d embeddings have small coordinates, so their best C is larger.
 EMBED_C_GRID = (0.3, 1.0, 3.0, 10.0, 30.0)
 EMBED_KIND = "minilm-lr-1"
-FEATURES = ("words", "embed")
+STATIC_KIND = "static-lr-1"
+FEATURES = ("words", "embed", "static")
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,27 @@ def embed_features(prompts: np.ndarray, *, threads: int = 1) -> Features:
     return Features(x, EMBED_C_GRID, EMBED_KIND, settings, extra, export)
 
 
+def static_features(prompts: np.ndarray) -> Features:
+    """Static sentence embeddings (:mod:`batchroute.routers.static`, the bundled table) of the
+    first MAX_CHARS characters; the file holds the table, so it needs nothing beside it."""
+    from batchroute.routers import static
+
+    embedder = static.StaticEmbedder.load()
+    x = embedder.embed(pa.array(prompts.tolist(), pa.string()))
+    meta = static.read_metadata(static.ASSET)
+
+    def export(coef: np.ndarray, bias: np.ndarray, names: Sequence[str],
+               meta: dict[str, str]) -> bytes:
+        return rt.build_static_graph(embedder.table, coef, bias, names, meta)
+
+    settings = {"kind": STATIC_KIND, "embedder": static.NAME, "dim": embedder.dim,
+                "max_chars": rt.MAX_CHARS, "tokens": meta.get("tokens", ""),
+                "teacher": meta.get("teacher", ""), "vocab_size": len(embedder.vocab),
+                "inputs": ["ids"], "pooling": "sum of word vectors, L2-normalised"}
+    extra = {"static_words": json.dumps(embedder.vocab)}
+    return Features(x, EMBED_C_GRID, STATIC_KIND, settings, extra, export)
+
+
 def train(labels_uri: str, out: str, *, models: Sequence[str] | None = None,
           cut: float = 0.5, seed: int = 0, features: str = "words") -> TrainReport:
     """Train, export and verify a router; writes ``out`` atomically. ``features`` is one of
@@ -225,7 +247,8 @@ def train(labels_uri: str, out: str, *, models: Sequence[str] | None = None,
         if len(np.unique(table[name].to_numpy()[~hold] >= cut)) < 2:
             raise SchemaError(f"labels: model {name!r} has only one outcome at cut {cut}; "
                               "nothing to learn")
-    feats = words_features(prompts, hold) if features == "words" else embed_features(prompts)
+    feats = (words_features(prompts, hold) if features == "words" else
+             embed_features(prompts) if features == "embed" else static_features(prompts))
     x = feats.x
     x_train, x_hold = x[~hold], x[hold]
 

@@ -167,7 +167,7 @@ def test_job_file_router_sections() -> None:
         ({"classifier": {"uncertain": [0.8, 0.2]}}, r"uncertain: must be \[low, high\]"),
         ({"similarity": {"k": 8}}, "router.similarity.bank: missing"),
         ({"similarity": {"bank": "b", "index": "lsh"}},
-         "router.similarity.index: must be one of auto, exact, hnsw"),
+         "router.similarity.index: must be one of auto, exact, ivf, hnsw"),
         ({"stages": ["rules"], "similarity": {"bank": "b"}}, "configured but not in"),
         ({"fallback": "ghost"}, "router.fallback: 'ghost' is not in the models catalog"),
         ({"stages": ["classifier", "similarity", "llm"],
@@ -316,33 +316,56 @@ def test_rules_are_vectorised_and_their_order_is_respected(
     assert _col(swapped, "route_reason") == ["rule:second", "rule:second", "fallback"]
 
 
-def test_a_large_bank_is_searched_through_a_cached_hnsw_index(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kind", "cls"), [("ivf", "IndexIVFScalarQuantizer"),
+                                           ("hnsw", "IndexHNSWFlat")])
+def test_a_large_bank_is_searched_through_a_cached_approximate_index(
+        tmp_path: Path, kind: str, cls: str) -> None:
     import faiss
 
     rng = np.random.default_rng(1)
     n, dim = 3000, 32
-    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    # Prompts come in families (templates, topics): 100 clusters.
+    centres = rng.standard_normal((100, dim)).astype(np.float32)
+    family = rng.integers(0, 100, n)
+    vectors = centres[family] + 0.25 * rng.standard_normal((n, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    # A family's prompts mostly share their outcome.
+    outcome = (family % 2 == (rng.random(n) < 0.9)).astype(np.float32)[:, None]
     bank = memory.Bank(np.array([f"k{i}" for i in range(n)], dtype=object), vectors,
-                       (CHEAP,), rng.integers(0, 2, (n, 1)).astype(np.float32), EMB.name)
+                       (CHEAP,), outcome, EMB.name)
     path = tmp_path / "bank.parquet"
     path.write_bytes(b"stand-in: the stamp reads the file's size and time")
-    index = memory.hnsw_index(bank, str(path))
-    assert isinstance(index, faiss.IndexHNSWFlat)
-    stamp = (tmp_path / "bank.parquet.hnsw").stat().st_mtime_ns
-    assert memory.hnsw_index(bank, str(path)).ntotal == n  # read back, not rebuilt
-    assert (tmp_path / "bank.parquet.hnsw").stat().st_mtime_ns == stamp
+    index = memory.ann_index(bank, str(path), kind)
+    assert isinstance(index, getattr(faiss, cls))
+    saved = tmp_path / f"bank.parquet.{kind}"
+    stamp = saved.stat().st_mtime_ns
+    again = memory.ann_index(bank, str(path), kind)  # read back, not rebuilt
+    assert again.ntotal == n and saved.stat().st_mtime_ns == stamp
+    if kind == "ivf":
+        assert faiss.extract_index_ivf(again).nprobe == memory.IVF_NPROBE  # tuned once read
+        assert index.nlist == memory.ivf_lists(n) == 64
     exact = memory.Neighbours(bank, EMB, k=10, min_similarity=0.0, models=[CHEAP])
     approx = memory.Neighbours(bank, EMB, k=10, min_similarity=0.0, models=[CHEAP], ann=index)
+    # Queries near bank entries, as tonight's prompts are near last night's.
     queries = vectors[:200] + 0.3 * rng.standard_normal((200, dim)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     (es, ei), (as_, ai) = exact.nearest(queries), approx.nearest(queries)
     recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(ai, ei, strict=True)])
-    assert recall >= 0.95
-    np.testing.assert_allclose(as_[:, 0], es[:, 0], atol=1e-5)  # the nearest is found
-    # Scores from either search agree closely.
-    np.testing.assert_allclose(approx.predict_embedded(queries)[0],
-                               exact.predict_embedded(queries)[0], atol=0.05)
+    assert recall >= 0.9
+    # The nearest is found (to float16 rounding) for almost every query.
+    assert np.mean(np.abs(as_[:, 0] - es[:, 0]) < 1e-3) >= 0.9
+    # Scores from either search agree closely on average (a query between two families may
+    # see the other one's neighbours).
+    diff = np.abs(approx.predict_embedded(queries)[0] - exact.predict_embedded(queries)[0])
+    assert diff.mean() <= 0.02 and np.median(diff) <= 1e-3
+
+
+def test_ivf_lists_grow_with_the_bank_and_keep_enough_training_points() -> None:
+    assert memory.ivf_lists(1_000_000) == 4096
+    assert memory.ivf_lists(50_000) == 1024
+    assert memory.ivf_lists(100) == 2 and memory.ivf_lists(10) == 1
+    for rows in (1, 77, 5_000, 123_456, 3_000_000):
+        assert memory.ivf_lists(rows) * 39 <= max(rows, 39)
 
 
 # -- policy = "relative" ---------------------------------------------------------------------
