@@ -17,7 +17,7 @@ def on_mock(models: dict[str, dict[str, Any]], url: str, key_env: str, **extra: 
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    bench = sub.add_parser("bench", help="benchmarks: memory, dispatch, route, task, cache, tiers",
+    bench = sub.add_parser("bench", help="benchmarks: memory, dispatch, route, similarity, task, cache, tiers",
                            description="Measure the job. `memory` runs the whole job on N "
                            "generated prompts against the mock provider with high limits and "
                            "prints peak memory over every process of the job (driver and Ray "
@@ -37,6 +37,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                          "API (one-second batches)")
     bm.add_argument("--json", action="store_true", help="print JSON only")
     bm.set_defaults(func=_bench_memory)
+    bs = bench_sub.add_parser(
+        "similarity", help="the similarity stage on a synthetic bank: embedding and stage "
+        "rates per core, top-32 recall against exact search, bank memory")
+    bs.add_argument("--features", choices=("static", "minilm"), default="static",
+                    help="sentence embedder (default static)")
+    bs.add_argument("--bank-rows", type=int, default=None, metavar="N",
+                    help="bank entries (default 1000000 for static, 2000 for minilm)")
+    bs.add_argument("--queries", type=int, default=None, metavar="Q",
+                    help="prompts routed through the stage (default 20000 static, 200 minilm)")
+    bs.add_argument("--index", choices=("auto", "exact", "ivf", "hnsw"), default="auto",
+                    help="the bank's search, as [router.similarity] index (default auto)")
+    bs.add_argument("--context-chars", type=int, default=300, metavar="C",
+                    help="characters of unrelated context after each prompt's question "
+                    "(default 300; more makes neighbours harder to find)")
+    bs.add_argument("--workdir", metavar="DIR", help="keep the bank and its index here")
+    bs.add_argument("--json", action="store_true", help="print the figures as JSON")
+    bs.set_defaults(func=_bench_similarity)
     bd = bench_sub.add_parser(
         "dispatch", help="dispatch against the mock provider's rate limits: wall time over the "
         "limits' lower bound, client CPU per request, 429s")
@@ -157,6 +174,21 @@ def _bench_route(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"bench route: {exc}") from None
     print(json.dumps(result, indent=2) if args.json else bench_route.format_table(result))
+    return 0
+
+
+def _bench_similarity(args: argparse.Namespace) -> int:
+    import json
+
+    from batchroute.devtools.bench import similarity as bench_similarity
+
+    try:
+        result = bench_similarity.similarity(
+            features=args.features, bank_rows=args.bank_rows, queries=args.queries,
+            index=args.index, context_chars=args.context_chars, workdir=args.workdir)
+    except ValueError as exc:
+        raise ConfigError(f"bench similarity: {exc}") from None
+    print(json.dumps(result, indent=2) if args.json else bench_similarity.format_table(result))
     return 0
 
 

@@ -1,0 +1,259 @@
+"""``batchroute bench similarity``: the similarity router at batch scale.
+
+A synthetic bank stands in for a year of nightly traffic: prompts come in families, as a
+queue's do (the same question with other context, a template filled in again). Each bank entry
+and each query is one of ``BASES`` real prompts (the bundled MMLU questions and the demo's
+support, code and report prompts) followed by a context of about ``context_chars`` characters
+cut from other prompts and a reference number; its outcomes are its family's (the MMLU labels
+where the question is labelled, else a per-family draw), with one flip in ten.
+
+Figures, each on one core (faiss and onnxruntime single-threaded, as in a routing actor):
+
+- ``embed_prompts_per_s_per_core``: the embedder alone on the bench route's ~940-character
+  prompts (:func:`batchroute.devtools.bench.route.prompts`);
+- ``stage_prompts_per_s_per_core``: the route stage itself (:class:`RouteStage` with
+  ``stages = ["similarity"]`` over the bank file: embed, k-NN, the policy, the output
+  table) on the queries, in batches of the job's default size; opening the bank and
+  building its index are timed apart (``open_s``);
+- ``recall_at_32``: the share of each query's exact top 32 (a flat inner-product search)
+  that the stage's index returns, over ``recall_queries`` queries;
+- ``curve``: recall and k-NN rate alone for each ``nprobe`` (IVF) around the default;
+- ``bank_rows``, ``bank_bytes`` (what the stage holds: the index, with its vectors, plus
+  the outcomes), ``bank_file_bytes``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batchroute import schemas
+from batchroute.config import MMLU_LABELS, SimilarityConfig
+from batchroute.routers import similarity as sim
+from batchroute.stages.route import Candidate, RouteSpec, RouteStage
+
+K = 32
+CHEAP, STRONG = "mixtral-8x7b-instruct", "gpt-4-1106-preview"
+DEFAULT_ROWS = {"static": 1_000_000, "minilm": 2_000}
+DEFAULT_QUERIES = {"static": 20_000, "minilm": 200}
+NPROBES = (4, 8, 16, 24, 32, 64)
+BATCH = 4096
+
+
+def bases(seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """(prompts, outcomes [B, 2] for cheap and strong): the MMLU questions with their labels,
+    then the demo's other prompts with a seeded outcome per prompt."""
+    from batchroute.devtools import sample
+
+    labels = pq.read_table(MMLU_LABELS, columns=["prompt", "model", "score"]).to_pylist()
+    per: dict[str, dict[str, float]] = {}
+    for r in labels:
+        per.setdefault(r["prompt"], {})[r["model"]] = float(r["score"])
+    mmlu = [p for p, o in per.items() if CHEAP in o and STRONG in o]
+    demo = sample.generate(rows=30_000, seed=seed)
+    kinds = demo.column("kind").to_pylist()
+    others = sorted({p for p, k in zip(demo.column("prompt").to_pylist(), kinds, strict=True)
+                     if p and k in ("faq", "code", "summarise") and len(p) < 4000})
+    rng = np.random.default_rng(seed)
+    cheap_ok = rng.random(len(others)) < 0.7
+    out = np.vstack([np.array([[per[p][CHEAP], per[p][STRONG]] for p in mmlu], np.float32),
+                     np.column_stack([cheap_ok, cheap_ok | (rng.random(len(others)) < 0.8)
+                                      ]).astype(np.float32)])
+    return mmlu + others, out
+
+
+def family_texts(base: list[str], outcomes: np.ndarray, n: int, *, context_chars: int,
+                 seed: int) -> tuple[pa.Array, np.ndarray]:
+    """``n`` prompts of random families (vectorised: Arrow joins over pooled pieces), and
+    their outcomes (the family's, one in ten flipped)."""
+    rng = np.random.default_rng(seed)
+    pool = min(20_000, n)
+    arr = pa.array(base)
+    # Context pieces: the start of another prompt, cut to about context_chars characters.
+    pick = rng.integers(0, len(base), pool)
+    pieces = pc.utf8_slice_codeunits(arr.take(pa.array(pick)), 0, max(context_chars, 1))
+    fam = rng.integers(0, len(base), n)
+    ctx = rng.integers(0, pool, n)
+    ref = pc.cast(pa.array(rng.integers(0, 10**9, n)), pa.string())
+    text = pc.binary_join_element_wise(arr.take(pa.array(fam)), " Context: ",
+                                       pieces.take(pa.array(ctx)), " Ref ", ref, "")
+    flip = rng.random((n, 1)) < 0.1
+    return text, np.where(flip, 1.0 - outcomes[fam], outcomes[fam]).astype(np.float32)
+
+
+def _requests(text: pa.Array) -> pa.Table:
+    """The queries as the source stage hands them to routing (schemas.REQUESTS)."""
+    n = len(text)
+    cols = {f.name: pa.nulls(n, f.type) for f in schemas.REQUESTS}
+    cols.update(request_id=pc.binary_join_element_wise(
+        "q-", pc.cast(pa.array(np.arange(n)), pa.string()), ""),
+        row=pa.array(np.arange(n), schemas.REQUESTS.field("row").type), prompt=text)
+    return pa.table(cols, schema=schemas.REQUESTS)
+
+
+def _write_bank(path: Path, vectors: np.ndarray, outcomes: np.ndarray, name: str) -> None:
+    n, dim = vectors.shape
+    outs = pa.array([[{"model": CHEAP, "score": float(a)}, {"model": STRONG, "score": float(b)}]
+                     for a, b in outcomes], pa.list_(sim.OUTCOME))
+    table = pa.table({
+        "key": pc.cast(pa.array(np.arange(n)), pa.string()),
+        "request_id": pa.nulls(n, pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), pa.float32()),
+                                                       dim),
+        "outcomes": outs, "source": pa.nulls(n, pa.string())})
+    schema = sim.bank_schema(dim).with_metadata({sim.META_EMBEDDER: name.encode()})
+    pq.write_table(table.cast(schema), path)
+
+
+def _in_batches(embedder: sim.TextEmbedder, text: pa.Array) -> np.ndarray:
+    return np.vstack([embedder.embed(text.slice(i, BATCH)) for i in range(0, len(text), BATCH)])
+
+
+def similarity(*, features: str = "static", bank_rows: int | None = None,
+               queries: int | None = None, recall_queries: int = 2_000,
+               context_chars: int = 300, index: str = "auto", seed: int = 0,
+               workdir: str | None = None) -> dict[str, Any]:
+    """Build a synthetic bank of ``bank_rows`` entries with ``features`` and measure the
+    similarity stage on it. Raises ValueError for non-positive sizes."""
+    import faiss
+
+    from batchroute.devtools.bench.route import prompts
+
+    rows = bank_rows or DEFAULT_ROWS.get(features, 2_000)
+    nq = queries or DEFAULT_QUERIES.get(features, 200)
+    if rows < 1 or nq < 1 or recall_queries < 1:
+        raise ValueError("bank rows, queries and recall queries must be >= 1")
+    load_before = os.getloadavg()
+    faiss.omp_set_num_threads(1)
+    embedder = sim.embedder_for(features)
+    base, outcomes = bases(seed)
+    bank_text, bank_out = family_texts(base, outcomes, rows, context_chars=context_chars,
+                                       seed=seed + 1)
+    query_text, _ = family_texts(base, outcomes, nq, context_chars=context_chars,
+                                 seed=seed + 2)
+
+    probe = prompts(min(20_000, max(nq, 1_000)), seed=seed).column("prompt").combine_chunks()
+    embedder.embed(probe.slice(0, 64))  # warm
+    t0 = time.process_time()
+    _in_batches(embedder, probe)
+    embed_rate = len(probe) / (time.process_time() - t0)
+
+    t0 = time.perf_counter()
+    vectors = _in_batches(embedder, bank_text)
+    bank_embed_s = time.perf_counter() - t0
+    tmp = Path(workdir or tempfile.mkdtemp(prefix="batchroute-bench-similarity-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        bank_path = tmp / "bank.parquet"
+        _write_bank(bank_path, vectors, bank_out, embedder.name)
+        exact = faiss.IndexFlatIP(vectors.shape[1])
+        exact.add(vectors)
+        del vectors
+        cfg = SimilarityConfig(bank=str(bank_path), k=K, min_similarity=0.2, index=index)
+        spec = RouteSpec((Candidate(CHEAP, 1.0, 10**9, 10**12),
+                          Candidate(STRONG, 40.0, 10**9, 10**12)), (), {CHEAP: 0.7}, 512,
+                         stages=("similarity",), similarity=cfg)
+        t0 = time.perf_counter()
+        faiss.omp_set_num_threads(os.cpu_count() or 1)  # building is not what is measured
+        stage = RouteStage(None, spec, embedder=embedder)
+        open_s = time.perf_counter() - t0
+        faiss.omp_set_num_threads(1)
+        requests = _requests(query_text)
+        stage(requests.slice(0, 64))  # warm
+        t0 = time.process_time()
+        routed = sum(stage(requests.slice(i, BATCH)).num_rows
+                     for i in range(0, requests.num_rows, BATCH))
+        stage_rate = routed / (time.process_time() - t0)
+
+        nb = stage._similarity
+        q = embedder.embed(query_text.slice(0, recall_queries))
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+        _, truth = exact.search(q, K)
+        faiss.omp_set_num_threads(1)
+        recall = _recall(nb.nearest(q)[1], truth)
+        curve = _curve(nb.ann, q, truth) if nb.ann is not None else []
+        held = _held_bytes(nb)
+        file_bytes = bank_path.stat().st_size
+    finally:
+        if workdir is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "features": features, "embedder": embedder.name, "dim": embedder.dim,
+        "index": "exact" if nb.ann is None else type(nb.ann).__name__,
+        "bank_rows": rows, "queries": nq, "k": K,
+        "embed_prompts_per_s_per_core": round(embed_rate, 1),
+        "embed_chars_mean": round(float(pc.mean(pc.utf8_length(probe)).as_py() or 0), 1),
+        "stage_prompts_per_s_per_core": round(stage_rate, 1),
+        "stage_chars_mean": round(float(pc.mean(pc.utf8_length(query_text)).as_py() or 0), 1),
+        "recall_at_32": round(recall, 4),
+        "nprobe": sim.IVF_NPROBE if nb.ann is not None else None,
+        "curve": curve,
+        "bank_bytes": held, "bank_file_bytes": file_bytes,
+        "bank_embed_s": round(bank_embed_s, 1), "open_s": round(open_s, 1),
+        "machine_cores": os.cpu_count(),
+        "load_avg_before": [round(x, 2) for x in load_before],
+    }
+
+
+def _recall(found: np.ndarray, truth: np.ndarray) -> float:
+    hits = [len(np.intersect1d(a, b)) for a, b in zip(found, truth, strict=True)]
+    return float(np.sum(hits) / truth.size)
+
+
+def _curve(index: Any, q: np.ndarray, truth: np.ndarray) -> list[dict[str, float]]:
+    import faiss
+
+    if isinstance(index, faiss.IndexHNSW):
+        return []
+    out = []
+    for nprobe in NPROBES:
+        sim.tune(index, nprobe=nprobe)
+        t0 = time.process_time()
+        _, found = index.search(q, K)
+        rate = len(q) / (time.process_time() - t0)
+        out.append({"nprobe": nprobe, "recall_at_32": round(_recall(found, truth), 4),
+                    "knn_queries_per_s_per_core": round(rate, 1)})
+    sim.tune(index)
+    return out
+
+
+def _held_bytes(nb: sim.Neighbours) -> int:
+    """What the stage keeps for its bank: the serialised index (or the float32 vectors of an
+    exact search) plus the outcomes."""
+    import faiss
+
+    vectors = (int(faiss.serialize_index(nb.ann).nbytes) if nb.ann is not None
+               else int(nb.bank.embeddings.nbytes))
+    return vectors + int(nb.outcomes.nbytes)
+
+
+def format_table(r: dict[str, Any]) -> str:
+    lines = [
+        f"similarity stage, {r['features']} embeddings ({r['embedder']}, {r['dim']} dims), "
+        f"index {r['index']}, bank of {r['bank_rows']:,}",
+        f"embedding alone:   {r['embed_prompts_per_s_per_core']:>10,.0f} prompts/s/core "
+        f"(~{r['embed_chars_mean']:.0f} chars)",
+        f"whole stage:       {r['stage_prompts_per_s_per_core']:>10,.0f} prompts/s/core "
+        f"(~{r['stage_chars_mean']:.0f} chars, {r['queries']:,} queries)",
+        f"top-{r['k']} recall:     {r['recall_at_32']:>10.4f} against exact search",
+        f"bank held:         {r['bank_bytes'] / 2**20:>10,.1f} MiB "
+        f"(file {r['bank_file_bytes'] / 2**20:,.1f} MiB); embedding the bank "
+        f"{r['bank_embed_s']} s, opening it {r['open_s']} s",
+    ]
+    if r["curve"]:
+        lines += ["", f"{'nprobe':>7}{'recall@32':>11}{'k-NN q/s/core':>15}"]
+        lines += [f"{c['nprobe']:>7}{c['recall_at_32']:>11.4f}"
+                  f"{c['knn_queries_per_s_per_core']:>15,.0f}" for c in r["curve"]]
+    lines.append(f"\nmachine cores {r['machine_cores']}, load average before "
+                 f"{r['load_avg_before'][0]}")
+    return "\n".join(lines)
+
