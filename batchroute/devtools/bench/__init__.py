@@ -51,6 +51,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bs.add_argument("--context-chars", type=int, default=300, metavar="C",
                     help="characters of unrelated context after each prompt's question "
                     "(default 300; more makes neighbours harder to find)")
+    bs.add_argument("--compare-rows", type=int, default=200, metavar="R",
+                    help="prompts MiniLM embeds beside, for its rate in the same run "
+                    "(default 200; 0: none)")
     bs.add_argument("--workdir", metavar="DIR", help="keep the bank and its index here")
     bs.add_argument("--json", action="store_true", help="print the figures as JSON")
     bs.set_defaults(func=_bench_similarity)
@@ -185,7 +188,8 @@ def _bench_similarity(args: argparse.Namespace) -> int:
     try:
         result = bench_similarity.similarity(
             features=args.features, bank_rows=args.bank_rows, queries=args.queries,
-            index=args.index, context_chars=args.context_chars, workdir=args.workdir)
+            index=args.index, context_chars=args.context_chars,
+            compare_rows=args.compare_rows, workdir=args.workdir)
     except ValueError as exc:
         raise ConfigError(f"bench similarity: {exc}") from None
     print(json.dumps(result, indent=2) if args.json else bench_similarity.format_table(result))

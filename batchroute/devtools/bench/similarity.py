@@ -10,7 +10,9 @@ where the question is labelled, else a per-family draw), with one flip in ten.
 Figures, each on one core (faiss and onnxruntime single-threaded, as in a routing actor):
 
 - ``embed_prompts_per_s_per_core``: the embedder alone on the bench route's ~940-character
-  prompts (:func:`batchroute.devtools.bench.route.prompts`);
+  prompts (:func:`batchroute.devtools.bench.route.prompts`), and beside it in the same run
+  ``minilm_embed_prompts_per_s_per_core`` (on ``compare_rows`` of them) and
+  ``words_router_prompts_per_s_per_core`` (the bundled words router scoring them);
 - ``stage_prompts_per_s_per_core``: the route stage itself (:class:`RouteStage` with
   ``stages = ["similarity"]`` over the bank file: embed, k-NN, the policy, the output
   table) on the queries, in batches of the job's default size; opening the bank and
@@ -121,9 +123,11 @@ def _in_batches(embedder: sim.TextEmbedder, text: pa.Array) -> np.ndarray:
 def similarity(*, features: str = "static", bank_rows: int | None = None,
                queries: int | None = None, recall_queries: int = 2_000,
                context_chars: int = 300, index: str = "auto", seed: int = 0,
-               workdir: str | None = None) -> dict[str, Any]:
+               compare_rows: int = 200, workdir: str | None = None) -> dict[str, Any]:
     """Build a synthetic bank of ``bank_rows`` entries with ``features`` and measure the
-    similarity stage on it. Raises ValueError for non-positive sizes."""
+    similarity stage on it; with ``compare_rows``, also MiniLM's embedding rate on that many
+    of the same prompts and the words router's, in this run. Raises ValueError for
+    non-positive sizes."""
     import faiss
 
     from batchroute.devtools.bench.route import prompts
@@ -142,10 +146,8 @@ def similarity(*, features: str = "static", bank_rows: int | None = None,
                                  seed=seed + 2)
 
     probe = prompts(min(20_000, max(nq, 1_000)), seed=seed).column("prompt").combine_chunks()
-    embedder.embed(probe.slice(0, 64))  # warm
-    t0 = time.process_time()
-    _in_batches(embedder, probe)
-    embed_rate = len(probe) / (time.process_time() - t0)
+    embed_rate = _rate(embedder.embed, probe)
+    beside = _beside(probe, compare_rows) if compare_rows else {}
 
     t0 = time.perf_counter()
     vectors = _in_batches(embedder, bank_text)
@@ -191,6 +193,7 @@ def similarity(*, features: str = "static", bank_rows: int | None = None,
         "index": "exact" if nb.ann is None else type(nb.ann).__name__,
         "bank_rows": rows, "queries": nq, "k": K,
         "embed_prompts_per_s_per_core": round(embed_rate, 1),
+        **beside,
         "embed_chars_mean": round(float(pc.mean(pc.utf8_length(probe)).as_py() or 0), 1),
         "stage_prompts_per_s_per_core": round(stage_rate, 1),
         "stage_chars_mean": round(float(pc.mean(pc.utf8_length(query_text)).as_py() or 0), 1),
@@ -202,6 +205,28 @@ def similarity(*, features: str = "static", bank_rows: int | None = None,
         "machine_cores": os.cpu_count(),
         "load_avg_before": [round(x, 2) for x in load_before],
     }
+
+
+def _rate(fn: Any, texts: pa.Array) -> float:
+    """Prompts per CPU-second of ``fn`` over ``texts`` in batches (after one warm-up call)."""
+    fn(texts.slice(0, 16))
+    t0 = time.process_time()
+    for i in range(0, len(texts), BATCH):
+        fn(texts.slice(i, BATCH))
+    return len(texts) / (time.process_time() - t0)
+
+
+def _beside(probe: pa.Array, rows: int) -> dict[str, float]:
+    """The yardsticks on the same prompts, in the same run: MiniLM (``rows`` of them) and the
+    bundled words router (all)."""
+    from batchroute.config import BUNDLED_ROUTER
+    from batchroute.routers import classifier, embed
+
+    minilm = embed.Embedder.load()
+    router = classifier.Router(classifier.read_bytes(BUNDLED_ROUTER))
+    return {"minilm_embed_prompts_per_s_per_core":
+            round(_rate(minilm.embed, probe.slice(0, rows)), 1),
+            "words_router_prompts_per_s_per_core": round(_rate(router.score, probe), 1)}
 
 
 def _recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -242,6 +267,9 @@ def format_table(r: dict[str, Any]) -> str:
         f"index {r['index']}, bank of {r['bank_rows']:,}",
         f"embedding alone:   {r['embed_prompts_per_s_per_core']:>10,.0f} prompts/s/core "
         f"(~{r['embed_chars_mean']:.0f} chars)",
+        *([f"  beside it: MiniLM {r['minilm_embed_prompts_per_s_per_core']:,.1f}, the words "
+           f"router {r['words_router_prompts_per_s_per_core']:,.0f} prompts/s/core"]
+          if "minilm_embed_prompts_per_s_per_core" in r else []),
         f"whole stage:       {r['stage_prompts_per_s_per_core']:>10,.0f} prompts/s/core "
         f"(~{r['stage_chars_mean']:.0f} chars, {r['queries']:,} queries)",
         f"top-{r['k']} recall:     {r['recall_at_32']:>10.4f} against exact search",

@@ -16,7 +16,7 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     work = tmp_path_factory.mktemp("bench-similarity")
     # 60,000 entries: past the exact-search limit, so the stage searches an IVF index.
     return bench.similarity(bank_rows=60_000, queries=2_000, recall_queries=300,
-                            workdir=str(work))
+                            compare_rows=16, workdir=str(work))
 
 
 def test_the_interface_keys_are_there_and_sane(result: dict[str, object]) -> None:
@@ -27,6 +27,9 @@ def test_the_interface_keys_are_there_and_sane(result: dict[str, object]) -> Non
     assert 0.0 < float(result["recall_at_32"]) <= 1.0  # type: ignore[arg-type]
     assert float(result["embed_prompts_per_s_per_core"]) > 0  # type: ignore[arg-type]
     assert float(result["stage_prompts_per_s_per_core"]) > 0  # type: ignore[arg-type]
+    # The yardsticks measured beside it, in the same run.
+    assert float(result["minilm_embed_prompts_per_s_per_core"]) > 0  # type: ignore[arg-type]
+    assert float(result["words_router_prompts_per_s_per_core"]) > 0  # type: ignore[arg-type]
     assert 800 <= float(result["embed_chars_mean"]) <= 1100  # type: ignore[arg-type]
     # The stage holds float16 codes: well under the float32 vectors of the file.
     assert int(result["bank_bytes"]) < 0.75 * int(result["bank_file_bytes"])  # type: ignore[call-overload]
