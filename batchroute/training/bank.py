@@ -18,9 +18,12 @@ import pyarrow.parquet as pq
 
 from batchroute.errors import ConfigError
 from batchroute.routers.similarity import (
+    ANN_MIN_ROWS,
     DEFAULT_FEATURES,
     META_EMBEDDER,
+    Bank,
     TextEmbedder,
+    ann_index,
     bank_schema,
     embedder_for,
     features_of,
@@ -130,6 +133,9 @@ def add(bank_path: str, outcomes: pl.DataFrame, *, source: str,
     Path(bank_path).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, tmp, compression="zstd")
     Path(tmp).replace(bank_path)
+    if table.num_rows >= ANN_MIN_ROWS:
+        # Built here once, so that routing actors read it instead of each building it.
+        ann_index(Bank.read(bank_path), bank_path, "ivf")
     return {"prompts": table.num_rows, "new_prompts": fresh.height,
             "outcomes": new_outcomes.height}
 

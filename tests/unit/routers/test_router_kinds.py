@@ -459,3 +459,17 @@ def test_eval_scores_a_cascade_inside_the_band_of_the_stage_before() -> None:
     # classifier rows: 1 - P(cheap); llm rows: the label's rank mapped into the band on
     # 1 - P(cheap), [0.4, 0.6]; a rule's row: 1 when it went to the strong model.
     np.testing.assert_allclose(out, [0.1, 0.9, 0.4, 0.6, 1.0], rtol=1e-6)
+
+
+def test_memory_add_builds_a_large_banks_index_once_for_the_routing_actors(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bank_tools, "ANN_MIN_ROWS", 100)
+    rows = [(f"prompt number {i} about topic {i % 7}", {CHEAP: float(i % 2)})
+            for i in range(150)]
+    path = _bank(tmp_path, rows)
+    index = tmp_path / "bank.parquet.ivf"
+    assert index.exists() and (tmp_path / "bank.parquet.ivf.stamp").exists()
+    built = index.stat().st_mtime_ns
+    # Opening the bank reads that index (its stamp matches the bank file), it does not build.
+    loaded = memory.ann_index(memory.Bank.read(path), path, "ivf")
+    assert loaded.ntotal == 150 and index.stat().st_mtime_ns == built
