@@ -78,11 +78,12 @@ def test_the_parser_has_every_command() -> None:
     commands = next(a for a in parser._actions
                     if isinstance(a, argparse._SubParsersAction)).choices
     assert set(commands) == {"run", "plan", "resume", "backfill", "train", "score", "eval",
-                             "calibrate", "memory", "report", "bench", "mock-provider",
-                             "sample"}
+                             "calibrate", "memory", "static", "report", "bench",
+                             "mock-provider", "sample"}
     bench = next(a for a in commands["bench"]._actions
                  if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(bench) == {"memory", "dispatch", "route", "task", "cache", "tiers"}
+    assert set(bench) == {"memory", "dispatch", "route", "similarity", "task", "cache",
+                          "tiers"}
 
 
 def test_top_level_help_names_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
