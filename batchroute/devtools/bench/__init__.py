@@ -68,6 +68,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="the mock's median latency (default 300)")
     bd.add_argument("--n", type=int, default=20_000, metavar="N",
                     help="requests in all (default 20000)")
+    bd.add_argument("--baseline", action="store_true",
+                    help="also run a naive aiohttp + aiolimiter loop as the yardstick, "
+                    "alternating with batchroute's client (--pairs pairs), and report "
+                    "client_cpu_ratio (ours / naive) and both wall_over_bound figures")
+    bd.add_argument("--pairs", type=int, default=3, metavar="P",
+                    help="with --baseline: pairs of runs, ours then naive (default 3)")
     bd.add_argument("--json", action="store_true", help="print the figures as JSON")
     bd.set_defaults(func=_bench_dispatch)
     br = bench_sub.add_parser(
@@ -133,7 +139,8 @@ def _bench_dispatch(args: argparse.Namespace) -> int:
 
     try:
         result = bench_dispatch.dispatch(rate=args.rate, models=args.models,
-                                         latency_ms=args.latency_ms, n=args.n)
+                                         latency_ms=args.latency_ms, n=args.n,
+                                         baseline=args.baseline, pairs=args.pairs)
     except ValueError as exc:
         raise ConfigError(f"bench dispatch: {exc}") from None
     if args.json:
@@ -150,6 +157,18 @@ def _bench_dispatch(args: argparse.Namespace) -> int:
           f"client CPU {result['client_cpu_ms_per_request']} ms/request; "
           f"429s {result['rate_limited_share']:.2%} (last at {result['last_429_s']} s); "
           f"failed {result['failed']}")
+    if args.baseline:
+        print(f"naive aiohttp loop: {result['baseline_wall_over_bound']}x the bound, client CPU "
+              f"{result['baseline_client_cpu_ms_per_request']} ms/request; client_cpu_ratio "
+              f"{result['client_cpu_ratio']} ({result['client_cpu_ratio_of']}; "
+              f"{result['client_cpu_ratios']})")
+        for r in result["runs"]:
+            print(f"  {r['client']:<11} wall÷bound {r['wall_over_bound']:.3f}  CPU "
+                  f"{r['client_cpu_ms_per_request']:.3f} ms/request  429s {r['rate_limited']}"
+                  f"  failed {r['failed']}  load average at start {r['load_average_at_start']}")
+    print("pinned: " + (f"client on core {result['pinned']['client_core']}, mock on core "
+                        f"{result['pinned']['mock_core']}" if result["pinned"]
+                        else result["pinning"]))
     return 0
 
 

@@ -24,6 +24,7 @@ import math
 import os
 import random
 import secrets
+import statistics
 import subprocess
 import sys
 import time
@@ -47,11 +48,29 @@ WORDS = ("route", "batch", "model", "token", "limit", "answer", "cost", "prompt"
 
 
 def dispatch(*, rate: float = 1000.0, models: int = 3, latency_ms: float = 300.0,
-             n: int = 20_000, seed: int = 0) -> dict[str, Any]:
-    """Send ``n`` requests at an aggregate limit of ``rate`` requests/s; return the figures."""
-    if rate <= 0 or models < 1 or n < models or latency_ms < 0:
-        raise ValueError("need rate > 0, models >= 1, n >= models and latency_ms >= 0")
-    rng = random.Random(seed)
+             n: int = 20_000, seed: int = 0, baseline: bool = False,
+             pairs: int = 3) -> dict[str, Any]:
+    """Send ``n`` requests at an aggregate limit of ``rate`` requests/s; return the figures.
+
+    With ``baseline``, run ``pairs`` pairs instead: batchroute's client, then the naive loop
+    (:mod:`batchroute.devtools.bench.naive`), each against a fresh mock with the same
+    settings, and report them side by side (see :func:`_compared`)."""
+    if rate <= 0 or models < 1 or n < models or latency_ms < 0 or pairs < 1:
+        raise ValueError("need rate > 0, models >= 1, n >= models, latency_ms >= 0 and "
+                         "pairs >= 1")
+    plans = _plans(rate, models, n, random.Random(seed))
+    pinned = _cores()
+    if not baseline:
+        return {**_run(plans, latency_ms, pinned, naive=False, rate=rate), **_pinning(pinned)}
+    ours, theirs = [], []
+    for _ in range(pairs):
+        ours.append(_run(plans, latency_ms, pinned, naive=False, rate=rate))
+        theirs.append(_run(plans, latency_ms, pinned, naive=True, rate=rate))
+    return {**_compared(ours, theirs), **_pinning(pinned)}
+
+
+def _plans(rate: float, models: int, n: int, rng: random.Random) -> list[dict[str, Any]]:
+    """Each model's name, wire, limits and routed rows (the split described above)."""
     weights = [models - i for i in range(models)]
     shares = [w / sum(weights) for w in weights]
     counts = [round(n * s) for s in shares]
@@ -64,16 +83,43 @@ def dispatch(*, rate: float = 1000.0, models: int = 3, latency_ms: float = 300.0
         tpm = math.ceil(provider_tokens * rpm / count) * (1 if i == models - 1 else 2)
         plans.append({"name": f"bench-model-{i}", "wire": ("openai", "anthropic")[i % 2],
                       "rpm": rpm, "tpm": tpm, "table": table, "tokens": provider_tokens})
+    return plans
+
+
+def _cores() -> tuple[int, int] | None:
+    """(client core, mock core), or None where this process may use fewer than two cores."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return (allowed[0], allowed[1]) if len(allowed) >= 2 else None
+
+
+def _pinning(pinned: tuple[int, int] | None) -> dict[str, Any]:
+    if pinned is None:
+        return {"pinned": None, "pinning": "not pinned: this process may use only one core, "
+                "so the client and the mock share it"}
+    return {"pinned": {"client_core": pinned[0], "mock_core": pinned[1]}}
+
+
+def _run(plans: list[dict[str, Any]], latency_ms: float, pinned: tuple[int, int] | None, *,
+         naive: bool, rate: float) -> dict[str, Any]:
+    """One run against a fresh mock: batchroute's dispatchers, or the naive loop."""
+    load = os.getloadavg()
     key = f"sk-bench-{secrets.token_hex(8)}"
     env = {**os.environ, KEY_ENV: key}
     port = _free_port()
     cli = [sys.executable, "-m", "batchroute"]
     limits = [arg for p in plans for arg in ("--model-limit", f"{p['name']}={p['rpm']}:{p['tpm']}")]
+    # Pinned from its first instruction (a thread inherits its creator's cores, so pinning
+    # the pid later could miss threads already started).
+    mock_core = None if pinned is None else {pinned[1]}
     mock = subprocess.Popen(
         [*cli, "mock-provider", "--port", str(port), "--api-key-env", KEY_ENV, "--window-s", "1",
          "--latency-ms", str(latency_ms), *limits],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=None if mock_core is None else lambda: os.sched_setaffinity(0, mock_core))
+    affinity = os.sched_getaffinity(0)
     try:
+        if pinned is not None:
+            os.sched_setaffinity(0, {pinned[0]})
         subprocess.run([*cli, "mock-provider", "--wait-ready", "--port", str(port)], check=True)
         url = f"http://127.0.0.1:{port}"
         configs = [ModelConfig(
@@ -86,20 +132,65 @@ def dispatch(*, rate: float = 1000.0, models: int = 3, latency_ms: float = 300.0
             context_window=8192, timeout_s=30.0) for p in plans]
         server = psutil.Process(mock.pid)
         server_cpu0 = sum(server.cpu_times()[:2])
-        thresholds = gc.get_threshold()
-        tune_gc_for_dispatch()  # as the dispatch actors do
-        try:
-            measured = asyncio.run(_drive(configs, [p["table"] for p in plans], key))
-        finally:  # the bench may run inside a longer process (a test session)
-            gc.unfreeze()
-            gc.set_threshold(*thresholds)
+        tables = [p["table"] for p in plans]
+        if naive:  # as written without tuning: the interpreter's own GC settings
+            measured = asyncio.run(_drive_naive(configs, tables, key))
+        else:
+            thresholds = gc.get_threshold()
+            tune_gc_for_dispatch()  # as the dispatch actors do
+            try:
+                measured = asyncio.run(_drive(configs, tables, key))
+            finally:  # the bench may run inside a longer process (a test session)
+                gc.unfreeze()
+                gc.set_threshold(*thresholds)
         # The mock shares the machine: when it runs out of CPU, replies slow down and the
         # run is bound by the server rather than by the limits or the client.
         measured["server_cpu_s"] = sum(server.cpu_times()[:2]) - server_cpu0
     finally:
+        os.sched_setaffinity(0, affinity)
         mock.terminate()
         mock.wait()
-    return _figures(plans, measured, rate=rate, latency_ms=latency_ms)
+    return {"client": "naive" if naive else "batchroute",
+            **_figures(plans, measured, rate=rate, latency_ms=latency_ms),
+            "load_average_at_start": [round(x, 2) for x in load]}
+
+
+def _compared(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pairs of runs as one result. The top level keeps the keys of a single run, for
+    batchroute's client: the median of the runs for ``wall_s``, ``wall_over_bound`` and
+    ``client_cpu_ms_per_request``; the worst for the 429 counts, share and time; the sum of
+    ``failed``; ``per_model`` from the run with the median wall time. ``client_cpu_ratio`` is
+    the median over the pairs of (ours / naive) CPU ms per request, each pair run back to
+    back."""
+    ratios = [o["client_cpu_ms_per_request"] / t["client_cpu_ms_per_request"]
+              for o, t in zip(ours, theirs, strict=True)]
+    by_wall = sorted(ours, key=lambda r: r["wall_over_bound"])
+    last = [r["last_429_s"] for r in ours if r["last_429_s"] is not None]
+    return {
+        **by_wall[len(by_wall) // 2],
+        "wall_s": _median([r["wall_s"] for r in ours]),
+        "wall_over_bound": _median([r["wall_over_bound"] for r in ours]),
+        "client_cpu_ms_per_request": _median([r["client_cpu_ms_per_request"] for r in ours]),
+        "rate_limited": max(r["rate_limited"] for r in ours),
+        "rate_limited_share": max(r["rate_limited_share"] for r in ours),
+        "last_429_s": max(last) if last else None,
+        "failed": sum(r["failed"] for r in ours),
+        "client_cpu_ratio": round(_median(ratios), 3),
+        "client_cpu_ratio_of": "median over the pairs of ours / naive CPU ms per request",
+        "client_cpu_ratios": [round(r, 3) for r in ratios],
+        "baseline_wall_over_bound": _median([r["wall_over_bound"] for r in theirs]),
+        "baseline_client_cpu_ms_per_request": _median(
+            [r["client_cpu_ms_per_request"] for r in theirs]),
+        "baseline_rate_limited_share": max(r["rate_limited_share"] for r in theirs),
+        "baseline_failed": sum(r["failed"] for r in theirs),
+        "pairs": len(ours),
+        "runs": [{k: v for k, v in r.items() if k != "per_model"}
+                 for pair in zip(ours, theirs, strict=True) for r in pair],
+    }
+
+
+def _median(values: list[float]) -> float:
+    return round(float(statistics.median(values)), 3)
 
 
 def _requests(prefix: str, count: int, rng: random.Random) -> tuple[pa.Table, int]:
@@ -158,6 +249,28 @@ async def _drive(configs: list[ModelConfig], tables: list[pa.Table],
             "stats": [asdict(d.stats) for d in dispatchers],
             "last_429_s": [None if d.stats.last_rate_limited_at is None
                            else d.stats.last_rate_limited_at - t0 for d in dispatchers]}
+
+
+async def _drive_naive(configs: list[ModelConfig], tables: list[pa.Table],
+                       key: str) -> dict[str, Any]:
+    from batchroute.devtools.bench import naive
+
+    models = [naive.NaiveModel(c.name, c.provider, _endpoint(c), c.rpm, c.concurrency)
+              for c in configs]
+    loop = asyncio.get_running_loop()
+    cpu0, t0 = time.process_time(), loop.time()
+    stats, finished = await naive.run(models, tables, key, max_tokens=MAX_TOKENS)
+    cpu, wall = time.process_time() - cpu0, loop.time() - t0
+    return {"wall_s": wall, "cpu_s": cpu, "finished_s": [f - t0 for f in finished],
+            "stats": [{"attempts": s.ok + s.failed, "rate_limited": s.rate_limited,
+                       "failed": s.failed, "min_rate_factor": 1.0} for s in stats],
+            "last_429_s": [None if s.last_rate_limited_at is None
+                           else s.last_rate_limited_at - t0 for s in stats]}
+
+
+def _endpoint(c: ModelConfig) -> str:
+    return c.base_url.rstrip("/") + ("/chat/completions" if c.provider == "openai"
+                                     else "/v1/messages")
 
 
 def _figures(plans: list[dict[str, Any]], measured: dict[str, Any], *, rate: float,
