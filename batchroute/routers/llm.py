@@ -586,6 +586,6 @@ def ask_in_process(model_cfg: ModelConfig, policy: DispatchConfig, api_key: str 
                    run_id: str = "llm-route",
                    transport: httpx.AsyncBaseTransport | None = None) -> InProcessAsk:
     """An ``ask`` for :class:`LLMRouter` that calls ``model_cfg`` from this thread (see
-    :class:`InProcessAsk`); ``transport`` is the dispatcher's HTTP seam (None: aiohttp).
-    Close it when done."""
+    :class:`InProcessAsk`); ``transport`` is the dispatcher's HTTP seam (None: its lean
+    HTTP/1.1 client). Close it when done."""
     return InProcessAsk(model_cfg, policy, api_key, run_id=run_id, transport=transport)

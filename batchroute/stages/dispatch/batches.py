@@ -36,7 +36,7 @@ any batch file, a repeated custom id, a batch read before it ended) raise ValueE
 
 Nothing holds a whole file in memory: files are written line by line, uploaded and created
 from disk in chunks, and results are read from the response stream line by line. That needs
-a client whose transport streams: httpx's own does; the dispatcher's AiohttpTransport reads
+a client whose transport streams: httpx's own does; the dispatcher's LeanTransport reads
 every body whole (it is built for small JSON calls) and is not for these. Its timeouts
 should allow for a provider that takes a while to answer a 200 MB upload.
 """

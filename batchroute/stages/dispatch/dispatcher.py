@@ -5,7 +5,9 @@ provider does (and no unforeseen exception while handling a reply) raises out of
 :meth:`ModelDispatcher.dispatch` or :meth:`ModelDispatcher.ask`. Retries use exponential
 backoff with full jitter, and a 429's ``Retry-After`` pauses new calls to this model only.
 
-Seams for tests: the httpx transport, the sleep function, the clock and the random source.
+Seams for tests: the transport (:class:`~batchroute.stages.dispatch.transport.PostTransport`,
+or any httpx transport such as ``httpx.MockTransport``), the sleep function, the clock and the
+random source.
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ from batchroute.stages.dispatch.providers import (
     dumps,
     raise_for_response,
     rate_limit_state,
+)
+from batchroute.stages.dispatch.transport import (
+    Headers,
+    HttpxTransport,
+    LeanTransport,
+    PostTransport,
+    Reply,
 )
 from batchroute.task import OutputParser, TaskConfig, result_fields, values_array, wire_schema
 
@@ -134,7 +143,8 @@ class ModelDispatcher:
     that will use it (limiters and clients belong to one loop)."""
 
     def __init__(self, model: ModelConfig, policy: DispatchConfig, *, run_id: str,
-                 api_key: str | None, transport: httpx.AsyncBaseTransport | None = None,
+                 api_key: str | None,
+                 transport: httpx.AsyncBaseTransport | PostTransport | None = None,
                  sleep: Sleep = asyncio.sleep, clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None, escalate: Escalate | None = None,
                  journal: Journal | None = None, journal_every_s: float = 0.2,
@@ -175,19 +185,19 @@ class ModelDispatcher:
         self._standard = copy.copy(self._provider)
         self._standard.service_tier = ""
         self._warned_temperature = False
+        # The seam (transport.PostTransport): the lean HTTP/1.1 client for real runs; any
+        # httpx transport (httpx.MockTransport in tests) through its adapter. No httpx
+        # Request or Response is built per call on the default path: the URL and headers are
+        # fixed per model, so the client renders them once.
         if transport is None:
-            from batchroute.stages.dispatch.transport import AiohttpTransport
-
-            transport = AiohttpTransport(model.concurrency, model.timeout_s)
-        # The transport is called directly, not through httpx.AsyncClient: a batch job needs
-        # none of the client's per-call machinery (auth flows, redirects, a cookie jar that
-        # rebuilds every reply's headers as an email message, event hooks), which cost about
-        # a tenth of dispatch's CPU per call. Requests and replies are still httpx's.
-        self._transport = transport
-        self._url = httpx.URL(self._provider.url)
-        self._headers = httpx.Headers({**self._provider.headers(),
-                                       "content-type": "application/json"})
-        self._timeout = {"timeout": httpx.Timeout(model.timeout_s).as_dict()}
+            self._transport: PostTransport = LeanTransport(model.concurrency, model.timeout_s)
+        elif isinstance(transport, httpx.AsyncBaseTransport):
+            self._transport = HttpxTransport(transport, model.timeout_s)
+        else:
+            self._transport = transport
+        self._url = self._provider.url
+        self._headers: Headers = tuple({**self._provider.headers(),
+                                        "content-type": "application/json"}.items())
         self._limits = ModelLimits(model.rpm, model.tpm, model.concurrency,
                                    min(model.context_window, model.tpm))
         self._sleep = sleep
@@ -214,18 +224,8 @@ class ModelDispatcher:
     async def aclose(self) -> None:
         await self._transport.aclose()
 
-    async def _post(self, body: bytes) -> httpx.Response:
-        # stream= rather than content=: httpx would otherwise re-derive Host and
-        # Content-Length and re-check the headers on every call (a few percent of the
-        # per-call CPU); the transport sets both.
-        resp = await self._transport.handle_async_request(httpx.Request(
-            "POST", self._url, headers=self._headers, stream=httpx.ByteStream(body),
-            extensions=self._timeout))
-        try:
-            await resp.aread()
-        finally:
-            await resp.aclose()
-        return resp
+    async def _post(self, body: bytes) -> Reply:
+        return await self._transport.post(self._url, self._headers, body)
 
     async def dispatch(self, routed: pa.Table, *, journal: bool = True) -> pa.Table:
         """Call the model for every row of a ``routed`` table; return its ``results`` rows.

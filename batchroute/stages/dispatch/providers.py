@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlencode
 
 import httpx
+import orjson
 
 from batchroute.errors import (
     AuthError,
@@ -32,6 +33,7 @@ from batchroute.errors import (
     TerminalDispatchError,
     TransientDispatchError,
 )
+from batchroute.stages.dispatch.transport import Reply, ReplyHeaders
 
 ANTHROPIC_VERSION = "2023-06-01"
 MAX_ERROR_CHARS = 500
@@ -278,7 +280,7 @@ def _tokens(value: Any) -> int:
 PROVIDERS: dict[str, type[Provider]] = {"openai": OpenAIChat, "anthropic": AnthropicMessages}
 
 
-def retry_after_s(headers: httpx.Headers) -> float | None:
+def retry_after_s(headers: httpx.Headers | ReplyHeaders) -> float | None:
     """Seconds the provider asked us to wait, from retry-after-ms or retry-after (seconds);
     None when absent or not a finite number (an HTTP date, "inf"): backoff applies then."""
     for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
@@ -329,7 +331,7 @@ _FIELDS: dict[bytes, tuple[str, str]] = {
 }
 
 
-def rate_limit_state(headers: httpx.Headers) -> RateLimitState:
+def rate_limit_state(headers: httpx.Headers | ReplyHeaders) -> RateLimitState:
     """Parse the rate-limit headers of any reply; unparseable values count as absent.
 
     One pass over the raw headers: this runs on every reply, and looking up a dozen names in
@@ -353,7 +355,7 @@ def rate_limit_state(headers: httpx.Headers) -> RateLimitState:
         remaining_tokens=found.get(("remaining", "tokens")))
 
 
-def raise_for_response(resp: httpx.Response, provider: Provider,
+def raise_for_response(resp: httpx.Response | Reply, provider: Provider,
                        output: OutputSchema | None = None) -> Answer:
     """The answer in a 2xx response (read as ``output`` asked, if given), or the exception
     that classifies the failure.
@@ -372,7 +374,7 @@ def raise_for_response(resp: httpx.Response, provider: Provider,
     raise _failure(resp)
 
 
-def raise_for_status(resp: httpx.Response, step: str = "") -> None:
+def raise_for_status(resp: httpx.Response | Reply, step: str = "") -> None:
     """Nothing for a 2xx response; otherwise the exception that classifies the failure, as
     :func:`raise_for_response` does, its message led by ``step`` (what was being done:
     "creating batch for file x.jsonl") when given. The body must have been read.
@@ -384,7 +386,7 @@ def raise_for_status(resp: httpx.Response, step: str = "") -> None:
         raise _failure(resp, step)
 
 
-def _failure(resp: httpx.Response, step: str = "") -> DispatchError:
+def _failure(resp: httpx.Response | Reply, step: str = "") -> DispatchError:
     """The exception for a reply outside 2xx, most specific first."""
     status = resp.status_code
     message = f"{step}: " if step else ""
@@ -399,7 +401,7 @@ def _failure(resp: httpx.Response, step: str = "") -> DispatchError:
     return TerminalDispatchError(message, status=status)
 
 
-def _error_message(resp: httpx.Response) -> str:
+def _error_message(resp: httpx.Response | Reply) -> str:
     try:
         payload = resp.json()
         err = payload.get("error", payload)
@@ -410,4 +412,6 @@ def _error_message(resp: httpx.Response) -> str:
 
 
 def dumps(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    """A request body as compact UTF-8 JSON (orjson: a few times faster than json.dumps,
+    and the same bytes as ``json.dumps(ensure_ascii=False, separators=(",", ":"))``)."""
+    return orjson.dumps(body)

@@ -40,7 +40,7 @@ def test_the_baseline_runs_alternate_and_the_acceptance_keys_are_top_level() -> 
     assert all(len(run["load_average_at_start"]) == 3 for run in r["runs"])
     ours = [run["client_cpu_ms_per_request"] for run in r["runs"][::2]]
     naive = [run["client_cpu_ms_per_request"] for run in r["runs"][1::2]]
-    assert r["client_cpu_ratios"] == pytest.approx([o / t for o, t in zip(ours, naive)],
+    assert r["client_cpu_ratios"] == pytest.approx([o / t for o, t in zip(ours, naive, strict=True)],
                                                    abs=0.002)
     assert r["failed"] == 0 and r["requests"] == 300
     assert 0.5 < r["baseline_wall_over_bound"] < 1.5
