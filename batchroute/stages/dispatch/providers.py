@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import urlencode
@@ -331,6 +332,9 @@ _FIELDS: dict[bytes, tuple[str, str]] = {
 }
 
 
+_RATE_HEADERS = re.compile(rb"\r\n((?:x|anthropic)-ratelimit-[a-z-]+):[ \t]*([^\r\n]*)")
+
+
 def rate_limit_state(headers: httpx.Headers | ReplyHeaders) -> RateLimitState:
     """Parse the rate-limit headers of any reply; unparseable values count as absent.
 
@@ -338,7 +342,10 @@ def rate_limit_state(headers: httpx.Headers | ReplyHeaders) -> RateLimitState:
     httpx's Headers costs more than the rest of reading the reply.
     """
     found: dict[tuple[str, str], int] = {}
-    for raw_name, raw_value in headers.raw:
+    # Our own client's replies: one search of the head for these headers alone.
+    pairs = (headers.lowered(_RATE_HEADERS) if isinstance(headers, ReplyHeaders)
+             else headers.raw)
+    for raw_name, raw_value in pairs:
         key = _FIELDS.get(raw_name.lower())
         if key is None:
             continue

@@ -22,8 +22,8 @@ one does only what the call needs, on asyncio's own protocol interface:
   ``Connection: close`` and HTTP/1.0 replies are honoured; a gzip or deflate body (which a
   server should not send unasked) is decoded;
 * TLS through asyncio's ``ssl=`` with the system's default context, for ``https`` URLs;
-* ``timeout_s`` bounds connecting and each wait for data (one timer per call, re-armed only
-  when it fires while data is still arriving).
+* ``timeout_s`` bounds connecting and each wait for data (checked a few times per timeout
+  by one timer per origin, not a timer per call).
 
 :class:`HttpxTransport` wraps any ``httpx.AsyncBaseTransport`` (the unit tests'
 ``httpx.MockTransport``) behind the same seam.
@@ -32,10 +32,11 @@ one does only what the call needs, on asyncio's own protocol interface:
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import zlib
 from collections import deque
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
 import httpx
@@ -44,23 +45,54 @@ import orjson
 Headers = tuple[tuple[str, str], ...]
 RawHeaders = list[tuple[bytes, bytes]]
 MAX_HEAD_BYTES = 64 * 1024  # a reply whose status line and headers do not fit is refused
+# A call's wait for data is checked this many times per timeout: a silent server is given up
+# between timeout_s and (1 + 1/SWEEPS_PER_TIMEOUT) x timeout_s after its last byte.
+SWEEPS_PER_TIMEOUT = 4
 
 
 class ReplyHeaders:
-    """A reply's headers as received: ``raw`` holds (lowercased name, value) byte pairs."""
+    """A reply's headers, kept as the head block that carried them (``CRLF name: value`` per
+    header; a status line before them is ignored). :meth:`first` finds one header with a
+    search of the lowercased block instead of splitting it: a provider's reply carries a few
+    dozen headers, and a reply is read for a handful. ``raw`` splits them all, on demand."""
 
-    __slots__ = ("raw",)
+    __slots__ = ("_head", "_low", "_raw")
 
-    def __init__(self, raw: RawHeaders) -> None:
-        self.raw = raw
+    def __init__(self, head: bytes) -> None:
+        self._head = head
+        self._low = head.lower()  # ASCII only: offsets are the same in both
+        self._raw: RawHeaders | None = None
+
+    @classmethod
+    def of(cls, raw: RawHeaders) -> ReplyHeaders:
+        return cls(b"".join(b"\r\n" + k + b": " + v for k, v in raw))
+
+    def first(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (lowercase), blanks stripped; else None."""
+        at = self._low.find(b"\r\n" + name + b":")
+        if at < 0:
+            return None
+        end = self._low.find(b"\r\n", at + 2)
+        return self._head[at + len(name) + 3:end if end >= 0 else len(self._head)].strip()
 
     def get(self, key: str, default: Any = None) -> Any:
         """The first value of header ``key`` (any casing) as text, else ``default``."""
-        name = key.lower().encode("latin-1")
-        for k, v in self.raw:
-            if k == name:
-                return v.decode("latin-1")
-        return default
+        value = self.first(key.lower().encode("latin-1"))
+        return default if value is None else value.decode("latin-1")
+
+    def lowered(self, pattern: re.Pattern[bytes]) -> list[Any]:
+        """``pattern.findall`` over the lowercased head (names and values lowercased): the
+        headers a reader wants, in one search."""
+        return pattern.findall(self._low)
+
+    @property
+    def raw(self) -> RawHeaders:
+        """Every header as a (lowercased name, value) pair, in order."""
+        if self._raw is None:
+            names = _NAMES.findall(self._low)
+            values = [v.strip() for v in _VALUES.findall(self._head)]
+            self._raw = list(zip(names, values, strict=True))
+        return self._raw
 
 
 class Reply:
@@ -70,10 +102,10 @@ class Reply:
 
     __slots__ = ("content", "headers", "reason_phrase", "status_code")
 
-    def __init__(self, status_code: int, headers: RawHeaders, content: bytes,
+    def __init__(self, status_code: int, headers: ReplyHeaders, content: bytes,
                  reason_phrase: str = "") -> None:
         self.status_code = status_code
-        self.headers = ReplyHeaders(headers)
+        self.headers = headers
         self.content = content
         self.reason_phrase = reason_phrase
 
@@ -109,7 +141,8 @@ class HttpxTransport:
             content = await resp.aread()
         finally:
             await resp.aclose()
-        return Reply(resp.status_code, [(k.lower(), v) for k, v in resp.headers.raw],
+        return Reply(resp.status_code, ReplyHeaders.of([(k.lower(), v)
+                                                         for k, v in resp.headers.raw]),
                      content, resp.reason_phrase)
 
     async def aclose(self) -> None:
@@ -195,6 +228,26 @@ class _Pool:
         self.idle: list[_Connection] = []
         # Each gets an idle connection, or None: a slot is free, open a new one.
         self.waiters: deque[asyncio.Future[_Connection | None]] = deque()
+        # Connections waiting for a reply, checked every SWEEPS_PER_TIMEOUT-th of the timeout
+        # by one timer (not a timer per call: arming and cancelling one per call costs more
+        # than the check).
+        self.busy: set[_Connection] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def watch(self, conn: _Connection) -> None:
+        self.busy.add(conn)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(
+                self.timeout_s / SWEEPS_PER_TIMEOUT, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = asyncio.get_running_loop().time()
+        for conn in [c for c in self.busy if c.timed_out(now)]:
+            self.busy.discard(conn)
+        if self.busy:
+            self._sweeper = asyncio.get_running_loop().call_later(
+                self.timeout_s / SWEEPS_PER_TIMEOUT, self._sweep)
 
     async def acquire(self) -> _Connection:
         while True:
@@ -266,6 +319,9 @@ class _Pool:
                 return
 
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conn in list(self.idle):
             conn.close()
         self.idle.clear()
@@ -280,7 +336,6 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self.closed = False
         self._waiter: asyncio.Future[tuple[Reply, bool]] | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._timeout_s = 0.0
         self._last_data = 0.0
         self._buf = bytearray()
@@ -290,8 +345,9 @@ class _Connection(asyncio.Protocol):
         self._buf.clear()
         self._status = 0  # 0: the head is not parsed yet
         self._reason = ""
-        self._headers: RawHeaders = []
+        self._headers = ReplyHeaders(b"")
         self._keep_alive = True
+        self._encoding = b""
         self._length = -1  # Content-Length; -1 unknown
         self._chunked = False
         self._to_eof = False
@@ -308,7 +364,7 @@ class _Connection(asyncio.Protocol):
         self._waiter = waiter
         self._timeout_s = timeout_s
         self._last_data = self._loop.time()
-        self._timer = self._loop.call_at(self._last_data + timeout_s, self._check_timeout)
+        self._pool.watch(self)
         try:
             self._transport.write(request)
             return await waiter
@@ -317,23 +373,18 @@ class _Connection(asyncio.Protocol):
             raise
         finally:
             self._waiter = None
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            self._pool.busy.discard(self)
 
     def close(self) -> None:
         if self._transport is not None and not self.closed:
             self._transport.close()
 
-    def _check_timeout(self) -> None:
-        self._timer = None
-        if self._waiter is None or self._waiter.done():
-            return
-        due = self._last_data + self._timeout_s
-        if self._loop.time() < due:  # data came in meanwhile: wait the rest
-            self._timer = self._loop.call_at(due, self._check_timeout)
-            return
+    def timed_out(self, now: float) -> bool:
+        """Fail the call in progress if no data came for ``timeout_s``; True if it did."""
+        if now - self._last_data < self._timeout_s:
+            return False
         self._fail(httpx.ReadTimeout(f"no data for {self._timeout_s:g} s"))
+        return True
 
     def _fail(self, exc: Exception) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -343,8 +394,9 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # Not an isinstance check: uvloop's transports (which Ray's workers use when uvloop
+        # is installed) are no subclasses of asyncio's.
+        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self._waiter is None or self._waiter.done():  # nothing was asked: not HTTP
@@ -384,9 +436,8 @@ class _Connection(asyncio.Protocol):
 
     def _deliver(self) -> None:
         body = b"".join(self._chunks)
-        encoding = ReplyHeaders(self._headers).get("content-encoding")
-        if encoding:
-            body = _decoded(body, encoding)
+        if self._encoding:
+            body = _decoded(body, self._encoding.decode("latin-1"))
         reply = Reply(self._status, self._headers, body, self._reason)
         keep = self._keep_alive
         assert self._waiter is not None
@@ -418,30 +469,28 @@ class _Connection(asyncio.Protocol):
         return True
 
     def _head(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        version, _, rest = lines[0].partition(b" ")
+        line_end = head.find(b"\r\n")
+        status_line = head if line_end < 0 else head[:line_end]
+        version, _, rest = status_line.partition(b" ")
         code, _, reason = rest.partition(b" ")
         if not version.startswith(b"HTTP/") or len(code) != 3 or not code.isdigit():
-            raise ValueError(f"bad status line {lines[0][:80]!r}")
+            raise ValueError(f"bad status line {status_line[:80]!r}")
         self._status = int(code)
         self._reason = reason.decode("latin-1")
-        headers = self._headers = []
+        headers = self._headers = ReplyHeaders(head)
         connection = b""
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon:
-                raise ValueError(f"bad header line {line[:80]!r}")
-            name = name.strip().lower()
+        for name, value in headers.lowered(_FRAMING):  # the first of each counts
             value = value.strip()
-            headers.append((name, value))
-            if name == b"content-length":
+            if name == b"content-length" and self._length < 0:
                 self._length = int(value)
                 if self._length < 0:
                     raise ValueError("negative Content-Length")
             elif name == b"transfer-encoding":
-                self._chunked = value.lower().endswith(b"chunked")
+                self._chunked = self._chunked or value.endswith(b"chunked")
+            elif name == b"content-encoding":
+                self._encoding = self._encoding or value
             elif name == b"connection":
-                connection = value.lower()
+                connection = connection or value
         self._keep_alive = (b"close" not in connection
                             and (version == b"HTTP/1.1" or b"keep-alive" in connection))
         if self._status in (204, 304):
@@ -468,6 +517,15 @@ class _Connection(asyncio.Protocol):
                 raise ValueError("a chunk does not end with CRLF")
             self._chunks.append(bytes(buf[start:start + size]))
             self._pos = start + size + 2
+
+
+# The headers that frame a reply's body, found in the lowercased head.
+_FRAMING = re.compile(
+    rb"\r\n(content-length|transfer-encoding|content-encoding|connection):[ \t]*([^\r\n]*)")
+# A header line's name (matched in the lowercased head) and its value (in the head as sent);
+# the status line matches neither.
+_NAMES = re.compile(rb"\r\n([^:\r\n]*):")
+_VALUES = re.compile(rb"\r\n[^:\r\n]*:[ \t]*([^\r\n]*)")
 
 
 def _decoded(body: bytes, encoding: str) -> bytes:

@@ -168,3 +168,41 @@ def test_429_paces_the_model_down_and_success_brings_it_back() -> None:
     starts = run_on_virtual_clock(go())
     # 6,000 RPM x 0.125 = 12.5 requests/s: starts 80 ms apart instead of 10 ms
     assert [round(b - a, 6) for a, b in itertools.pairwise(starts)] == [0.08] * 3
+
+
+def test_waiters_are_admitted_in_arrival_order_at_the_refill_rate() -> None:
+    # 60 RPM = 1 token/s in a bucket of 1; a cancelled waiter's turn passes to the next.
+    async def go() -> list[tuple[str, float]]:
+        loop = asyncio.get_running_loop()
+        bucket = ModelLimits(rpm=60, tpm=10**9, concurrency=10,
+                             largest_request_tokens=1).requests
+        admitted: list[tuple[str, float]] = []
+
+        async def one(name: str) -> None:
+            await bucket.acquire()
+            admitted.append((name, loop.time()))
+
+        tasks = [asyncio.ensure_future(one(n)) for n in "abcde"]
+        await asyncio.sleep(0.5)
+        tasks[2].cancel()  # "c" gives up while queued
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return admitted
+
+    assert run_on_virtual_clock(go()) == [("a", 0.0), ("b", 1.0), ("d", 2.0), ("e", 3.0)]
+
+
+def test_a_large_token_request_is_not_overtaken_by_smaller_ones() -> None:
+    async def go() -> list[int]:
+        bucket = ModelLimits(rpm=10**6, tpm=600, concurrency=10,
+                             largest_request_tokens=10).tokens  # 10 tokens/s, bucket of 10
+        order: list[int] = []
+
+        async def one(tokens: int) -> None:
+            await bucket.acquire(tokens)
+            order.append(tokens)
+
+        await bucket.acquire(10)  # empty now
+        await asyncio.gather(*(one(t) for t in (10, 1, 1)))
+        return order
+
+    assert run_on_virtual_clock(go()) == [10, 1, 1]
