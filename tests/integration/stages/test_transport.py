@@ -150,6 +150,7 @@ def test_odd_header_casing_is_read_and_a_gzip_body_decoded() -> None:
     (reply,), _ = asyncio.run(_with_server(odd, _posts(1)))
     assert reply.json() == {"a": 1}
     assert reply.headers.get("Retry-After") == "2"
+    assert (b"x-ratelimit-limit-tokens", b"900") in reply.headers.raw
     state = rate_limit_state(reply.headers)
     assert state.remaining_requests == 7 and state.limit_tokens == 900
 
