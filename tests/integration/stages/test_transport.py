@@ -10,8 +10,11 @@ import asyncio
 import gzip
 import json
 import socket
+import ssl
+import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -204,6 +207,33 @@ def test_a_refused_connection_is_a_connect_error() -> None:
         port = s.getsockname()[1]
     with pytest.raises(httpx.ConnectError):
         asyncio.run(_posts(1)(f"http://127.0.0.1:{port}/v1/chat/completions"))
+
+
+def test_an_https_url_goes_over_tls_and_the_certificate_is_checked(tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_side.load_cert_chain(cert, key)
+
+    async def go(trusted: bool) -> list[Any]:
+        seen = Seen()
+        server = await asyncio.start_server(lambda r, w: _serve(_ok, seen, r, w), "127.0.0.1",
+                                            0, ssl=server_side)
+        port = server.sockets[0].getsockname()[1]
+        client = ssl.create_default_context(cafile=str(cert)) if trusted else None
+        t = LeanTransport(2, 5.0, ssl_context=client)  # None: the system's CAs
+        try:
+            return [(await t.post(f"https://127.0.0.1:{port}/v1/x", HEADERS, b"{}")).json()
+                    for _ in range(2)] + [seen.connections]
+        finally:
+            await t.aclose()
+            server.close()
+
+    assert asyncio.run(go(trusted=True)) == [{"n": 0, "got": "{}"}, {"n": 1, "got": "{}"}, 1]
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        asyncio.run(go(trusted=False))
 
 
 def _routed(n: int) -> pa.Table:
