@@ -164,7 +164,8 @@ def _bench_dispatch(args: argparse.Namespace) -> int:
               f"{result['client_cpu_ratios']})")
         for r in result["runs"]:
             print(f"  {r['client']:<11} wall÷bound {r['wall_over_bound']:.3f}  CPU "
-                  f"{r['client_cpu_ms_per_request']:.3f} ms/request  429s {r['rate_limited']}"
+                  f"{r['client_cpu_ms_per_request']:.3f} ms/request (system "
+                  f"{r['client_system_cpu_ms_per_request']:.3f})  429s {r['rate_limited']}"
                   f"  failed {r['failed']}  load average at start {r['load_average_at_start']}")
     print("pinned: " + (f"client on core {result['pinned']['client_core']}, mock on core "
                         f"{result['pinned']['mock_core']}" if result["pinned"]
