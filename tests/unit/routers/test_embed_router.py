@@ -69,7 +69,8 @@ def reference(labels: Path, router_file: Path) -> dict[str, object]:
     # All rows in one call, as training embeds them: the same batches give bit-equal
     # embeddings, so the refit lands on the same coefficients.
     x = embedder.embed([p[: rt.MAX_CHARS] for p in table["prompt"].to_list()])[keep]
-    heads = {m: LogisticRegression(C=metrics[m]["C"], max_iter=2000).fit(
+    heads = {m: LogisticRegression(C=metrics[m]["C"], tol=train.SOLVER_TOL,
+                                   max_iter=train.SOLVER_MAX_ITER).fit(
         x, (table[m].to_numpy()[keep] >= 0.5).astype(int)) for m in info.models}
     return {"embedder": embedder, "heads": heads, "models": info.models}
 
