@@ -20,6 +20,20 @@ CHEAP, MID, STRONG = "cheap-model", "mid-model", "strong-model"
 T = TypeVar("T")
 
 
+def routed_rows(n: int, *, prefix: str = "t", text: str = "question") -> Any:
+    """``n`` rows as the plan hands them to dispatch (schemas.ROUTED): ids ``PREFIXi``,
+    prompts ``TEXT i``, 8 input and 32 output tokens estimated."""
+    import pyarrow as pa
+
+    from batchroute import schemas
+
+    cols: dict[str, Any] = {name: [None] * n for name in schemas.ROUTED.names}
+    cols.update(request_id=[f"{prefix}{i}" for i in range(n)], row=list(range(n)),
+                prompt=[f"{text} {i}" for i in range(n)],
+                est_input_tokens=[8] * n, est_output_tokens=[32] * n)
+    return pa.table(cols, schema=schemas.ROUTED)
+
+
 def tiny_router(thresholds: dict[str, float] | None = None) -> bytes:
     """A real ONNX router with hand-set weights: the word "easy" makes the cheap model likely
     to succeed, "hard" makes it unlikely; the strong model is always likely."""

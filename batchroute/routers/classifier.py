@@ -98,7 +98,6 @@ def build_graph(vocab: Sequence[str], token_weights: np.ndarray, length_weights:
                 bias: np.ndarray, models: Sequence[str], metadata: Mapping[str, str]) -> bytes:
     """Serialise a router. ``token_weights`` is [len(vocab) + 1, M]: one row per word, then
     one for unknown words. Outputs ``probs`` [N, M] in the order of ``models``."""
-    import onnx
     from onnx import TensorProto
     from onnx import helper as h
 
@@ -141,10 +140,17 @@ def build_graph(vocab: Sequence[str], token_weights: np.ndarray, length_weights:
         nodes, "batchroute-router",
         [h.make_tensor_value_info("prompt", TensorProto.STRING, [None])],
         [h.make_tensor_value_info("probs", TensorProto.FLOAT, [None, m])], initializer=init)
-    model = h.make_model(graph, opset_imports=[h.make_opsetid(d, x) for d, x in OPSETS.items()],
-                         producer_name="batchroute")
-    meta = {**metadata, "models": json.dumps(list(models))}
-    for k, val in meta.items():
+    return _finish(h.make_model(
+        graph, opset_imports=[h.make_opsetid(d, x) for d, x in OPSETS.items()],
+        producer_name="batchroute"), models, metadata)
+
+
+def _finish(model: Any, models: Sequence[str], metadata: Mapping[str, str]) -> bytes:
+    """A router file: ``model`` with the metadata and model names set, checked, serialised."""
+    import onnx
+
+    del model.metadata_props[:]
+    for k, val in {**metadata, "models": json.dumps(list(models))}.items():
         model.metadata_props.add(key=k, value=val)
     onnx.checker.check_model(model)
     return bytes(model.SerializeToString())
@@ -184,11 +190,7 @@ def build_embed_graph(encoder: bytes, weights: np.ndarray, bias: np.ndarray,
     del graph.output[:]
     graph.output.append(h.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", m]))
     graph.name = "batchroute-embed-router"
-    del model.metadata_props[:]
-    for k, val in {**metadata, "models": json.dumps(list(models))}.items():
-        model.metadata_props.add(key=k, value=val)
-    onnx.checker.check_model(model)
-    return bytes(model.SerializeToString())
+    return _finish(model, models, metadata)
 
 
 def build_static_graph(table: np.ndarray, weights: np.ndarray, bias: np.ndarray,
@@ -203,7 +205,6 @@ def build_static_graph(table: np.ndarray, weights: np.ndarray, bias: np.ndarray,
     ``ids`` index the words of ``metadata["static_words"]`` (a JSON list, one per table row);
     ``len(words)`` pads and stands for every unknown word. Raises RouterError for mismatched
     shapes or a missing key."""
-    import onnx
     from onnx import TensorProto
     from onnx import helper as h
 
@@ -237,12 +238,8 @@ def build_static_graph(table: np.ndarray, weights: np.ndarray, bias: np.ndarray,
         nodes, "batchroute-static-router",
         [h.make_tensor_value_info("ids", TensorProto.INT64, [None, None])],
         [h.make_tensor_value_info("probs", TensorProto.FLOAT, [None, m])], initializer=init)
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", OPSETS[""])],
-                         producer_name="batchroute")
-    for k, val in {**metadata, "models": json.dumps(list(models))}.items():
-        model.metadata_props.add(key=k, value=val)
-    onnx.checker.check_model(model)
-    return bytes(model.SerializeToString())
+    return _finish(h.make_model(graph, opset_imports=[h.make_opsetid("", OPSETS[""])],
+                                producer_name="batchroute"), models, metadata)
 
 
 def padded_ids(ids: np.ndarray, offsets: np.ndarray, pad: int) -> np.ndarray:
@@ -429,9 +426,7 @@ class Router:
             from batchroute.routers import words
 
             try:
-                vocab = json.loads(self.info.metadata["static_words"])
-                self._static = words.Lookup(vocab)
-                self._static_pad = len(vocab)
+                self._static = words.Lookup(json.loads(self.info.metadata["static_words"]))
             except (ValueError, TypeError) as exc:
                 raise RouterError(f"router file {path}: bad static_words metadata ({exc})"
                                   ) from None
@@ -466,7 +461,7 @@ class Router:
 
         tok = words.tokens(texts)
         ids = self._static.ids(tok.hashes)
-        pad = self._static_pad
+        pad = self._static.size
         out = np.empty((len(tok.offsets) - 1, len(self.info.models)), np.float32)
         for start in range(0, len(out), self.STATIC_CHUNK):
             off = tok.offsets[start:start + self.STATIC_CHUNK + 1]

@@ -63,15 +63,11 @@ def vocabulary(wordpiece: Mapping[str, int], corpus: pa.Array | pa.ChunkedArray,
     import re
     from collections import Counter
 
-    import pyarrow.compute as pc
-
     pattern = re.compile(f"{WORD}$")
     whole = [w for w, _ in sorted(wordpiece.items(), key=lambda kv: kv[1])
              if pattern.match(w)]
-    clipped = pc.utf8_lower(pc.utf8_slice_codeunits(pc.fill_null(corpus, ""), 0,
-                                                    words.MAX_CHARS))
-    found = pc.list_flatten(pc.split_pattern_regex(clipped, "[^a-z0-9]+"))
-    counts = Counter(t for t in found.to_pylist() if t)
+    # The words router's own tokens, as serving will read them.
+    counts = Counter(words.token_text(corpus).to_pylist())
     known = set(whole)
     extra = sorted((w for w, c in counts.items() if c >= min_count and w not in known),
                    key=lambda w: (-counts[w], w))

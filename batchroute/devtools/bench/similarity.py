@@ -104,8 +104,11 @@ def _requests(text: pa.Array) -> pa.Table:
 
 def _write_bank(path: Path, vectors: np.ndarray, outcomes: np.ndarray, name: str) -> None:
     n, dim = vectors.shape
-    outs = pa.array([[{"model": CHEAP, "score": float(a)}, {"model": STRONG, "score": float(b)}]
-                     for a, b in outcomes], pa.list_(sim.OUTCOME))
+    # Two outcomes per entry (cheap, strong), built as flat arrays: no Python per entry.
+    flat = pa.StructArray.from_arrays(
+        [pa.array(np.tile([CHEAP, STRONG], n)), pa.array(outcomes.ravel(), pa.float32())],
+        fields=list(sim.OUTCOME))
+    outs = pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)), flat)
     table = pa.table({
         "key": pc.cast(pa.array(np.arange(n)), pa.string()),
         "request_id": pa.nulls(n, pa.string()),

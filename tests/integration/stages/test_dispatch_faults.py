@@ -8,21 +8,17 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from batchroute import config, schemas
+from batchroute import config
 from batchroute.devtools.mock_provider import MockProvider, MockProviderConfig
 from batchroute.stages.dispatch.dispatcher import ModelDispatcher
-from tests.helpers import CHEAP, MID, job_doc
+from tests.helpers import CHEAP, MID, job_doc, routed_rows
 
 pytestmark = pytest.mark.integration
 KEY = "sk-fault-test-key-000"
 
 
 def _routed(n: int) -> pa.Table:
-    cols: dict[str, Any] = {name: [None] * n for name in schemas.ROUTED.names}
-    cols.update(request_id=[f"f{i}" for i in range(n)], row=list(range(n)),
-                prompt=[f"fault question {i}" for i in range(n)],
-                est_input_tokens=[8] * n, est_output_tokens=[32] * n)
-    return pa.table(cols, schema=schemas.ROUTED)
+    return routed_rows(n, prefix="f", text="fault question")
 
 
 def _dispatch(cfg: MockProviderConfig, n: int, model: str = CHEAP,

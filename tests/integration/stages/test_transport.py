@@ -21,11 +21,11 @@ import httpx
 import pyarrow as pa
 import pytest
 
-from batchroute import config, schemas
+from batchroute import config
 from batchroute.stages.dispatch.dispatcher import ModelDispatcher
 from batchroute.stages.dispatch.providers import rate_limit_state
 from batchroute.stages.dispatch.transport import LeanTransport, Reply
-from tests.helpers import CHEAP, job_doc
+from tests.helpers import CHEAP, job_doc, routed_rows
 
 pytestmark = pytest.mark.integration
 HEADERS = (("content-type", "application/json"), ("authorization", "Bearer k"))
@@ -237,11 +237,7 @@ def test_an_https_url_goes_over_tls_and_the_certificate_is_checked(tmp_path: Pat
 
 
 def _routed(n: int) -> pa.Table:
-    cols: dict[str, Any] = {name: [None] * n for name in schemas.ROUTED.names}
-    cols.update(request_id=[f"t{i}" for i in range(n)], row=list(range(n)),
-                prompt=[f"question {i}" for i in range(n)],
-                est_input_tokens=[8] * n, est_output_tokens=[32] * n)
-    return pa.table(cols, schema=schemas.ROUTED)
+    return routed_rows(n)
 
 
 def test_the_dispatcher_retries_a_reply_cut_in_mid_body_on_a_new_connection() -> None:
