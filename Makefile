@@ -37,7 +37,7 @@ demo: $(STAMP)
 	@set -e; \
 	$(BIN)/batchroute mock-provider --port $(DEMO_PORT) --rpm 6000 --tpm 20000000 --window-s 10 \
 	    --model-limit gpt-4-1106-preview=3000:4000000 --latency-ms 250 --fail-rate 0.01 \
-	    --invalid-rate 0.05 --model-invalid-rate gpt-4-1106-preview=0 \
+	    --invalid-rate 0.05 --model-invalid-rate gpt-4-1106-preview=0 --quality \
 	    --api-key-env BATCHROUTE_DEMO_KEY > runs/mock-provider.log 2>&1 & \
 	mock=$$!; trap 'kill $$mock 2>/dev/null' EXIT; \
 	$(BIN)/batchroute mock-provider --wait-ready --port $(DEMO_PORT); \

@@ -307,6 +307,25 @@ class DispatchConfig:
 
 
 @dataclass(frozen=True)
+class QualityConfig:
+    """[quality]: shadow checks. A seeded sample of the rows answered below the reference
+    model, stratified by model and route stage, is also sent to the reference model and
+    compared (labels and JSON field by field; free text graded by ``judge``)."""
+
+    # Share of the rows answered below the reference model that are shadowed; 0: off.
+    shadow_share: float = 0.0
+    # For free text: the catalog model asked to grade an answer against the reference's.
+    judge: str = ""
+    # Flag the run when the retained quality's upper bound falls below this (None: never).
+    min_retained: float | None = None
+    seed: int = 0
+
+    @property
+    def on(self) -> bool:
+        return self.shadow_share > 0.0
+
+
+@dataclass(frozen=True)
 class JobConfig:
     name: str
     input: str
@@ -323,6 +342,7 @@ class JobConfig:
     # Output tokens per input token for the counterfactual when the reference model itself
     # answered nothing in a run (otherwise its observed ratio is used).
     reference_output_ratio: float | None = None
+    quality: QualityConfig = field(default_factory=QualityConfig)
 
     def priced_on(self, day: date) -> JobConfig:
         """The job with every model's prices in force on ``day`` (ConfigError if a model has
@@ -344,6 +364,8 @@ class JobConfig:
             "id_column": self.id_column,
             "task": asdict(self.task),
         }
+        if self.quality != QualityConfig():  # hashes of jobs without [quality] stay as they were
+            doc["quality"] = asdict(self.quality)
         blob = json.dumps(doc, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -380,7 +402,7 @@ def parse(raw: Mapping[str, Any], *, source: str = "<memory>", input_override: s
     """Validate an already-parsed TOML document. Raises ConfigError naming the key at fault."""
     from batchroute import schemas, task
 
-    _known(raw, "", {"job", "router", "dispatch", "models", "task"})
+    _known(raw, "", {"job", "router", "dispatch", "models", "task", "quality"})
     job = _table(raw, "job")
     _known(job, "job", {"name", "input", "output", "reference_model", "prices",
                         "reference_output_ratio", "id_column"})
@@ -434,6 +456,8 @@ def parse(raw: Mapping[str, Any], *, source: str = "<memory>", input_override: s
     elif reference not in models:
         raise ConfigError(f"job.reference_model: {reference!r} is not in the models catalog")
 
+    quality = _quality(_table(raw, "quality", required=False), models, the_task.output.kind)
+
     input_uri = input_override or _str(job, "input", "job.")
     output_uri = output_override or job.get("output", "runs")
     return JobConfig(
@@ -443,8 +467,26 @@ def parse(raw: Mapping[str, Any], *, source: str = "<memory>", input_override: s
         router=router, dispatch=dispatch, source=source,
         reference_output_ratio=(_num(job, "reference_output_ratio", "job.", minimum=0.0)
                                 if "reference_output_ratio" in job else None),
-        id_column=id_column, task=the_task,
+        id_column=id_column, task=the_task, quality=quality,
     )
+
+
+def _quality(t: Mapping[str, Any], models: Mapping[str, ModelConfig],
+             output_kind: str) -> QualityConfig:
+    _known(t, "quality", {"shadow_share", "judge", "min_retained", "seed"})
+    share = _num(t, "shadow_share", "quality.", minimum=0.0, maximum=1.0, default=0.0)
+    judge = _str(t, "judge", "quality.") if "judge" in t else ""
+    if judge and judge not in models:
+        raise ConfigError(f"quality.judge: {judge!r} is not a model in the catalog")
+    if share > 0 and output_kind == "text" and not judge:
+        raise ConfigError("quality.judge: a free-text task with a shadow_share needs a judge "
+                          "model to grade its answers against the reference's (labels and "
+                          "JSON outputs are compared field by field)")
+    min_retained = None
+    if "min_retained" in t:
+        min_retained = _num(t, "min_retained", "quality.", minimum=0.0, maximum=1.0)
+    seed = _int(t, "seed", "quality.", minimum=0, default=0)
+    return QualityConfig(shadow_share=share, judge=judge, min_retained=min_retained, seed=seed)
 
 
 # A run folder is one path segment below the output folder: a job name or run id holding "/"

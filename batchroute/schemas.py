@@ -257,8 +257,62 @@ LABELS = pa.schema([
        "P(score >= cut).", nullable=False),
 ])
 
+# Shadow checks ([quality]): one row per sampled row, also sent to the reference model.
+SHADOWS = pa.schema([
+    _f("request_id", pa.string(), "The shadowed row.", nullable=False),
+    _f("model", pa.string(), "The model whose answer the row kept (results.model).",
+       nullable=False),
+    _f("route_stage", pa.string(), "What decided the row (results.route_stage)."),
+    _f("reference_model", pa.string(), "The model the row was also sent to.", nullable=False),
+    _f("status", pa.string(), "ok when the reference answered and the pair was graded, else "
+       "failed.", nullable=False),
+    _f("score", pa.float64(), "The kept answer's quality relative to the reference's, in "
+       "[0, 1]: labels and JSON, the share of output fields equal to the reference's; free "
+       "text, the judge's candidate grade over its reference grade, capped at 1. Null when "
+       "not graded."),
+    _f("graded_by", pa.string(), "fields or judge.", nullable=False),
+    _f("candidate_score", pa.float64(), "The judge's grade of the kept answer in [0, 1] "
+       "(free text only)."),
+    _f("reference_score", pa.float64(), "The judge's grade of the reference answer in "
+       "[0, 1] (free text only)."),
+    _f("reference_response", pa.string(), "The reference model's answer."),
+    _f("error_message", pa.string(), "Why the pair was not graded (status failed)."),
+    _f("cost_micro_usd", pa.int64(), "What the shadow call cost.", nullable=False),
+    _f("judge_cost_micro_usd", pa.int64(), "What the judge call cost.", nullable=False),
+])
+
+# The quality rollup: per stratum (model and route stage), per model, per stage and the run.
+QUALITY = pa.schema([
+    _f("run_id", pa.string(), "Run the rollup covers.", nullable=False),
+    _f("scope", pa.string(), "stratum (one model and route stage), model, stage, or run.",
+       nullable=False),
+    _f("model", pa.string(), "The model (null for stage and run rows)."),
+    _f("route_stage", pa.string(), "The route stage (null for model and run rows)."),
+    _f("rows", pa.int64(), "Rows answered ok in this scope.", nullable=False),
+    _f("reference_rows", pa.int64(), "Of them, rows answered by the reference model itself "
+       "(retained quality 1 by definition).", nullable=False),
+    _f("shadowed", pa.int64(), "Rows shadowed and graded.", nullable=False),
+    _f("shadow_failed", pa.int64(), "Rows shadowed but not graded (a call failed).",
+       nullable=False),
+    _f("graded_by", pa.string(), "fields (agreement with the reference) or judge."),
+    _f("score", pa.float64(), "Mean agreement or judge score of the graded rows below the "
+       "reference (null when none)."),
+    _f("score_low", pa.float64(), "95% interval of score: Wilson for agreement, bootstrap "
+       "for judge scores."),
+    _f("score_high", pa.float64(), "Upper end of that interval."),
+    _f("retained", pa.float64(), "Estimated quality retained against sending every row in "
+       "the scope to the reference model (reference rows count 1)."),
+    _f("retained_low", pa.float64(), "95% interval of retained (a stratum with rows but no "
+       "grade counts 0 at the low end and 1 at the high end)."),
+    _f("retained_high", pa.float64(), "Upper end of that interval."),
+    _f("shadow_cost_micro_usd", pa.int64(), "Shadow calls' cost (quality overhead).",
+       nullable=False),
+    _f("judge_cost_micro_usd", pa.int64(), "Judge calls' cost (quality overhead).",
+       nullable=False),
+])
+
 ALL = {"labels": LABELS, "prompts": PROMPTS, "requests": REQUESTS, "routed": ROUTED, "results": RESULTS,
-       "rollups": ROLLUPS}
+       "rollups": ROLLUPS, "shadows": SHADOWS, "quality": QUALITY}
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
 

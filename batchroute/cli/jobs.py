@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from batchroute.cli.argtypes import whole_number
 from batchroute.errors import ConfigError
@@ -139,12 +139,32 @@ def _report(job: JobConfig, out: RunResult, *, dry_run: bool) -> int:
         if job.task.output.kind == "labels":
             print(rollup.label_table(out.folder))
         print(_limits_line(out.manifest.dispatch or {}))
+    if out.quality is not None and out.manifest.quality is not None:
+        from batchroute.stages import quality
+
+        print(f"\nquality against {job.reference_model} (shadow checks, "
+              f"{100 * job.quality.shadow_share:g}% of the rows below it):")
+        print(quality.format_table(out.quality))
+        print(quality.describe(out.manifest.quality, savings=_savings(out.rollups)))
     paths = out.manifest.paths
     print(f"\nrun folder: {out.folder.uri}")
     for key in ("routed", "forecast") + (() if dry_run else ("results", "rollups")):
         print(f"  {key:<9}{paths[key]}")
+    if out.quality is not None:
+        print(f"  quality  {out.folder.sub('quality')}")
     print(f"  manifest {out.folder.sub('manifest.json')}")
     return out.exit_code
+
+
+def _savings(rollups: Any) -> float | None:
+    """The run's savings against sending every row to the reference model (a share)."""
+    import pyarrow.compute as pc
+
+    if rollups is None:
+        return None
+    ref = pc.sum(rollups.column("reference_cost_micro_usd")).as_py() or 0
+    cost = pc.sum(rollups.column("cost_micro_usd")).as_py() or 0
+    return 1.0 - cost / ref if ref else None
 
 
 def _limits_line(stats: dict[str, dict[str, float]]) -> str:

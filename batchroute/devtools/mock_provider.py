@@ -282,6 +282,8 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypedDict
 
 from batchroute import tokens
 from batchroute.cli.argtypes import whole_number
+from batchroute.devtools import mock_quality
+from batchroute.devtools.mock_quality import QualityModel
 from batchroute.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -453,6 +455,10 @@ class MockProviderConfig:
     batch_expire_share: float = 0.0
     batch_line_error_rate: float = 0.0
     batch_queue_tokens: int | None = None
+    # The quality model (batchroute.devtools.mock_quality): models differ in which prompts
+    # they answer correctly; ``model_skills`` ((name, skill), ...) overrides its skills.
+    quality: bool = False
+    model_skills: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not _is_loopback(self.host):
@@ -691,9 +697,15 @@ class _Call:
         return self.prompt_tokens + cap
 
 
-def _answer(call: _Call) -> tuple[str, bool]:
-    """The answer text for ``call`` and whether it was cut at ``max_tokens``."""
-    if call.mmlu:
+def _answer(call: _Call, quality: QualityModel | None = None) -> tuple[str, bool]:
+    """The answer text for ``call`` and whether it was cut at ``max_tokens``. With the
+    ``quality`` model the letter is right or wrong as it says, and the text starts with
+    its quality marker."""
+    if call.mmlu and quality is not None:
+        letter = quality.letter(call.route_text, call.model)
+        mark = mock_quality.marker(quality.quality(call.route_text, call.model))
+        full = f"{letter}. {mark} Option {letter} is the choice best supported."
+    elif call.mmlu:
         letter = "ABCD"[call.digest[0] % 4]
         full = f"{letter}. Option {letter} is the choice best supported by the question."
     else:
@@ -705,6 +717,9 @@ def _answer(call: _Call) -> tuple[str, bool]:
         full = corpus[start : start + n_tokens * _CHARS_PER_TOKEN]
         if full.endswith(" "):
             full = full[:-1] + "."  # same length, so the token count stays exact
+        if quality is not None:  # the marker replaces the first characters: same length
+            mark = mock_quality.marker(quality.quality(call.route_text, call.model)) + " "
+            full = mark + full[len(mark):]
     if call.max_tokens is not None and count_tokens(full) > call.max_tokens:
         return full[: call.max_tokens * _CHARS_PER_TOKEN], True
     return full, False
@@ -1267,8 +1282,11 @@ def _off_choice(kind: str, label: str, choices: tuple[str, ...],
     return text if text not in choices else _off_value(choices, rng)
 
 
-def _structured_answer(call: _Call, invalid_rate: float) -> _StructuredAnswer:
-    """The answer to ``call.structured`` (see the module docstring)."""
+def _structured_answer(call: _Call, invalid_rate: float,
+                       quality: QualityModel | None = None) -> _StructuredAnswer:
+    """The answer to ``call.structured`` (see the module docstring). With the ``quality``
+    model the valid answer is the prompt's true output, or a wrong one (see
+    :mod:`batchroute.devtools.mock_quality`)."""
     spec = call.structured
     assert spec is not None
     # A digest of its own, so the answer is independent of the other uses of call.digest.
@@ -1278,19 +1296,65 @@ def _structured_answer(call: _Call, invalid_rate: float) -> _StructuredAnswer:
     invalid = int.from_bytes(key[:4], "big") / 2**32 < invalid_rate
     kind = _INVALID_KINDS[key[4] % len(_INVALID_KINDS)]
     rng = random.Random(int.from_bytes(key[5:], "big"))
+    right = quality is None or quality.correct(call.route_text, call.model)
+    schema_key = _dumps(spec.billed)
+    truth = (None if quality is None else
+             random.Random(mock_quality.prompt_seed(call.route_text, schema_key)))
+    wrong = (None if right else
+             random.Random(mock_quality.wrong_seed(call.route_text, call.model, schema_key)))
     if spec.choices is not None:
-        label = rng.choice(spec.choices)
+        label = (truth or rng).choice(spec.choices)
+        if wrong is not None and len(spec.choices) > 1:
+            label = wrong.choice([c for c in spec.choices if c != label])
         if invalid:
             return _StructuredAnswer(None, _off_choice(kind, label, spec.choices, rng), True)
         return _StructuredAnswer(None, label)
     schema = spec.schema
     if call.wire == "anthropic" and "type" not in schema:
         schema = {**schema, "type": "object"}  # a tool input is always an object
-    gen = _Instance(schema, rng)
+    gen = _Instance(schema, truth or rng)
     value = gen.value(schema)
+    if wrong is not None:
+        value = _wrong_answer(value, schema, _Instance(schema, wrong))
     if invalid:
+        gen.rng = rng  # the spoiling draws stay the request's own
         return _spoiled(kind, value, gen, spec, call.wire, rng)
     return _StructuredAnswer(value if isinstance(value, dict) else None, _dumps(value))
+
+
+def _wrong_answer(value: Any, schema: object, gen: _Instance) -> Any:
+    """``value`` with at least one top-level field changed (an enum value: another one of
+    its values), drawn from ``gen``: a model's wrong answer to the prompt."""
+    resolved = gen.resolve(schema)
+    props = resolved.get("properties") if isinstance(resolved, dict) else None
+    if not (isinstance(value, dict) and isinstance(props, dict)):
+        return _other_value(value, schema, gen)
+    keys = [k for k in value if k in props]
+    if not keys:
+        return value
+    chosen = [k for k in keys if gen.rng.random() < 0.5] or [gen.rng.choice(keys)]
+    return {k: _other_value(v, props[k], gen) if k in chosen else v for k, v in value.items()}
+
+
+def _other_value(old: Any, schema: object, gen: _Instance) -> Any:
+    resolved = gen.resolve(schema)
+    allowed = resolved.get("enum") if isinstance(resolved, dict) else None
+    if isinstance(allowed, list):
+        others = [a for a in allowed if a != old]
+        return copy.deepcopy(gen.rng.choice(others)) if others else old
+    new = old
+    for _ in range(8):  # a draw equal to the old value (a boolean, say) is drawn again
+        new = gen.value(schema)
+        if new != old:
+            break
+    return new
+
+
+def _judged(call: _Call) -> _StructuredAnswer:
+    """A judge call's answer: the two answers' quality markers read back exactly."""
+    candidate, reference = mock_quality.judge_scores(call.route_text)
+    value = {"candidate": candidate, "reference": reference}
+    return _StructuredAnswer(value, _dumps(value))
 
 
 def _latency_s(call: _Call, median_ms: float) -> float:
@@ -1603,6 +1667,7 @@ class _MockServer:
         self.config = config
         self._clock = clock
         self._invalid_rates = dict(config.model_invalid_rates)
+        self._quality = (QualityModel(dict(config.model_skills)) if config.quality else None)
         self._rng = random.Random(config.seed)
         self._limits: dict[tuple[str, str], _Limits] = {}
         self.counters = _empty_stats()
@@ -1864,9 +1929,14 @@ class _MockServer:
         if reasoning and call.max_tokens is not None:  # thinking comes out of the same cap
             call = replace(call, max_tokens=call.max_tokens - reasoning)
         if call.route is not None or call.structured is not None:
-            if call.structured is not None:
+            if call.structured is not None and self._quality is not None and (
+                    call.structured.name == mock_quality.JUDGE):
+                answer = _judged(call)
+                text, tool_input, invalid = answer.text, answer.tool_input, answer.invalid
+                tool_name = call.structured.name
+            elif call.structured is not None:
                 answer = _structured_answer(call, self._invalid_rates.get(
-                    call.model, self.config.invalid_rate))
+                    call.model, self.config.invalid_rate), self._quality)
                 text, tool_input, invalid = answer.text, answer.tool_input, answer.invalid
                 tool_name = call.structured.name
             else:
@@ -1877,7 +1947,7 @@ class _MockServer:
             if cap is not None and truncated:
                 text, tool_input = text[: cap * _CHARS_PER_TOKEN], None
         else:
-            text, truncated = _answer(call)
+            text, truncated = _answer(call, self._quality)
         completion_tokens = count_tokens(text) + reasoning
         cached, written = self._cached(call, arrived)
         self.counters["cached_prompt_tokens"] += cached
@@ -2209,6 +2279,19 @@ def _model_rate(text: str) -> tuple[str, float]:
     return name, _probability(value)
 
 
+def _model_skill(text: str) -> tuple[str, float]:
+    """Parse ``NAME=S`` (split at the last ``=``), S a finite number."""
+    name, sep, value = text.rpartition("=")
+    try:
+        skill = float(value)
+    except ValueError:
+        skill = math.nan
+    if not (sep and name and math.isfinite(skill)):
+        raise argparse.ArgumentTypeError(f"expected NAME=S with S a number, such as "
+                                         f"gpt-4o=2.5, got {text!r}")
+    return name, skill
+
+
 def _window(text: str) -> float:
     try:
         value = float(text)
@@ -2285,6 +2368,16 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     add("--model-invalid-rate", type=_model_rate, action="append", dest="model_invalid_rates",
         metavar="NAME=R", help="--invalid-rate for one model (its wire name); repeat for "
         "several, e.g. gpt-4o=0 for a strong model that never answers off-label")
+    add("--quality", action="store_true",
+        help="models differ in quality: each answers a prompt correctly or not by the bundled "
+             "labels' recorded outcome, else by sigmoid(skill - difficulty); labels and JSON "
+             "answers are the prompt's true output or a wrong one, free text carries a "
+             "[q=0.73] marker that a judge call (structured output 'quality_judge') reads "
+             "back (batchroute.devtools.mock_quality)")
+    add("--model-skill", type=_model_skill, action="append", dest="model_skills",
+        metavar="NAME=S", help="with --quality, the skill of one model (its wire name; "
+        "defaults: mixtral-8x7b-instruct=1.0, claude-3-5-sonnet=2.2, "
+        "gpt-4-1106-preview=2.8, others by name, else 2.0); repeat for several")
     add("--hang-s", type=_non_negative_float, default=30.0, metavar="S",
         help="seconds a --timeout-rate request hangs (default 30)")
     add("--flex-unavailable-rate", type=_probability, default=0.0, metavar="R",
@@ -2355,6 +2448,7 @@ def _run_cli(args: argparse.Namespace) -> int:
             batch_expire_share=args.batch_expire_share,
             batch_line_error_rate=args.batch_line_error_rate,
             batch_queue_tokens=args.batch_queue_tokens,
+            quality=args.quality, model_skills=tuple(args.model_skills or ()),
         )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -321,6 +321,25 @@ class _DispatchActor:
             result: pa.Table = await dispatcher.ask(routed, routing_output(routed))
         return result
 
+    async def shadow(self, routed: pa.Table) -> pa.Table:
+        """Shadow checks' second answer: each row's request as the job sends it, neither
+        escalated nor journalled (:meth:`ModelDispatcher.shadow`)."""
+        dispatcher = self._get()
+        with dispatcher.scrubber.exceptions():
+            result: pa.Table = await dispatcher.shadow(routed)
+        return result
+
+    async def judge(self, routed: pa.Table) -> pa.Table:
+        """Shadow checks' judge calls (:mod:`batchroute.judge`)."""
+        from batchroute import judge
+        from batchroute.stages.dispatch.providers import OutputSchema
+
+        dispatcher = self._get()
+        with dispatcher.scrubber.exceptions():
+            result: pa.Table = await dispatcher.ask(
+                routed, OutputSchema(judge.NAME, judge.SCHEMA, judge.DESCRIPTION))
+        return result
+
     async def _escalate(self, model: str, routed: pa.Table) -> pa.Table:
         # The next model's own actor holds its limits; the rows wait their turn there. This
         # model journals them when they come back, with its own attempt's cost added.
@@ -385,8 +404,10 @@ class _DispatchActor:
         if self._dispatcher is not None:
             self._dispatcher.flush_journal()
             await self._dispatcher.aclose()
+            self._dispatcher = None  # a later call (shadow checks) opens a new one
         if self._journal is not None:
             self._journal.close()
+            self._journal = None
 
 
 class DispatchActors:
@@ -521,6 +542,40 @@ class DispatchActors:
         progress.models = poll()
         ray.get([a.close.remote() for a in used.values()])
         return dict(progress.models)
+
+    def each(self, model: str, method: str, tables: Iterable[pa.Table], *,
+             stop: Callable[[], None] = lambda: None
+             ) -> Iterator[tuple[pa.Table, pa.Table | None]]:
+        """Send each table to ``model``'s actor ``method`` (``shadow`` or ``judge``),
+        ``batches_in_flight`` at a time, and yield (sent, returned) as each comes back;
+        returned is None when the actor call failed (the error is logged)."""
+        actor = self.actors[model]
+        call = getattr(actor, method)
+        pending = iter(tables)
+        in_flight: dict[Any, pa.Table] = {}
+
+        def refill() -> None:
+            while len(in_flight) < self.job.dispatch.batches_in_flight:
+                table = next(pending, None)
+                if table is None:
+                    return
+                in_flight[call.remote(table)] = table
+
+        refill()
+        while in_flight:
+            stop()
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.25)
+            for ref in ready:
+                sent = in_flight.pop(ref)
+                try:
+                    got: pa.Table | None = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    log.error("%s of %d rows to %s failed: %s", method, sent.num_rows, model,
+                              type(exc).__name__)
+                    got = None
+                yield sent, got
+            refill()
+        ray.get(actor.close.remote())
 
     def kill(self) -> None:
         """Stop the heartbeat and kill every actor; killing again is a no-op."""

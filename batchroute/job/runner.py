@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 from batchroute import __version__, task
 from batchroute.config import JobConfig, check_segment
 from batchroute.errors import ConfigError, Interrupted
-from batchroute.job import cluster
+from batchroute.job import cluster, shadows
 from batchroute.job.progress import Progress
 from batchroute.routers import classifier as rt
 from batchroute.routers import embed
@@ -43,6 +43,8 @@ SOURCE_SHARD_ROWS = 8_192
 # The longest a resume waits for a killed run's dispatch actors to go quiet: they finish the
 # calls they hold (each at most its timeout) and journal the answers.
 JOURNAL_WAIT_S = 90.0
+# The exit code of a run the shadow checks flagged ([quality] min_retained).
+QUALITY_FLAGGED = 4
 
 
 @dataclass
@@ -55,9 +57,15 @@ class RunResult:
     forecast: dict[str, Any]
     rollups: pa.Table | None
 
+    quality: pa.Table | None = None
+
     @property
     def exit_code(self) -> int:
-        """0 when no row failed, 1 when some did (rejected rows are data, not failures)."""
+        """4 when the shadow checks flagged the run (retained quality's upper bound below
+        [quality] min_retained), else 1 when some rows failed (rejected rows are data, not
+        failures), else 0."""
+        if (self.manifest.quality or {}).get("flagged"):
+            return QUALITY_FLAGGED
         return 1 if self.manifest.counts.get("failed", 0) else 0
 
 
@@ -221,6 +229,11 @@ def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
             # the journal keeps that batch's answers for the resume that retries it.)
             journal.clear(folder)
         manifest.mark_done("dispatch", folder)
+        quality_table = None
+        if job.quality.on:
+            progress.set_phase("shadow checks")
+            quality_table, manifest.quality = shadows.run(job, folder, actors, stop=stop.check)
+            manifest.mark_done("quality", folder)
         # The actors' memory (~150-200 MiB each) is not needed for the rollup.
         actors.kill()
 
@@ -236,7 +249,7 @@ def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
         manifest.finished_at = now()
         manifest.mark_done("rollup", folder)
         progress.set_phase("done")
-    return RunResult(folder, manifest, forecast, table)
+    return RunResult(folder, manifest, forecast, table, quality_table)
 
 
 def _plan(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,

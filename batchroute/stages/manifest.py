@@ -19,7 +19,7 @@ from batchroute.stages.sink import RunFolder
 
 NAME = "manifest.json"
 # Keys written only once the stage that sets them has run.
-_SET_LATER = {"input_rows", "routing", "dispatch", "cost_usd", "finished_at"}
+_SET_LATER = {"input_rows", "routing", "dispatch", "cost_usd", "finished_at", "quality"}
 log = logging.getLogger("batchroute")
 
 
@@ -56,6 +56,8 @@ class Manifest:
     routing: dict[str, Any] | None = None  # decided_by, route_cost_usd
     dispatch: dict[str, Any] | None = None  # each model's dispatcher counters
     cost_usd: float | None = None
+    # The shadow checks ([quality]): retained quality, its interval, overhead, flagged
+    quality: dict[str, Any] | None = None
     finished_at: str | None = None
     resumes: list[dict[str, Any]] = field(default_factory=list)
     # Calls billed whose answers were never used (lost in flight at a crash, malformed 2xx

@@ -258,6 +258,14 @@ class ModelDispatcher:
         return self._results(routed, await self._call_all(routed, output, journal=False,
                                                           asked=True), asked=True)
 
+    async def shadow(self, routed: pa.Table) -> pa.Table:
+        """Like :meth:`dispatch` (the job's system prompt, output and parsing), but nothing
+        escalates and nothing is journalled: the reference model's second answer to rows
+        another model answered, for the shadow checks (:mod:`batchroute.stages.quality`).
+        Its results rows are the shadow checks' own, never the job's."""
+        return self._results(routed, await self._call_all(routed, self._schema, journal=False,
+                                                          asked=False))
+
     # -- what the batch tier (batch_tier.py) shares with the sync path -----------------------
 
     def requests(self, routed: pa.Table, chunk: int = 1024) -> Iterator[tuple[Request, int]]:
