@@ -108,13 +108,18 @@ def to_toml(doc: dict[str, Any]) -> str:
 
 
 def demo_job_doc(input_uri: Path | str, output: Path | str, urls: str | dict[str, str], *,
-                 dispatch: dict[str, Any] | None = None, **model: Any) -> dict[str, Any]:
+                 dispatch: dict[str, Any] | None = None, quality: dict[str, Any] | None = None,
+                 **model: Any) -> dict[str, Any]:
     """jobs/demo.toml pointed at mock providers on loopback: every model (or each model, given
     a name -> URL map) at its provider, the tests' key variable, limits high enough not to
-    bind unless ``model`` overrides them."""
+    bind unless ``model`` overrides them. Its [quality] section is replaced by ``quality``
+    (none by default: shadow checks add calls a test would have to count)."""
     import tomllib
 
     doc: dict[str, Any] = tomllib.loads((REPO / "jobs" / "demo.toml").read_text())
+    doc.pop("quality", None)
+    if quality is not None:
+        doc["quality"] = quality
     doc["job"].update(input=str(input_uri), output=str(output))
     doc["dispatch"].update(dispatch or {})
     for name, m in doc["models"].items():

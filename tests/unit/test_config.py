@@ -237,6 +237,7 @@ def _numeric_doc(where: str) -> dict[str, Any]:
                                      max_tokens=5_000)
     doc["router"]["thresholds"] = {CHEAP: 0.5}
     doc["dispatch"]["max_retry_after_s"] = 60.0
+    doc["quality"] = {"shadow_share": 0.1, "judge": MID, "min_retained": 0.5, "seed": 1}
     if where == "router.classifier":
         doc["router"]["classifier"] = {"uncertain": [0.2, 0.8]}
     elif where == "router.similarity":
@@ -273,6 +274,7 @@ NUMERIC_KEYS: dict[tuple[str, str], str] = {
     **{("DispatchConfig", f): f"dispatch.{f}" for f in (
         "max_attempts", "backoff_base_s", "backoff_max_s", "default_max_tokens", "batch_rows",
         "batches_in_flight", "max_retry_after_s")},
+    **{("QualityConfig", f): f"quality.{f}" for f in ("shadow_share", "min_retained", "seed")},
 }
 # Price entries of a catalog share the model's price keys (test_price_catalog_numbers...).
 PRICE_KEYS = ("input_usd_per_mtok", "output_usd_per_mtok", "cached_input_usd_per_mtok",
@@ -285,7 +287,7 @@ def test_every_numeric_field_is_covered() -> None:
     numeric = set()
     for cls in (config.JobConfig, config.ModelConfig, config.Rule, config.RouterConfig,
                 config.ClassifierConfig, config.SimilarityConfig, config.LLMRouterConfig,
-                config.DispatchConfig):
+                config.DispatchConfig, config.QualityConfig):
         for f in dataclasses.fields(cls):
             if re.search(r"\b(int|float)\b", str(f.type)):
                 numeric.add((cls.__name__, f.name))
@@ -420,3 +422,33 @@ def test_tiers_and_the_deadline_are_checked_at_load() -> None:
     bad["dispatch"]["deadline"] = "tomorrow"
     with pytest.raises(ConfigError, match=r"dispatch\.deadline: 'tomorrow' is neither"):
         config.parse(bad)
+
+
+@pytest.mark.parametrize(("quality", "needle"), [
+    ({"shadow_share": 1.5}, r"quality\.shadow_share: must be a finite number between 0"),
+    ({"shadow_share": -0.1}, r"quality\.shadow_share: must be a finite number between 0"),
+    ({"shadow_share": 0.1, "judge": "gpt-9"}, r"quality\.judge: 'gpt-9' is not a model in "
+                                              "the catalog"),
+    ({"shadow_share": 0.1}, r"quality\.judge: a free-text task with a shadow_share needs a "
+                            "judge"),
+    ({"shadow_share": 0.1, "judge": MID, "min_retained": 1.2},
+     r"quality\.min_retained: must be a finite number between 0"),
+    ({"shadow_share": 0.1, "judge": MID, "typo": 1}, r"quality"),
+])
+def test_bad_quality_sections_are_refused_naming_the_key(quality: dict[str, Any],
+                                                          needle: str) -> None:
+    doc = job_doc()
+    doc["quality"] = quality
+    with pytest.raises(ConfigError, match=needle):
+        config.parse(doc)
+
+
+def test_a_labels_task_is_compared_field_by_field_without_a_judge() -> None:
+    doc = job_doc()
+    doc["task"] = {"template": "{{ prompt }}", "output": {"labels": ["a", "b"]}}
+    doc["quality"] = {"shadow_share": 0.05}
+    job = config.parse(doc)
+    assert job.quality.on and job.quality.judge == ""
+    # a job without [quality] keeps the config hash it had before the section existed
+    plain = config.parse(job_doc())
+    assert plain.quality == config.QualityConfig() and not plain.quality.on

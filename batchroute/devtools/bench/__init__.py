@@ -17,7 +17,8 @@ def on_mock(models: dict[str, dict[str, Any]], url: str, key_env: str, **extra: 
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    bench = sub.add_parser("bench", help="benchmarks: memory, dispatch, route, similarity, task, cache, tiers",
+    bench = sub.add_parser("bench", help="benchmarks: memory, dispatch, route, similarity, task, cache, tiers, "
+                           "quality",
                            description="Measure the job. `memory` runs the whole job on N "
                            "generated prompts against the mock provider with high limits and "
                            "prints peak memory over every process of the job (driver and Ray "
@@ -57,6 +58,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bs.add_argument("--workdir", metavar="DIR", help="keep the bank and its index here")
     bs.add_argument("--json", action="store_true", help="print the figures as JSON")
     bs.set_defaults(func=_bench_similarity)
+    bq = bench_sub.add_parser(
+        "quality", help="shadow checks' honesty: how often the 95% interval of retained "
+        "quality covers the truth, over seeds of the demo input (the mock's quality model)")
+    bq.add_argument("--seeds", type=int, default=20, metavar="N",
+                    help="demo inputs, seeds 0..N-1 (default 20)")
+    bq.add_argument("--rows", type=int, default=20_000, metavar="N",
+                    help="rows per demo input (default 20000, the demo's)")
+    bq.add_argument("--share", type=float, action="append", dest="shares", metavar="S",
+                    help="shadow_share to measure; repeat (default 0.01, 0.02, 0.05)")
+    bq.add_argument("--json", action="store_true", help="print JSON only")
+    bq.set_defaults(func=_bench_quality)
     bd = bench_sub.add_parser(
         "dispatch", help="dispatch against the mock provider's rate limits: wall time over the "
         "limits' lower bound, client CPU per request, 429s")
@@ -213,6 +225,20 @@ def _bench_similarity(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"bench similarity: {exc}") from None
     print(json.dumps(result, indent=2) if args.json else bench_similarity.format_table(result))
+    return 0
+
+
+def _bench_quality(args: argparse.Namespace) -> int:
+    import json
+
+    from batchroute.devtools.bench import quality as bench_quality
+
+    shares = args.shares or [0.01, 0.02, 0.05]
+    if args.seeds < 1 or args.rows < 1 or not all(0 < s <= 1 for s in shares):
+        raise ConfigError("bench quality: --seeds and --rows must be at least 1 and each "
+                          "--share in (0, 1]")
+    result = bench_quality.coverage(range(args.seeds), shares, rows=args.rows)
+    print(json.dumps(result, indent=2) if args.json else bench_quality.format_table(result))
     return 0
 
 
