@@ -64,6 +64,13 @@ class Run:
     # Batch-tier models whose deadline passed, and the rows sent sync at full price then.
     deadline_passed: str = ""
     sent_sync_after_deadline: int = 0
+    # The shadow checks' estimate ([quality]): retained quality with its 95% interval.
+    quality_retained: float | None = None
+    quality_low: float | None = None
+    quality_high: float | None = None
+    quality_shadowed: int = 0
+    quality_overhead_micro_usd: int = 0
+    quality_flagged: bool = False
 
 
 @dataclass
@@ -112,6 +119,7 @@ def build(runs_uri: str, out_dir: str | Path, *, date_from: date | None = None,
         # Spend by the tier each call was billed at (sync, batch, flex).
         "tiers": _grouped(rows, charges, rollups, ["tier"]),
         "forecast": _forecast(fs, runs, rollups),
+        "quality": _quality(runs, rollups),
     }
     for name, table in tables.items():
         table.write_parquet(out / f"{name}.parquet")
@@ -162,8 +170,14 @@ def _discover(fs: pafs.FileSystem, base: str, date_from: date | None,
         batches = {m: s["batch"] for m, s in (manifest.dispatch or {}).items()
                    if isinstance(s, dict) and s.get("batch")}
         late = [m for m, b in batches.items() if b.get("deadline_passed")]
+        q = manifest.quality or {}
         runs.append(Run(run_id=manifest.run_id, job=manifest.job, day=day, path=info.path,
                         rows=int(sum(manifest.counts.values())),
+                        quality_retained=q.get("retained"), quality_low=q.get("retained_low"),
+                        quality_high=q.get("retained_high"),
+                        quality_shadowed=int(q.get("shadowed") or 0),
+                        quality_overhead_micro_usd=round(float(q.get("cost_usd") or 0) * 1e6),
+                        quality_flagged=bool(q.get("flagged")),
                         deadline_passed=",".join(sorted(late)),
                         sent_sync_after_deadline=sum(int(b.get("sent_sync_after_deadline", 0))
                                                      for b in batches.values())))
@@ -241,6 +255,34 @@ def _grouped(rows: pl.LazyFrame, charges: pl.LazyFrame, rollups: pl.DataFrame,
         .with_columns(savings_pct=pl.when(pl.col("reference_cost_usd") > 0).then(
             100.0 * pl.col("savings_usd") / pl.col("reference_cost_usd")))
         .sort(by, nulls_last=True).collect(engine="streaming"))
+
+
+def _quality(runs: list[Run], rollups: pl.DataFrame) -> pl.DataFrame:
+    """Savings and retained quality side by side, per run, oldest first: what routing saved
+    against the reference model and what it kept of the reference's quality (shadow checks;
+    null for a run without [quality])."""
+    saved = (rollups.group_by("run_id")
+             .agg(cost=pl.col("cost_micro_usd").sum(),
+                  reference=pl.col("reference_cost_micro_usd").sum())
+             .with_columns(savings_pct=pl.when(pl.col("reference") > 0).then(
+                 100.0 * (pl.col("reference") - pl.col("cost")) / pl.col("reference")))
+             .select("run_id", "savings_pct"))
+    frame = pl.DataFrame(
+        [{"run_id": r.run_id, "day": r.day, "job": r.job,
+          "retained_pct": None if r.quality_retained is None else 100 * r.quality_retained,
+          "retained_low_pct": None if r.quality_low is None else 100 * r.quality_low,
+          "retained_high_pct": None if r.quality_high is None else 100 * r.quality_high,
+          "shadowed": r.quality_shadowed,
+          "quality_overhead_micro_usd": r.quality_overhead_micro_usd,
+          "flagged": r.quality_flagged} for r in runs],
+        schema={"run_id": pl.String, "day": pl.String, "job": pl.String,
+                "retained_pct": pl.Float64, "retained_low_pct": pl.Float64,
+                "retained_high_pct": pl.Float64, "shadowed": pl.Int64,
+                "quality_overhead_micro_usd": pl.Int64, "flagged": pl.Boolean})
+    return (frame.join(saved, on="run_id", how="left")
+            .select("day", "job", "run_id", "savings_pct", "retained_pct", "retained_low_pct",
+                    "retained_high_pct", "shadowed", "quality_overhead_micro_usd", "flagged")
+            .sort("day", "run_id"))
 
 
 def _forecast(fs: pafs.FileSystem, runs: list[Run], rollups: pl.DataFrame) -> pl.DataFrame:
@@ -405,6 +447,10 @@ def _html(report: Report, tables: dict[str, pl.DataFrame], pngs: dict[str, Path]
            f"{r.sent_sync_after_deadline:,} rows sent sync at full price"
            if r.deadline_passed else "") + "</li>" for r in report.runs)
     skipped = "".join(f"<li>{html.escape(p)}: {html.escape(w)}</li>" for p, w in report.skipped)
+    flagged = [r.run_id for r in report.runs if r.quality_flagged]
+    banner = (f'<p class="flag" id="quality-flag">Quality below the job\'s min_retained in '
+              f'{len(flagged)} run(s): {html.escape(", ".join(flagged))}. Their savings came '
+              "at a measured loss of quality; see the table below.</p>" if flagged else "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>batchroute spend report</title>
 <style>
@@ -415,9 +461,10 @@ th {{ background: #f2f2f2; }}
 figure {{ display: inline-block; margin: 0.5em; }}
 img {{ max-width: 800px; border: 1px solid #ddd; }}
 .total {{ font-size: 1.4em; }}
+.flag {{ background: #fde2e1; border: 1px solid #c00; padding: 0.6em; font-weight: bold; }}
 </style></head><body>
 <h1>batchroute spend report</h1>
-<p class="total">Total spend <b id="total">{format_usd(report.total_micro_usd)}</b> over
+{banner}<p class="total">Total spend <b id="total">{format_usd(report.total_micro_usd)}</b> over
 {report.result_rows:,} result rows of {len(report.runs)} runs
 (reference-model baseline {format_usd(reference)}).</p>
 <p>The total is the exact sum of <code>cost_usd</code> over every result row of the runs
@@ -428,6 +475,13 @@ Source: <code>{html.escape(runs_uri)}</code>.</p>
 <h2>Spend by tier</h2>
 {_table_html(tables["tiers"], ["tier", "rows", "ok", "input_tokens", "output_tokens",
                                "cost_micro_usd"])}
+<h2>Savings and quality retained, per run</h2>
+<p>Quality retained: the shadow checks' estimate of the quality kept against sending every row
+to the reference model, with its 95% interval ([quality] in the job; empty for runs without
+it). The overhead (shadow and judge calls) is not in the spend above.</p>
+{_table_html(tables["quality"], ["day", "job", "run_id", "savings_pct", "retained_pct",
+                                 "retained_low_pct", "retained_high_pct", "shadowed",
+                                 "quality_overhead_micro_usd", "flagged"])}
 <h2>Forecast against actual, per run and model</h2>
 {_table_html(tables["forecast"], ["run_id", "model", "forecast_micro_usd",
                                   "actual_micro_usd", "error_pct", "output_basis"])}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -16,6 +17,7 @@ from batchroute.devtools import sample
 from batchroute.devtools.mock_provider import MockProvider, MockProviderConfig
 from batchroute.devtools.mock_quality import QualityModel
 from batchroute.job import runner
+from batchroute.stages import report
 from tests.helpers import demo_job_doc, quiet_progress
 
 pytestmark = pytest.mark.integration
@@ -62,6 +64,13 @@ def test_free_text_shadow_checks_grade_the_truth_and_flag_a_low_run(
     assert out.exit_code == runner.QUALITY_FLAGGED == again.exit_code
     assert out.manifest.quality["cost_usd"] == pytest.approx(
         (run["shadow_cost_micro_usd"] + run["judge_cost_micro_usd"]) / 1e6)
+    # the finance report shows savings and retained quality side by side, and the flag
+    rep = report.build(str(tmp_path / "runs"), tmp_path / "report")
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert 'id="quality-flag"' in page and out.folder.run_id in page
+    row = pl.read_parquet(tmp_path / "report" / "quality.parquet").row(0, named=True)
+    assert row["retained_pct"] == pytest.approx(100 * run["retained"])
+    assert row["flagged"] and row["savings_pct"] > 0 and rep.runs[0].quality_flagged
 
 
 def test_a_labels_job_is_compared_field_by_field(tmp_path: Path, api_key: str,
