@@ -352,20 +352,24 @@ class _DispatchActor:
         if self._dispatcher is not None:
             self._dispatcher.flush_journal()
 
-    async def start_batches(self, answered: pa.Array, deadline: str | None) -> None:
-        """Start this model's batch tier (tier = "batch"): its results are taken with
-        :meth:`batch_results`."""
+    async def start_batches(self, answered: pa.Array, deadline: str | None,
+                            folder: RunFolder | None = None, shadow: bool = False) -> None:
+        """Start this model's batch tier (tier = "batch") over the routed rows of ``folder``
+        (default: the run's); its results are taken with :meth:`batch_results`. ``shadow``:
+        the shadow checks' rows (never escalated)."""
         import httpx
 
         from batchroute.stages.dispatch.batch_tier import BatchTier
 
         dispatcher = self._get()
-        model, _, folder = self._args
+        model, _, run_folder = self._args
+        folder = folder or run_folder
         # Streams uploads and results (the sync path's transport reads bodies whole); a
         # 200 MB upload takes a while.
         client = httpx.AsyncClient(timeout=httpx.Timeout(max(model.timeout_s, 300.0)))
         self._tier = BatchTier(dispatcher, folder, client=client, answered=answered,
-                               deadline=datetime.fromisoformat(deadline) if deadline else None)
+                               deadline=datetime.fromisoformat(deadline) if deadline else None,
+                               shadow=shadow)
         # Bounded: a batch tier that reads results faster than the driver commits them
         # waits, instead of holding every file's rows (a file is 50,000 answers).
         self._tier_results: asyncio.Queue[pa.Table] = asyncio.Queue(maxsize=2)
@@ -575,6 +579,24 @@ class DispatchActors:
                     got = None
                 yield sent, got
             refill()
+        ray.get(actor.close.remote())
+
+    def batch_each(self, model: str, folder: RunFolder, answered: pa.Array,
+                   deadline: datetime | None, *, stop: Callable[[], None] = lambda: None
+                   ) -> Iterator[pa.Table]:
+        """The shadow checks' rows routed in ``folder`` for ``model``, sent through its batch
+        tier (its ledger in ``folder``, so a resume sends no line twice); yields result rows
+        as they come."""
+        actor = self.actors[model]
+        ray.get(actor.start_batches.remote(answered, deadline.isoformat() if deadline else None,
+                                           folder, True))
+        while True:
+            stop()
+            table, finished = ray.get(actor.batch_results.remote())
+            if table is not None:
+                yield table
+            if finished:
+                break
         ray.get(actor.close.remote())
 
     def kill(self) -> None:

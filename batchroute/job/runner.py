@@ -232,7 +232,8 @@ def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
         quality_table = None
         if job.quality.on:
             progress.set_phase("shadow checks")
-            quality_table, manifest.quality = shadows.run(job, folder, actors, stop=stop.check)
+            quality_table, manifest.quality = shadows.run(
+                job, folder, actors, started_at=manifest.started_at, stop=stop.check)
             manifest.mark_done("quality", folder)
         # The actors' memory (~150-200 MiB each) is not needed for the rollup.
         actors.kill()

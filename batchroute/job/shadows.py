@@ -26,6 +26,7 @@ from batchroute import judge, schemas, task
 from batchroute.config import JobConfig
 from batchroute.job import cluster
 from batchroute.stages import quality
+from batchroute.stages.dispatch import batch_tier
 from batchroute.stages.sink import RunFolder
 
 log = logging.getLogger("batchroute")
@@ -57,10 +58,19 @@ def _batches(table: pa.Table, rows: int) -> Iterator[pa.Table]:
         yield table.slice(start, rows)
 
 
+def _routed(folder: RunFolder, rows: pa.Table) -> pa.Table | None:
+    """The run's routed rows (without their model) of the request ids in ``rows``."""
+    routed = _read(folder, folder.sub("routed"), None, _ids(rows))
+    if routed is None or not routed.num_rows:
+        return None
+    return routed.drop_columns(["model"]) if "model" in routed.column_names else routed
+
+
 def run(job: JobConfig, folder: RunFolder, actors: cluster.DispatchActors, *,
-        stop: Callable[[], None] = lambda: None) -> tuple[pa.Table, dict[str, Any]]:
-    """Shadow-check the run in ``folder``; return its quality table and the manifest's
-    summary."""
+        started_at: str = "", stop: Callable[[], None] = lambda: None
+        ) -> tuple[pa.Table, dict[str, Any]]:
+    """Shadow-check the run in ``folder`` (started at ``started_at``, for the batch tier's
+    deadline); return its quality table and the manifest's summary."""
     qc = job.quality
     ref = job.reference_model
     results_dir = folder.sub("results")
@@ -78,21 +88,33 @@ def run(job: JobConfig, folder: RunFolder, actors: cluster.DispatchActors, *,
                                  seed=qc.seed)
         folder.write_table(qdir, SAMPLE, sampled)
 
-    # 1. The reference model's answers (shadow calls).
-    got = _ids(_read(folder, folder.sub("quality", "answers"), ["request_id"]))
+    # 1. The reference model's answers (shadow calls), at its batch tier if it has one.
+    answers_dir = folder.sub("quality", "answers")
+    got = _ids(_read(folder, answers_dir, ["request_id"]))
     todo = sampled.filter(pc.invert(pc.is_in(sampled.column("request_id"), value_set=got)))
-    if todo.num_rows:
-        routed = _read(folder, folder.sub("routed"), None, _ids(todo))
-        if routed is not None and routed.num_rows:
-            if "model" in routed.column_names:
-                routed = routed.drop_columns(["model"])
+    seq = len(folder.shards(answers_dir))
+    if todo.num_rows and job.models[ref].tier == "batch":
+        # A run folder of the shadow rows alone: the batch tier reads its routed rows there
+        # and keeps its ledger there, so a resume neither loses nor re-sends a line.
+        sub = RunFolder(folder.sub("quality"), f"{folder.run_id}-shadow", fs=folder.fs)
+        if not sub.shards(sub.routed_dir(ref)):
+            routed = _routed(folder, sampled)
+            if routed is not None:
+                sub.write_table(sub.routed_dir(ref), sub.shard_name(0), routed)
+        log.info("shadow checks: %d rows also sent to %s through its batch tier",
+                 todo.num_rows, ref)
+        deadline = batch_tier.deadline_of(job.dispatch.deadline, started_at)
+        for answers in actors.batch_each(ref, sub, got, deadline, stop=stop):
+            folder.write_table(answers_dir, folder.shard_name(seq), answers)
+            seq += 1
+    elif todo.num_rows:
+        routed = _routed(folder, todo)
+        if routed is not None:
             log.info("shadow checks: %d rows also sent to %s", routed.num_rows, ref)
-            seq = len(folder.shards(folder.sub("quality", "answers")))
             for _, answers in actors.each(ref, "shadow",
                                           _batches(routed, job.dispatch.batch_rows), stop=stop):
                 if answers is not None:
-                    folder.write_table(folder.sub("quality", "answers"),
-                                       folder.shard_name(seq), answers)
+                    folder.write_table(answers_dir, folder.shard_name(seq), answers)
                     seq += 1
 
     # 2. Grading: fields, or the judge.
@@ -168,10 +190,8 @@ def _grade(job: JobConfig, folder: RunFolder, actors: cluster.DispatchActors,
     to_judge = pairs.filter(answered_ref)
     if not to_judge.num_rows:
         return
-    routed = _read(folder, folder.sub("routed"), None, _ids(to_judge))
+    routed = _routed(folder, to_judge)
     assert routed is not None
-    if "model" in routed.column_names:
-        routed = routed.drop_columns(["model"])
     order = pc.index_in(to_judge.column("request_id"), value_set=routed.column("request_id"))
     routed = routed.take(order)
     requests = quality.judge_rows(routed, to_judge.column("response").to_pylist(),

@@ -298,11 +298,13 @@ class ModelDispatcher:
         return self._finish("failed", answer, attempts, None, InvalidOutput(why), None, False,
                             invalid=1, tier="batch")
 
-    async def settle(self, routed: pa.Table, outcomes: list[_CallOutcome]) -> pa.Table:
+    async def settle(self, routed: pa.Table, outcomes: list[_CallOutcome], *,
+                     escalate: bool = True) -> pa.Table:
         """Result rows for outcomes reached outside :meth:`dispatch` (the batch tier), with
-        the escalation ladder applied as dispatch applies it."""
+        the escalation ladder applied as dispatch applies it (unless not ``escalate``: the
+        shadow checks' rows)."""
         results = self._results(routed, outcomes)
-        if self._up is None:
+        if self._up is None or not escalate:
             return results
         return await self._escalated(routed, results, outcomes, self._up,
                                      journal=self._journal is not None)

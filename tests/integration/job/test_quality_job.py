@@ -104,3 +104,27 @@ def test_a_labels_job_is_compared_field_by_field(tmp_path: Path, api_key: str,
         assert label[r["request_id"]] is not None
     assert out.manifest.quality is not None and not out.manifest.quality["flagged"]
     assert out.exit_code == 0
+
+
+def test_a_batch_tier_reference_shadows_through_its_batch_api(
+        tmp_path: Path, api_key: str, ray_session: None) -> None:
+    pq.write_table(sample.generate(120, seed=9), tmp_path / "in.parquet")
+    cfg = MockProviderConfig(api_key=api_key, quality=True, batch_delay_s=0.2)
+    with MockProvider(cfg) as provider:
+        doc = demo_job_doc(tmp_path / "in.parquet", tmp_path / "runs", provider.url,
+                           quality={"shadow_share": 0.5, "judge": "claude-3-5-sonnet"})
+        doc["models"][REF]["tier"] = "batch"
+        out = runner.run(config.parse(doc), progress=quiet_progress())
+        before = provider.stats()
+        again = runner.run(config.parse(doc), run_id=out.folder.run_id,
+                           progress=quiet_progress())
+        assert provider.stats()["by_model"] == before["by_model"]  # nothing sent twice
+    folder = Path(out.folder.uri)
+    answers = _read(folder / "quality" / "answers")
+    assert answers.num_rows > 10 and set(answers.column("tier").to_pylist()) == {"batch"}
+    shadows = _read(folder / "quality" / "shadows")
+    assert shadows.num_rows == answers.num_rows
+    assert set(shadows.column("status").to_pylist()) == {"ok"}
+    # the ledger of the shadow rows' batches lives apart from the run's own
+    assert (folder / "quality" / f"{out.folder.run_id}-shadow" / "batches").is_dir()
+    assert again.manifest.quality == out.manifest.quality
