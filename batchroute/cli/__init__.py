@@ -1,6 +1,7 @@
 """Command line: ``batchroute COMMAND ...``; ``batchroute COMMAND --help`` explains each.
 
-Exit codes: 0 success; 1 the run finished but some rows failed; 2 bad job file, input, router
+Exit codes: 0 success; 1 the run finished but some rows failed; 4 the run finished but its
+shadow checks flagged it ([quality] min_retained; before 1); 2 bad job file, input, router
 or arguments, or a run folder another process is writing (nothing was written); 3 any other
 error; 130/143 interrupted by SIGINT/SIGTERM after committing what had been answered.
 """
@@ -21,7 +22,8 @@ typical use:
   batchroute train --labels L.parquet --out router.onnx
   batchroute mock-provider --port 8765      a local OpenAI/Anthropic-compatible test server
 
-exit codes: 0 ok, 1 some rows failed, 2 bad job/input/router/arguments or a run folder
+exit codes: 0 ok, 1 some rows failed, 4 quality flagged ([quality] min_retained),
+            2 bad job/input/router/arguments or a run folder
             another process is writing, 3 other error, 130/143 stopped by SIGINT/SIGTERM
             after committing what was answered (resume it)
 """
