@@ -83,7 +83,7 @@ def test_the_parser_has_every_command() -> None:
     bench = next(a for a in commands["bench"]._actions
                  if isinstance(a, argparse._SubParsersAction)).choices
     assert set(bench) == {"memory", "dispatch", "route", "similarity", "task", "cache",
-                          "tiers"}
+                          "tiers", "quality"}
 
 
 def test_top_level_help_names_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
