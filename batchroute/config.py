@@ -262,6 +262,10 @@ class RouterConfig:
     # Routing actors. Each holds one router (numpy or a single-threaded onnxruntime session)
     # and one CPU; more than the cluster's CPUs are not started.
     actors: int = 1
+    # A spend cap solved over the whole batch instead of thresholds (batchroute.stages.budget):
+    # the night's estimated dollars, or the share of rows on the strongest model.
+    budget_usd: float | None = None
+    max_strong_share: float | None = None
 
 
 @dataclass(frozen=True)
@@ -707,8 +711,8 @@ def _price_catalog(path: str) -> dict[str, tuple[Price, ...]]:
 
 def _router(t: Mapping[str, Any], models: Mapping[str, ModelConfig]) -> RouterConfig:
     _known(t, "router", {"path", "stages", "thresholds", "policy", "rules", "fallback",
-                         "classifier",
-                         "similarity", "llm", "batch_size", "actors"})
+                         "classifier", "similarity", "llm", "batch_size", "actors",
+                         "budget_usd", "max_strong_share"})
     stages = tuple(_str_list(t, "stages", "router.")) if "stages" in t else RouterConfig.stages
     for s in stages:
         if s not in ROUTER_STAGES:
@@ -742,8 +746,24 @@ def _router(t: Mapping[str, Any], models: Mapping[str, ModelConfig]) -> RouterCo
         if s == "llm":
             raise ConfigError(f"router.stages: 'llm' decides every row it sees, so "
                               f"{list(stages[i + 1:])} after it would never run")
+    budget = (_num(t, "budget_usd", "router.", minimum=0.0) if "budget_usd" in t else None)
+    if budget is not None and budget <= 0:
+        raise ConfigError(f"router.budget_usd: must be above 0, got {budget}")
+    share = (_num(t, "max_strong_share", "router.", minimum=0.0, maximum=1.0)
+             if "max_strong_share" in t else None)
+    capped = "budget_usd" if budget is not None else "max_strong_share" if share is not None \
+        else ""
+    if budget is not None and share is not None:
+        raise ConfigError("router.budget_usd: give budget_usd or max_strong_share, not both")
+    if capped and thresholds:
+        raise ConfigError(f"router.{capped}: a spend cap assigns the models itself; it cannot "
+                          "be combined with [router.thresholds] (remove one)")
+    if capped and not {"classifier", "similarity"} & set(stages):
+        raise ConfigError(f"router.{capped}: needs a classifier or similarity stage in "
+                          f"router.stages (their predicted success is what it maximises)")
     path = str(t.get("path", BUNDLED_ROUTER))
     return RouterConfig(
+        budget_usd=budget, max_strong_share=share,
         path=_resolve(path), stages=stages, thresholds=thresholds, rules=rules,
         policy=_choice(t, "policy", "router.", POLICIES, "success"),
         fallback=fallback,

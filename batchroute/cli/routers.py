@@ -63,6 +63,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     e.add_argument("--job", metavar="JOB.toml",
                    help="also report the job policy's quality/cost frontier over every model "
                    "of the router (prices from this job), against each model alone")
+    e.add_argument("--budget-usd", type=float, action="append", default=[], metavar="B",
+                   help="with --job: compare the whole-batch spend cap ([router] budget_usd) "
+                        "with the threshold policy calibrated to B dollars per 1,000 prompts, "
+                        "at equal spend, for both policies; repeat for several budgets")
     e.add_argument("--router-config", metavar="JOB.toml", action="append", default=[],
                    help="evaluate the [router] section of this job file instead of a router "
                    "file: any stages (rules, similarity, classifier, llm) and cascades, run "
@@ -180,6 +184,18 @@ def _eval(args: argparse.Namespace) -> int:
 
     from batchroute.training import evaluate
 
+    if args.budget_usd:
+        from batchroute import config
+        from batchroute.training import budget_eval
+
+        if not args.job:
+            from batchroute.errors import ConfigError
+
+            raise ConfigError("eval --budget-usd needs --job JOB.toml for the models' prices")
+        result = budget_eval.compare(_router_bytes(args), args.labels, config.load(args.job),
+                                     args.budget_usd, split=args.split)
+        print(json.dumps(result, indent=2) if args.json else budget_eval.format_table(result))
+        return 0
     if args.router_config:
         from batchroute import config
 

@@ -29,7 +29,7 @@ from batchroute.job import cluster, shadows
 from batchroute.job.progress import Progress
 from batchroute.routers import classifier as rt
 from batchroute.routers import embed
-from batchroute.stages import journal, plan, results, rollup, source
+from batchroute.stages import budget, journal, plan, results, rollup, source
 from batchroute.stages.dispatch import batch_tier
 from batchroute.stages.lock import LOCK_ONLY, RunLock
 from batchroute.stages.manifest import Manifest, now
@@ -188,7 +188,7 @@ def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
             try:
                 forecast, planned = _plan(job, data, router_bytes, spec, folder, sink,
                                           manifest, progress, actors, stop)
-            except source.UnreadableInput:
+            except (source.UnreadableInput, budget.Infeasible):
                 _take_back(folder, actors, resumed=resumed)
                 raise
         progress.planned = planned
@@ -284,7 +284,14 @@ def _plan(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
         progress.tick()
         stop.check()
     planned = writer.close()
+    capped = None
+    if job.router.budget_usd is not None or job.router.max_strong_share is not None:
+        # The cap is solved over the whole night's rows, so only once they are all routed.
+        planned, capped = budget.reassign(folder, job)
+        decided = dict(capped.get("decided_by", decided))
     forecast = plan.forecast(folder, job, writer.rejected)
+    if capped:
+        forecast["budget"] = capped
     folder.write_json("forecast.json", forecast)
     log.info("forecast: est $%.4f (%s)", forecast["est_cost_usd"], plan.basis_line(forecast))
     manifest.counts = dict(sink.counts)

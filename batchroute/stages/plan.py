@@ -250,13 +250,26 @@ def _cache_notes(job: JobConfig, names: list[str]) -> list[str]:
 
 def format_forecast(f: Mapping[str, Any]) -> str:
     lines = [f"{'model':<26}{'rows':>8}{'est in tok':>13}{'est out tok':>13}"
-             f"{'est cost $':>12}{'est wall s':>12}  {'bound':<8}output estimate"]
+             f"{'est cost $':>12}{'est wall s':>12}  {'bound':<18}output estimate"]
     for name, v in f["models"].items():
         # Forecasts written before the output basis existed priced output at max_tokens.
         basis = v.get("output_basis_note", "at max_tokens")
         lines.append(f"{name:<26}{v['rows']:>8}{v['est_input_tokens']:>13}"
                      f"{v['est_output_tokens']:>13}{v['est_cost_usd']:>12.4f}"
-                     f"{v['est_wall_s']:>12.1f}  {v['bound_by']:<8}{basis}")
+                     f"{v['est_wall_s']:>12.1f}  {v['bound_by']:<18}{basis}")
+    cap = f.get("budget")
+    if cap:
+        limit = (f"budget ${cap['budget_usd']:,.2f}" if cap["kind"] == "budget_usd"
+                 else f"at most {100 * cap['max_strong_share']:g}% on the strongest model")
+        lines.append(f"spend cap ({limit}), solved over the whole batch: {cap['rows']:,} rows "
+                     f"assigned, predicted success {100 * cap['predicted_quality']:.1f}% at "
+                     f"est ${cap['est_cost_usd']:,.2f} ({100 * cap['strong_share']:.1f}% on the "
+                     "strongest model)")
+        if cap["curve"]:
+            lines.append("  around it: " + "; ".join(
+                f"${p['budget_usd']:,.2f} -> " + ("infeasible" if p["predicted_quality"] is None
+                                                   else f"{100 * p['predicted_quality']:.1f}%")
+                for p in cap["curve"]))
     lines.append(f"rejected before dispatch: {f['rejected']}   est total ${f['est_cost_usd']:.4f}"
                  f" ({basis_line(f)}) vs ${f['est_reference_cost_usd']:.4f} all on "
                  f"{f['reference_model']}   est wall {f['est_wall_s']:.0f}s")
