@@ -74,6 +74,7 @@ def _job(doc: dict[str, Any], model: str, url: str, tickets: Path, runs: Path,
     import copy
 
     doc = copy.deepcopy(doc)
+    doc.pop("quality", None)  # shadow checks are overhead apart from what this bench prices
     doc["job"].update(input=str(tickets), output=str(runs), reference_model=model)
     doc["task"]["cache_prefix"] = cache
     doc["router"] = {"stages": ["rules"], "fallback": model,
