@@ -268,6 +268,7 @@ class _DispatchActor:
         self._journal: Any = None
         self._heard = time.monotonic()
         self._tier: Any = None  # the batch tier (tier = "batch"), once started
+        self._shadow: Any = None  # (dispatcher, journal) of the shadow checks' calls
 
     def has_key(self) -> bool:
         return bool(os.environ.get(self._args[0].api_key_env))
@@ -321,12 +322,36 @@ class _DispatchActor:
             result: pa.Table = await dispatcher.ask(routed, routing_output(routed))
         return result
 
-    async def shadow(self, routed: pa.Table) -> pa.Table:
-        """Shadow checks' second answer: each row's request as the job sends it, neither
-        escalated nor journalled (:meth:`ModelDispatcher.shadow`)."""
-        dispatcher = self._get()
+    def _shadow_get(self, folder: RunFolder) -> Any:
+        """The dispatcher of the shadow checks' calls (:mod:`batchroute.job.shadows`): this
+        model's, never escalating, journalling into ``folder`` (the shadow rows' own run
+        folder under quality/), so that a killed run's resume commits what was answered and
+        sends it no second time. It runs after the run's own dispatch, so the model's limits
+        are its alone."""
+        if self._shadow is None:
+            from batchroute.stages.dispatch.dispatcher import ModelDispatcher
+            from batchroute.stages.journal import JournalWriter
+
+            model, policy, run = self._args
+            writer = JournalWriter(folder, model.name)
+
+            def write(rows: pa.Table | None, in_flight: dict[str, int],
+                      unrecovered_micro_usd: int) -> None:
+                if rows is not None:
+                    writer.append(rows)
+                writer.snapshot(in_flight, unrecovered_micro_usd)
+
+            self._shadow = (ModelDispatcher(
+                model, policy, run_id=run.run_id, api_key=os.environ.get(model.api_key_env),
+                journal=write, alive=self._alive, task=self._task), writer)
+        return self._shadow[0]
+
+    async def shadow(self, routed: pa.Table, folder: RunFolder) -> pa.Table:
+        """Shadow checks' second answer: each row's request as the job sends it, not
+        escalated, journalled into ``folder`` (:meth:`_shadow_get`)."""
+        dispatcher = self._shadow_get(folder)
         with dispatcher.scrubber.exceptions():
-            result: pa.Table = await dispatcher.shadow(routed)
+            result: pa.Table = await dispatcher.dispatch(routed)
         return result
 
     async def judge(self, routed: pa.Table) -> pa.Table:
@@ -353,23 +378,22 @@ class _DispatchActor:
             self._dispatcher.flush_journal()
 
     async def start_batches(self, answered: pa.Array, deadline: str | None,
-                            folder: RunFolder | None = None, shadow: bool = False) -> None:
-        """Start this model's batch tier (tier = "batch") over the routed rows of ``folder``
-        (default: the run's); its results are taken with :meth:`batch_results`. ``shadow``:
-        the shadow checks' rows (never escalated)."""
+                            shadow: RunFolder | None = None) -> None:
+        """Start this model's batch tier (tier = "batch") over the run's routed rows, or over
+        those of the shadow checks' folder ``shadow`` (with :meth:`_shadow_get`'s dispatcher);
+        its results are taken with :meth:`batch_results`."""
         import httpx
 
         from batchroute.stages.dispatch.batch_tier import BatchTier
 
-        dispatcher = self._get()
-        model, _, run_folder = self._args
-        folder = folder or run_folder
+        model, _, folder = self._args
+        dispatcher = self._get() if shadow is None else self._shadow_get(shadow)
+        folder = shadow or folder
         # Streams uploads and results (the sync path's transport reads bodies whole); a
         # 200 MB upload takes a while.
         client = httpx.AsyncClient(timeout=httpx.Timeout(max(model.timeout_s, 300.0)))
         self._tier = BatchTier(dispatcher, folder, client=client, answered=answered,
-                               deadline=datetime.fromisoformat(deadline) if deadline else None,
-                               shadow=shadow)
+                               deadline=datetime.fromisoformat(deadline) if deadline else None)
         # Bounded: a batch tier that reads results faster than the driver commits them
         # waits, instead of holding every file's rows (a file is 50,000 answers).
         self._tier_results: asyncio.Queue[pa.Table] = asyncio.Queue(maxsize=2)
@@ -408,10 +432,16 @@ class _DispatchActor:
         if self._dispatcher is not None:
             self._dispatcher.flush_journal()
             await self._dispatcher.aclose()
-            self._dispatcher = None  # a later call (shadow checks) opens a new one
+            self._dispatcher = None  # a later call (the judge's) opens a new one
         if self._journal is not None:
             self._journal.close()
             self._journal = None
+        if self._shadow is not None:
+            dispatcher, writer = self._shadow
+            dispatcher.flush_journal()
+            await dispatcher.aclose()
+            writer.close()
+            self._shadow = None
 
 
 class DispatchActors:
@@ -547,12 +577,12 @@ class DispatchActors:
         ray.get([a.close.remote() for a in used.values()])
         return dict(progress.models)
 
-    def each(self, model: str, method: str, tables: Iterable[pa.Table], *,
+    def each(self, model: str, method: str, tables: Iterable[pa.Table], *args: Any,
              stop: Callable[[], None] = lambda: None
              ) -> Iterator[tuple[pa.Table, pa.Table | None]]:
-        """Send each table to ``model``'s actor ``method`` (``shadow`` or ``judge``),
-        ``batches_in_flight`` at a time, and yield (sent, returned) as each comes back;
-        returned is None when the actor call failed (the error is logged)."""
+        """Send each table (and ``args``) to ``model``'s actor ``method`` (``shadow`` or
+        ``judge``), ``batches_in_flight`` at a time, and yield (sent, returned) as each comes
+        back; returned is None when the actor call failed (the error is logged)."""
         actor = self.actors[model]
         call = getattr(actor, method)
         pending = iter(tables)
@@ -563,7 +593,7 @@ class DispatchActors:
                 table = next(pending, None)
                 if table is None:
                     return
-                in_flight[call.remote(table)] = table
+                in_flight[call.remote(table, *args)] = table
 
         refill()
         while in_flight:
@@ -589,7 +619,7 @@ class DispatchActors:
         as they come."""
         actor = self.actors[model]
         ray.get(actor.start_batches.remote(answered, deadline.isoformat() if deadline else None,
-                                           folder, True))
+                                           folder))
         while True:
             stop()
             table, finished = ray.get(actor.batch_results.remote())

@@ -234,6 +234,7 @@ def _run(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
             progress.set_phase("shadow checks")
             quality_table, manifest.quality = shadows.run(
                 job, folder, actors, started_at=manifest.started_at, stop=stop.check)
+            _add_unrecovered(manifest, manifest.quality["unrecovered_micro_usd"])
             manifest.mark_done("quality", folder)
         # The actors' memory (~150-200 MiB each) is not needed for the rollup.
         actors.kill()

@@ -8,8 +8,11 @@ Runs after the dispatch stage, with its actors still up. Each step commits what 
     shadows/          the graded pairs (schemas.SHADOWS)
     quality.parquet   the rollup (schemas.QUALITY)
 
-Calls still in flight when a run is killed are sent again by the resume (they are not
-journalled): at most ``batches_in_flight x batch_rows`` shadow or judge calls.
+The shadow calls are journalled like the run's own (:mod:`batchroute.stages.journal`, in the
+shadow rows' run folder ``quality/RUN_ID-shadow/``): a resume commits what a killed run was
+answered and counts the calls it had in flight as unrecovered. Judge calls are not
+journalled: those in flight at a kill (at most ``batches_in_flight x batch_rows``) are sent
+again.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import pyarrow.parquet as pq
 from batchroute import judge, schemas, task
 from batchroute.config import JobConfig
 from batchroute.job import cluster
-from batchroute.stages import quality
+from batchroute.stages import journal, quality
 from batchroute.stages.dispatch import batch_tier
 from batchroute.stages.sink import RunFolder
 
@@ -88,15 +91,17 @@ def run(job: JobConfig, folder: RunFolder, actors: cluster.DispatchActors, *,
                                  seed=qc.seed)
         folder.write_table(qdir, SAMPLE, sampled)
 
-    # 1. The reference model's answers (shadow calls), at its batch tier if it has one.
+    # 1. The reference model's answers (shadow calls), at its batch tier if it has one. The
+    # calls are journalled (and batches kept in a ledger) in a run folder of the shadow rows
+    # alone under quality/: a resume first commits what a killed run was answered.
+    sub = shadow_folder(folder)
     answers_dir = folder.sub("quality", "answers")
+    unrecovered = _recover(folder, sub)
     got = _ids(_read(folder, answers_dir, ["request_id"]))
     todo = sampled.filter(pc.invert(pc.is_in(sampled.column("request_id"), value_set=got)))
     seq = len(folder.shards(answers_dir))
+    failed_calls = 0
     if todo.num_rows and job.models[ref].tier == "batch":
-        # A run folder of the shadow rows alone: the batch tier reads its routed rows there
-        # and keeps its ledger there, so a resume neither loses nor re-sends a line.
-        sub = RunFolder(folder.sub("quality"), f"{folder.run_id}-shadow", fs=folder.fs)
         if not sub.shards(sub.routed_dir(ref)):
             routed = _routed(folder, sampled)
             if routed is not None:
@@ -112,10 +117,15 @@ def run(job: JobConfig, folder: RunFolder, actors: cluster.DispatchActors, *,
         if routed is not None:
             log.info("shadow checks: %d rows also sent to %s", routed.num_rows, ref)
             for _, answers in actors.each(ref, "shadow",
-                                          _batches(routed, job.dispatch.batch_rows), stop=stop):
-                if answers is not None:
-                    folder.write_table(answers_dir, folder.shard_name(seq), answers)
-                    seq += 1
+                                          _batches(routed, job.dispatch.batch_rows), sub,
+                                          stop=stop):
+                if answers is None:
+                    failed_calls += 1
+                    continue
+                folder.write_table(answers_dir, folder.shard_name(seq), answers)
+                seq += 1
+    if not failed_calls:
+        journal.clear(sub)  # every answer is in a committed shard
 
     # 2. Grading: fields, or the judge.
     graded = _ids(_read(folder, folder.sub("quality", "shadows"), ["request_id"]))
@@ -138,7 +148,48 @@ def run(job: JobConfig, folder: RunFolder, actors: cluster.DispatchActors, *,
     summary = quality.summary(table, min_retained=qc.min_retained, share=qc.shadow_share,
                               judge_model=qc.judge)
     summary["sampled"] = sampled.num_rows
+    summary["unrecovered_micro_usd"] = unrecovered
     return table, summary
+
+
+def shadow_folder(folder: RunFolder) -> RunFolder:
+    """The run folder of the shadow rows alone (routed rows, journal, batch ledger)."""
+    return RunFolder(folder.sub("quality"), f"{folder.run_id}-shadow", fs=folder.fs)
+
+
+def _wait_quiet(sub: RunFolder) -> None:
+    from batchroute.job.runner import JOURNAL_WAIT_S
+
+    journal.wait_quiet(sub, quiet_s=cluster.DRIVER_TIMEOUT_S + 1.0, max_wait_s=JOURNAL_WAIT_S)
+
+
+def _recover(folder: RunFolder, sub: RunFolder,
+             wait: Callable[[RunFolder], None] = _wait_quiet) -> dict[str, int]:
+    """Commit the shadow answers a killed run journalled but did not commit; return the
+    calls it had in flight and never got back, per model (paid, unrecovered). First
+    ``wait``s, as the run's own resume does, for a killed run's actors to finish
+    journalling."""
+    wait(sub)
+    found = journal.read(sub)
+    answers_dir = folder.sub("quality", "answers")
+    got = _ids(_read(folder, answers_dir, ["request_id"]))
+    rows = found.rows.filter(pc.and_(pc.equal(found.rows.column("status"), "ok"),
+                                     pc.invert(pc.is_in(found.rows.column("request_id"),
+                                                        value_set=got))))
+    if rows.num_rows:
+        folder.write_table(answers_dir, folder.shard_name(len(folder.shards(answers_dir))),
+                           rows)
+        log.info("shadow checks: %d answers paid for before the interruption are committed "
+                 "from the journal, not sent again", rows.num_rows)
+        got = pa.concat_arrays([got, rows.column("request_id").combine_chunks()])
+    lost = dict(found.unrecovered_micro_usd)
+    if found.in_flight:
+        ids = pa.array(list(found.in_flight), pa.string())
+        for rid in ids.filter(pc.invert(pc.is_in(ids, value_set=got))).to_pylist():
+            model, micro = found.in_flight[rid]
+            lost[model] = lost.get(model, 0) + micro
+    journal.clear(sub)
+    return {m: v for m, v in lost.items() if v}
 
 
 def _grade(job: JobConfig, folder: RunFolder, actors: cluster.DispatchActors,

@@ -198,10 +198,8 @@ class BatchTier:
                  deadline: datetime | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  now: Callable[[], float] = time.time, scratch: Path | None = None,
-                 max_lines: int | None = None, shadow: bool = False) -> None:
+                 max_lines: int | None = None) -> None:
         self.d = dispatcher
-        # The shadow checks' calls ([quality]): never escalated, never journalled.
-        self._shadow = shadow
         self.model = dispatcher.model
         self.folder = folder
         provider = dispatcher._provider
@@ -567,7 +565,7 @@ class BatchTier:
             results.append(self.d.batch_outcome(None, error, tried))
         if finished:
             routed = rows.drop_columns([ATTEMPT]).take(pa.array(finished, pa.int64()))
-            await emit(await self.d.settle(routed, results, escalate=not self._shadow))
+            await emit(await self.d.settle(routed, results))
         if again or retried:
             sub = rows.take(pa.array(again + retried, pa.int64()))
             bumped = pc.add(sub.column(ATTEMPT), pa.array(
@@ -585,7 +583,7 @@ class BatchTier:
         rows = rows.filter(keep).drop_columns([ATTEMPT])
         if rows.num_rows:
             outcomes = [self.d.batch_outcome(None, error, 0) for _ in range(rows.num_rows)]
-            await emit(await self.d.settle(rows, outcomes, escalate=not self._shadow))
+            await emit(await self.d.settle(rows, outcomes))
         f.done = True
 
     # -- the deadline ------------------------------------------------------------------------
@@ -620,8 +618,7 @@ class BatchTier:
         if rows.num_rows:
             self.stats.sent_sync_after_deadline += rows.num_rows
             routed = rows.drop_columns([ATTEMPT]) if ATTEMPT in rows.column_names else rows
-            await emit(await (self.d.shadow(routed) if self._shadow
-                              else self.d.dispatch(routed)))
+            await emit(await self.d.dispatch(routed))
 
 
 def _line_error(line: LineOutcome) -> DispatchError:

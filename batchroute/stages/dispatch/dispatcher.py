@@ -258,14 +258,6 @@ class ModelDispatcher:
         return self._results(routed, await self._call_all(routed, output, journal=False,
                                                           asked=True), asked=True)
 
-    async def shadow(self, routed: pa.Table) -> pa.Table:
-        """Like :meth:`dispatch` (the job's system prompt, output and parsing), but nothing
-        escalates and nothing is journalled: the reference model's second answer to rows
-        another model answered, for the shadow checks (:mod:`batchroute.stages.quality`).
-        Its results rows are the shadow checks' own, never the job's."""
-        return self._results(routed, await self._call_all(routed, self._schema, journal=False,
-                                                          asked=False))
-
     # -- what the batch tier (batch_tier.py) shares with the sync path -----------------------
 
     def requests(self, routed: pa.Table, chunk: int = 1024) -> Iterator[tuple[Request, int]]:
@@ -298,13 +290,11 @@ class ModelDispatcher:
         return self._finish("failed", answer, attempts, None, InvalidOutput(why), None, False,
                             invalid=1, tier="batch")
 
-    async def settle(self, routed: pa.Table, outcomes: list[_CallOutcome], *,
-                     escalate: bool = True) -> pa.Table:
+    async def settle(self, routed: pa.Table, outcomes: list[_CallOutcome]) -> pa.Table:
         """Result rows for outcomes reached outside :meth:`dispatch` (the batch tier), with
-        the escalation ladder applied as dispatch applies it (unless not ``escalate``: the
-        shadow checks' rows)."""
+        the escalation ladder applied as dispatch applies it."""
         results = self._results(routed, outcomes)
-        if self._up is None or not escalate:
+        if self._up is None:
             return results
         return await self._escalated(routed, results, outcomes, self._up,
                                      journal=self._journal is not None)
