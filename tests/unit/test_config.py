@@ -267,6 +267,8 @@ NUMERIC_KEYS: dict[tuple[str, str], str] = {
     ("RouterConfig", "thresholds"): f"router.thresholds.{CHEAP}",
     ("RouterConfig", "batch_size"): "router.batch_size",
     ("RouterConfig", "actors"): "router.actors",
+    ("RouterConfig", "budget_usd"): "router.budget_usd",
+    ("RouterConfig", "max_strong_share"): "router.max_strong_share",
     ("ClassifierConfig", "uncertain"): "router.classifier.uncertain",
     **{("SimilarityConfig", f): f"router.similarity.{f}"
        for f in ("k", "min_similarity", "uncertain")},
