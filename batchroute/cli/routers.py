@@ -14,8 +14,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        "that its answer scores at least --cut, and export one ONNX file that "
                        "takes raw prompt strings. About 20%% of questions (chosen by a hash of "
                        "request_id) are held out; their metrics go into the file's metadata.")
-    t.add_argument("--labels", required=True, metavar="URI",
-                   help="Parquet with request_id, prompt, model, score in [0, 1]")
+    t.add_argument("--labels", required=True, metavar="URI", action="append",
+                   help="Parquet with request_id, prompt, model, score in [0, 1]; repeat to "
+                   "merge several (e.g. the bundled batchroute/data/mmlu_labels.parquet and "
+                   "`batchroute learn`'s): a prompt already in an earlier file keeps its "
+                   "request_id there, and the later file's score wins. Each model learns from "
+                   "the prompts that have its label")
     t.add_argument("--out", required=True, metavar="ROUTER.onnx", help="where to write")
     t.add_argument("--models", metavar="M1,M2", help="models to learn (default: all)")
     t.add_argument("--cut", type=float, default=0.5,
@@ -48,7 +52,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        "the strong model's quality, and AUC, for two orderings of the router's "
                        "scores, beside a random and an oracle router on the same rows. By "
                        "default only the held-out rows that training never saw are used.")
-    e.add_argument("--labels", required=True, metavar="URI", help="labelled Parquet, as for train")
+    e.add_argument("--labels", required=True, metavar="URI", action="append",
+                   help="labelled Parquet, as for train (repeat to merge several); only prompts "
+                   "labelled for both models count")
+    e.add_argument("--exclude", metavar="URI", action="append", default=[],
+                   help="leave out the prompts whose text is in this labelled Parquet (e.g. the "
+                   "router's training labels, so that the rows are truly unseen); repeatable")
     e.add_argument("--router", default=None, metavar="ROUTER.onnx",
                    help="router file (default: the bundled one)")
     e.add_argument("--weak", default="mixtral-8x7b-instruct", metavar="M", help="the cheap model")
@@ -79,7 +88,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "its threshold, else the strongest) on labelled prompts, choose the shared threshold "
         "that meets --target, and write it into the router file's metadata. Jobs use it unless "
         "their [router.thresholds] override it.")
-    c.add_argument("--labels", required=True, metavar="URI", help="labelled Parquet, as for train")
+    c.add_argument("--labels", required=True, metavar="URI", action="append",
+                   help="labelled Parquet, as for train (repeat to merge several); only prompts "
+                   "labelled for every model of the router count")
     c.add_argument("--router", required=True, metavar="ROUTER.onnx", help="router file to calibrate")
     c.add_argument("--target", required=True, metavar="KIND=VALUE",
                    help="strong-share=0.3 (share sent to the strongest model), quality=0.95 "
@@ -201,18 +212,21 @@ def _eval(args: argparse.Namespace) -> int:
 
         reports = [evaluate.evaluate_config(config.load(p), args.labels, weak=args.weak,
                                             strong=args.strong, split=args.split,
-                                            price_ratio=args.price_ratio)
+                                            price_ratio=args.price_ratio,
+                                            exclude=args.exclude)
                    for p in args.router_config]
         print(json.dumps(reports, indent=2) if args.json else evaluate.format_configs(reports))
         return 0
     report = evaluate.evaluate_router(_router_bytes(args), args.labels, weak=args.weak,
                                       strong=args.strong, split=args.split,
-                                      price_ratio=args.price_ratio, plot=args.plot)
+                                      price_ratio=args.price_ratio, plot=args.plot,
+                                      exclude=args.exclude)
     if args.job:
         from batchroute import config
 
         report["n_models"] = evaluate.frontier_report(
-            _router_bytes(args), args.labels, config.load(args.job), split=args.split)
+            _router_bytes(args), args.labels, config.load(args.job), split=args.split,
+            exclude=args.exclude)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

@@ -147,12 +147,15 @@ def choose(outcomes: Sequence[OperatingPoint], target: CalibrationTarget, strong
     return max(within, key=lambda o: (o.quality, -(o.usd_per_1k or 0.0)))
 
 
-def calibrate(model_bytes: bytes, labels_uri: str, target: CalibrationTarget, *,
+def calibrate(model_bytes: bytes, labels_uri: str | Sequence[str], target: CalibrationTarget,
+              *,
               job: JobConfig | None = None, split: str = "all",
               policy: str | None = None) -> tuple[bytes, dict[str, Any]]:
     """The router file with calibrated thresholds, and a summary of what they achieve.
-    ``policy`` is what the thresholds apply to ("success" or "relative", see
-    :class:`batchroute.config.RouterConfig`); default: the job's, else "success"."""
+    ``labels_uri`` is one label dataset or several, merged as train merges them; only the
+    prompts labelled for every model of the router count. ``policy`` is what the thresholds
+    apply to ("success" or "relative", see :class:`batchroute.config.RouterConfig`); default:
+    the job's, else "success"."""
     from batchroute.stages.route import relative
 
     policy = policy or (job.router.policy if job is not None else "success")

@@ -13,7 +13,7 @@ thresholds. At each threshold a prompt goes strong when its score is >= the thre
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -116,12 +116,16 @@ ORDERINGS: dict[str, Ordering] = {
 }
 
 
-def evaluate_router(model_bytes: bytes, labels_uri: str, *, weak: str, strong: str,
-                    split: str = "holdout", price_ratio: float = 0.024,
-                    seed: int = 0, plot: str | None = None) -> dict[str, Any]:
+def evaluate_router(model_bytes: bytes, labels_uri: str | Sequence[str], *, weak: str,
+                    strong: str, split: str = "holdout", price_ratio: float = 0.024,
+                    seed: int = 0, plot: str | None = None,
+                    exclude: Sequence[str] = ()) -> dict[str, Any]:
     """Metrics of a router file on labelled prompts, for each ordering, with the random and
     oracle routers on the same rows as anchors. ``split`` is "holdout" (the rows training
-    never saw, see :mod:`batchroute.training.train`) or "all"."""
+    never saw, see :mod:`batchroute.training.train`) or "all". ``labels_uri`` is one label
+    dataset or several (merged as train merges them); only prompts labelled for both models
+    count, less those whose text is in one of the ``exclude`` label files (e.g. a router's
+    training labels, so that the rows are truly unseen)."""
     import pyarrow as pa
 
     from batchroute.errors import RouterError
@@ -133,7 +137,7 @@ def evaluate_router(model_bytes: bytes, labels_uri: str, *, weak: str, strong: s
         if m not in router.info.models:
             raise RouterError(f"router has no output for model {m!r} "
                               f"(it scores: {', '.join(router.info.models)})")
-    table = train.labelled(labels_uri, [weak, strong], split)
+    table = train.labelled(labels_uri, [weak, strong], split, exclude=exclude)
     probs = router.score(pa.array(table["prompt"].to_list(), pa.string()))
     p_weak = probs[:, router.info.models.index(weak)].astype(np.float64)
     p_strong = probs[:, router.info.models.index(strong)].astype(np.float64)
@@ -153,6 +157,7 @@ def evaluate_router(model_bytes: bytes, labels_uri: str, *, weak: str, strong: s
     out: dict[str, Any] = {
         "rows": len(table), "split": split, "weak": weak, "strong": strong,
         "router_version": router.info.version, "price_ratio": price_ratio,
+        "excluded": list(exclude),
         "router": {name: evaluate(f(p_weak, p_strong), w, s, price_ratio=price_ratio).as_dict()
                    for name, f in ORDERINGS.items()},
         "random": evaluate(random_scores, w, s, price_ratio=price_ratio).as_dict(),
@@ -187,8 +192,8 @@ def plot_curves(curves: dict[str, Curve], path: str, *, weak_quality: float,
     plt.close(fig)
 
 
-def frontier_report(model_bytes: bytes, labels_uri: str, job: JobConfig, *,
-                    split: str = "holdout") -> dict[str, Any]:
+def frontier_report(model_bytes: bytes, labels_uri: str | Sequence[str], job: JobConfig, *,
+                    split: str = "holdout", exclude: Sequence[str] = ()) -> dict[str, Any]:
     """For every model of the router at once (cheapest first by the job's prices): the
     quality/cost frontier of the job's policy over shared thresholds, and, for each model
     alone, its quality and cost beside the cheapest policy point at least as good."""
@@ -197,7 +202,7 @@ def frontier_report(model_bytes: bytes, labels_uri: str, job: JobConfig, *,
 
     router = rt.Router(model_bytes)
     order = calibrate.price_order(router.info.models, job)
-    table = train.labelled(labels_uri, order, split)
+    table = train.labelled(labels_uri, order, split, exclude=exclude)
     probs, scores, cost = calibrate.policy_inputs(router, table, order, job)
     assert cost is not None
     points = calibrate.frontier(calibrate.replay(probs, scores,
@@ -236,7 +241,8 @@ def format_frontier(r: dict[str, Any]) -> str:
 
 
 def format_report(r: dict[str, Any]) -> str:
-    lines = [f"{r['rows']} labelled prompts ({r['split']} split), weak {r['weak']}, "
+    unseen = (f", none of them in {', '.join(r['excluded'])}" if r.get("excluded") else "")
+    lines = [f"{r['rows']} labelled prompts ({r['split']} split{unseen}), weak {r['weak']}, "
              f"strong {r['strong']}, router {r['router_version']}",
              f"{'router':<32}{'APGR':>7}{'CPT(50%)':>10}{'CPT(80%)':>10}"
              f"{'strong@95%':>12}{'cost -%':>9}{'AUC':>7}"]
@@ -251,8 +257,9 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_config(job: JobConfig, labels_uri: str, *, weak: str, strong: str,
-                    split: str = "holdout", price_ratio: float = 0.024,
+def evaluate_config(job: JobConfig, labels_uri: str | Sequence[str], *, weak: str,
+                    strong: str, split: str = "holdout", price_ratio: float = 0.024,
+                    exclude: Sequence[str] = (),
                     embedder: TextEmbedder | None = None,
                     ask: Callable[[pa.Table], pa.Table] | None = None) -> dict[str, Any]:
     """The same metrics for any ``[router]`` configuration of a job file (rules, similarity,
@@ -293,7 +300,7 @@ def evaluate_config(job: JobConfig, labels_uri: str, *, weak: str, strong: str,
         cfg = job.models[spec.llm.model]
         ask = owned_ask = ask_in_process(cfg, job.dispatch, os.environ.get(cfg.api_key_env))
     stage = RouteStage(router_bytes, spec, job.router.path, embedder=embedder, ask=ask)
-    table = train.labelled(labels_uri, [weak, strong], split)
+    table = train.labelled(labels_uri, [weak, strong], split, exclude=exclude)
     n = len(table)
     prompts = table["prompt"].to_list()
     requests = pa.table({

@@ -15,13 +15,19 @@ one of two featurisations (``--features``):
 Held-out split: a question is held out when ``int(sha256(request_id)[:8], 16) % 5 == 0``
 (about 20%). Training never sees those rows; the metrics written into the file are measured on
 them.
+
+Several label files (``--labels`` repeated, e.g. the bundled MMLU labels and what
+``batchroute learn`` drew from the runs) are merged by :func:`read_label_files`. A prompt need
+not have a label for every model: each model's regression is fitted on the prompts that have
+that model's label, while calibrate and eval, which compare models on the same prompts, use
+only the prompts labelled for every model they need.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,29 +100,96 @@ def read_labels(uri: str) -> pl.DataFrame:
     return frame.select(list(LABEL_COLUMNS))
 
 
+LabelsArg = str | Sequence[str]
+
+
+def uris_of(labels: LabelsArg) -> list[str]:
+    """One URI or several, as a list (SchemaError for none)."""
+    uris = [labels] if isinstance(labels, str) else list(labels)
+    if not uris:
+        raise SchemaError("labels: no label file given")
+    return uris
+
+
+def describe_uris(labels: LabelsArg) -> str:
+    return " + ".join(uris_of(labels))
+
+
+def read_label_files(labels: LabelsArg) -> pl.DataFrame:
+    """Load, check (each file as :func:`read_labels`) and merge one or more label datasets.
+
+    Merging, when there are several, in the order given:
+
+    - **One question, one id.** A prompt that an earlier file already holds takes the
+      request_id it has there (the first file that holds it, its first row), so that the same
+      question learnt from a run under a night's request_id and found in the bundled labels
+      under another is one question, on one side of the held-out split.
+    - **The later file wins.** The same (request_id, model) in several files keeps the later
+      file's score: give the newest labels last.
+    - A request_id that names different prompts in two files is refused (SchemaError naming
+      both files)."""
+    uris = uris_of(labels)
+    frames = [read_labels(u) for u in uris]
+    if len(frames) == 1:
+        return frames[0]
+    merged = frames[0]
+    first_id = merged.group_by("prompt", maintain_order=True).agg(
+        pl.col("request_id").first().alias("_first"))
+    id_prompt = merged.unique("request_id", keep="first").select(
+        "request_id", pl.col("prompt").alias("_prompt"), pl.lit(uris[0]).alias("_file"))
+    for uri, frame in zip(uris[1:], frames[1:], strict=True):
+        frame = (frame.join(first_id, on="prompt", how="left")
+                 .with_columns(pl.coalesce("_first", "request_id").alias("request_id"))
+                 .drop("_first"))
+        clash = (frame.unique("request_id", keep="first")
+                 .join(id_prompt, on="request_id", how="inner")
+                 .filter(pl.col("prompt") != pl.col("_prompt")))
+        if len(clash):
+            raise SchemaError(f"labels {uri}: request_id {clash['request_id'][0]!r} names "
+                              f"another prompt than it does in {clash['_file'][0]}")
+        merged = pl.concat([merged, frame]).unique(["request_id", "model"], keep="last",
+                                                   maintain_order=True)
+        first_id = merged.group_by("prompt", maintain_order=True).agg(
+            pl.col("request_id").first().alias("_first"))
+        id_prompt = pl.concat([id_prompt, frame.unique("request_id", keep="first").select(
+            "request_id", pl.col("prompt").alias("_prompt"), pl.lit(uri).alias("_file"))]
+        ).unique("request_id", keep="first", maintain_order=True)
+    return merged
+
+
 def is_holdout(request_ids: Sequence[str]) -> np.ndarray:
     """The documented held-out rule, so eval and train agree on the split."""
     return np.array([int(hashlib.sha256(r.encode()).hexdigest()[:8], 16) % HOLDOUT_MOD == 0
                      for r in request_ids], dtype=bool)
 
 
-def labelled(labels_uri: str, models: Sequence[str], split: str) -> pl.DataFrame:
+def labelled(labels_uri: LabelsArg, models: Sequence[str], split: str, *,
+             exclude: Iterable[str] = ()) -> pl.DataFrame:
     """The wide table (see :func:`wide`) of ``models`` on the ``split`` rows ("holdout": the
-    rows training never saw; "all"). Raises SchemaError for a bad split or an empty one."""
-    table, _ = wide(read_labels(labels_uri), models)
+    rows training never saw; "all"), only the prompts labelled for every one of ``models``,
+    less the prompts that the label files ``exclude`` hold. Raises SchemaError for a bad
+    split or an empty one."""
+    table, _ = wide(read_label_files(labels_uri), models)
     if split == "holdout":
         table = table.filter(pl.Series(is_holdout(table["request_id"].to_list())))
     elif split != "all":
         raise SchemaError(f"--split must be holdout or all, got {split!r}")
+    for uri in exclude:
+        seen = read_labels(uri)["prompt"].unique()
+        table = table.filter(~pl.col("prompt").is_in(seen.implode()))
     if len(table) == 0:
-        raise SchemaError(f"labels {labels_uri}: no rows in the {split} split")
+        raise SchemaError(f"labels {describe_uris(labels_uri)}: no rows in the {split} split"
+                          + (" outside the excluded labels" if exclude else "")
+                          + f" with a label for each of {', '.join(models)}")
     return table
 
 
-def wide(labels: pl.DataFrame, models: Sequence[str] | None = None) -> tuple[pl.DataFrame,
-                                                                               tuple[str, ...]]:
-    """One row per request with one score column per model; requests missing a model's label
-    are dropped (they cannot train or evaluate that pairing)."""
+def wide(labels: pl.DataFrame, models: Sequence[str] | None = None, *,
+         complete: bool = True) -> tuple[pl.DataFrame, tuple[str, ...]]:
+    """One row per request with one score column per model. With ``complete`` (calibrate,
+    eval: they compare the models on the same prompts), requests missing a model's label are
+    dropped; without it (train), they are kept with a null score there, and only requests
+    with none of the models are dropped."""
     present = sorted(labels["model"].unique().to_list())
     chosen = tuple(models) if models else tuple(present)
     missing = [m for m in chosen if m not in present]
@@ -127,8 +200,13 @@ def wide(labels: pl.DataFrame, models: Sequence[str] | None = None) -> tuple[pl.
     prompts = labels.group_by("request_id").agg(pl.col("prompt").first())
     w = labels.filter(pl.col("model").is_in(chosen)).pivot(
         on="model", index="request_id", values="score")
-    w = w.join(prompts, on="request_id").drop_nulls(list(chosen)).sort("request_id")
-    return w, chosen
+    for m in chosen:  # pivot makes no column for a model with no row left
+        if m not in w.columns:
+            w = w.with_columns(pl.lit(None, pl.Float64).alias(m))
+    w = w.join(prompts, on="request_id")
+    w = (w.drop_nulls(list(chosen)) if complete else
+         w.filter(pl.any_horizontal(pl.col(list(chosen)).is_not_null())))
+    return w.sort("request_id"), chosen
 
 
 def featurise(toks: words.Tokens, lookup: words.Lookup) -> tuple[object, np.ndarray]:
@@ -232,9 +310,10 @@ def static_features(prompts: np.ndarray) -> Features:
     return Features(x, EMBED_C_GRID, STATIC_KIND, settings, extra, export)
 
 
-def train(labels_uri: str, out: str, *, models: Sequence[str] | None = None,
+def train(labels_uri: LabelsArg, out: str, *, models: Sequence[str] | None = None,
           cut: float = 0.5, seed: int = 0, features: str = "words") -> TrainReport:
-    """Train, export and verify a router; writes ``out`` atomically. ``features`` is one of
+    """Train, export and verify a router; writes ``out`` atomically. ``labels_uri`` is one
+    label dataset or several, merged (:func:`read_label_files`). ``features`` is one of
     :data:`FEATURES`. Raises SchemaError for bad labels or arguments and RouterError if the
     exported graph disagrees with the trained model."""
     from sklearn.linear_model import LogisticRegression
@@ -244,15 +323,18 @@ def train(labels_uri: str, out: str, *, models: Sequence[str] | None = None,
         raise SchemaError(f"--cut must lie in (0, 1], got {cut}")
     if features not in FEATURES:
         raise SchemaError(f"--features must be one of {', '.join(FEATURES)}, got {features!r}")
-    labels = read_labels(labels_uri)
-    table, names = wide(labels, models)
+    labels = read_label_files(labels_uri)
+    table, names = wide(labels, models, complete=False)
     ids = table["request_id"].to_list()
     hold = is_holdout(ids)
     prompts = table["prompt"].to_numpy().astype(object)
+    # Each model learns from the prompts that have its label (a prompt learnt from a run may
+    # have labels for some models only).
+    has = {name: table[name].is_not_null().to_numpy() for name in names}
     for name in names:
-        if len(np.unique(table[name].to_numpy()[~hold] >= cut)) < 2:
-            raise SchemaError(f"labels: model {name!r} has only one outcome at cut {cut}; "
-                              "nothing to learn")
+        if len(np.unique(table[name].to_numpy()[~hold & has[name]] >= cut)) < 2:
+            raise SchemaError(f"labels: model {name!r} has only one outcome at cut {cut} "
+                              "on its training rows; nothing to learn")
     feats = (words_features(prompts, hold) if features == "words" else
              embed_features(prompts) if features == "embed" else static_features(prompts))
     x = feats.x
@@ -266,28 +348,37 @@ def train(labels_uri: str, out: str, *, models: Sequence[str] | None = None,
     train_probs = np.zeros((int((~hold).sum()), len(names)))
     hold_probs = np.zeros((int(hold.sum()), len(names)))
     for j, name in enumerate(names):
-        y = (table[name].to_numpy() >= cut).astype(int)
-        y_train, y_hold = y[~hold], y[hold]
+        y = (table[name].fill_null(0.0).to_numpy() >= cut).astype(int)
+        mine_train, mine_hold = has[name][~hold], has[name][hold]
+        x_mine, y_train = x_train[mine_train], y[~hold][mine_train]
+        y_hold = y[hold][mine_hold]
+        fit_rows, pick_rows = ~inner[mine_train], inner[mine_train]
         best_c, best_auc = feats.c_grid[0], -1.0
         for c in feats.c_grid:
+            if len(np.unique(y_train[fit_rows])) < 2 or len(np.unique(y_train[pick_rows])) < 2:
+                break  # too few rows to choose C: keep the grid's first
             # Choosing C needs only the AUC at each C, which scikit-learn's default
             # tolerance settles far more finely than the grid's steps separate.
             clf = LogisticRegression(C=c, max_iter=SOLVER_MAX_ITER)
-            clf.fit(x_train[~inner], y_train[~inner])
-            auc = roc_auc_score(y_train[inner], clf.predict_proba(x_train[inner])[:, 1])
+            clf.fit(x_mine[fit_rows], y_train[fit_rows])
+            auc = roc_auc_score(y_train[pick_rows], clf.predict_proba(x_mine[pick_rows])[:, 1])
             if auc > best_auc:
                 best_c, best_auc = c, auc
         clf = LogisticRegression(C=best_c, tol=SOLVER_TOL, max_iter=SOLVER_MAX_ITER).fit(
-            x_train, y_train)
+            x_mine, y_train)
         weights[:, j], bias[j] = clf.coef_[0], clf.intercept_[0]
+        # Every prompt is scored (thresholds and the export check cover the whole traffic);
+        # the metrics are measured on the prompts that have this model's label.
         train_probs[:, j] = clf.predict_proba(x_train)[:, 1]
         hold_probs[:, j] = clf.predict_proba(x_hold)[:, 1]
         metrics[name] = {
             "C": best_c,
-            "holdout_auc": float(roc_auc_score(y_hold, hold_probs[:, j]))
+            "holdout_auc": float(roc_auc_score(y_hold, hold_probs[mine_hold, j]))
             if len(np.unique(y_hold)) > 1 else float("nan"),
             "train_positive_rate": float(y_train.mean()),
-            "holdout_positive_rate": float(y_hold.mean()),
+            "holdout_positive_rate": float(y_hold.mean()) if len(y_hold) else float("nan"),
+            "train_rows": int(mine_train.sum()),
+            "holdout_rows": int(mine_hold.sum()),
         }
 
     # Default thresholds: the strongest model (highest success rate) is the fallback and needs
