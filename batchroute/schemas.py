@@ -31,8 +31,21 @@ ESCALATION = pa.struct([
 ])
 
 
-def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = True) -> pa.Field:
-    return pa.field(name, type_, nullable=nullable, metadata={"description": doc})
+def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = True, *,
+       optional: bool = False) -> pa.Field:
+    """A documented column. An ``optional`` column may be absent from a file, and readers
+    that do not use it ignore it."""
+    meta = {"description": doc} | ({"optional": "true"} if optional else {})
+    return pa.field(name, type_, nullable=nullable, metadata=meta)
+
+
+def is_optional(field: pa.Field) -> bool:
+    return (field.metadata or {}).get(b"optional") == b"true"
+
+
+def required_names(schema: pa.Schema) -> list[str]:
+    """The columns every file of ``schema`` must hold."""
+    return [f.name for f in schema if not is_optional(f)]
 
 
 # What a user's input may hold. Exactly one of prompt/messages must be present per row.
@@ -255,6 +268,17 @@ LABELS = pa.schema([
     _f("score", pa.float64(),
        "Quality of that model's answer in [0, 1] (1 = correct); train learns "
        "P(score >= cut).", nullable=False),
+    _f("source", pa.string(),
+       "Optional; train, calibrate and eval ignore it. Where the label comes from: mmlu (the "
+       "bundled labels), or, from `batchroute learn`: shadow (a shadow check graded field by "
+       "field: the kept answer's agreement with the reference model's, and 1 for the "
+       "reference), judge (the judge's own grade of each answer), escalation (0: the row was "
+       "escalated away from this model), invalid (0: this model's answer was not a valid "
+       "output).", optional=True),
+    _f("run_id", pa.string(), "Optional; ignored by train. The run the label was learnt from.",
+       optional=True),
+    _f("router_version", pa.string(),
+       "Optional; ignored by train. The router version that routed that run.", optional=True),
 ])
 
 # Shadow checks ([quality]): one row per sampled row, also sent to the reference model.
@@ -326,6 +350,7 @@ def describe(name: str, schema: pa.Schema) -> dict[str, object]:
                 "type": str(f.type),
                 "nullable": f.nullable,
                 "description": (f.metadata or {}).get(b"description", b"").decode(),
+                **({"optional": True} if is_optional(f) else {}),
             }
             for f in schema
         ],

@@ -19,11 +19,12 @@ EPILOG = """\
 typical use:
   batchroute plan jobs/demo.toml            forecast rows, tokens, cost and time; no model calls
   batchroute run jobs/demo.toml             route, dispatch, write results and rollups
+  batchroute learn runs/RUN_ID --out learnt.parquet   labels from a run's shadow checks
   batchroute train --labels L.parquet --out router.onnx
   batchroute mock-provider --port 8765      a local OpenAI/Anthropic-compatible test server
 
-exit codes: 0 ok, 1 some rows failed, 4 quality flagged ([quality] min_retained),
-            2 bad job/input/router/arguments or a run folder
+exit codes: 0 ok, 1 some rows failed (learn: a run folder was skipped), 4 quality flagged
+            ([quality] min_retained), 2 bad job/input/router/arguments or a run folder
             another process is writing, 3 other error, 130/143 stopped by SIGINT/SIGTERM
             after committing what was answered (resume it)
 """

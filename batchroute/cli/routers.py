@@ -1,5 +1,5 @@
-"""Commands that build and measure routers: ``train``, ``score``, ``eval``, ``calibrate``,
-``memory add``."""
+"""Commands that build and measure routers: ``learn``, ``train``, ``score``, ``eval``,
+``calibrate``, ``memory add``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "from MiniLM (the bundled table, `batchroute static build`) in the file, "
                    "about 8 MB and tens of thousands of prompts/s per core")
     t.set_defaults(func=_train)
+
+    le = sub.add_parser(
+        "learn", help="turn run folders' shadow checks, escalations and invalid answers into "
+        "labels for train and calibrate",
+        description="Read finished (or stopped) run folders and write labels "
+        "(schemas/labels.schema.json, with source, run_id and router_version): from the "
+        "shadow checks ([quality], RUN/quality/shadows/), graded field by field, the kept "
+        "model gets its agreement with the reference answer and the reference model 1 (source "
+        "shadow); graded by a judge, each model gets the judge's grade of its answer (judge). "
+        "A model a row was escalated away from gets 0 (escalation), and so does a model that "
+        "gave an invalid output (invalid). One row per prompt text and model: the newest run "
+        "wins, and within a run a graded label wins over invalid. A folder that is not a run, "
+        "or has a file that cannot be read, is skipped whole and named; the others' labels are "
+        "written. Exit 0; 1 when some folder was skipped; 2 when no folder could be read.")
+    le.add_argument("runs", nargs="+", metavar="RUN_FOLDER",
+                    help="run folders (OUTPUT/RUN_ID), local paths or pyarrow filesystem URIs")
+    le.add_argument("--out", required=True, metavar="LABELS.parquet", help="where to write")
+    le.add_argument("--json", action="store_true",
+                    help="print what each run gave (and why any was skipped) as JSON")
+    le.set_defaults(func=_learn)
 
     s = sub.add_parser("score", help="write each prompt's predicted success per model",
                        description="Score a prompts or labels Parquet dataset with a router: "
@@ -261,6 +281,39 @@ def _memory_add(args: argparse.Namespace) -> int:
     print(f"{args.bank}: {counts['prompts']} prompts ({counts['new_prompts']} new), "
           f"{counts['outcomes']} outcomes added from {source}")
     return 0
+
+
+def _learn(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from batchroute.training import learn
+
+    learnt = learn.learn(args.runs)
+    read = [r for r in learnt.runs if r.skipped is None]
+    if not read:
+        for r in learnt.runs:
+            print(f"batchroute: error: skipped {r.skipped}", file=sys.stderr)
+        print("batchroute: error: no run folder could be read; nothing written",
+              file=sys.stderr)
+        return 2
+    learn.write(learnt, args.out)
+    if args.json:
+        print(json.dumps({"out": args.out, "labels": learnt.labels.height,
+                          "runs": [r.as_dict() for r in learnt.runs]}, indent=2))
+    else:
+        for r in read:
+            counts = ", ".join(f"{s} {r.counts.get(s, 0):,}" for s in learn.SOURCES)
+            print(f"{r.folder}: {counts} (router {r.router_version or '-'})")
+            for note in r.notes:
+                print(f"  note: {note}")
+        by_source = dict(learnt.labels["source"].value_counts().iter_rows())
+        print(f"wrote {learnt.labels.height:,} labels for "
+              f"{learnt.labels['request_id'].n_unique():,} prompts to {args.out} ("
+              + ", ".join(f"{s} {by_source.get(s, 0):,}" for s in learn.SOURCES) + ")")
+    for r in learnt.skipped:
+        print(f"batchroute: warning: skipped {r.skipped}", file=sys.stderr)
+    return 1 if learnt.skipped else 0
 
 
 def _train(args: argparse.Namespace) -> int:

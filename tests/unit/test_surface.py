@@ -63,8 +63,9 @@ def test_errors_pickle_across_process_boundaries(err: errors.BatchrouteError) ->
         assert (back.status, back.retry_after_s) == (err.status, err.retry_after_s)
 
 
-@pytest.mark.parametrize("command", ["run", "plan", "resume", "backfill", "train", "score",
-                                     "eval", "calibrate", "report", "mock-provider", "sample"])
+@pytest.mark.parametrize("command", ["run", "plan", "resume", "backfill", "learn", "train",
+                                     "score", "eval", "calibrate", "report", "mock-provider",
+                                     "sample"])
 def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         cli.main([command, "--help"])
@@ -77,8 +78,8 @@ def test_the_parser_has_every_command() -> None:
     parser = cli.build_parser()
     commands = next(a for a in parser._actions
                     if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(commands) == {"run", "plan", "resume", "backfill", "train", "score", "eval",
-                             "calibrate", "memory", "static", "report", "bench",
+    assert set(commands) == {"run", "plan", "resume", "backfill", "learn", "train", "score",
+                             "eval", "calibrate", "memory", "static", "report", "bench",
                              "mock-provider", "sample"}
     bench = next(a for a in commands["bench"]._actions
                  if isinstance(a, argparse._SubParsersAction)).choices

@@ -217,7 +217,7 @@ def test_score_file_on_labels_and_prompts(tmp_path: Path) -> None:
 def test_label_checks_follow_the_declared_labels_schema() -> None:
     from batchroute import schemas
 
-    assert list(train.LABEL_COLUMNS) == schemas.LABELS.names
+    assert list(train.LABEL_COLUMNS) == schemas.required_names(schemas.LABELS)
 
 
 def test_training_and_policy_for_three_models_on_synthetic_labels(tmp_path: Path) -> None:
