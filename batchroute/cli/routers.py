@@ -100,6 +100,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="evaluate the [router] section of this job file instead of a router "
                    "file: any stages (rules, similarity, classifier, llm) and cascades, run "
                    "through the route stage itself; repeat to compare several")
+    e.add_argument("--robustness", action="store_true",
+                   help="instead, each ordering against random in domain and on prompts unlike "
+                   "the training data: held-out prompts rewritten in other styles, and "
+                   "questions of each topic (the labels' domain column, MMLU subjects in four "
+                   "groups) scored by a router trained on the other topics (about a minute "
+                   "on one core)")
+    e.add_argument("--no-topics", action="store_true",
+                   help="with --robustness: skip the topic checks (they train a router each)")
     e.set_defaults(func=_eval)
 
     c = sub.add_parser(
@@ -215,6 +223,18 @@ def _eval(args: argparse.Namespace) -> int:
 
     from batchroute.training import evaluate
 
+    if args.robustness:
+        from batchroute.errors import ConfigError
+        from batchroute.training import robustness
+
+        if args.router_config or args.job or args.plot or args.budget_usd:
+            raise ConfigError("--robustness measures a router file (--router): not with "
+                              "--router-config, --job, --plot or --budget-usd")
+
+        r = robustness.robustness(_router_bytes(args), args.labels, weak=args.weak,
+                                  strong=args.strong, topics=not args.no_topics)
+        print(json.dumps(r, indent=2) if args.json else robustness.format_robustness(r))
+        return 0
     if args.budget_usd:
         from batchroute import config
         from batchroute.training import budget_eval

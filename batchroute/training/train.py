@@ -316,7 +316,6 @@ def train(labels_uri: LabelsArg, out: str, *, models: Sequence[str] | None = Non
     label dataset or several, merged (:func:`read_label_files`). ``features`` is one of
     :data:`FEATURES`. Raises SchemaError for bad labels or arguments and RouterError if the
     exported graph disagrees with the trained model."""
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
     if not 0.0 < cut <= 1.0:
@@ -340,8 +339,6 @@ def train(labels_uri: LabelsArg, out: str, *, models: Sequence[str] | None = Non
     x = feats.x
     x_train, x_hold = x[~hold], x[hold]
 
-    rng = np.random.default_rng(seed)
-    inner = rng.random(int((~hold).sum())) < 0.2
     weights = np.zeros((x.shape[1], len(names)))
     bias = np.zeros(len(names))
     metrics: dict[str, dict[str, float]] = {}
@@ -350,22 +347,8 @@ def train(labels_uri: LabelsArg, out: str, *, models: Sequence[str] | None = Non
     for j, name in enumerate(names):
         y = (table[name].fill_null(0.0).to_numpy() >= cut).astype(int)
         mine_train, mine_hold = has[name][~hold], has[name][hold]
-        x_mine, y_train = x_train[mine_train], y[~hold][mine_train]
-        y_hold = y[hold][mine_hold]
-        fit_rows, pick_rows = ~inner[mine_train], inner[mine_train]
-        best_c, best_auc = feats.c_grid[0], -1.0
-        for c in feats.c_grid:
-            if len(np.unique(y_train[fit_rows])) < 2 or len(np.unique(y_train[pick_rows])) < 2:
-                break  # too few rows to choose C: keep the grid's first
-            # Choosing C needs only the AUC at each C, which scikit-learn's default
-            # tolerance settles far more finely than the grid's steps separate.
-            clf = LogisticRegression(C=c, max_iter=SOLVER_MAX_ITER)
-            clf.fit(x_mine[fit_rows], y_train[fit_rows])
-            auc = roc_auc_score(y_train[pick_rows], clf.predict_proba(x_mine[pick_rows])[:, 1])
-            if auc > best_auc:
-                best_c, best_auc = c, auc
-        clf = LogisticRegression(C=best_c, tol=SOLVER_TOL, max_iter=SOLVER_MAX_ITER).fit(
-            x_mine, y_train)
+        y_train, y_hold = y[~hold][mine_train], y[hold][mine_hold]
+        clf, best_c = fit_head(x_train[mine_train], y_train, feats.c_grid, seed=seed)
         weights[:, j], bias[j] = clf.coef_[0], clf.intercept_[0]
         # Every prompt is scored (thresholds and the export check cover the whole traffic);
         # the metrics are measured on the prompts that have this model's label.
@@ -420,6 +403,30 @@ def train(labels_uri: LabelsArg, out: str, *, models: Sequence[str] | None = Non
                               f"{err:.2e}")
     write_atomic(out, model_bytes)
     return TrainReport(names, thresholds, metrics, version, int((~hold).sum()), int(hold.sum()))
+
+
+def fit_head(x_train: Any, y_train: np.ndarray, c_grid: Sequence[float], *, seed: int = 0,
+             tol: float = SOLVER_TOL) -> tuple[Any, float]:
+    """One model's logistic regression and its C: the C of ``c_grid`` with the best AUC on a
+    seeded 20% of the training rows (fitted on the other 80%), then the fit on every
+    training row at ``tol``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    inner = np.random.default_rng(seed).random(len(y_train)) < 0.2
+    best_c, best_auc = c_grid[0], -1.0
+    for c in c_grid:
+        if len(np.unique(y_train[~inner])) < 2 or len(np.unique(y_train[inner])) < 2:
+            break  # too few rows to choose C: keep the grid's first
+        # Choosing C needs only the AUC at each C, which scikit-learn's default tolerance
+        # settles far more finely than the grid's steps separate.
+        clf = LogisticRegression(C=c, max_iter=SOLVER_MAX_ITER)
+        clf.fit(x_train[~inner], y_train[~inner])
+        auc = roc_auc_score(y_train[inner], clf.predict_proba(x_train[inner])[:, 1])
+        if auc > best_auc:
+            best_c, best_auc = c, auc
+    return LogisticRegression(C=best_c, tol=tol, max_iter=SOLVER_MAX_ITER).fit(
+        x_train, y_train), best_c
 
 
 def write_atomic(path: str, data: bytes) -> None:
