@@ -200,6 +200,9 @@ ROUTER_STAGES = ("rules", "similarity", "classifier", "llm")
 # The similarity router's sentence embedders (routers/similarity.py's embedder_for).
 SIMILARITY_FEATURES = ("static", "minilm")
 POLICIES = ("success", "relative")
+# The default [router] policy: the best measured ordering, in domain and on the out-of-domain
+# checks (README, "The router"; `batchroute eval --robustness`).
+DEFAULT_POLICY = "relative"
 
 
 @dataclass(frozen=True)
@@ -245,11 +248,11 @@ class RouterConfig:
     # Per-model thresholds on predicted success (classifier and similarity); unset ones come
     # from the router file.
     thresholds: Mapping[str, float] = field(default_factory=dict)
-    # What the thresholds apply to. "success": each model's predicted success (the cheapest
-    # model whose P(success) >= its threshold). "relative": its predicted success relative to
-    # the strongest model's, 1 - (P(strongest) - P(model)), so a prompt both would fail
-    # stays cheap.
-    policy: str = "success"
+    # What the thresholds apply to. "relative" (the default): each model's predicted success
+    # relative to the strongest model's, 1 - (P(strongest) - P(model)), so a prompt both would
+    # fail stays cheap. "success": each model's predicted success (the cheapest model whose
+    # P(success) >= its threshold).
+    policy: str = DEFAULT_POLICY
     rules: tuple[Rule, ...] = ()
     # Where rows no stage decided go; "" = the strongest (dearest) catalog model.
     fallback: str = ""
@@ -765,7 +768,7 @@ def _router(t: Mapping[str, Any], models: Mapping[str, ModelConfig]) -> RouterCo
     return RouterConfig(
         budget_usd=budget, max_strong_share=share,
         path=_resolve(path), stages=stages, thresholds=thresholds, rules=rules,
-        policy=_choice(t, "policy", "router.", POLICIES, "success"),
+        policy=_choice(t, "policy", "router.", POLICIES, DEFAULT_POLICY),
         fallback=fallback,
         classifier=ClassifierConfig(uncertain=_band(
             _table(t, "classifier", "router.", required=False), "router.classifier.")),

@@ -34,12 +34,14 @@ def routed_rows(n: int, *, prefix: str = "t", text: str = "question") -> Any:
     return pa.table(cols, schema=schemas.ROUTED)
 
 
-def tiny_router(thresholds: dict[str, float] | None = None) -> bytes:
+def tiny_router(thresholds: dict[str, float] | None = None, *,
+                policy: str = "relative") -> bytes:
     """A real ONNX router with hand-set weights: the word "easy" makes the cheap model likely
-    to succeed, "hard" makes it unlikely; the strong model is always likely."""
+    to succeed, "hard" makes it unlikely; the strong model is always likely. Its thresholds
+    are recorded as set for ``policy`` (the default policy's, as `batchroute train` does)."""
     vocab = ["easy", "hard"]
     w = np.array([[4.0, 0.0], [-4.0, 0.0], [0.0, 0.0]], np.float32)  # easy, hard, unknown
-    meta = {"version": "tiny-1",
+    meta = {"version": "tiny-1", "policy": policy,
             "thresholds": json.dumps(thresholds or {CHEAP: 0.5, STRONG: 0.0})}
     return rt.build_graph(vocab, w, np.zeros(2, np.float32), np.array([0.0, 2.0], np.float32),
                           [CHEAP, STRONG], meta)

@@ -112,8 +112,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     c = sub.add_parser(
         "calibrate", help="choose the router's thresholds for a target and write them into it",
-        description="Replay the job's policy (the cheapest model whose predicted success clears "
-        "its threshold, else the strongest) on labelled prompts, choose the shared threshold "
+        description="Replay the job's policy (the cheapest model whose predicted success, "
+        "relative to the strongest model's with the default policy, clears its threshold, "
+        "else the strongest) on labelled prompts, choose the shared threshold "
         "that meets --target, and write it into the router file's metadata. Jobs use it unless "
         "their [router.thresholds] override it.")
     c.add_argument("--labels", required=True, metavar="URI", action="append",
@@ -128,9 +129,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="job whose prices order the models (cheapest first) and price budgets")
     c.add_argument("--split", default="all", choices=("holdout", "all"),
                    help="labelled rows to calibrate on (default: all)")
-    c.add_argument("--policy", choices=("success", "relative"), default=None,
+    c.add_argument("--policy", choices=config.POLICIES, default=None,
                    help="what the thresholds apply to, as the job's [router] policy "
-                   "(default: the --job's, else success)")
+                   f"(default: the --job's, else {config.DEFAULT_POLICY})")
     c.add_argument("--out", metavar="ROUTER.onnx",
                    help="where to write the calibrated router (default: in place)")
     c.add_argument("--json", action="store_true", help="print the outcome as JSON")

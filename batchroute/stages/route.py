@@ -7,7 +7,9 @@ Order of decision for each row, first match wins:
    passing the rest on (a cascade):
    - ``rules``: the job's rules in file order; rows no rule matches pass on;
    - ``classifier``: the ONNX router's predicted success per model, and the policy: the
-     cheapest model whose predicted success clears its threshold, else the strongest;
+     cheapest model whose predicted success relative to the strongest model's (``policy =
+     "relative"``, the default) or whose predicted success (``"success"``) clears its
+     threshold, else the strongest;
    - ``similarity``: the same policy on success predicted from the nearest past prompts in a
      memory bank (:mod:`batchroute.routers.similarity`); rows with no close neighbour pass on;
    - ``llm``: a cheap model asked, through its own dispatcher, how hard the prompt is;
@@ -37,7 +39,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchroute import schemas, tokens
-from batchroute.config import ClassifierConfig, JobConfig, LLMRouterConfig, Rule, SimilarityConfig
+from batchroute.config import (
+    DEFAULT_POLICY,
+    ClassifierConfig,
+    JobConfig,
+    LLMRouterConfig,
+    Rule,
+    SimilarityConfig,
+)
 from batchroute.errors import RouterError
 from batchroute.routers.classifier import Router, RouterInfo
 from batchroute.stages.source import request_text
@@ -69,7 +78,7 @@ class RouteSpec:
     thresholds: Mapping[str, float]  # job overrides; router defaults fill the rest
     default_max_tokens: int
     stages: tuple[str, ...] = ("rules", "classifier")
-    policy: str = "success"  # or "relative": see RouterConfig.policy
+    policy: str = DEFAULT_POLICY  # "relative" or "success": see RouterConfig.policy
     fallback: str = ""  # "" = the strongest (dearest) target
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
@@ -101,18 +110,24 @@ class RouteSpec:
 
 
 def check_compatible(info: RouterInfo, spec: RouteSpec, *, path: str) -> None:
-    """Refuse a router that names a model the job's catalog lacks."""
+    """Refuse a router that names a model the job's catalog lacks, or whose thresholds were
+    set for another policy than the job's while the job still takes one of them from it
+    (a job that sets every threshold below the strongest model takes none)."""
     known = {t.name for t in spec.targets}
     missing = [m for m in info.models if m not in known]
     if missing:
         raise RouterError(f"router file {path}: model {missing[0]!r} is not in the job's "
                           f"catalog (catalog: {', '.join(sorted(known))})")
-    calibrated = _calibrated_policy(info)
-    if calibrated and calibrated != spec.policy:
+    calibrated = thresholds_policy(info)
+    price = {t.name: t.price for t in spec.targets}
+    strongest = max(info.models, key=lambda m: price[m])
+    from_file = [m for m in info.models if m != strongest and m not in spec.thresholds]
+    if calibrated and calibrated != spec.policy and from_file:
         raise RouterError(
-            f"router file {path}: its thresholds were calibrated for router policy "
+            f"router file {path}: its thresholds were set for router policy "
             f"{calibrated!r} but the job uses {spec.policy!r}; set [router] policy = "
-            f"{calibrated!r} or recalibrate with --policy {spec.policy}")
+            f"{calibrated!r}, give [router.thresholds] for {', '.join(from_file)}, or "
+            f"recalibrate with --policy {spec.policy}")
 
 
 @dataclass
@@ -175,13 +190,19 @@ class _Policy:
         return self.ordered(scores)[:, 0] if len(scores) else np.zeros(0, np.float32)
 
 
-def _calibrated_policy(info: RouterInfo) -> str:
-    """The policy a router file's thresholds were calibrated for ("" when never calibrated;
-    files calibrated before policies existed used "success")."""
+def thresholds_policy(info: RouterInfo) -> str:
+    """The policy a router file's thresholds were set for: its ``policy`` metadata (written
+    by train and calibrate), else its calibration's; a file with neither was trained before
+    policies were recorded, when train's default thresholds were for "success". "" for a
+    file without thresholds."""
     import json
 
+    if info.metadata.get("policy"):
+        return info.metadata["policy"]
     raw = info.metadata.get("calibration")
-    return str(json.loads(raw).get("policy", "success")) if raw else ""
+    if raw:
+        return str(json.loads(raw).get("policy", "success"))
+    return "success" if info.thresholds else ""
 
 
 def _band_mask(values: np.ndarray, band: tuple[float, float] | None) -> np.ndarray:

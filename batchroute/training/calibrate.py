@@ -1,7 +1,8 @@
 """``batchroute calibrate``: choose the router's thresholds for a target, and write them into it.
 
-The job's policy sends a row to the cheapest model whose predicted success clears its
-threshold, else to the strongest. Calibration replays that policy on labelled prompts with one
+The job's policy sends a row to the cheapest model whose predicted success relative to the
+strongest model's (``policy = "relative"``, the default) or whose predicted success
+(``"success"``) clears its threshold, else to the strongest. Calibration replays that policy on labelled prompts with one
 threshold ``t`` shared by every model below the strongest, over a grid of candidate values (the
 quantiles of the router's own scores), and keeps the ``t`` that meets the target:
 
@@ -30,7 +31,7 @@ import polars as pl
 import pyarrow as pa
 
 from batchroute import tokens
-from batchroute.config import JobConfig
+from batchroute.config import DEFAULT_POLICY, JobConfig
 from batchroute.errors import ConfigError
 from batchroute.routers import classifier as rt
 from batchroute.training import train
@@ -154,11 +155,11 @@ def calibrate(model_bytes: bytes, labels_uri: str | Sequence[str], target: Calib
     """The router file with calibrated thresholds, and a summary of what they achieve.
     ``labels_uri`` is one label dataset or several, merged as train merges them; only the
     prompts labelled for every model of the router count. ``policy`` is what the thresholds
-    apply to ("success" or "relative", see :class:`batchroute.config.RouterConfig`); default:
-    the job's, else "success"."""
+    apply to ("relative" or "success", see :class:`batchroute.config.RouterConfig`); default:
+    the job's, else :data:`batchroute.config.DEFAULT_POLICY` ("relative")."""
     from batchroute.stages.route import relative
 
-    policy = policy or (job.router.policy if job is not None else "success")
+    policy = policy or (job.router.policy if job is not None else DEFAULT_POLICY)
     router = rt.Router(model_bytes)
     models = list(router.info.models)
     table = train.labelled(labels_uri, models, split)
@@ -192,5 +193,5 @@ def calibrate(model_bytes: bytes, labels_uri: str | Sequence[str], target: Calib
     version = f"{base}+cal-{digest}"
     summary["version"] = version
     meta = {"thresholds": json.dumps(thresholds), "calibration": json.dumps(summary),
-            "version": version}
+            "policy": policy, "version": version}
     return rt.with_metadata(model_bytes, meta), summary

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from batchroute.config import DEFAULT_POLICY
+
 if TYPE_CHECKING:  # imported where used: eval of a router file needs none of them
     import pyarrow as pa
 
@@ -107,11 +109,10 @@ def evaluate(scores: np.ndarray, weak: np.ndarray, strong: np.ndarray, *,
 
 Ordering = Callable[[np.ndarray, np.ndarray], np.ndarray]
 ORDERINGS: dict[str, Ordering] = {
-    # The job's default [router] policy = "success": send up when the weak model is unlikely
-    # to succeed.
+    # [router] policy = "success": send up when the weak model is unlikely to succeed.
     "weak-failure": lambda p_weak, p_strong: 1.0 - p_weak,
-    # policy = "relative": the expected gain from sending up, the strong model's success
-    # minus the weak model's.
+    # policy = "relative", the default: the expected gain from sending up, the strong model's
+    # success minus the weak model's.
     "gain": lambda p_weak, p_strong: p_strong - p_weak,
 }
 
@@ -244,14 +245,14 @@ def format_report(r: dict[str, Any]) -> str:
     unseen = (f", none of them in {', '.join(r['excluded'])}" if r.get("excluded") else "")
     lines = [f"{r['rows']} labelled prompts ({r['split']} split{unseen}), weak {r['weak']}, "
              f"strong {r['strong']}, router {r['router_version']}",
-             f"{'router':<32}{'APGR':>7}{'CPT(50%)':>10}{'CPT(80%)':>10}"
+             f"{'router':<40}{'APGR':>7}{'CPT(50%)':>10}{'CPT(80%)':>10}"
              f"{'strong@95%':>12}{'cost -%':>9}{'AUC':>7}"]
-    policies = {"weak-failure": "success", "gain": "relative"}
+    policies = {"weak-failure": "success", "gain": "relative, the default"}
     rows = {**{f"policy {policies.get(k, k)} ({k})": v for k, v in r["router"].items()},
             "random": r["random"], "oracle": r["oracle"]}
     for name, m in rows.items():
         auc = f"{m['auc']:.3f}" if m["auc"] is not None else "-"
-        lines.append(f"{name:<32}{m['apgr']:>7.3f}{m['cpt50']:>10.1%}{m['cpt80']:>10.1%}"
+        lines.append(f"{name:<40}{m['apgr']:>7.3f}{m['cpt50']:>10.1%}{m['cpt80']:>10.1%}"
                      f"{m['strong_share_at_95pct_quality']:>12.1%}"
                      f"{m['cost_reduction_at_95pct_quality']:>9.1%}{auc:>7}")
     return "\n".join(lines)
@@ -426,7 +427,9 @@ def format_configs(reports: list[dict[str, Any]]) -> str:
         auc = f"{r['auc']:.3f}" if r["auc"] is not None else "-"
         rate = (f"{r['prompts_per_s_per_core']:>16,.0f}" if r["prompts_per_s_per_core"]
                 else f"{'-':>16}")
-        name = (" > ".join(r["stages"]) + (" (relative)" if r["policy"] == "relative" else "")
+        scored = {"classifier", "similarity"} & set(r["stages"])
+        name = (" > ".join(r["stages"])
+                + (f" ({r['policy']})" if scored and r["policy"] != DEFAULT_POLICY else "")
                 + (" (simulated)" if r["simulated"] else ""))
         op = r["operating_point"]
         lines.append(f"{name:<34}{r['apgr']:>7.3f}{r['cpt50']:>10.1%}{auc:>7}"

@@ -118,7 +118,7 @@ Ordering = Callable[[np.ndarray, np.ndarray], np.ndarray]
 ORDERINGS: dict[str, Ordering] = {
     # policy = "success": send up when the weak model is unlikely to succeed
     "success": lambda pw, ps: 1.0 - pw,
-    # policy = "relative": the expected gain, P(strong) - P(weak)
+    # policy = "relative" (the default): the expected gain, P(strong) - P(weak)
     "relative": lambda pw, ps: ps - pw,
     # candidates measured beside them, not policies
     "blend": lambda pw, ps: 0.5 * (1.0 - pw) + 0.5 * (ps - pw),

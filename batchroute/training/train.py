@@ -36,6 +36,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as ds
 
+from batchroute.config import DEFAULT_POLICY
 from batchroute.errors import RouterError, SchemaError
 from batchroute.routers import classifier as rt
 from batchroute.routers import words
@@ -364,19 +365,26 @@ def train(labels_uri: LabelsArg, out: str, *, models: Sequence[str] | None = Non
             "holdout_rows": int(mine_hold.sum()),
         }
 
-    # Default thresholds: the strongest model (highest success rate) is the fallback and needs
-    # none; every other model takes the rows where its predicted success is above its median,
-    # i.e. about half of the traffic it is eligible for. `batchroute calibrate` refines this.
+    # Default thresholds, for the default policy (config.DEFAULT_POLICY, "relative"): the
+    # strongest model (highest success rate) is the fallback and needs none; every other model
+    # takes the rows where its predicted success relative to the strongest model's,
+    # 1 - (P(strongest) - P(model)), is above its median on the training rows, i.e. about half
+    # of the traffic it is eligible for. `batchroute calibrate` refines this (for either
+    # policy), and records the policy it calibrated for.
     strongest = max(names, key=lambda n: metrics[n]["train_positive_rate"])
-    thresholds = {n: (0.0 if n == strongest else float(np.median(train_probs[:, j])))
-                  for j, n in enumerate(names)}
+    top = train_probs[:, names.index(strongest)]
+    thresholds = {n: (0.0 if n == strongest else float(np.median(
+        np.clip(1.0 - (top - train_probs[:, j]), 0.0, 1.0)))) for j, n in enumerate(names)}
     data_hash = hashlib.sha256(
         "\n".join(f"{r}\t{m}\t{s}" for r, m, s in labels.sort(["request_id", "model"])
                   .select("request_id", "model", "score").iter_rows()).encode()).hexdigest()
-    version = f"{feats.kind}-{data_hash[:8]}"
+    # The policy its default thresholds are for: the same labels under another default policy
+    # route differently, so they are another router for resumes and backfills.
+    version = f"{feats.kind}-{data_hash[:8]}-{DEFAULT_POLICY}"
     meta = {
         "version": version,
         "thresholds": json.dumps(thresholds),
+        "policy": DEFAULT_POLICY,
         "cut": str(cut),
         "training_data_sha256": data_hash,
         "featurisation": json.dumps(feats.settings),

@@ -117,6 +117,31 @@ def test_bundled_router_metadata() -> None:
     assert metrics["mixtral-8x7b-instruct"]["holdout_auc"] > 0.65
     assert json.loads(info.metadata["featurisation"])["max_chars"] == rt.MAX_CHARS
     assert len(BUNDLED) < 20 * 2**20
+    # Its default thresholds are for the default policy, and it says so.
+    assert info.metadata["policy"] == config.DEFAULT_POLICY == "relative"
+    assert info.version.endswith("-relative")
+
+
+def test_default_thresholds_are_the_median_relative_success_on_training_rows(
+        tmp_path: Path) -> None:
+    from batchroute.stages.route import relative
+
+    rows = [(f"q{i}", f"{('easy', 'hard', 'odd')[i % 3]} question {i % 7}", m,
+             float(i % 3 == 0 or (m == "big" and i % 3 == 1) or (i % 3 == 2 and i % 5 == 0)))
+            for i in range(300) for m in ("small", "big")]
+    ids, prompts, models, scores = zip(*rows, strict=True)
+    pq.write_table(pa.table({"request_id": ids, "prompt": prompts, "model": models,
+                             "score": scores}), tmp_path / "labels.parquet")
+    report = train.train(str(tmp_path / "labels.parquet"), str(tmp_path / "r.onnx"))
+    router = rt.Router((tmp_path / "r.onnx").read_bytes())
+    assert router.info.metadata["policy"] == config.DEFAULT_POLICY
+    assert router.info.version.endswith(f"-{config.DEFAULT_POLICY}")
+    kept = sorted({(r, p) for r, p, _, _ in rows if not train.is_holdout([r])[0]})
+    probs = router.score(pa.array([p for _, p in kept]))
+    cols = [router.info.models.index("small"), router.info.models.index("big")]
+    want = float(np.median(relative(probs[:, cols].astype(np.float64))[:, 0]))
+    assert report.thresholds == {"big": 0.0, "small": pytest.approx(want, abs=1e-6)}
+    assert router.info.thresholds["small"] == pytest.approx(want, abs=1e-6)
 
 
 def test_corrupt_or_foreign_router_is_refused(tmp_path: Path) -> None:

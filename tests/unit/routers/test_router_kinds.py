@@ -37,6 +37,9 @@ def _bank(tmp_path: Path, rows: list[tuple[str, dict[str, float]]]) -> str:
 
 
 def _spec(**overrides: object) -> RouteSpec:
+    """The helpers' job, under policy = "success" unless overridden: these tests set their
+    thresholds and bands on predicted success (the relative policy has tests of its own)."""
+    overrides = {"policy": "success", **overrides}
     return dataclasses.replace(RouteSpec.from_job(config.parse(job_doc())), **overrides)  # type: ignore[arg-type]
 
 
@@ -122,7 +125,7 @@ def test_a_cascade_sends_only_the_uncertain_band_on(tmp_path: Path) -> None:
                  classifier=config.ClassifierConfig(uncertain=(0.4, 0.6)),
                  similarity=SimilarityConfig(bank=_bank(tmp_path, BANK_ROWS), k=2,
                                              min_similarity=0.2))
-    stage = RouteStage(tiny_router(), spec, embedder=EMB)
+    stage = RouteStage(tiny_router(policy="success"), spec, embedder=EMB)
     out = stage(_requests(["easy", "hard", "capital of spain madrid", "riemann zeta proof",
                            "banana split"]))
     assert _col(out, "route_stage") == ["classifier", "classifier", "similarity", "similarity",
@@ -228,7 +231,7 @@ def test_a_cascade_asks_the_llm_only_inside_the_classifiers_band() -> None:
     ask = FakeAsk(by_word)
     spec = _llm_spec(stages=("classifier", "llm"),
                      classifier=config.ClassifierConfig(uncertain=(0.4, 0.6)))
-    out = RouteStage(tiny_router(), spec, ask=ask)(
+    out = RouteStage(tiny_router(policy="success"), spec, ask=ask)(
         _requests(["easy", "hard", "medium rare", "something else"]))
     assert sorted(ask.asked) == ["medium rare", "something else"]
     assert _col(out, "route_stage") == ["classifier", "classifier", "llm", "llm"]
@@ -252,7 +255,7 @@ def test_every_kind_emits_one_decision_per_row_with_its_evidence(
     spec = _llm_spec(
         stages=chosen, classifier=config.ClassifierConfig(uncertain=band),
         similarity=SimilarityConfig(bank=bank, k=2, min_similarity=0.2, uncertain=band))
-    out = RouteStage(tiny_router(), spec, embedder=EMB, ask=FakeAsk(by_word))(
+    out = RouteStage(tiny_router(policy="success"), spec, embedder=EMB, ask=FakeAsk(by_word))(
         _requests(prompts))
     assert out.num_rows == len(prompts) and out.schema == schemas.ROUTED
     stage_col = _col(out, "route_stage")
@@ -397,15 +400,28 @@ def test_thresholds_calibrated_for_one_policy_are_refused_under_the_other(
     pl.DataFrame([{"request_id": f"q{i}", "prompt": ("easy " if i % 2 else "hard ") + str(i),
                    "model": m, "score": float(m == STRONG or i % 2)}
                   for i in range(40) for m in (CHEAP, STRONG)]).write_parquet(labels)
-    data, out = calibrate.calibrate(tiny_router(), str(labels),
+    data, out = calibrate.calibrate(tiny_router(policy="success"), str(labels),
                                     calibrate.CalibrationTarget.parse("strong-share=0.5"),
                                     policy="relative")
     assert out["policy"] == "relative"
     info = rt.inspect(data)
+    assert info.metadata["policy"] == "relative"
     check_compatible(info, _spec(policy="relative"), path="r.onnx")
-    with pytest.raises(RouterError, match="calibrated for router policy 'relative' but the "
-                                          "job uses 'success'"):
+    with pytest.raises(RouterError, match=r"set for router policy 'relative' but the job uses "
+                                          r"'success'.*give \[router.thresholds\] for "
+                                          r"cheap-model"):
         check_compatible(info, _spec(), path="r.onnx")
+    # A job that sets every threshold below the strongest model takes none from the file.
+    check_compatible(info, _spec(thresholds={CHEAP: 0.7}), path="r.onnx")
+    # A file that records no policy was trained when train's thresholds were for "success".
+    old = rt.inspect(rt.build_graph(["easy"], np.zeros((2, 2), np.float32),
+                                    np.zeros(2, np.float32), np.zeros(2, np.float32),
+                                    [CHEAP, STRONG], {"version": "old-1", "thresholds":
+                                                      '{"cheap-model": 0.6}'}))
+    check_compatible(old, _spec(), path="old.onnx")
+    with pytest.raises(RouterError, match="set for router policy 'success' but the job uses "
+                                          "'relative'"):
+        check_compatible(old, _spec(policy="relative"), path="old.onnx")
     doc = job_doc()
     doc["router"]["policy"] = "best"
     with pytest.raises(ConfigError, match=r"router\.policy: must be one of success, relative"):
@@ -429,7 +445,8 @@ def test_eval_runs_a_router_config_through_the_route_stage(tmp_path: Path) -> No
     doc["router"]["rules"] = []
     job = config.parse(doc)
     r = evaluate.evaluate_config(job, str(labels), weak=CHEAP, strong=STRONG, split="all")
-    # tiny_router: easy -> cheap 0.98, hard -> 0.02, plain -> 0.5 (clears the default 0.5)
+    # tiny_router: cheap easy 0.98, hard 0.02, plain 0.5, strong 0.88: relative success
+    # easy 1, hard 0.14, plain 0.62 (clears the default 0.5)
     assert r["operating_point"]["strong_share"] == pytest.approx(1 / 3)
     assert r["operating_point"]["quality"] == pytest.approx(2 / 3)  # every prompt it can win
     assert r["operating_point"]["decided_by"] == {"classifier": 60}

@@ -49,8 +49,12 @@ def test_policy_picks_cheapest_model_that_clears_its_threshold() -> None:
 
 
 def test_job_thresholds_override_the_router_file() -> None:
-    out = _stage(thresholds={CHEAP: 0.99})(_requests(["this is easy", "neither"]))
-    assert _col(out, "model") == [STRONG, STRONG]
+    # relative success of the cheap model: easy 1 - (0.88 - 0.98) -> 1, neither 0.62
+    prompts = _requests(["this is easy", "neither"])
+    assert _col(_stage()(prompts), "model") == [CHEAP, CHEAP]  # the file's 0.5
+    out = _stage(thresholds={CHEAP: 0.99})(prompts)
+    assert _col(out, "model") == [CHEAP, STRONG]
+    assert _col(out, "threshold") == [pytest.approx(0.99), 0.0]
 
 
 def test_forced_model_then_rules_then_classifier() -> None:
@@ -115,7 +119,8 @@ def test_policy_over_three_router_models() -> None:
 
     # output order is strong, cheap, mid (not price order); rows: easy, medium, hard, unknown
     w = np.array([[4, 4, 4], [4, -4, 4], [4, -4, -4], [0, 0, 0]], np.float32)
-    meta = {"version": "tiny-3", "thresholds": f'{{"{CHEAP}": 0.5, "{MID}": 0.5}}'}
+    meta = {"version": "tiny-3", "policy": "relative",
+            "thresholds": f'{{"{CHEAP}": 0.5, "{MID}": 0.5}}'}
     three = rt.build_graph(["easy", "medium", "hard"], w, np.zeros(3, np.float32),
                            np.zeros(3, np.float32), [STRONG, CHEAP, MID], meta)
     stage = RouteStage(three, RouteSpec.from_job(config.parse(job_doc())))

@@ -15,6 +15,7 @@ import pytest
 from batchroute import cli, config
 from batchroute.errors import ConfigError
 from batchroute.routers import classifier as rt
+from batchroute.stages.route import relative
 from batchroute.training import calibrate
 from tests.helpers import CHEAP, STRONG, job_doc, tiny_router
 
@@ -47,10 +48,13 @@ def test_strong_share_lands_within_one_bin(tmp_path: Path) -> None:
         info = rt.inspect(data)
         assert info.thresholds[CHEAP] == pytest.approx(out["thresholds"][CHEAP])
         assert info.thresholds[STRONG] == 0.0
-        # Replaying the written router reproduces the share it reports.
+        # Replaying the written router under the default (relative) policy reproduces the
+        # share it reports.
+        assert out["policy"] == info.metadata["policy"] == config.DEFAULT_POLICY == "relative"
         probs = rt.Router(data).score(pa.array(pq.read_table(labels).column("prompt")
                                                .to_pylist()[::2], pa.string()))
-        sent_up = (probs[:, info.models.index(CHEAP)] < info.thresholds[CHEAP]).mean()
+        ordered = probs[:, [info.models.index(CHEAP), info.models.index(STRONG)]]
+        sent_up = (relative(ordered)[:, 0] < info.thresholds[CHEAP]).mean()
         assert sent_up == pytest.approx(out["strong_share"])
         assert info.version.startswith("tiny-1+cal-")
         assert json.loads(info.metadata["calibration"])["target"] == f"strong-share={share}"
