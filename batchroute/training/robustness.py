@@ -16,7 +16,8 @@ project has labels of one kind only (MMLU), so the checks make unlike traffic ou
 
 Every ordering of :data:`ORDERINGS` gets RouteLLM's APGR (:mod:`evaluate`) on each check,
 beside a random router's: the mean over :data:`RANDOM_SEEDS` seeds and its 5th-95th
-percentile. An ordering whose APGR is below the random mean on any check is worse than random
+percentile, and (in ``--json``, ``sent_up_first``) the gain of sending up the 30% of prompts it
+scores highest, against the gain on the rest. An ordering whose APGR is below the random mean on any check is worse than random
 there (``worse_than_random`` names the checks).
 """
 
@@ -146,12 +147,27 @@ def random_apgr(weak: np.ndarray, strong: np.ndarray, *, seeds: int = RANDOM_SEE
             "p95": float(np.percentile(a, 95))}
 
 
+TOP_SHARE = 0.3  # the share sent up first, for ``sent_up_first``
+
+
 def check(name: str, p_weak: np.ndarray, p_strong: np.ndarray, weak: np.ndarray,
           strong: np.ndarray) -> dict[str, Any]:
-    """Every ordering's APGR on one check, beside random's."""
+    """Every ordering's APGR on one check, beside random's, and what the prompts it sends up
+    first (its top :data:`TOP_SHARE` by score) are like: each model's quality on them and the
+    gain of sending them up."""
+    first = {}
+    for k, f in ORDERINGS.items():
+        score = f(p_weak, p_strong)
+        top = score >= np.quantile(score, 1.0 - TOP_SHARE)
+        first[k] = {"rows": int(top.sum()), "weak_quality": float(weak[top].mean()),
+                    "strong_quality": float(strong[top].mean()),
+                    "gain": float((strong - weak)[top].mean()),
+                    "gain_of_the_rest": float((strong - weak)[~top].mean()) if (~top).any()
+                    else None}
     return {"check": name, "rows": len(weak), "weak_quality": float(weak.mean()),
             "strong_quality": float(strong.mean()), "random": random_apgr(weak, strong),
-            "apgr": {k: apgr(f(p_weak, p_strong), weak, strong) for k, f in ORDERINGS.items()}}
+            "apgr": {k: apgr(f(p_weak, p_strong), weak, strong) for k, f in ORDERINGS.items()},
+            "sent_up_first": first}
 
 
 def worse_than_random(checks: Sequence[dict[str, Any]]) -> dict[str, list[str]]:

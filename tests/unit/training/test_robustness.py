@@ -56,9 +56,24 @@ def _labels(path: Path, *, domain: bool = True) -> Path:
     return path
 
 
-def test_each_policy_against_random_on_every_check(tmp_path: Path) -> None:
+def test_each_policy_against_random_on_every_check(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchroute.training import train
+
     labels = _labels(tmp_path / "labels.parquet")
+    trained_on: list[set[str]] = []
+    fit = robustness.topic_probs
+
+    def spy(prompts: np.ndarray, y: np.ndarray, train_rows: np.ndarray, **kw: int) -> np.ndarray:
+        trained_on.append({str(p).split()[1] for p in prompts[train_rows]})
+        ids = [f"q{int(str(p).split()[-1])}" for p in prompts[train_rows]]
+        assert not train.is_holdout(ids).any()  # the training split only, as train uses
+        return fit(prompts, y, train_rows, **kw)
+
+    monkeypatch.setattr(robustness, "topic_probs", spy)
     r = robustness.robustness(tiny_router(), str(labels), weak=CHEAP, strong=STRONG)
+    # each topic's router saw the other two topics and nothing of its own
+    assert trained_on == [{"poetry", "tax"}, {"geology", "tax"}, {"geology", "poetry"}]
     names = [c["check"] for c in r["checks"]]
     assert names == ["in-domain", "style:wrapped", "style:casing", "style:prefixed",
                      "style:template", "topic:geology", "topic:poetry", "topic:tax"]
@@ -70,6 +85,12 @@ def test_each_policy_against_random_on_every_check(tmp_path: Path) -> None:
     for c in r["checks"][5:]:
         assert c["apgr"]["relative"] > c["random"]["p95"], c
     topics = r["checks"][5:]
+    # What each ordering sends up first: relative the "hard" questions, the only ones with a
+    # gain; success as many "lost" ones, which have none.
+    first = topics[0]["sent_up_first"]
+    assert first["relative"]["gain"] == pytest.approx(1.0)
+    assert first["relative"]["gain_of_the_rest"] == pytest.approx(0.0)
+    assert first["success"]["gain"] < 0.8
     assert all(c["apgr"]["relative"] >= c["apgr"]["success"] for c in topics)
     assert any(c["apgr"]["relative"] > c["apgr"]["success"] + 0.2 for c in topics)
     assert r["worse_than_random"]["relative"] == []
