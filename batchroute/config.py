@@ -218,8 +218,9 @@ class SimilarityConfig:
     # The sentence embedder: "static" (word vectors distilled from MiniLM) or "minilm" (the
     # transformer); "" takes the one the bank was built with.
     features: str = ""
-    # Rows whose predicted success of the cheapest model falls in [low, high] pass on to the
-    # next stage (a cascade's uncertain band); None: this stage decides every row it sees.
+    # Rows whose predicted success of the cheapest model (what its threshold applies to: under
+    # policy = "relative", relative to the strongest model's) falls in [low, high] pass on to
+    # the next stage (a cascade's uncertain band); None: this stage decides every row it sees.
     uncertain: tuple[float, float] | None = None
 
 

@@ -128,3 +128,10 @@ def test_policy_over_three_router_models() -> None:
     assert _col(out, "model") == [CHEAP, MID, STRONG]
     assert _col(out, "route_reason") == ["classifier", "classifier", "fallback"]
     assert [s["model"] for s in _col(out, "router_scores")[0]] == [STRONG, CHEAP, MID]
+
+
+def test_the_default_policy_is_relative() -> None:
+    job = config.parse(job_doc())
+    assert job.router.policy == config.DEFAULT_POLICY == "relative"
+    assert RouteSpec.from_job(job).policy == "relative"
+    assert config.RouterConfig().policy == RouteSpec((), (), {}, 64).policy == "relative"
