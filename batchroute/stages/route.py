@@ -87,6 +87,9 @@ class RouteSpec:
     # counted in its estimated input tokens, as the provider counts it.
     extra_chars: int = 0
     extra_messages: int = 0
+    # A spend cap ([router] budget_usd or max_strong_share) reassigns the scored rows itself,
+    # so no threshold, and no policy, decides them.
+    capped: bool = False
 
     @classmethod
     def from_job(cls, job: JobConfig) -> RouteSpec:
@@ -98,7 +101,8 @@ class RouteSpec:
                    classifier=r.classifier,
                    similarity=r.similarity, llm=r.llm,
                    extra_chars=job.task.fixed_input_chars(),
-                   extra_messages=1 if job.task.system else 0)
+                   extra_messages=1 if job.task.system else 0,
+                   capped=r.budget_usd is not None or r.max_strong_share is not None)
 
     @property
     def uses_classifier(self) -> bool:
@@ -112,7 +116,8 @@ class RouteSpec:
 def check_compatible(info: RouterInfo, spec: RouteSpec, *, path: str) -> None:
     """Refuse a router that names a model the job's catalog lacks, or whose thresholds were
     set for another policy than the job's while the job still takes one of them from it
-    (a job that sets every threshold below the strongest model takes none)."""
+    (a job that sets every threshold below the strongest model takes none, and neither does a
+    job with a spend cap)."""
     known = {t.name for t in spec.targets}
     missing = [m for m in info.models if m not in known]
     if missing:
@@ -122,7 +127,7 @@ def check_compatible(info: RouterInfo, spec: RouteSpec, *, path: str) -> None:
     price = {t.name: t.price for t in spec.targets}
     strongest = max(info.models, key=lambda m: price[m])
     from_file = [m for m in info.models if m != strongest and m not in spec.thresholds]
-    if calibrated and calibrated != spec.policy and from_file:
+    if calibrated and calibrated != spec.policy and from_file and not spec.capped:
         raise RouterError(
             f"router file {path}: its thresholds were set for router policy "
             f"{calibrated!r} but the job uses {spec.policy!r}; set [router] policy = "

@@ -411,8 +411,13 @@ def test_thresholds_calibrated_for_one_policy_are_refused_under_the_other(
                                           r"'success'.*give \[router.thresholds\] for "
                                           r"cheap-model"):
         check_compatible(info, _spec(), path="r.onnx")
-    # A job that sets every threshold below the strongest model takes none from the file.
+    # A job that sets every threshold below the strongest model takes none from the file, and
+    # neither does one whose spend cap assigns the models.
     check_compatible(info, _spec(thresholds={CHEAP: 0.7}), path="r.onnx")
+    check_compatible(info, _spec(capped=True), path="r.onnx")
+    doc = job_doc()
+    doc["router"] |= {"policy": "success", "budget_usd": 5.0}
+    assert RouteSpec.from_job(config.parse(doc)).capped
     # A file that records no policy was trained when train's thresholds were for "success".
     old = rt.inspect(rt.build_graph(["easy"], np.zeros((2, 2), np.float32),
                                     np.zeros(2, np.float32), np.zeros(2, np.float32),
