@@ -11,9 +11,9 @@ exactly when the extra success it buys is worth more than ``lam`` per extra doll
 budget goes where it buys the most. ``max_strong_share`` is the same with a price on a row
 sent to the strongest model instead of on a dollar.
 
-What each model can serve before ``[dispatch] deadline`` at its RPM is respected: a model
-given more rows than that keeps the rows that lose most by moving, and the others take their
-next best model.
+What each model can serve before ``[dispatch] deadline`` at its RPM and TPM is respected
+inside the solve: a model given more rows than that keeps the rows that lose most by moving,
+and the others take their next best model, still under the cap.
 
 Everything here is numpy over whole arrays; :func:`reassign` applies the solution to a run
 folder's plan.
@@ -56,12 +56,21 @@ class Solution:
     quality: float      # mean predicted success of the chosen models
 
 
-def _pick(q: np.ndarray, c: np.ndarray, lam: float) -> np.ndarray:
-    # Ties go to the first (cheapest) column; an impossible cell (inf cost) never wins
-    # unless every cell of the row is impossible, which the caller refuses.
-    value = q - lam * c if lam > 0 else np.where(np.isfinite(c), q, -np.inf)
+def _value(q: np.ndarray, c: np.ndarray, lam: float) -> np.ndarray:
+    """``q - lam * c``, and -inf where a row cannot go (inf cost), whatever ``lam``."""
+    finite = np.isfinite(c)
+    out: np.ndarray = np.where(finite, q - lam * np.where(finite, c, 0.0), -np.inf)
+    return out
+
+
+def _pick(q: np.ndarray, c: np.ndarray, lam: float,
+          caps: dict[int, int] | None = None) -> np.ndarray:
+    """Each row's best column at a price ``lam`` on a dollar, then no column above its cap.
+    Ties go to the first (cheapest) column; an impossible cell never wins unless every cell
+    of the row is impossible, which the caller refuses."""
+    value = _value(q, c, lam)
     choice: np.ndarray = np.argmax(value, axis=1)
-    return choice
+    return _capped(value, c, choice, caps) if caps else choice
 
 
 def _finish(q: np.ndarray, c: np.ndarray, choice: np.ndarray, lam: float) -> Solution:
@@ -70,74 +79,118 @@ def _finish(q: np.ndarray, c: np.ndarray, choice: np.ndarray, lam: float) -> Sol
                     float(q[rows, choice].mean()) if len(choice) else 0.0)
 
 
-def cheapest(c: np.ndarray) -> np.ndarray:
-    """Each row's cheapest possible model (column)."""
+def cheapest(c: np.ndarray, caps: dict[int, int] | None = None) -> np.ndarray:
+    """Each row's cheapest possible model (column); with ``caps``, a full model keeps the rows
+    that would cost most more elsewhere, and the others take their next cheapest."""
     choice: np.ndarray = np.argmin(c, axis=1)
-    return choice
+    return _capped(-c, c, choice, caps) if caps else choice
 
 
-def solve_budget(q: np.ndarray, c: np.ndarray, budget: float) -> Solution:
-    """The assignment of most predicted success whose cost is at most ``budget``. ``q`` and
-    ``c`` are [rows, models] (``c`` inf where a row cannot go). Raises Infeasible when even
-    the cheapest assignment costs more."""
+def floor_usd(c: np.ndarray, caps: dict[int, int] | None = None) -> float:
+    """The cost of the cheapest possible assignment (:func:`cheapest`)."""
+    return float(c[np.arange(len(c)), cheapest(c, caps)].sum()) if len(c) else 0.0
+
+
+def _fill(q: np.ndarray, c: np.ndarray, over: np.ndarray, within: np.ndarray, budget: float,
+          caps: dict[int, int] | None) -> np.ndarray:
+    """``within`` (at most ``budget``) with the rows that ``over`` (the assignment just above
+    the budget, at a slightly lower lambda) puts elsewhere moved there too, best gain per
+    dollar first, while the money lasts. Rows that tie at lambda (a night's duplicated
+    prompts) otherwise all move together, and the cap would be left unused."""
+    rows = np.flatnonzero(over != within)
+    if not len(rows):
+        return within
+    gain = q[rows, over[rows]] - q[rows, within[rows]]
+    extra = c[rows, over[rows]] - c[rows, within[rows]]
+    good = gain > 0
+    rows, gain, extra = rows[good], gain[good], extra[good]
+    with np.errstate(divide="ignore"):
+        ratio = np.where(extra > 0, gain / np.where(extra > 0, extra, 1.0), np.inf)
+    order = np.argsort(-ratio, kind="stable")
+    left = budget - float(c[np.arange(len(within)), within].sum())
+    spent = np.maximum.accumulate(np.cumsum(extra[order]))
+    take = rows[order[spent <= left]]
+    out = within.copy()
+    out[take] = over[take]
+    if caps:
+        before, after = (np.bincount(x, minlength=c.shape[1]) for x in (within, out))
+        if any(after[j] > max(cap, before[j]) for j, cap in caps.items()):
+            return within
+    return out
+
+
+def solve_budget(q: np.ndarray, c: np.ndarray, budget: float,
+                 caps: dict[int, int] | None = None) -> Solution:
+    """The assignment of most predicted success whose cost is at most ``budget``, with no
+    column given more rows than ``caps`` allows (column -> rows). ``q`` and ``c`` are [rows,
+    models] (``c`` inf where a row cannot go). Raises Infeasible when even the cheapest
+    assignment costs more."""
     n = len(q)
     if n == 0:
         return Solution(np.zeros(0, np.int64), 0.0, 0.0, 0.0)
-    low = cheapest(c)
+    low = cheapest(c, caps)
     floor = float(c[np.arange(n), low].sum())
     if floor > budget * (1 + 1e-12):
         raise Infeasible(f"router.budget_usd: {budget:.2f} is below the cheapest assignment "
                          f"of these rows, ${floor:.2f}")
-    best = _finish(q, c, _pick(q, c, 0.0), 0.0)
+    best = _finish(q, c, _pick(q, c, 0.0, caps), 0.0)
     if best.cost <= budget:
         return best
     lo, hi = 0.0, 1.0
-    while _finish(q, c, _pick(q, c, hi), hi).cost > budget:
-        hi *= 2.0
+    while _finish(q, c, _pick(q, c, hi, caps), hi).cost > budget:
+        lo, hi = hi, 2.0 * hi
         if hi > 1e18:  # only exact ties in q keep dearer models: take the cheapest
             return _finish(q, c, low, math.inf)
     for _ in range(BISECTIONS):
         mid = 0.5 * (lo + hi)
-        if _finish(q, c, _pick(q, c, mid), mid).cost > budget:
+        if _finish(q, c, _pick(q, c, mid, caps), mid).cost > budget:
             lo = mid
         else:
             hi = mid
-    return _finish(q, c, _pick(q, c, hi), hi)
+    choice = _fill(q, c, _pick(q, c, lo, caps), _pick(q, c, hi, caps), budget, caps)
+    return _finish(q, c, choice, hi)
 
 
-def solve_share(q: np.ndarray, c: np.ndarray, share: float) -> Solution:
+def solve_share(q: np.ndarray, c: np.ndarray, share: float,
+                caps: dict[int, int] | None = None) -> Solution:
     """The assignment of most predicted success with at most ``share`` of the rows on the
-    strongest (last) model."""
+    strongest (last) model, and no column above ``caps``. The price ``mu`` put on a row sent
+    to the strongest model is found by bisection; the rows that tie at it (duplicated prompts)
+    then fill the share, those that lose most by leaving first."""
     n, m = q.shape if q.ndim == 2 else (0, 0)
     if n == 0:
         return Solution(np.zeros(0, np.int64), 0.0, 0.0, 0.0)
     limit = math.floor(share * n + 1e-9)
+    strong = {m - 1: min(limit, (caps or {}).get(m - 1, limit))}
     penalty = np.zeros(m)
     penalty[-1] = 1.0
 
-    def count(mu: float) -> tuple[np.ndarray, int]:
-        choice = _pick(q - mu * penalty, c, 0.0)
-        return choice, int((choice == m - 1).sum())
+    def count(mu: float) -> int:
+        return int((_pick(q - mu * penalty, c, 0.0, caps) == m - 1).sum())
 
-    choice, k = count(0.0)
-    if k <= limit:
-        return _finish(q, c, choice, 0.0)
     lo, hi = 0.0, 2.0  # success is in [0, 1]: a price of 2 sends no row to the strongest
-    for _ in range(BISECTIONS):
-        mid = 0.5 * (lo + hi)
-        if count(mid)[1] > limit:
-            lo = mid
-        else:
-            hi = mid
-    choice, k = count(hi)
-    return _finish(q, c, _capped(q - hi * penalty, c, choice, {m - 1: limit}), hi)
+    if count(0.0) <= limit:
+        hi = 0.0
+    else:
+        for _ in range(BISECTIONS):
+            mid = 0.5 * (lo + hi)
+            if count(mid) > limit:
+                lo = mid
+            else:
+                hi = mid
+    # At ``lo`` the strongest model is (just) over the share: keep the rows it helps most.
+    choice = _pick(q - lo * penalty, c, 0.0, {**(caps or {}), **strong})
+    return _finish(q, c, choice, hi)
 
 
 def _capped(value: np.ndarray, c: np.ndarray, choice: np.ndarray,
-            caps: dict[int, int]) -> np.ndarray:
+            caps: dict[int, int] | None) -> np.ndarray:
     """``choice`` with no column holding more rows than its cap: a full column keeps the rows
-    that lose most by leaving it; the others take their best column with room."""
+    that lose most by leaving it; the others take their best column with room. A row with
+    no such column stays (nothing can serve it in time)."""
     choice = choice.copy()
+    if not caps:
+        return choice
     value = np.where(np.isfinite(c), value, -np.inf)
     closed: set[int] = set()
     for _ in range(value.shape[1]):
@@ -150,25 +203,40 @@ def _capped(value: np.ndarray, c: np.ndarray, choice: np.ndarray,
             alt = value[rows].copy()
             alt[:, sorted(closed)] = -np.inf
             second = np.argmax(alt, axis=1)
-            loss = value[rows, j] - alt[np.arange(len(rows)), second]
-            keep = np.argsort(-loss, kind="stable")[:caps[j]]
+            best_alt = alt[np.arange(len(rows)), second]
+            loss = value[rows, j] - best_alt
+            keep = np.argsort(-loss, kind="stable")[:max(caps[j], 0)]
             move = np.setdiff1d(np.arange(len(rows)), keep)
+            move = move[np.isfinite(best_alt[move])]
             choice[rows[move]] = second[move]
     return choice
 
 
-def capacity(job: JobConfig, models: Sequence[str], now: datetime | None = None
+def capacity(job: JobConfig, models: Sequence[str], tokens: np.ndarray,
+             used: dict[str, tuple[int, int]] | None = None, now: datetime | None = None
              ) -> dict[int, int]:
-    """Rows each sync model can be sent before ``[dispatch] deadline`` at its RPM (column
-    -> rows); none without a deadline. Batch-tier models are bounded by the provider's
-    turnaround, not by their RPM."""
+    """Rows each sync model can still be sent before ``[dispatch] deadline`` (column ->
+    rows), none without a deadline: its RPM and its TPM over the time left, less what the
+    rows the cap does not move already take of it (``used``: model -> (rows, tokens)), the
+    TPM at the mean estimated tokens of the rows to assign (``tokens``: input plus
+    max_tokens per row, as the forecast's wall time counts them). Batch-tier models are
+    bounded by the provider's turnaround, not by their limits."""
     now = now or datetime.now(UTC)
     deadline = job.dispatch.deadline_at(now)
     if deadline is None:
         return {}
     minutes = max(0.0, (deadline - now).total_seconds() / 60.0)
-    return {j: math.floor(job.models[m].rpm * minutes) for j, m in enumerate(models)
-            if job.models[m].tier != "batch"}
+    mean = float(tokens.mean()) if len(tokens) else 0.0
+    out = {}
+    for j, m in enumerate(models):
+        cfg = job.models[m]
+        if cfg.tier == "batch":
+            continue
+        rows, toks = (used or {}).get(m, (0, 0))
+        by_rpm = cfg.rpm * minutes - rows
+        by_tpm = (cfg.tpm * minutes - toks) / mean if mean > 0 else math.inf
+        out[j] = max(0, math.floor(min(by_rpm, by_tpm)))
+    return out
 
 
 def _dollars(cfg: Any, est_in: np.ndarray, est_out: np.ndarray) -> np.ndarray:
@@ -272,26 +340,25 @@ def reassign(folder: RunFolder, job: JobConfig) -> tuple[dict[str, int], dict[st
                                                                  per_answer[m])
         fixed += float(_dollars(cfg, est_in[rows].astype(float), out.astype(float)).sum())
     c = costs(job, models, est_in[eligible], est_out[eligible], per_answer)
-    c = np.where(fits(job, models, (est_in + est_out)[eligible]), c, np.inf)
+    tokens = (est_in + est_out).astype(np.int64)
+    c = np.where(fits(job, models, tokens[eligible]), c, np.inf)
     qe = q[eligible]
-    caps = capacity(job, models)
+    used = {str(m): (int(((~eligible) & (planned == m)).sum()),
+                     int(tokens[(~eligible) & (planned == m)].sum()))
+            for m in np.unique(planned[~eligible])}
+    caps = capacity(job, models, tokens[eligible], used)
     if r.budget_usd is not None:
-        floor = fixed + float(c[np.arange(len(c)), cheapest(c)].sum()) if len(c) else fixed
+        floor = fixed + floor_usd(c, caps)
         if floor > r.budget_usd:
             raise Infeasible(f"router.budget_usd: {r.budget_usd:.2f} is below the cheapest "
                              f"possible assignment of this input, ${floor:.2f} (every row "
                              f"the router decides on its cheapest model, the others as "
                              f"routed); raise it to at least {math.ceil(floor * 100) / 100:.2f}")
-        solution = solve_budget(qe, c, r.budget_usd - fixed)
+        solution = solve_budget(qe, c, r.budget_usd - fixed, caps)
     else:
         assert r.max_strong_share is not None
-        solution = solve_share(qe, c, r.max_strong_share)
+        solution = solve_share(qe, c, r.max_strong_share, caps)
     choice = solution.choice
-    if caps and len(choice):
-        value = qe - (solution.lam if math.isfinite(solution.lam) else 0.0) * np.where(
-            np.isfinite(c), c, 0.0)
-        choice = _capped(value, c, choice, caps)
-        solution = _finish(qe, c, choice, solution.lam)
     new = planned.copy()
     new[eligible] = np.array(models, dtype=object)[choice]
     counts = _rewrite(folder, shards, table, np.concatenate(owner), new, eligible,
@@ -299,9 +366,10 @@ def reassign(folder: RunFolder, job: JobConfig) -> tuple[dict[str, int], dict[st
     curve = []
     if r.budget_usd is not None:
         for f in CURVE:
-            cap = f * r.budget_usd - fixed
-            point = solve_budget(qe, c, max(cap, 0.0)) if cap >= (
-                float(c[np.arange(len(c)), cheapest(c)].sum()) if len(c) else 0.0) else None
+            try:
+                point: Solution | None = solve_budget(qe, c, f * r.budget_usd - fixed, caps)
+            except Infeasible:
+                point = None
             curve.append({"budget_usd": round(f * r.budget_usd, 2),
                           "est_cost_usd": None if point is None else round(point.cost + fixed, 4),
                           "predicted_quality": None if point is None else round(point.quality,

@@ -55,3 +55,15 @@ def test_a_cap_below_the_cheapest_assignment_is_refused(tmp_path: Path,
         runner.run(config.parse(_doc(tmp_path, budget_usd=0.01)), dry_run=True,
                    progress=quiet_progress())
     assert not any((tmp_path / "runs").iterdir())  # nothing left behind
+
+
+def test_a_model_gets_no_more_rows_than_it_can_serve_before_the_deadline(
+        tmp_path: Path, ray_session: None) -> None:
+    pq.write_table(sample.generate(400, seed=3), tmp_path / "in.parquet")
+    doc = _doc(tmp_path, max_strong_share=1.0)
+    doc["dispatch"]["deadline"] = "1m"
+    doc["models"]["gpt-4-1106-preview"]["rpm"] = 100  # 100 rows before the deadline
+    f = runner.run(config.parse(doc), dry_run=True, progress=quiet_progress()).forecast
+    assert f["budget"]["per_model"]["gpt-4-1106-preview"] == f["models"][
+        "gpt-4-1106-preview"]["rows"]
+    assert 90 <= f["models"]["gpt-4-1106-preview"]["rows"] <= 100

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import math
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -11,8 +13,8 @@ from hypothesis import strategies as st
 
 from batchroute import config
 from batchroute.errors import ConfigError
-from batchroute.stages import budget
-from tests.helpers import CHEAP, STRONG, job_doc
+from batchroute.stages import budget, plan
+from tests.helpers import CHEAP, MID, STRONG, job_doc
 
 
 def _instance(seed: int, n: int, m: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -110,3 +112,83 @@ def test_a_valid_cap_loads() -> None:
     job = config.parse(doc)
     assert job.router.max_strong_share == 0.25 and job.router.budget_usd is None
     assert STRONG in job.models
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10_000), st.integers(5, 200), st.floats(0.0, 1.0),
+       st.floats(0.05, 0.6))
+def test_capacity_is_respected_and_the_cap_still_holds(seed: int, n: int, frac: float,
+                                                       room: float) -> None:
+    """A model that cannot serve every row before the deadline takes no more than it can,
+    and the rows it cannot take move without breaking the cap."""
+    q, c = _instance(seed, n)
+    caps = {0: math.floor(room * n), 1: math.floor(room * n)}  # the strongest has room
+    low, high = budget.floor_usd(c, caps), c.max(axis=1).sum()
+    cap = low + frac * (high - low)
+    s = budget.solve_budget(q, c, cap, caps)
+    assert s.cost <= cap * (1 + 1e-9)
+    counts = np.bincount(s.choice, minlength=3)
+    assert counts[0] <= caps[0] and counts[1] <= caps[1]
+    with pytest.raises(budget.Infeasible):
+        budget.solve_budget(q, c, low * 0.99, caps)
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_at_the_budget_it_is_within_one_row_of_the_best_assignment(seed: int) -> None:
+    """Brute force over every assignment of 6 rows at the budget itself: the Lagrangian
+    solution never spends more, and loses at most one row's gain (the LP relaxation of a
+    multiple-choice knapsack has at most one fractional row); on most it is the optimum."""
+    q, c = _instance(seed, 6)
+    low, high = c.min(axis=1).sum(), c.max(axis=1).sum()
+    cap = low + (high - low) * ((seed * 7) % 10 + 0.5) / 10
+    s = budget.solve_budget(q, c, cap)
+    best = max(q[np.arange(6), list(a)].mean()
+               for a in itertools.product(range(3), repeat=6)
+               if c[np.arange(6), list(a)].sum() <= cap)
+    assert s.cost <= cap
+    assert s.quality <= best + 1e-12
+    assert best - s.quality <= (q.max(axis=1) - q.min(axis=1)).max() / 6 + 1e-12
+
+
+def test_duplicated_rows_share_the_budget() -> None:
+    """Identical rows (a night's repeated prompts) tie at one lambda: they must not all stay
+    cheap when the cap pays for some of them on the dearer model."""
+    q, c = np.tile([[0.5, 0.9]], (100, 1)), np.tile([[1.0, 3.0]], (100, 1))
+    s = budget.solve_budget(q, c, 200.0)
+    assert s.cost == pytest.approx(200.0)
+    assert (s.choice == 1).sum() == 50
+    q3, c3 = np.tile([[0.5, 0.6, 0.9]], (100, 1)), np.tile([[1.0, 2.0, 3.0]], (100, 1))
+    assert (budget.solve_share(q3, c3, 0.3).choice == 2).sum() == 30
+
+
+def test_capacity_counts_rpm_tpm_and_the_rows_already_there() -> None:
+    doc = job_doc()
+    doc["dispatch"]["deadline"] = "10m"
+    for m, rpm, tpm in ((CHEAP, 100, 10**9), (MID, 10**6, 50_000), (STRONG, 100, 10**9)):
+        doc["models"][m].update(rpm=rpm, tpm=tpm)
+    job = config.parse(doc)
+    tokens = np.full(40, 500)  # 500 tokens a row
+    caps = budget.capacity(job, [CHEAP, MID, STRONG], tokens, {STRONG: (300, 0)},
+                           now=datetime(2026, 1, 1, tzinfo=UTC))
+    # 100 rpm for 10 minutes; 500,000 tokens / 500 a row; 1,000 less the 300 rules sent there
+    assert caps == {0: 1000, 1: 1000, 2: 700}
+    doc["dispatch"].pop("deadline")
+    assert budget.capacity(config.parse(doc), [CHEAP], tokens) == {}
+
+
+def test_the_plan_prints_the_cap_and_its_curve() -> None:
+    f = {"models": {}, "rejected": 0, "est_cost_usd": 40.0, "est_reference_cost_usd": 90.0,
+         "reference_model": STRONG, "est_wall_s": 10.0,
+         "budget": {"kind": "budget_usd", "budget_usd": 40.0, "max_strong_share": None,
+                    "rows": 13955, "predicted_quality": 0.758, "est_cost_usd": 39.99,
+                    "strong_share": 0.106,
+                    "curve": [{"budget_usd": 20.0, "est_cost_usd": None,
+                               "predicted_quality": None},
+                              {"budget_usd": 40.0, "est_cost_usd": 39.99,
+                               "predicted_quality": 0.758},
+                              {"budget_usd": 80.0, "est_cost_usd": 61.0,
+                               "predicted_quality": 0.832}]}}
+    text = plan.format_forecast(f)
+    assert ("spend cap (budget $40.00), solved over the whole batch: 13,955 rows assigned, "
+            "predicted success 75.8% at est $39.99 (10.6% on the strongest model)") in text
+    assert "around it: $20.00 -> infeasible; $40.00 -> 75.8%; $80.00 -> 83.2%" in text
