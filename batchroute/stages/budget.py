@@ -32,9 +32,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batchroute.config import DISCOUNTED_TIERS, JobConfig
+from batchroute.config import JobConfig
 from batchroute.errors import ConfigError
-from batchroute.stages import history
+from batchroute.stages import history, plan
 from batchroute.stages.sink import RunFolder
 
 BISECTIONS = 60
@@ -239,25 +239,11 @@ def capacity(job: JobConfig, models: Sequence[str], tokens: np.ndarray,
     return out
 
 
-def _dollars(cfg: Any, est_in: np.ndarray, est_out: np.ndarray) -> np.ndarray:
-    """ModelConfig.cost_usd over arrays (no prompt cache): at the model's tier."""
-    discount = cfg.batch_discount if cfg.tier in DISCOUNTED_TIERS else 0.0
-    out: np.ndarray = ((est_in * cfg.input_usd_per_mtok + est_out * cfg.output_usd_per_mtok)
-                       * (1.0 - discount) / 1e6)
-    return out
-
-
 def costs(job: JobConfig, models: Sequence[str], est_in: np.ndarray, est_out: np.ndarray,
           per_answer: dict[str, float]) -> np.ndarray:
-    """Estimated dollars of each row on each model [rows, models], as the forecast
-    estimates them (:func:`batchroute.stages.plan.forecast`): input tokens from the prompt,
-    output at the model's mean tokens per answer in the job's earlier runs, else the row's
-    max_tokens; at the model's tier."""
-    cols = []
-    for m in models:
-        cfg = job.models[m]
-        out = est_out if m not in per_answer else np.full(len(est_out), per_answer[m])
-        cols.append(_dollars(cfg, est_in.astype(np.float64), out.astype(np.float64)))
+    """Estimated dollars of each row on each model [rows, models]: the forecast's own
+    estimate (:func:`batchroute.stages.plan.row_cost_usd`)."""
+    cols = [plan.row_cost_usd(job.models[m], est_in, est_out, per_answer) for m in models]
     return np.stack(cols, axis=1) if cols else np.zeros((len(est_in), 0))
 
 
@@ -319,7 +305,7 @@ def reassign(folder: RunFolder, job: JobConfig) -> tuple[dict[str, int], dict[st
         owner.append(np.full(t.num_rows, k))
     table = pa.concat_tables(parts) if parts else None
     past = history.read(folder, job.name)
-    per_answer = {m: h.per_answer for m, h in past.models.items() if m in job.models}
+    per_answer = plan.output_per_answer(job, past)
     if table is None:
         return {}, {}
     models = sorted((m for m in _scored_models(table) if m in job.models),
@@ -335,10 +321,8 @@ def reassign(folder: RunFolder, job: JobConfig) -> tuple[dict[str, int], dict[st
     fixed = 0.0
     for m in np.unique(planned[~eligible]):
         rows = ~eligible & (planned == m)
-        cfg = job.models[str(m)]
-        out = est_out[rows] if m not in per_answer else np.full(int(rows.sum()),
-                                                                 per_answer[m])
-        fixed += float(_dollars(cfg, est_in[rows].astype(float), out.astype(float)).sum())
+        fixed += float(plan.row_cost_usd(job.models[str(m)], est_in[rows], est_out[rows],
+                                         per_answer).sum())
     c = costs(job, models, est_in[eligible], est_out[eligible], per_answer)
     tokens = (est_in + est_out).astype(np.int64)
     c = np.where(fits(job, models, tokens[eligible]), c, np.inf)

@@ -20,13 +20,14 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from batchroute.config import JobConfig, ModelConfig
+from batchroute.config import DISCOUNTED_TIERS, JobConfig, ModelConfig
 from batchroute.stages import history, results
 from batchroute.stages.sink import ResultSink, RunFolder
 
@@ -104,7 +105,7 @@ def forecast(folder: RunFolder, job: JobConfig, rejected: int,
     latency, bound a batch job once concurrency covers latency.
     """
     past = history.read(folder, job.name) if past is None else past
-    per_answer = {m: h.per_answer for m, h in past.models.items() if m in job.models}
+    per_answer = output_per_answer(job, past)
     columns = ["model", "est_input_tokens", "est_output_tokens"]
     routed = routed_dataset(folder)
     if routed is None:
@@ -182,6 +183,27 @@ def forecast(folder: RunFolder, job: JobConfig, rejected: int,
         "output_history": {"runs": list(past.runs),
                            "skipped": [{"run": r, "why": w} for r, w in past.skipped]},
     }
+
+
+def output_per_answer(job: JobConfig, past: history.History) -> dict[str, float]:
+    """Output tokens per answer of each of the job's models in its earlier runs (``past``):
+    what the forecast prices output at; a model missing here is priced at max_tokens."""
+    return {m: h.per_answer for m, h in past.models.items() if m in job.models}
+
+
+def row_cost_usd(m: ModelConfig, est_in: np.ndarray, est_out: np.ndarray,
+                 per_answer: Mapping[str, float]) -> np.ndarray:
+    """The forecast's estimate, row by row, in dollars on model ``m`` (what the spend cap
+    solves over): input tokens from the prompt (``est_in``), output at the model's tokens
+    per answer (:func:`output_per_answer`) else the row's max_tokens (``est_out``), at the
+    model's tier, as :meth:`ModelConfig.cost_usd` prices them. No prompt cache: that
+    depends on the rows a model gets in all, which :func:`forecast` adds afterwards."""
+    out = (np.full(len(est_out), per_answer[m.name], np.float64) if m.name in per_answer
+           else est_out.astype(np.float64))
+    discount = m.batch_discount if m.tier in DISCOUNTED_TIERS else 0.0
+    usd: np.ndarray = ((est_in.astype(np.float64) * m.input_usd_per_mtok
+                        + out * m.output_usd_per_mtok) * (1.0 - discount) / 1e6)
+    return usd
 
 
 def _output_basis(past: history.History, model: str) -> dict[str, Any]:

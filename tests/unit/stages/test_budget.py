@@ -192,3 +192,14 @@ def test_the_plan_prints_the_cap_and_its_curve() -> None:
     assert ("spend cap (budget $40.00), solved over the whole batch: 13,955 rows assigned, "
             "predicted success 75.8% at est $39.99 (10.6% on the strongest model)") in text
     assert "around it: $20.00 -> infeasible; $40.00 -> 75.8%; $80.00 -> 83.2%" in text
+
+
+def test_row_costs_are_the_forecasts_estimate() -> None:
+    """One home for the estimate: each row at ModelConfig.cost_usd on its input tokens and
+    the model's output per answer from history, else the row's max_tokens."""
+    job = config.parse(job_doc())
+    est_in, est_out = np.array([100, 2000]), np.array([64, 512])
+    c = budget.costs(job, [CHEAP, STRONG], est_in, est_out, {STRONG: 30.0})
+    for i in range(2):
+        assert c[i, 0] == pytest.approx(job.models[CHEAP].cost_usd(est_in[i], est_out[i]))
+        assert c[i, 1] == pytest.approx(job.models[STRONG].cost_usd(est_in[i], 30.0))
