@@ -288,7 +288,10 @@ def _plan(job: JobConfig, data: source.InputDataset, router_bytes: bytes | None,
     capped = None
     if job.router.budget_usd is not None or job.router.max_strong_share is not None:
         # The cap is solved over the whole night's rows, so only once they are all routed.
-        planned, capped = budget.reassign(folder, job)
+        # A deadline given as a duration counts from the run's start, as dispatch counts it.
+        started = (datetime.fromisoformat(manifest.started_at).replace(tzinfo=UTC)
+                   if manifest.started_at else None)
+        planned, capped = budget.reassign(folder, job, started)
         decided = dict(capped.get("decided_by", decided))
     forecast = plan.forecast(folder, job, writer.rejected)
     if capped:

@@ -213,16 +213,18 @@ def _capped(value: np.ndarray, c: np.ndarray, choice: np.ndarray,
 
 
 def capacity(job: JobConfig, models: Sequence[str], tokens: np.ndarray,
-             used: dict[str, tuple[int, int]] | None = None, now: datetime | None = None
-             ) -> dict[int, int]:
+             used: dict[str, tuple[int, int]] | None = None, now: datetime | None = None,
+             started: datetime | None = None) -> dict[int, int]:
     """Rows each sync model can still be sent before ``[dispatch] deadline`` (column ->
     rows), none without a deadline: its RPM and its TPM over the time left, less what the
     rows the cap does not move already take of it (``used``: model -> (rows, tokens)), the
     TPM at the mean estimated tokens of the rows to assign (``tokens``: input plus
     max_tokens per row, as the forecast's wall time counts them). Batch-tier models are
-    bounded by the provider's turnaround, not by their limits."""
+    bounded by the provider's turnaround, not by their limits. A deadline given as a
+    duration counts from ``started`` (the run's start, as dispatch counts it; default
+    ``now``)."""
     now = now or datetime.now(UTC)
-    deadline = job.dispatch.deadline_at(now)
+    deadline = job.dispatch.deadline_at(started or now)
     if deadline is None:
         return {}
     minutes = max(0.0, (deadline - now).total_seconds() / 60.0)
@@ -288,7 +290,8 @@ def _scored_models(table: pa.Table) -> list[str]:
     return sorted(names)
 
 
-def reassign(folder: RunFolder, job: JobConfig) -> tuple[dict[str, int], dict[str, Any]]:
+def reassign(folder: RunFolder, job: JobConfig, started: datetime | None = None
+             ) -> tuple[dict[str, int], dict[str, Any]]:
     """Apply the spend cap to the plan written in ``folder``: read every routed row's
     evidence (not its prompt), solve, and rewrite the rows whose model changed. Returns the
     routed rows per model and what the forecast reports of the solution. Raises Infeasible
@@ -330,7 +333,7 @@ def reassign(folder: RunFolder, job: JobConfig) -> tuple[dict[str, int], dict[st
     used = {str(m): (int(((~eligible) & (planned == m)).sum()),
                      int(tokens[(~eligible) & (planned == m)].sum()))
             for m in np.unique(planned[~eligible])}
-    caps = capacity(job, models, tokens[eligible], used)
+    caps = capacity(job, models, tokens[eligible], used, started=started)
     if r.budget_usd is not None:
         floor = fixed + floor_usd(c, caps)
         if floor > r.budget_usd:

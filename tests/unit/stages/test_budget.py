@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -172,6 +172,11 @@ def test_capacity_counts_rpm_tpm_and_the_rows_already_there() -> None:
                            now=datetime(2026, 1, 1, tzinfo=UTC))
     # 100 rpm for 10 minutes; 500,000 tokens / 500 a row; 1,000 less the 300 rules sent there
     assert caps == {0: 1000, 1: 1000, 2: 700}
+    # a deadline "10m" counts from the run's start: 4 minutes in, 6 are left
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    later = budget.capacity(job, [CHEAP], tokens, now=start + timedelta(minutes=4),
+                            started=start)
+    assert later == {0: 600}
     doc["dispatch"].pop("deadline")
     assert budget.capacity(config.parse(doc), [CHEAP], tokens) == {}
 
