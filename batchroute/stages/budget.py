@@ -339,8 +339,10 @@ def reassign(folder: RunFolder, job: JobConfig, started: datetime | None = None
         if floor > r.budget_usd:
             raise Infeasible(f"router.budget_usd: {r.budget_usd:.2f} is below the cheapest "
                              f"possible assignment of this input, ${floor:.2f} (every row "
-                             f"the router decides on its cheapest model, the others as "
-                             f"routed); raise it to at least {math.ceil(floor * 100) / 100:.2f}")
+                             f"the router decides on its cheapest model"
+                             f"{' that can serve it before the deadline' if caps else ''}, "
+                             f"the others as routed); raise it to at least "
+                             f"{math.ceil(floor * 100) / 100:.2f}")
         solution = solve_budget(qe, c, r.budget_usd - fixed, caps)
     else:
         assert r.max_strong_share is not None
