@@ -125,7 +125,12 @@ def run(job: JobConfig, folder: RunFolder, actors: cluster.DispatchActors, *,
                 folder.write_table(answers_dir, folder.shard_name(seq), answers)
                 seq += 1
     if not failed_calls:
-        journal.clear(sub)  # every answer is in a committed shard
+        # Every answer is in a committed shard; what the provider billed for answers that
+        # could not be used (a malformed 2xx body) is in the journal's last snapshot.
+        for model, micro in journal.read(sub).unrecovered_micro_usd.items():
+            if micro:
+                unrecovered[model] = unrecovered.get(model, 0) + micro
+        journal.clear(sub)
 
     # 2. Grading: fields, or the judge.
     graded = _ids(_read(folder, folder.sub("quality", "shadows"), ["request_id"]))
