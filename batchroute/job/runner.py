@@ -337,22 +337,12 @@ def _recover(folder: RunFolder, sink: ResultSink, manifest: Manifest,
     """Commit what earlier attempts journalled but did not commit; count the calls they had
     in flight and never got back as unrecovered; clear the journals. Returns ``answered``
     (the request ids already ``ok``) with the recovered ones added."""
-    found = journal.read(folder)
-    rows = found.rows
-    rows = rows.filter(pc.and_(pc.equal(rows.column("status"), "ok"),
-                               pc.invert(pc.is_in(rows.column("request_id"),
-                                                  value_set=answered))))
+    rows, lost = journal.read(folder).settle(answered)
     if rows.num_rows:
         sink.write(results.with_route_cost(rows))
         log.info("%s: %d answers paid for before the interruption are committed from the "
                  "journal, not sent again", folder.uri, rows.num_rows)
         answered = pa.concat_arrays([answered, rows.column("request_id").combine_chunks()])
-    lost = dict(found.unrecovered_micro_usd)
-    if found.in_flight:
-        ids = pa.array(list(found.in_flight), pa.string())
-        for rid in ids.filter(pc.invert(pc.is_in(ids, value_set=answered))).to_pylist():
-            model, micro = found.in_flight[rid]
-            lost[model] = lost.get(model, 0) + micro
     _add_unrecovered(manifest, lost)
     manifest.write(folder)  # before the journals go: a crash between counts them twice, not 0
     journal.clear(folder)

@@ -175,24 +175,13 @@ def _recover(folder: RunFolder, sub: RunFolder,
     ``wait``s, as the run's own resume does, for a killed run's actors to finish
     journalling."""
     wait(sub)
-    found = journal.read(sub)
     answers_dir = folder.sub("quality", "answers")
-    got = _ids(_read(folder, answers_dir, ["request_id"]))
-    rows = found.rows.filter(pc.and_(pc.equal(found.rows.column("status"), "ok"),
-                                     pc.invert(pc.is_in(found.rows.column("request_id"),
-                                                        value_set=got))))
+    rows, lost = journal.read(sub).settle(_ids(_read(folder, answers_dir, ["request_id"])))
     if rows.num_rows:
         folder.write_table(answers_dir, folder.shard_name(len(folder.shards(answers_dir))),
                            rows)
         log.info("shadow checks: %d answers paid for before the interruption are committed "
                  "from the journal, not sent again", rows.num_rows)
-        got = pa.concat_arrays([got, rows.column("request_id").combine_chunks()])
-    lost = dict(found.unrecovered_micro_usd)
-    if found.in_flight:
-        ids = pa.array(list(found.in_flight), pa.string())
-        for rid in ids.filter(pc.invert(pc.is_in(ids, value_set=got))).to_pylist():
-            model, micro = found.in_flight[rid]
-            lost[model] = lost.get(model, 0) + micro
     journal.clear(sub)
     return {m: v for m, v in lost.items() if v}
 

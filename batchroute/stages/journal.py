@@ -101,6 +101,23 @@ class Recovered:
     in_flight: dict[str, tuple[str, int]] = field(default_factory=dict)  # id -> (model, micro)
     unrecovered_micro_usd: dict[str, int] = field(default_factory=dict)  # model -> micro
 
+    def settle(self, answered: pa.Array) -> tuple[pa.Table, dict[str, int]]:
+        """What to do with it, given the request ids already committed as ``answered``: the
+        journalled ``ok`` rows to commit (those not among them), and what was paid and never
+        got back, per model (answers that could not be used, and the calls in flight at the
+        last snapshot that no commit or journal answers)."""
+        rows = self.rows.filter(pc.and_(pc.equal(self.rows.column("status"), "ok"),
+                                        pc.invert(pc.is_in(self.rows.column("request_id"),
+                                                           value_set=answered))))
+        done = pa.concat_arrays([answered, rows.column("request_id").combine_chunks()])
+        lost = dict(self.unrecovered_micro_usd)
+        if self.in_flight:
+            ids = pa.array(list(self.in_flight), pa.string())
+            for rid in ids.filter(pc.invert(pc.is_in(ids, value_set=done))).to_pylist():
+                model, micro = self.in_flight[rid]
+                lost[model] = lost.get(model, 0) + micro
+        return rows, lost
+
 
 def read(folder: RunFolder) -> Recovered:
     """Every journal in the run folder (nothing when there is none)."""
