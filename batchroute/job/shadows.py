@@ -191,7 +191,7 @@ def _grade(job: JobConfig, folder: RunFolder, actors: cluster.DispatchActors,
     ref = job.reference_model
     ids = _ids(answers)
     keep = ["request_id", "response", *[f.name for f in task.result_fields(job.task.output)]]
-    kept = _read(folder, folder.sub("results"), None, ids)
+    kept = _read(folder, folder.sub("results"), [*keep, "status"], ids)
     assert kept is not None
     kept = kept.filter(pc.equal(kept.column("status"), "ok")).select(keep)
     # Align by id: the sampled rows (model, stage) whose kept answer and reference answer

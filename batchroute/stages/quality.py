@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchroute import judge, schemas, tokens
+from batchroute.stages.source import request_text
 
 Z95 = 1.959963984540054
 DRAWS = 4000  # Monte Carlo draws for the bootstrap and the combined intervals
@@ -105,25 +106,13 @@ def _agreement(x: Any, y: Any) -> float:
     return 1.0 if x == y else 0.0
 
 
-def request_text(routed: pa.Table) -> list[str]:
-    """Each routed row's request as the judge reads it: the prompt, or the chat messages."""
-    prompts = routed.column("prompt").to_pylist()
-    messages = routed.column("messages").to_pylist()
-    out = []
-    for p, ms in zip(prompts, messages, strict=True):
-        if p is not None:
-            out.append(p)
-        else:
-            out.append("\n\n".join(f"{m['role']}: {m['content'] or ''}" for m in ms or []))
-    return out
-
-
 def judge_rows(routed: pa.Table, kept: Sequence[str | None], reference: Sequence[str | None]
                ) -> pa.Table:
     """``routed`` rows turned into judge calls: each asks to grade its (kept, reference)
     pair of answers."""
     texts = [judge.prompt(r, ref or "", k or "")
-             for r, k, ref in zip(request_text(routed), kept, reference, strict=True)]
+             for r, k, ref in zip(request_text(routed).to_pylist(), kept, reference,
+                                  strict=True)]
     chars = np.array([len(t) for t in texts], np.int64)
     n = routed.num_rows
     return (routed

@@ -52,7 +52,7 @@ def one_seed(routed: pa.Table, *, reference: str, share: float, seed: int,
              model: QualityModel) -> dict[str, Any]:
     """One simulated night: the truth, the estimate and whether the interval covers it."""
     models = routed.column("model").to_pylist()
-    texts = quality.request_text(routed)
+    texts = source.request_text(routed).to_pylist()
     truth_rows = np.array([1.0 if m == reference else model.true_score(t, m, reference)
                            for m, t in zip(models, texts, strict=True)])
     answered = routed.select(["request_id", "model", "route_stage"])

@@ -92,6 +92,7 @@ def test_a_labels_job_is_compared_field_by_field(tmp_path: Path, api_key: str,
                      results.column("label").to_pylist(), strict=True))
     truth = QualityModel()
     body = dict(zip(*pq.read_table(tmp_path / "in.parquet").to_pydict().values(), strict=True))
+    seen = {"both": 0, "one": 0}
     for r in shadows.to_pylist():
         text = f"Ticket: {body[r['request_id']]}"
         both = truth.correct(text, r["model"]) and truth.correct(text, REF)
@@ -99,9 +100,12 @@ def test_a_labels_job_is_compared_field_by_field(tmp_path: Path, api_key: str,
         assert r["graded_by"] == "fields" and r["candidate_score"] is None
         if both:
             assert r["score"] == 1.0
+            seen["both"] += 1
         if one:
             assert r["score"] == 0.0
+            seen["one"] += 1
         assert label[r["request_id"]] is not None
+    assert min(seen.values()) > 0, seen  # both kinds of pair were graded
     assert out.manifest.quality is not None and not out.manifest.quality["flagged"]
     assert out.exit_code == 0
 
