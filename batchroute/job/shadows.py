@@ -61,12 +61,26 @@ def _batches(table: pa.Table, rows: int) -> Iterator[pa.Table]:
         yield table.slice(start, rows)
 
 
-def _routed(folder: RunFolder, rows: pa.Table) -> pa.Table | None:
-    """The run's routed rows (without their model) of the request ids in ``rows``."""
-    routed = _read(folder, folder.sub("routed"), None, _ids(rows))
-    if routed is None or not routed.num_rows:
-        return None
-    return routed.drop_columns(["model"]) if "model" in routed.column_names else routed
+class _Routed:
+    """The sampled rows' routed rows (without their model), read from ``routed/`` once
+    however many steps need them: the plan holds every row's prompt, the sample a few."""
+
+    def __init__(self, folder: RunFolder, sampled: pa.Table) -> None:
+        self._folder, self._sampled = folder, sampled
+        self._table: pa.Table | None = None
+
+    def of(self, rows: pa.Table) -> pa.Table | None:
+        """Those of the request ids in ``rows`` (None when there is none)."""
+        if self._table is None:
+            routed = _read(self._folder, self._folder.sub("routed"), None,
+                           _ids(self._sampled))
+            if routed is None:
+                routed = pa.table({"request_id": pa.array([], pa.string())})
+            self._table = (routed.drop_columns(["model"]) if "model" in routed.column_names
+                           else routed)
+        picked = self._table.filter(pc.is_in(self._table.column("request_id"),
+                                             value_set=_ids(rows)))
+        return picked if picked.num_rows else None
 
 
 def run(job: JobConfig, folder: RunFolder, actors: cluster.DispatchActors, *,
@@ -95,6 +109,7 @@ def run(job: JobConfig, folder: RunFolder, actors: cluster.DispatchActors, *,
     # calls are journalled (and batches kept in a ledger) in a run folder of the shadow rows
     # alone under quality/: a resume first commits what a killed run was answered.
     sub = shadow_folder(folder)
+    routed_rows = _Routed(folder, sampled)
     answers_dir = folder.sub("quality", "answers")
     unrecovered = _recover(folder, sub)
     got = _ids(_read(folder, answers_dir, ["request_id"]))
@@ -103,7 +118,7 @@ def run(job: JobConfig, folder: RunFolder, actors: cluster.DispatchActors, *,
     failed_calls = 0
     if todo.num_rows and job.models[ref].tier == "batch":
         if not sub.shards(sub.routed_dir(ref)):
-            routed = _routed(folder, sampled)
+            routed = routed_rows.of(sampled)
             if routed is not None:
                 sub.write_table(sub.routed_dir(ref), sub.shard_name(0), routed)
         log.info("shadow checks: %d rows also sent to %s through its batch tier",
@@ -113,7 +128,7 @@ def run(job: JobConfig, folder: RunFolder, actors: cluster.DispatchActors, *,
             folder.write_table(answers_dir, folder.shard_name(seq), answers)
             seq += 1
     elif todo.num_rows:
-        routed = _routed(folder, todo)
+        routed = routed_rows.of(todo)
         if routed is not None:
             log.info("shadow checks: %d rows also sent to %s", routed.num_rows, ref)
             for _, answers in actors.each(ref, "shadow",
@@ -141,7 +156,7 @@ def run(job: JobConfig, folder: RunFolder, actors: cluster.DispatchActors, *,
     # A sampled row whose shadow call failed at the actor (no answers row) stays ungraded;
     # one the reference answered with an error is graded as failed.
     if answers_all is not None and answers_all.num_rows:
-        _grade(job, folder, actors, sampled, answers_all, stop)
+        _grade(job, folder, actors, sampled, answers_all, routed_rows, stop)
 
     shadows = _read(folder, folder.sub("quality", "shadows"))
     if shadows is None:
@@ -187,7 +202,8 @@ def _recover(folder: RunFolder, sub: RunFolder,
 
 
 def _grade(job: JobConfig, folder: RunFolder, actors: cluster.DispatchActors,
-           sampled: pa.Table, answers: pa.Table, stop: Callable[[], None]) -> None:
+           sampled: pa.Table, answers: pa.Table, routed_rows: _Routed,
+           stop: Callable[[], None]) -> None:
     ref = job.reference_model
     ids = _ids(answers)
     keep = ["request_id", "response", *[f.name for f in task.result_fields(job.task.output)]]
@@ -235,7 +251,7 @@ def _grade(job: JobConfig, folder: RunFolder, actors: cluster.DispatchActors,
     to_judge = pairs.filter(answered_ref)
     if not to_judge.num_rows:
         return
-    routed = _routed(folder, to_judge)
+    routed = routed_rows.of(to_judge)
     assert routed is not None
     order = pc.index_in(to_judge.column("request_id"), value_set=routed.column("request_id"))
     routed = routed.take(order)
