@@ -113,6 +113,10 @@ def test_a_bank_grown_from_the_run_drives_a_similarity_router(
     b = memory.Bank.read(str(bank))
     assert b.embedder == "all-MiniLM-L6-v2" and b.embeddings.shape[1] == 384
     doc = json.loads(json.dumps(setup["doc"]))
+    # A quarter of the same prompts (MiniLM embeds about 16 prompts/s on one core).
+    subset = setup["tmp"] / "similar-input.parquet"
+    pq.write_table(pq.read_table(setup["inputs"]).slice(0, ROWS // 4), subset)
+    doc["job"]["input"] = str(subset)
     doc["router"] = {"stages": ["similarity"], "batch_size": 64,
                      "similarity": {"bank": str(bank), "k": 4, "min_similarity": 0.5}}
     job = setup["tmp"] / "similar.toml"
