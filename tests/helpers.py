@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import selectors
 from collections.abc import Coroutine
@@ -230,3 +231,12 @@ def run_on_virtual_clock(coro: Coroutine[Any, Any, T]) -> T:
         return loop.run_until_complete(coro)
     finally:
         loop.close()
+
+
+def is_loopback(ip: str) -> bool:
+    """Whether a listening socket's address is loopback (127.0.0.0/8, ::1, or a dual-stack
+    socket's ::ffff:127.x.x.x)."""
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback

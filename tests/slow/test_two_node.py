@@ -42,7 +42,7 @@ from batchroute import config
 from batchroute.devtools import sample
 from batchroute.devtools.mock_provider import MockProvider, MockProviderConfig
 from batchroute.job import runner
-from tests.helpers import demo_job_doc, quiet_progress, to_toml
+from tests.helpers import demo_job_doc, is_loopback, quiet_progress, to_toml
 
 pytestmark = [pytest.mark.slow]
 # Three source shards of 8,192 rows: one per routing actor, and three actors of one CPU each
@@ -50,7 +50,17 @@ pytestmark = [pytest.mark.slow]
 ROWS = 20_000
 TIMING = ["run_id", "started_at", "finished_at", "latency_ms"]
 WORKER_RESOURCE = "batchroute_test_worker_node"
-RAY = str(Path(sys.executable).with_name("ray"))
+# `ray start`, with its nodes' servers on loopback only. Ray's CLI turns a loopback
+# --node-ip-address into the machine's network address (services.resolve_ip_for_localhost),
+# so both nodes would otherwise listen on every interface; batchroute's own embedded Ray
+# avoids that the same way (batchroute.job.cluster._loopback_node). The two nodes share
+# 127.0.0.1 and differ by their ports, as Ray's own multi-node tests run.
+RAY_START = ("import sys\n"
+             "from ray._private import services\n"
+             "services.resolve_ip_for_localhost = lambda host: host\n"
+             "from ray.scripts.scripts import main\n"
+             "sys.argv[0] = 'ray'\n"
+             "sys.exit(main())\n")
 
 
 def _free_ports(n: int) -> list[int]:
@@ -86,7 +96,10 @@ class Cluster:
     def query(self, code: str) -> Any:
         """Run ``code`` in a driver connected to the cluster; it prints one JSON document."""
         script = ("import json, ray\n"
-                  f"ray.init(address={self.address!r}, logging_level='ERROR')\n" + code)
+                  "from ray._private import services\n"
+                  "services.resolve_ip_for_localhost = lambda host: host\n"
+                  f"ray.init(address={self.address!r}, logging_level='ERROR',\n"
+                  "         _node_ip_address='127.0.0.1')\n" + code)
         out = subprocess.run([sys.executable, "-c", script], env=self.env, capture_output=True,
                              text=True, timeout=120, check=False)
         assert out.returncode == 0, out.stderr[-3000:]
@@ -95,7 +108,8 @@ class Cluster:
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as f:
-        return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args],
+        return subprocess.Popen([sys.executable, "-c", RAY_START, "start", "--block",
+                                 "--disable-usage-stats", *args],
                                 env=env, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
@@ -226,12 +240,31 @@ def test_the_job_on_two_nodes_equals_a_single_node_run(
     assert len({a["job"] for a in dispatch}) == 1
     assert all(a["restarts"] == 0 for a in dispatch)
 
+    listening = _listening(cluster)
+    assert {"gcs_server", "raylet"} <= {name for name, _ in listening}, listening
+    exposed = [(name, ip) for name, ip in listening if not is_loopback(ip)]
+    assert exposed == [], f"the cluster listens beyond loopback: {exposed}"
+
     two = _results(tmp_path / "runs" / "two-node")
     one = _results(tmp_path / "runs" / "one-node")
     assert len(two) == ROWS and two["request_id"].n_unique() == len(two) - _repeats(two)
     assert set(two["status"]) == {"ok", "rejected"}
     assert two.equals(one), _first_difference(two, one)
     assert len(set(two["model"].drop_nulls())) == len(models)
+
+
+def _listening(cluster: Cluster) -> list[tuple[str, str]]:
+    """(process name, address) of every listening TCP socket of the nodes' process trees."""
+    import psutil
+
+    found = []
+    for p in cluster.procs:
+        root = psutil.Process(p.pid)
+        for proc in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                found += [(proc.name(), c.laddr.ip) for c in proc.net_connections("tcp")
+                          if c.status == psutil.CONN_LISTEN]
+    return found
 
 
 def _repeats(df: pl.DataFrame) -> int:

@@ -8,7 +8,6 @@ nothing about a fresh one.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
@@ -20,7 +19,7 @@ import pytest
 
 from batchroute.devtools import sample
 from batchroute.devtools.mock_provider import MockProvider
-from tests.helpers import REPO, demo_job_doc, to_toml
+from tests.helpers import REPO, demo_job_doc, is_loopback, to_toml
 
 pytestmark = pytest.mark.integration
 # Ray's C++ log lines: "[date time,ms E pid tid] file.cc:line: ...", maybe after a "(process)" tag.
@@ -68,13 +67,6 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def _is_loopback(ip: str) -> bool:
-    addr = ipaddress.ip_address(ip.split("%")[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped  # a dual-stack socket bound to ::ffff:127.0.0.1
-    return addr.is_loopback
-
-
 def test_the_embedded_ray_listens_on_loopback_only(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", _LISTENERS], capture_output=True, text=True,
                           env=_env(), cwd=tmp_path, timeout=180, check=False)
@@ -84,7 +76,7 @@ def test_the_embedded_ray_listens_on_loopback_only(tmp_path: Path) -> None:
     names = {name for name, _, _ in listening}
     assert {"gcs_server", "raylet"} <= names, listening  # found Ray's servers at all
     assert any(name.startswith("ray::Probe") for name in names), listening  # and a worker's
-    exposed = [s for s in listening if not _is_loopback(s[1])]
+    exposed = [s for s in listening if not is_loopback(s[1])]
     assert exposed == [], f"Ray listens beyond loopback: {exposed}"
     assert report["nodes"] == ["127.0.0.1"]
     assert report["auth"] == "token"  # loopback only, and still behind Ray's token
