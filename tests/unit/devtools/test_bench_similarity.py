@@ -4,6 +4,7 @@ figures that mean what they say."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,3 +62,18 @@ def test_families_share_their_question_and_outcomes() -> None:
 def test_the_table_prints(result: dict[str, object]) -> None:
     text = bench.format_table(result)
     assert "recall" in text and "nprobe" in text
+
+
+def test_a_bank_of_the_default_million_entries_is_written(tmp_path: Path) -> None:
+    """At the default size (pyarrow turns a NumPy array of a million strings or more into a
+    ChunkedArray; the bank's outcomes must not be built from one)."""
+    from batchroute.routers import similarity as sim
+
+    n = bench.DEFAULT_ROWS["static"]
+    outcomes = np.tile(np.array([[1.0, 0.0]], np.float32), (n, 1))
+    path = tmp_path / "bank.parquet"
+    bench._write_bank(path, np.ones((n, 1), np.float32), outcomes, "test-embedder")
+    bank = sim.Bank.read(str(path))
+    assert len(bank) == n and bank.models == tuple(sorted((bench.CHEAP, bench.STRONG)))
+    assert (bank.outcomes[:, bank.models.index(bench.CHEAP)] == 1.0).all()
+    assert (bank.outcomes[:, bank.models.index(bench.STRONG)] == 0.0).all()
