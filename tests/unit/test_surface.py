@@ -87,6 +87,22 @@ def test_the_parser_has_every_command() -> None:
                           "tiers", "quality"}
 
 
+def test_every_parser_and_group_formats_its_help() -> None:
+    """`--help` at every level, groups included (`bench --help` lists its commands' help
+    strings, which argparse formats with %: a bare "95%" in one broke it)."""
+    def walk(parser: argparse.ArgumentParser, path: str) -> list[tuple[str, str]]:
+        found = [(path, parser.format_help())]
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    found += walk(child, f"{path} {name}")
+        return found
+
+    helps = walk(cli.build_parser(), "batchroute")
+    assert len(helps) > 20
+    assert all(len(text) > 100 for _, text in helps), [p for p, t in helps if len(t) <= 100]
+
+
 def test_top_level_help_names_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         cli.main(["--help"])

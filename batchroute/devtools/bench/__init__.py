@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bs.add_argument("--json", action="store_true", help="print the figures as JSON")
     bs.set_defaults(func=_bench_similarity)
     bq = bench_sub.add_parser(
-        "quality", help="shadow checks' honesty: how often the 95% interval of retained "
+        "quality", help="shadow checks' honesty: how often the 95%% interval of retained "
         "quality covers the truth, over seeds of the demo input (the mock's quality model)")
     bq.add_argument("--seeds", type=int, default=20, metavar="N",
                     help="demo inputs, seeds 0..N-1 (default 20)")
