@@ -105,8 +105,9 @@ def _requests(text: pa.Array) -> pa.Table:
 def _write_bank(path: Path, vectors: np.ndarray, outcomes: np.ndarray, name: str) -> None:
     n, dim = vectors.shape
     # Two outcomes per entry (cheap, strong), built as flat arrays: no Python per entry. The
-    # names are taken from a two-entry array: pyarrow converts a NumPy array of a million
-    # strings or more into a ChunkedArray, which StructArray.from_arrays refuses.
+    # names are taken from a two-entry array: pyarrow 26 converts a large NumPy string array
+    # (two million names for the default bank) into a ChunkedArray, which
+    # StructArray.from_arrays refuses.
     names = pa.array([CHEAP, STRONG]).take(pa.array(np.tile(np.arange(2, dtype=np.int32), n)))
     flat = pa.StructArray.from_arrays(
         [names, pa.array(outcomes.ravel(), pa.float32())],

@@ -65,7 +65,7 @@ def test_the_table_prints(result: dict[str, object]) -> None:
 
 
 def test_a_bank_of_the_default_million_entries_is_written(tmp_path: Path) -> None:
-    """At the default size (pyarrow turns a NumPy array of a million strings or more into a
+    """At the default size (pyarrow 26 turns a NumPy array of two million model names into a
     ChunkedArray; the bank's outcomes must not be built from one)."""
     from batchroute.routers import similarity as sim
 
