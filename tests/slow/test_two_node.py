@@ -52,9 +52,10 @@ TIMING = ["run_id", "started_at", "finished_at", "latency_ms"]
 WORKER_RESOURCE = "batchroute_test_worker_node"
 # `ray start`, with its nodes' servers on loopback only. Ray's CLI turns a loopback
 # --node-ip-address into the machine's network address (services.resolve_ip_for_localhost),
-# so both nodes would otherwise listen on every interface; batchroute's own embedded Ray
-# avoids that the same way (batchroute.job.cluster._loopback_node). The two nodes share
-# 127.0.0.1 and differ by their ports, as Ray's own multi-node tests run.
+# so both nodes would otherwise listen on every interface. batchroute's embedded Ray keeps to
+# loopback with Ray's single-machine switch instead (batchroute.job.cluster._loopback_node),
+# which a worker node's `ray start` refuses, so here the rewrite itself is turned off. The two
+# nodes share 127.0.0.1 and differ by their ports.
 RAY_START = ("import sys\n"
              "from ray._private import services\n"
              "services.resolve_ip_for_localhost = lambda host: host\n"
@@ -95,11 +96,10 @@ class Cluster:
 
     def query(self, code: str) -> Any:
         """Run ``code`` in a driver connected to the cluster; it prints one JSON document."""
+        # Joined as `batchroute run --ray-address` joins it (a loopback-only cluster).
         script = ("import json, ray\n"
-                  "from ray._private import services\n"
-                  "services.resolve_ip_for_localhost = lambda host: host\n"
-                  f"ray.init(address={self.address!r}, logging_level='ERROR',\n"
-                  "         _node_ip_address='127.0.0.1')\n" + code)
+                  "from batchroute.job import cluster\n"
+                  f"cluster.start_ray({self.address!r})\n" + code)
         out = subprocess.run([sys.executable, "-c", script], env=self.env, capture_output=True,
                              text=True, timeout=120, check=False)
         assert out.returncode == 0, out.stderr[-3000:]

@@ -113,7 +113,7 @@ def test_a_bank_grown_from_the_run_drives_a_similarity_router(
     b = memory.Bank.read(str(bank))
     assert b.embedder == "all-MiniLM-L6-v2" and b.embeddings.shape[1] == 384
     doc = json.loads(json.dumps(setup["doc"]))
-    # A quarter of the same prompts (MiniLM embeds about 16 prompts/s on one core).
+    # A quarter of the same prompts (MiniLM embeds some 16 to 24 prompts/s on one core).
     subset = setup["tmp"] / "similar-input.parquet"
     pq.write_table(pq.read_table(setup["inputs"]).slice(0, ROWS // 4), subset)
     doc["job"]["input"] = str(subset)
