@@ -32,6 +32,7 @@ between the estimated and the reported prompt tokens is returned to, or taken fr
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 
 from aiolimiter import AsyncLimiter
@@ -44,6 +45,11 @@ SPEED_UP = 0.01  # share of the catalog rate regained per success
 MIN_FACTOR = 0.05
 # 429s arrive in bursts (every call in flight hits the same full bucket): one cut per window.
 SLOW_DOWN_HOLD_S = 1.0
+# A bucket's timer fires on a grid of this many seconds (loop time), and each firing admits
+# every waiter that fits by then: at a thousand calls a second a timer per admission woke
+# the loop once per call, and every model's bucket now shares the same wake-ups. The bucket
+# still leaks continuously, so the rate is kept; a call waits at most one tick longer.
+ADMIT_TICK_S = 0.005
 
 
 def _shape(per_minute: float, largest: float) -> tuple[float, float]:
@@ -62,10 +68,10 @@ class _Bucket(AsyncLimiter):
     than estimated) and giving it back (fewer).
 
     Waiting is our own, first come first served: one queue, and one timer at a time for when
-    the first waiter fits, which admits every waiter that fits when it fires. aiolimiter's
-    own wait (a heap, a done-callback per waiter, and a timer cancelled and set again per
-    admission) cost about as much CPU per call as the whole HTTP exchange in
-    ``batchroute bench dispatch``. tests/unit/stages/test_limits.py pins the behaviour.
+    the first waiter fits (rounded up to the next ``ADMIT_TICK_S``), which admits every
+    waiter that fits when it fires. aiolimiter's own wait (a heap, a done-callback per
+    waiter, and a timer cancelled and set again per admission) cost about as much CPU per
+    call as the whole HTTP exchange in ``batchroute bench dispatch``. tests/unit/stages/test_limits.py pins the behaviour.
     """
 
     __slots__ = ("_queue",)
@@ -116,8 +122,9 @@ class _Bucket(AsyncLimiter):
             waiter.set_result(None)
         if queue:
             needed = queue[0][0] - self.max_rate + self._level
+            at = self._last_check + needed / self._rate_per_sec
             self._waker_handle = self._loop.call_at(
-                self._last_check + needed / self._rate_per_sec, self._wake_next)
+                math.ceil(at / ADMIT_TICK_S) * ADMIT_TICK_S, self._wake_next)
 
     @classmethod
     def sized(cls, per_minute: float, largest: float) -> _Bucket:

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import httpx
 import pytest
 
-from batchroute.stages.dispatch.limits import MIN_FACTOR, ModelLimits
+from batchroute.stages.dispatch.limits import ADMIT_TICK_S, MIN_FACTOR, ModelLimits
 from batchroute.stages.dispatch.providers import RateLimitState, rate_limit_state
 from tests.helpers import run_on_virtual_clock
 
@@ -206,3 +206,29 @@ def test_a_large_token_request_is_not_overtaken_by_smaller_ones() -> None:
         return order
 
     assert run_on_virtual_clock(go()) == [10, 1, 1]
+
+
+def test_a_fast_bucket_admits_its_waiters_in_ticks_at_its_full_rate() -> None:
+    # 60,000 RPM = 1 request per ms. Admitting each waiter on its own timer would wake the
+    # loop a thousand times a second per model; a tick admits every waiter that fits by then.
+    async def go() -> list[float]:
+        loop = asyncio.get_running_loop()
+        bucket = ModelLimits(rpm=60_000, tpm=10**9, concurrency=10**4,
+                             largest_request_tokens=1).requests
+        for _ in range(1000):  # a second's worth: the bucket is full
+            await bucket.acquire()
+        admitted: list[float] = []
+
+        async def one() -> None:
+            await bucket.acquire()
+            admitted.append(loop.time())
+
+        await asyncio.gather(*(one() for _ in range(100)))
+        return admitted
+
+    admitted = run_on_virtual_clock(go())
+    ticks = sorted({round(t / ADMIT_TICK_S) for t in admitted})
+    assert all(abs(t - round(t / ADMIT_TICK_S) * ADMIT_TICK_S) < 1e-9 for t in admitted)
+    per_tick = round(ADMIT_TICK_S * 1000)  # requests refilled per tick
+    assert ticks == list(range(1, 100 // per_tick + 1))  # the rate is kept: 100 in 100 ms
+    assert [admitted.count(t) for t in sorted(set(admitted))] == [per_tick] * len(ticks)
