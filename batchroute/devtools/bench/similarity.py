@@ -15,8 +15,9 @@ Figures, each on one core (faiss and onnxruntime single-threaded, as in a routin
   ``words_router_prompts_per_s_per_core`` (the bundled words router scoring them);
 - ``stage_prompts_per_s_per_core``: the route stage itself (:class:`RouteStage` with
   ``stages = ["similarity"]`` over the bank file: embed, k-NN, the policy, the output
-  table) on the queries, in batches of the job's default size; opening the bank and
-  building its index are timed apart (``open_s``);
+  table) on the queries, in batches of the job's default ``[router] batch_size``
+  (``stage_batch_rows``, as a routing actor hands them over); opening the bank and building
+  its index are timed apart (``open_s``);
 - ``recall_at_32``: the share of each query's exact top 32 (a flat inner-product search)
   that the stage's index returns, over ``recall_queries`` queries;
 - ``curve``: recall and k-NN rate alone for each ``nprobe`` (IVF) around the default;
@@ -39,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchroute import schemas
-from batchroute.config import MMLU_LABELS, SimilarityConfig
+from batchroute.config import MMLU_LABELS, RouterConfig, SimilarityConfig
 from batchroute.routers import similarity as sim
 from batchroute.stages.route import Candidate, RouteSpec, RouteStage
 
@@ -48,7 +49,8 @@ CHEAP, STRONG = "mixtral-8x7b-instruct", "gpt-4-1106-preview"
 DEFAULT_ROWS = {"static": 1_000_000, "minilm": 2_000}
 DEFAULT_QUERIES = {"static": 20_000, "minilm": 200}
 NPROBES = (4, 8, 16, 24, 32, 64)
-BATCH = 4096
+BATCH = 4096  # the embedding rates' batches
+STAGE_BATCH = RouterConfig().batch_size  # the job's default: what a routing actor passes
 
 
 def bases(seed: int = 0) -> tuple[list[str], np.ndarray]:
@@ -179,8 +181,8 @@ def similarity(*, features: str = "static", bank_rows: int | None = None,
         requests = _requests(query_text)
         stage(requests.slice(0, 64))  # warm
         t0 = time.process_time()
-        routed = sum(stage(requests.slice(i, BATCH)).num_rows
-                     for i in range(0, requests.num_rows, BATCH))
+        routed = sum(stage(requests.slice(i, STAGE_BATCH)).num_rows
+                     for i in range(0, requests.num_rows, STAGE_BATCH))
         stage_rate = routed / (time.process_time() - t0)
 
         nb = stage._similarity
@@ -202,7 +204,7 @@ def similarity(*, features: str = "static", bank_rows: int | None = None,
         "embed_prompts_per_s_per_core": round(embed_rate, 1),
         **beside,
         "embed_chars_mean": round(float(pc.mean(pc.utf8_length(probe)).as_py() or 0), 1),
-        "stage_prompts_per_s_per_core": round(stage_rate, 1),
+        "stage_prompts_per_s_per_core": round(stage_rate, 1), "stage_batch_rows": STAGE_BATCH,
         "stage_chars_mean": round(float(pc.mean(pc.utf8_length(query_text)).as_py() or 0), 1),
         "recall_at_32": round(recall, 4),
         "nprobe": sim.IVF_NPROBE if nb.ann is not None else None,
@@ -278,7 +280,8 @@ def format_table(r: dict[str, Any]) -> str:
            f"router {r['words_router_prompts_per_s_per_core']:,.0f} prompts/s/core"]
           if "minilm_embed_prompts_per_s_per_core" in r else []),
         f"whole stage:       {r['stage_prompts_per_s_per_core']:>10,.0f} prompts/s/core "
-        f"(~{r['stage_chars_mean']:.0f} chars, {r['queries']:,} queries)",
+        f"(~{r['stage_chars_mean']:.0f} chars, {r['queries']:,} queries in batches of "
+        f"{r['stage_batch_rows']:,})",
         f"top-{r['k']} recall:     {r['recall_at_32']:>10.4f} against exact search",
         f"bank held:         {r['bank_bytes'] / 2**20:>10,.1f} MiB "
         f"(file {r['bank_file_bytes'] / 2**20:,.1f} MiB); embedding the bank "
