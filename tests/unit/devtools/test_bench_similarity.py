@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from batchroute.config import RouterConfig
 from batchroute.devtools.bench import similarity as bench
 
 
@@ -28,6 +29,8 @@ def test_the_interface_keys_are_there_and_sane(result: dict[str, object]) -> Non
     assert 0.0 < float(result["recall_at_32"]) <= 1.0  # type: ignore[arg-type]
     assert float(result["embed_prompts_per_s_per_core"]) > 0  # type: ignore[arg-type]
     assert float(result["stage_prompts_per_s_per_core"]) > 0  # type: ignore[arg-type]
+    # The stage is fed as a routing actor feeds it: the job's default batch size.
+    assert result["stage_batch_rows"] == RouterConfig().batch_size
     # The yardsticks measured beside it, in the same run.
     assert float(result["minilm_embed_prompts_per_s_per_core"]) > 0  # type: ignore[arg-type]
     assert float(result["words_router_prompts_per_s_per_core"]) > 0  # type: ignore[arg-type]
