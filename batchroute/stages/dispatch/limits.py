@@ -71,7 +71,8 @@ class _Bucket(AsyncLimiter):
     the first waiter fits (rounded up to the next ``ADMIT_TICK_S``), which admits every
     waiter that fits when it fires. aiolimiter's own wait (a heap, a done-callback per
     waiter, and a timer cancelled and set again per admission) cost about as much CPU per
-    call as the whole HTTP exchange in ``batchroute bench dispatch``. tests/unit/stages/test_limits.py pins the behaviour.
+    call as the whole HTTP exchange in ``batchroute bench dispatch``.
+    tests/unit/stages/test_limits.py pins the behaviour.
     """
 
     __slots__ = ("_queue",)
