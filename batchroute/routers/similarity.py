@@ -21,13 +21,12 @@ voter is not decided here.
 
 Search is exact (a matrix product per chunk of the bank) below ``ANN_MIN_ROWS`` entries: it
 costs O(bank) per prompt, fine for some tens of thousands of entries. From there on, or with
-``index = "ivf"``, an inverted-file index from faiss (faiss-cpu, Meta's similarity-search
-library) answers instead: inner product on the normalised embeddings, about 4·sqrt(B) lists
-(a power of two, 4,096 for a million entries), vectors stored as float16 (half the bytes of
-the bank's float32; the recall lost is below 0.001), ``IVF_NPROBE`` lists searched per query.
-It is about 100 times faster than exact search on a million entries, at top-32 recall 0.98
-(README, "Router kinds"). ``index = "hnsw"`` (an HNSW graph, M = 32, efSearch = 512) is kept
-for comparison: slower and larger. An index is built once per bank file and kept beside it as
+``index = "ivf"``, an inverted-file index answers instead (:mod:`batchroute.routers.ivf`):
+inner product on the normalised embeddings, about 4·sqrt(B) lists (a power of two, 4,096 for
+a million entries), vectors stored as int16 (the bytes of float16, closer than float16 to
+float32), ``[router.similarity] nprobe`` lists searched per prompt, a whole batch of prompts
+at a time. ``index = "hnsw"`` (faiss's HNSW graph, M = 32, efSearch = 512) is kept for
+comparison: slower and larger. An index is built once per bank file and kept beside it as
 ``BANK.parquet.ivf`` or ``.hnsw`` (rebuilt when the bank changes); once it exists the bank's
 own float32 vectors are not kept in memory.
 """
@@ -48,7 +47,9 @@ import pyarrow.parquet as pq
 
 from batchroute import schemas
 from batchroute.config import SimilarityConfig
-from batchroute.errors import ConfigError, SchemaError
+from batchroute.errors import ConfigError, RouterError, SchemaError
+from batchroute.routers import ivf
+from batchroute.routers.ivf import IvfIndex
 
 
 class TextEmbedder(Protocol):
@@ -64,8 +65,6 @@ class TextEmbedder(Protocol):
 log = logging.getLogger("batchroute")
 
 ANN_MIN_ROWS = 50_000
-IVF_NPROBE = 24
-IVF_TRAIN_PER_LIST = 64  # k-means sample: 64 points per list (faiss asks for at least 39)
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 512
@@ -202,7 +201,8 @@ class Neighbours:
                                     or DEFAULT_FEATURES)
         kind = cfg.index if cfg.index != "auto" else (
             "ivf" if len(bank) >= ANN_MIN_ROWS else "exact")
-        ann = ann_index(bank, cfg.bank, kind) if kind != "exact" and len(bank) else None
+        ann = (ann_index(bank, cfg.bank, kind, nprobe=cfg.nprobe)
+               if kind != "exact" and len(bank) else None)
         if ann is not None:  # the index holds the vectors: drop the float32 copy
             bank.embeddings = np.zeros((0, bank.embeddings.shape[1]), np.float32)
         return cls(bank, embedder, k=cfg.k,
@@ -264,65 +264,71 @@ def ivf_lists(rows: int) -> int:
 
 
 def build_index(vectors: np.ndarray, kind: str, *, seed: int = 0) -> Any:
-    """A faiss index over unit ``vectors`` [B, dim] (inner product): ``ivf`` (float16 codes,
-    :func:`ivf_lists` lists, k-means on a seeded sample) or ``hnsw``."""
-    import faiss
-
-    dim = vectors.shape[1]
-    data = np.ascontiguousarray(vectors, np.float32)
-    index: Any
+    """An index over unit ``vectors`` [B, dim] (inner product): ``ivf``
+    (:class:`batchroute.routers.ivf.IvfIndex`, :func:`ivf_lists` lists) or ``hnsw`` (faiss)."""
     if kind == "ivf":
-        lists = ivf_lists(len(data))
-        index = faiss.index_factory(dim, f"IVF{lists},SQfp16", faiss.METRIC_INNER_PRODUCT)
-        sample = min(len(data), lists * IVF_TRAIN_PER_LIST)
-        pick = np.sort(np.random.default_rng(seed).choice(len(data), sample, replace=False))
-        index.train(data[pick])
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        return IvfIndex.build(vectors, ivf_lists(len(vectors)), seed=seed)
+    if kind == "hnsw":
+        import faiss
+
+        index = faiss.IndexHNSWFlat(vectors.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-    else:
-        raise ConfigError(f"router.similarity.index: no approximate index {kind!r}")
-    index.add(data)
-    return index
+        index.add(np.ascontiguousarray(vectors, np.float32))
+        return index
+    raise ConfigError(f"router.similarity.index: no approximate index {kind!r}")
 
 
-def tune(index: Any, *, nprobe: int = IVF_NPROBE) -> Any:
-    """Search settings, set on a built or read index: ``nprobe`` lists (IVF) or efSearch
-    (HNSW); one thread, since a routing actor holds one CPU as onnxruntime does there."""
+def tune(index: Any, *, nprobe: int = ivf.NPROBE) -> Any:
+    """Search settings, on a built or read index: ``nprobe`` lists (IVF) or efSearch (HNSW,
+    on one thread, since a routing actor holds one CPU as onnxruntime does there)."""
+    if isinstance(index, IvfIndex):
+        return index.with_nprobe(nprobe)
     import faiss
 
-    if isinstance(index, faiss.IndexHNSW):
-        index.hnsw.efSearch = HNSW_EF_SEARCH
-    else:
-        faiss.extract_index_ivf(index).nprobe = nprobe
+    index.hnsw.efSearch = HNSW_EF_SEARCH
     faiss.omp_set_num_threads(1)
     return index
 
 
-def ann_index(bank: Bank, bank_path: str, kind: str = "ivf") -> Any:
-    """The bank's faiss index of ``kind`` (ivf or hnsw): read from ``BANK.KIND`` when it was
-    built from this very bank file, else built and saved there (temp file, then rename)."""
+def ann_index(bank: Bank, bank_path: str, kind: str = "ivf", *,
+              nprobe: int = ivf.NPROBE) -> Any:
+    """The bank's index of ``kind`` (ivf or hnsw): read from ``BANK.KIND`` when it was built
+    from this very bank file, else built and saved there (a temporary file, then a rename;
+    an unreadable saved index is built again)."""
     import hashlib
     import os
 
     import faiss
 
     stat = os.stat(bank_path)
-    stamp = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:{len(bank)}:{kind}:{HNSW_M}:"
+    layout = ivf.FORMAT if kind == "ivf" else f"hnsw{HNSW_M}"
+    stamp = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:{len(bank)}:{kind}:{layout}:"
                            f"{ivf_lists(len(bank))}".encode()).hexdigest()[:16]
     path = Path(f"{bank_path}.{kind}")
     stamp_path = Path(f"{bank_path}.{kind}.stamp")
-    index: Any
+    index: Any = None
     if path.exists() and stamp_path.exists() and stamp_path.read_text() == stamp:
-        index = faiss.read_index(str(path))
-    else:
+        try:
+            index = (IvfIndex.load(path)[0] if kind == "ivf"
+                     else faiss.read_index(str(path)))
+        except (OSError, ValueError, RuntimeError, RouterError) as exc:
+            log.warning("the saved %s index of %s is unreadable (%s): building it again",
+                        kind, bank_path, exc)
+        if index is not None and index.ntotal != len(bank):
+            log.warning("the saved %s index of %s holds %d entries, the bank %d: building "
+                        "it again", kind, bank_path, index.ntotal, len(bank))
+            index = None
+    if index is None:
         log.info("building the %s index of %s (%d entries)", kind, bank_path, len(bank))
         index = build_index(bank.embeddings, kind)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        faiss.write_index(index, str(tmp))
-        tmp.replace(path)
+        if kind == "ivf":
+            index.save(path, {"bank": os.path.basename(bank_path), "stamp": stamp})
+        else:
+            tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+            faiss.write_index(index, str(tmp))
+            tmp.replace(path)
         stamp_path.write_text(stamp)
-    return tune(index)
+    return tune(index, nprobe=nprobe)
 
 
 def _frame(table: pa.Table) -> pl.DataFrame:

@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 
 from batchroute.errors import RouterError
-from batchroute.routers import words
+from batchroute.routers import tensorfile, words
 
 NAME = "static-minilm"
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "static-minilm.safetensors"
@@ -136,44 +136,9 @@ def build(out: str | Path = ASSET, *, dim: int = DIM, labels: str | None = None,
         "min_count": str(min_count), "weights": f"sif a={SIF_A}",
         "tokens": f"lowercase {WORD}, first {words.MAX_CHARS} characters",
     }
-    write_table(out, {"vectors": vectors, "weights": weights}, meta)
+    tensorfile.write(out, {"vectors": vectors, "weights": weights}, meta)
     return {k: v for k, v in meta.items() if k != "words"} | {"vocab": len(vocab),
                                                               "bytes": Path(out).stat().st_size}
-
-
-_DTYPE_NAMES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32"}
-
-
-def write_table(path: str | Path, tensors: Mapping[str, np.ndarray],
-                metadata: Mapping[str, str]) -> None:
-    """A safetensors file (the format embed.read_safetensors reads), written atomically."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata)}
-    offset = 0
-    blobs = []
-    for name, arr in tensors.items():
-        data = np.ascontiguousarray(arr).tobytes()
-        header[name] = {"dtype": _DTYPE_NAMES[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        offset += len(data)
-        blobs.append(data)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for blob in blobs:
-            f.write(blob)
-    tmp.replace(path)
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        meta: dict[str, str] = json.loads(f.read(n)).get("__metadata__", {})
-    return meta
 
 
 class StaticEmbedder:
@@ -198,11 +163,9 @@ class StaticEmbedder:
     def load(cls, path: str | Path = ASSET) -> StaticEmbedder:
         """The table at ``path`` (the bundled one by default). Raises RouterError when it is
         missing or not a static table."""
-        from batchroute.routers.embed import read_safetensors
-
         try:
-            tensors = read_safetensors(Path(path))
-            meta = read_metadata(path)
+            tensors = tensorfile.read(path)
+            meta = tensorfile.read_metadata(path)
             vocab = json.loads(meta["words"])
             table = tensors["vectors"].astype(np.float32) * tensors["weights"][:, None]
         except FileNotFoundError:

@@ -293,11 +293,11 @@ def embed_features(prompts: np.ndarray, *, threads: int = 1) -> Features:
 def static_features(prompts: np.ndarray) -> Features:
     """Static sentence embeddings (:mod:`batchroute.routers.static`, the bundled table) of the
     first MAX_CHARS characters; the file holds the table, so it needs nothing beside it."""
-    from batchroute.routers import static
+    from batchroute.routers import static, tensorfile
 
     embedder = static.StaticEmbedder.load()
     x = embedder.embed(pa.array(prompts.tolist(), pa.string()))
-    meta = static.read_metadata(static.ASSET)
+    meta = tensorfile.read_metadata(static.ASSET)
 
     def export(coef: np.ndarray, bias: np.ndarray, names: Sequence[str],
                meta: dict[str, str]) -> bytes:

@@ -243,7 +243,7 @@ def _numeric_doc(where: str) -> dict[str, Any]:
     elif where == "router.similarity":
         doc["router"]["stages"] = ["rules", "similarity"]
         doc["router"]["similarity"] = {"bank": "bank.parquet", "k": 8, "min_similarity": 0.3,
-                                       "uncertain": [0.2, 0.8]}
+                                       "nprobe": 16, "uncertain": [0.2, 0.8]}
     elif where == "router.llm":
         doc["router"]["stages"] = ["llm"]
         doc["router"]["llm"] = {"model": CHEAP, "labels": {"easy": CHEAP, "hard": STRONG},
@@ -271,7 +271,7 @@ NUMERIC_KEYS: dict[tuple[str, str], str] = {
     ("RouterConfig", "max_strong_share"): "router.max_strong_share",
     ("ClassifierConfig", "uncertain"): "router.classifier.uncertain",
     **{("SimilarityConfig", f): f"router.similarity.{f}"
-       for f in ("k", "min_similarity", "uncertain")},
+       for f in ("k", "min_similarity", "nprobe", "uncertain")},
     ("LLMRouterConfig", "max_tokens"): "router.llm.max_tokens",
     **{("DispatchConfig", f): f"dispatch.{f}" for f in (
         "max_attempts", "backoff_base_s", "backoff_max_s", "default_max_tokens", "batch_rows",

