@@ -62,70 +62,11 @@ def _shape(per_minute: float, largest: float) -> tuple[float, float]:
 
 
 class _Bucket(AsyncLimiter):
-    """aiolimiter's leaky bucket (its level, leak and capacity), plus the adjustments it has
-    no public API for: a new refill rate (the provider's limit is lower), taking capacity
-    without waiting (the provider has less room than we thought, or a call used more tokens
-    than estimated) and giving it back (fewer).
-
-    Waiting is our own, first come first served: one queue, and one timer at a time for when
-    the first waiter fits (rounded up to the next ``ADMIT_TICK_S``), which admits every
-    waiter that fits when it fires. aiolimiter's own wait (a heap, a done-callback per
-    waiter, and a timer cancelled and set again per admission) cost about as much CPU per
-    call as the whole HTTP exchange in ``batchroute bench dispatch``.
-    tests/unit/stages/test_limits.py pins the behaviour.
-    """
-
-    __slots__ = ("_queue",)
-
-    def __init__(self, max_rate: float, time_period: float = 60) -> None:
-        super().__init__(max_rate, time_period)
-        self._queue: deque[tuple[float, asyncio.Future[None]]] = deque()
-
-    async def acquire(self, amount: float = 1) -> None:
-        """Wait until ``amount`` fits, behind every earlier waiter; then use it."""
-        if not 0 <= amount <= self.max_rate:
-            raise ValueError("Amount must be a number between zero and the maximum capacity")
-        if not self._queue:
-            self._leak()
-            if self._level + amount <= self.max_rate:
-                self._level += amount
-                return
-        waiter: asyncio.Future[None] = self._loop.create_future()
-        self._queue.append((amount, waiter))
-        if self._waker_handle is None:
-            self._wake_next()
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():  # admitted as it was cancelled
-                self.give_back(amount)
-            raise
-
-    def _wake_next(self, *_args: object) -> None:
-        """Admit the waiters at the head of the queue that fit now; set the timer for the
-        next one."""
-        handle, self._waker_handle = self._waker_handle, None
-        if handle is not None:
-            handle.cancel()
-        queue = self._queue
-        if not queue:
-            return
-        self._leak()
-        while queue:
-            amount, waiter = queue[0]
-            if waiter.done():  # cancelled while waiting
-                queue.popleft()
-                continue
-            if self._level + amount > self.max_rate:
-                break
-            queue.popleft()
-            self._level += amount
-            waiter.set_result(None)
-        if queue:
-            needed = queue[0][0] - self.max_rate + self._level
-            at = self._last_check + needed / self._rate_per_sec
-            self._waker_handle = self._loop.call_at(
-                math.ceil(at / ADMIT_TICK_S) * ADMIT_TICK_S, self._wake_next)
+    """aiolimiter's leaky bucket (its level, leak and capacity), without its waiting (the
+    model's one admission queue does that, :class:`ModelLimits`), plus the adjustments
+    aiolimiter has no public API for: a new refill rate (the provider's limit is lower),
+    taking capacity without waiting (the provider has less room than we thought, or a call
+    used more tokens than estimated) and giving it back (fewer)."""
 
     @classmethod
     def sized(cls, per_minute: float, largest: float) -> _Bucket:
@@ -136,7 +77,12 @@ class _Bucket(AsyncLimiter):
         self._leak()
         self.max_rate, self.time_period = _shape(per_minute, largest)
         self._rate_per_sec = self.max_rate / self.time_period
-        self._wake_next()
+
+    def wait_s(self, amount: float) -> float:
+        """Seconds until ``amount`` fits (0: it fits now)."""
+        self._leak()
+        over = self._level + amount - self.max_rate
+        return over / self._rate_per_sec if over > 0 else 0.0
 
     def headroom(self) -> float:
         self._leak()
@@ -144,14 +90,13 @@ class _Bucket(AsyncLimiter):
 
     def take(self, amount: float) -> None:
         """Use ``amount`` now, without waiting; the level may exceed capacity (a debt that
-        later acquires wait out)."""
+        later admissions wait out)."""
         self._leak()
         self._level += amount
 
     def give_back(self, amount: float) -> None:
         self._leak()
         self._level = max(0.0, self._level - amount)
-        self._wake_next()
 
     def match(self, provider_remaining: int) -> None:
         """Leave no more room than the provider reports having."""
@@ -161,7 +106,20 @@ class _Bucket(AsyncLimiter):
 
 
 class ModelLimits:
-    """Admission control for one model. Use ``await acquire(tokens)`` then ``release()``."""
+    """Admission control for one model. Use ``await acquire(tokens)`` then ``release()``.
+
+    A call is admitted when a connection slot is free, the pacer allows another start (below
+    the catalog rate after 429s), and both buckets (requests, tokens) have room for it.
+    Callers wait in one first-come first-served queue; one timer at a time wakes it, for when
+    its first caller fits (rounded up to the next ``ADMIT_TICK_S``), and a slot coming free
+    wakes it too. Each wake-up admits every caller that fits then. One queue means one
+    wait per call: a semaphore for the slots in front of the buckets' own queues woke the
+    loop twice for many calls, and the pacer slept once per call.
+
+    What changes a bucket after the timer is set (the provider's headers, a call's reported
+    tokens) does not move the timer: it fires, and the queue is checked again then. Setting
+    it again on every reply cost more than the admissions themselves.
+    """
 
     def __init__(self, rpm: int, tpm: int, concurrency: int, largest_request_tokens: int):
         if largest_request_tokens > tpm:
@@ -169,7 +127,7 @@ class ModelLimits:
                              f"limit of {tpm} tokens per minute")
         self.requests = _Bucket.sized(rpm, 1)
         self.tokens = _Bucket.sized(tpm, largest_request_tokens)
-        self.slots = asyncio.Semaphore(concurrency)
+        self.free = concurrency  # connection slots; > 0 only while nobody is queued
         self._largest = largest_request_tokens
         self._rpm = rpm
         self._tpm = tpm
@@ -181,27 +139,84 @@ class ModelLimits:
         self.ceiling = 1.0
         self._next_start = 0.0
         self._hold_until = -1.0
+        self._queue: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
 
     async def acquire(self, tokens: int) -> None:
-        """Wait until one more request of ``tokens`` fits all three limits.
+        """Wait until one more request of ``tokens`` fits all the limits, behind every
+        earlier caller; then take its share of them.
 
         Raises ValueError for a request larger than the token bucket (a routing bug).
         """
         if tokens > self._largest:
             raise ValueError(f"request of {tokens} tokens exceeds the largest admissible "
                              f"({self._largest})")
-        await self.slots.acquire()
+        loop = asyncio.get_running_loop()
+        if not self._queue and self._admit(tokens, loop.time()) == 0.0:
+            return
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._queue.append((tokens, waiter))
+        if self._timer is None:
+            self._wake()
         try:
-            await self._pace()
-            await self.requests.acquire()
-            if tokens > 0:
-                await self.tokens.acquire(tokens)
-        except BaseException:
-            self.slots.release()
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # admitted as it was cancelled
+                self.requests.give_back(1)
+                self.tokens.give_back(tokens)
+                self.release()
             raise
 
     def release(self) -> None:
-        self.slots.release()
+        """A call admitted by :meth:`acquire` is over: its connection slot is free again."""
+        self.free += 1
+        if self._queue and self._timer is None:  # the first caller may wait for a slot only
+            self._wake()
+
+    def _admit(self, tokens: int, now: float) -> float:
+        """Admit a call of ``tokens`` if everything it needs is there at loop time ``now``
+        (and return 0.0); else the loop time from which it may be (inf: once a slot frees)."""
+        if self.free <= 0:
+            return math.inf
+        if self.factor < 1.0 and now < self._next_start:
+            return self._next_start
+        wait = max(self.requests.wait_s(1), self.tokens.wait_s(tokens) if tokens > 0 else 0.0)
+        if wait > 0.0:
+            return now + wait
+        self.free -= 1
+        self.requests.take(1)
+        if tokens > 0:
+            self.tokens.take(tokens)
+        if self.factor < 1.0:
+            self._next_start = max(now, self._next_start) + 60.0 / (self._rpm * self.factor)
+        return 0.0
+
+    def _wake(self) -> None:
+        """Admit the callers at the head of the queue that fit now; set the timer for the
+        next one (none if it waits for a slot: release() wakes the queue then)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        queue = self._queue
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        at = 0.0
+        while queue:
+            tokens, waiter = queue[0]
+            if waiter.done():  # cancelled while waiting
+                queue.popleft()
+                continue
+            at = self._admit(tokens, now)
+            if at > 0.0:
+                break
+            queue.popleft()
+            waiter.set_result(None)
+        if queue and at < math.inf:
+            self._timer = loop.call_at(math.ceil(at / ADMIT_TICK_S) * ADMIT_TICK_S, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._wake()
 
     def slow_down(self, now: float) -> None:
         """The provider said 429 at loop time ``now``: pace this model below the rate that
@@ -238,13 +253,3 @@ class ModelLimits:
             self.tokens.take(reported - estimated)
         elif reported < estimated:
             self.tokens.give_back(estimated - reported)
-
-    async def _pace(self) -> None:
-        if self.factor >= 1.0:
-            return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        start = max(now, self._next_start)
-        self._next_start = start + 60.0 / (self._rpm * self.factor)
-        if start > now:
-            await asyncio.sleep(start - now)

@@ -573,3 +573,59 @@ def test_plain_bodies_carry_no_structured_output_fields() -> None:
         "usage": {"input_tokens": 1, "output_tokens": 1}}), MID)
     h.run(_routed(1))
     assert not {"tools", "tool_choice"} & set(json.loads(h.calls[0].content))
+
+
+def test_rate_limit_headers_are_read_from_every_failure_and_one_success_per_tick() -> None:
+    """At a thousand replies a second the headers of every success would cost more than
+    they tell: a success's are read once per READ_LIMITS_EVERY_S of the dispatcher's clock,
+    a 429's always."""
+    from batchroute.stages.dispatch.dispatcher import READ_LIMITS_EVERY_S
+
+    h = Harness(_openai_ok, max_attempts=1)  # no retry: a retry's wait would move the clock
+    rpm = h.model.rpm
+    seen: list[float] = []
+
+    def reply(limit: int, status: int = 200) -> httpx.Response:
+        headers = {"x-ratelimit-limit-requests": str(limit)}
+        if status == 429:
+            return httpx.Response(429, headers=headers, json={"error": {"message": "slow"}})
+        resp = _openai_ok(httpx.Request("POST", "http://x", json={
+            "messages": [{"content": "q"}]}))
+        return httpx.Response(200, headers=headers, json=resp.json())
+
+    async def go() -> None:
+        d = h.make()
+        try:
+            async def call(limit: int, status: int = 200) -> None:
+                d._transport = _Fixed(reply(limit, status))  # type: ignore[assignment]
+                await d.dispatch(_routed(1))
+                seen.append(d._limits.ceiling)
+
+            await call(rpm // 2)  # the first success is read
+            await call(rpm // 4)  # a second success in the same tick is not
+            h.now += READ_LIMITS_EVERY_S
+            await call(rpm // 4)  # a tick later it is
+            await call(rpm // 10, status=429)  # a 429 is read at once
+        finally:
+            await d.aclose()
+
+    asyncio.run(go())
+    assert seen == [pytest.approx(0.5), pytest.approx(0.5), pytest.approx(0.25),
+                    pytest.approx(0.1)]
+
+
+class _Fixed:
+    """A transport that gives every call the same reply."""
+
+    def __init__(self, reply: httpx.Response) -> None:
+        from batchroute.stages.dispatch.transport import Reply, ReplyHeaders
+
+        self.reply = Reply(reply.status_code, ReplyHeaders.of(
+            [(k.lower().encode(), v.encode()) for k, v in reply.headers.items()]),
+            reply.content)
+
+    async def post(self, url: str, headers: object, body: bytes) -> object:
+        return self.reply
+
+    async def aclose(self) -> None:
+        pass

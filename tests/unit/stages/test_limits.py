@@ -174,13 +174,13 @@ def test_waiters_are_admitted_in_arrival_order_at_the_refill_rate() -> None:
     # 60 RPM = 1 token/s in a bucket of 1; a cancelled waiter's turn passes to the next.
     async def go() -> list[tuple[str, float]]:
         loop = asyncio.get_running_loop()
-        bucket = ModelLimits(rpm=60, tpm=10**9, concurrency=10,
-                             largest_request_tokens=1).requests
+        limits = ModelLimits(rpm=60, tpm=10**9, concurrency=10, largest_request_tokens=1)
         admitted: list[tuple[str, float]] = []
 
         async def one(name: str) -> None:
-            await bucket.acquire()
+            await limits.acquire(1)
             admitted.append((name, loop.time()))
+            limits.release()
 
         tasks = [asyncio.ensure_future(one(n)) for n in "abcde"]
         await asyncio.sleep(0.5)
@@ -193,15 +193,17 @@ def test_waiters_are_admitted_in_arrival_order_at_the_refill_rate() -> None:
 
 def test_a_large_token_request_is_not_overtaken_by_smaller_ones() -> None:
     async def go() -> list[int]:
-        bucket = ModelLimits(rpm=10**6, tpm=600, concurrency=10,
-                             largest_request_tokens=10).tokens  # 10 tokens/s, bucket of 10
+        # 10 tokens/s, a bucket of 10
+        limits = ModelLimits(rpm=10**6, tpm=600, concurrency=10, largest_request_tokens=10)
         order: list[int] = []
 
         async def one(tokens: int) -> None:
-            await bucket.acquire(tokens)
+            await limits.acquire(tokens)
             order.append(tokens)
+            limits.release()
 
-        await bucket.acquire(10)  # empty now
+        await limits.acquire(10)  # empty now
+        limits.release()
         await asyncio.gather(*(one(t) for t in (10, 1, 1)))
         return order
 
@@ -213,15 +215,17 @@ def test_a_fast_bucket_admits_its_waiters_in_ticks_at_its_full_rate() -> None:
     # loop a thousand times a second per model; a tick admits every waiter that fits by then.
     async def go() -> list[float]:
         loop = asyncio.get_running_loop()
-        bucket = ModelLimits(rpm=60_000, tpm=10**9, concurrency=10**4,
-                             largest_request_tokens=1).requests
+        limits = ModelLimits(rpm=60_000, tpm=10**9, concurrency=10**4,
+                             largest_request_tokens=1)
         for _ in range(1000):  # a second's worth: the bucket is full
-            await bucket.acquire()
+            await limits.acquire(1)
+            limits.release()
         admitted: list[float] = []
 
         async def one() -> None:
-            await bucket.acquire()
+            await limits.acquire(1)
             admitted.append(loop.time())
+            limits.release()
 
         await asyncio.gather(*(one() for _ in range(100)))
         return admitted
@@ -232,3 +236,50 @@ def test_a_fast_bucket_admits_its_waiters_in_ticks_at_its_full_rate() -> None:
     per_tick = round(ADMIT_TICK_S * 1000)  # requests refilled per tick
     assert ticks == list(range(1, 100 // per_tick + 1))  # the rate is kept: 100 in 100 ms
     assert [admitted.count(t) for t in sorted(set(admitted))] == [per_tick] * len(ticks)
+
+
+def test_concurrent_calls_never_exceed_the_slots_and_queue_in_arrival_order() -> None:
+    async def go() -> tuple[int, list[int]]:
+        limits = ModelLimits(rpm=10**6, tpm=10**9, concurrency=3, largest_request_tokens=1)
+        held, most, order = 0, 0, []
+
+        async def call(i: int) -> None:
+            nonlocal held, most
+            await limits.acquire(1)
+            order.append(i)
+            held += 1
+            most = max(most, held)
+            await asyncio.sleep(0.01 * (1 + i % 4))  # replies come back out of order
+            held -= 1
+            limits.release()
+
+        await asyncio.gather(*(call(i) for i in range(40)))
+        return most, order
+
+    most, order = run_on_virtual_clock(go())
+    assert most == 3 and order == list(range(40))
+
+
+def test_a_cancelled_wait_for_a_slot_loses_no_slot() -> None:
+    """Cancelled while queued, or cancelled just as a freed slot was handed to it: either
+    way the slot stays usable, and the waiters behind it get theirs."""
+    async def go() -> list[str]:
+        limits = ModelLimits(rpm=10**6, tpm=10**9, concurrency=1, largest_request_tokens=1)
+        got: list[str] = []
+
+        async def call(name: str) -> None:
+            await limits.acquire(1)
+            got.append(name)
+
+        await call("first")  # holds the only slot
+        queued = [asyncio.ensure_future(call(n)) for n in ("a", "b", "c")]
+        await asyncio.sleep(0)  # all three queued
+        queued[0].cancel()  # cancelled while queued, and before it runs again:
+        limits.release()  # first's slot skips it and goes to b,
+        queued[1].cancel()  # which is cancelled before it runs: the slot passes to c
+        await asyncio.wait_for(asyncio.gather(*queued, return_exceptions=True), 1.0)
+        limits.release()  # c's
+        await asyncio.wait_for(call("last"), 1.0)  # a free slot again, at once
+        return got
+
+    assert run_on_virtual_clock(go()) == ["first", "c", "last"]
