@@ -16,7 +16,7 @@ venv: $(STAMP)
 # only its files, so it is installed without its dependencies. Users do the same (README).
 # Installing compiles the similarity router's IVF scan (C, batchroute/routers/_ivfscan.c):
 # an edit to it installs again.
-$(STAMP): pyproject.toml batchroute/routers/_ivfscan.c
+$(STAMP): pyproject.toml setup.py batchroute/routers/_ivfscan.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
