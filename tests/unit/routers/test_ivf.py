@@ -74,6 +74,18 @@ def test_a_query_gets_the_same_neighbours_alone_as_in_a_batch() -> None:
         np.testing.assert_array_equal(one_sims[0], sims[i])
 
 
+def test_scanning_each_querys_nearest_list_first_changes_no_result() -> None:
+    rng = np.random.default_rng(11)
+    index = ivf.IvfIndex.build(_families(rng, 5000, 16), 64, nprobe=8)
+    q = _families(np.random.default_rng(12), 400, 16) / np.float32(ivf.SCALE)
+    probes = ivf.nearest_lists(index.coarse, q, 8)
+    cold = ivf.top_k(index.lists, q, probes, 10)
+    for warm in (1, 3):
+        for got, want in zip(ivf.top_k(index.lists, q, probes, 10, warm=warm), cold,
+                             strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
 def test_a_second_call_goes_on_from_where_the_first_left_off() -> None:
     rng = np.random.default_rng(5)
     vectors, q = _unit(rng, 500, 16), _unit(rng, 20, 16)
