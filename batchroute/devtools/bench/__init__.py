@@ -84,8 +84,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="also run a naive aiohttp + aiolimiter loop as the yardstick, "
                     "alternating with batchroute's client (--pairs pairs), and report "
                     "client_cpu_ratio (ours / naive) and both wall_over_bound figures")
-    bd.add_argument("--pairs", type=int, default=3, metavar="P",
-                    help="with --baseline: pairs of runs, ours then naive (default 3)")
+    bd.add_argument("--pairs", type=int, default=5, metavar="P",
+                    help="with --baseline: pairs of runs, ours then naive (default 5)")
     bd.add_argument("--json", action="store_true", help="print the figures as JSON")
     bd.set_defaults(func=_bench_dispatch)
     br = bench_sub.add_parser(
