@@ -127,7 +127,7 @@ class ModelLimits:
                              f"limit of {tpm} tokens per minute")
         self.requests = _Bucket.sized(rpm, 1)
         self.tokens = _Bucket.sized(tpm, largest_request_tokens)
-        self.free = concurrency  # connection slots; > 0 only while nobody is queued
+        self.free = concurrency  # connection slots not in use
         self._largest = largest_request_tokens
         self._rpm = rpm
         self._tpm = tpm

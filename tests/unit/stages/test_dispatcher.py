@@ -83,9 +83,15 @@ def _rows(t: pa.Table) -> list[dict[str, Any]]:
 
 
 def test_openai_success_rows_carry_tokens_cost_and_evidence() -> None:
+    from datetime import UTC, datetime
+
     h = Harness(_openai_ok)
+    before = datetime.now(UTC)
     out, d = h.run(_routed(3))
+    after = datetime.now(UTC)
     rows = _rows(out)
+    # When each row was first sent and reached its status, to the microsecond, in UTC.
+    assert all(before <= r["started_at"] <= r["finished_at"] <= after for r in rows)
     assert [r["status"] for r in rows] == ["ok"] * 3
     assert rows[1]["response"] == "A: question 1"
     assert rows[0]["input_tokens"] == 10 and rows[0]["output_tokens"] == 5
