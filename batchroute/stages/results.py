@@ -120,7 +120,7 @@ def route_evidence(routed: pa.Table) -> dict[str, pa.ChunkedArray | pa.Array]:
 def timestamps(seconds: Sequence[float | None]) -> pa.Array:
     """A ``started_at``/``finished_at`` column from seconds since the epoch (None: null),
     built in numpy: pyarrow converts a list of datetimes one Python object at a time."""
-    values = np.array([np.nan if s is None else s for s in seconds], np.float64)
+    values = np.array(seconds, np.float64)  # None becomes NaN
     missing = np.isnan(values)
     micros = np.rint(np.where(missing, 0.0, values) * 1e6).astype(np.int64)
     return pa.array(micros, schemas.RESULTS.field("started_at").type, mask=missing)

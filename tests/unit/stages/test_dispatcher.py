@@ -10,6 +10,7 @@ import json
 import logging
 import random
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -83,8 +84,6 @@ def _rows(t: pa.Table) -> list[dict[str, Any]]:
 
 
 def test_openai_success_rows_carry_tokens_cost_and_evidence() -> None:
-    from datetime import UTC, datetime
-
     h = Harness(_openai_ok)
     before = datetime.now(UTC)
     out, d = h.run(_routed(3))
